@@ -1,0 +1,420 @@
+"""
+Rotary position embeddings (RoPE) and the context-extension methods compared in the YaRN paper
+(Peng, Quesnelle, Fan, Shippole, "YaRN: Efficient Context Window Extension of Large Language Models",
+arXiv 2309.00071), side by side as small pure functions.
+
+Notation (the paper's):
+    |D| rotary dimension (the number of rotated channels; head_dim, or a fraction of it)
+    d   pair index, 0 .. |D|/2 - 1
+    b   base ("rope_theta"), theta_d = b^(-2d/|D|) the per-pair angular frequency
+    lambda_d = 2*pi / theta_d  the wavelength of pair d, in tokens
+    L   the original (pretraining) context length
+    s   the scale factor, L' = s * L the extended context
+    r_d = L / lambda_d  how many full rotations pair d makes inside the original context
+    t   the attention temperature; YaRN multiplies the logits by 1/t with sqrt(1/t) = 0.1 ln(s) + 1
+
+Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor):
+    inv_freq          fp32 tensor of |D|/2 frequencies theta'_d, the angle of pair d at position m is m*theta'_d
+    attention_factor  a multiplier folded into both cos and sin, so q.k is scaled by its square (YaRN's 1/t)
+seq_len is the current total sequence length L'; only the dynamic variants read it.
+
+Pair layout: "half-split" (as Hugging Face / GPT-NeoX), i.e. channel j is paired with channel j + |D|/2,
+not interleaved (2j, 2j+1) as in Meta's llama. `interleaved_to_half_split` is the permutation between them.
+
+The frequencies are computed in float64 and returned as float32; the cos/sin tables are built from those
+float32 frequencies with float64 positions and angles, then stored as float32. Angles are never formed in
+bf16 (bf16 positions collide above 256).
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+VARIANTS = ("default", "linear", "ntk", "dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3")
+DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn")  # scale recomputed from the current length L'
+NEEDS_ORIGINAL_CONTEXT = ("dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """One RoPE variant and its parameters. Field names follow Hugging Face's rope_parameters where they exist."""
+
+    type: str = "default"  # one of VARIANTS
+    base: float = 10000.0  # b
+    factor: float = 1.0  # s; for the dynamic variants the smallest scale used (1 = plain RoPE up to L)
+    original_context: int = 0  # L, the pretraining context (0 = not set; required by the variants that read it)
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated; the rest passes through
+    # NTK-by-parts / YaRN ramp, in rotations r_d: pairs with r_d > beta_fast keep theta_d, r_d < beta_slow get theta_d/s
+    beta_fast: float = 32.0  # the paper's beta
+    beta_slow: float = 1.0  # the paper's alpha
+    truncate: bool = True  # round the ramp ends to whole pairs (floor/ceil), as the official code and HF do
+    # YaRN temperature: explicit attention_factor wins; else DeepSeek's mscale ratio if both set; else 0.1 ln s + 1
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    # Llama-3 smoothing band, in rotations: wavelengths between L/high_freq_factor and L/low_freq_factor blend
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **changes) -> "RopeConfig":
+        return RopeConfig(**{**asdict(self), **changes})
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.type in DYNAMIC_VARIANTS
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(cfg: RopeConfig) -> None:
+    """Raise a ValueError naming the field, its value and the allowed range."""
+    if cfg.type not in VARIANTS:
+        raise ValueError(f"rope type {cfg.type!r} is unknown; known types: {', '.join(VARIANTS)}")
+    numeric = ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
+    for name in numeric:
+        value = getattr(cfg, name)
+        if not _is_number(value):
+            raise ValueError(f"rope {name} must be a finite number, got {value!r}")
+    for name in ("attention_factor", "mscale", "mscale_all_dim"):
+        value = getattr(cfg, name)
+        if value is not None and not _is_number(value):
+            raise ValueError(f"rope {name} must be a finite number or None, got {value!r}")
+    if not isinstance(cfg.original_context, int) or isinstance(cfg.original_context, bool):
+        raise ValueError(f"rope original_context must be an int, got {cfg.original_context!r}")
+    if not isinstance(cfg.truncate, bool):
+        raise ValueError(f"rope truncate must be True or False, got {cfg.truncate!r}")
+    if cfg.base <= 1.0:
+        raise ValueError(f"rope base must be > 1 (typically 10000), got {cfg.base}")
+    if cfg.factor < 1.0:
+        raise ValueError(f"rope factor (the scale s) must be >= 1, got {cfg.factor}; s < 1 would shrink the context")
+    if not 0.0 < cfg.partial_rotary_factor <= 1.0:
+        raise ValueError(f"rope partial_rotary_factor must be in (0, 1], got {cfg.partial_rotary_factor}")
+    if cfg.type in NEEDS_ORIGINAL_CONTEXT and cfg.original_context <= 0:
+        raise ValueError(
+            f"rope type {cfg.type!r} needs original_context (L, the pretraining context length) > 0, "
+            f"got {cfg.original_context}; set it to the block size the model was pretrained at"
+        )
+    if cfg.original_context < 0:
+        raise ValueError(f"rope original_context must be >= 0, got {cfg.original_context}")
+    if cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"):
+        if cfg.beta_slow <= 0:
+            raise ValueError(f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}")
+        if cfg.beta_fast <= cfg.beta_slow:
+            raise ValueError(
+                f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow ({cfg.beta_slow}): beta_fast bounds the "
+                "high-frequency pairs kept as they are (default 32), beta_slow the fully interpolated ones (default 1)"
+            )
+    if cfg.type == "llama3":
+        if cfg.low_freq_factor <= 0:
+            raise ValueError(f"rope low_freq_factor must be > 0, got {cfg.low_freq_factor}")
+        if cfg.high_freq_factor <= cfg.low_freq_factor:
+            raise ValueError(
+                f"rope high_freq_factor ({cfg.high_freq_factor}) must be > low_freq_factor ({cfg.low_freq_factor})"
+            )
+    for name in ("attention_factor",):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"rope {name} must be > 0, got {value}")
+
+
+def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
+    """|D|: the number of rotated channels of a head; must be even (channels rotate in pairs)."""
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    dim = int(head_dim * cfg.partial_rotary_factor)
+    if dim < 2 or dim % 2:
+        raise ValueError(
+            f"rotary dim = int(head_dim {head_dim} * partial_rotary_factor {cfg.partial_rotary_factor}) = {dim} "
+            "must be even and >= 2; change head_dim or partial_rotary_factor"
+        )
+    return dim
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants: (rotary_dim, cfg, seq_len) -> (inv_freq fp32 [dim/2], attention_factor)
+
+
+def base_inv_freq(dim: int, base: float) -> torch.Tensor:
+    """theta_d = b^(-2d/|D|), d = 0 .. |D|/2 - 1, in float64."""
+    return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def default_rope(dim, cfg, seq_len=None):
+    """Plain RoPE (Su et al.): theta_d."""
+    return base_inv_freq(dim, cfg.base).float(), 1.0
+
+
+def linear_rope(dim, cfg, seq_len=None):
+    """Position Interpolation (Chen et al.): positions m -> m/s, i.e. theta_d / s for every pair."""
+    return (base_inv_freq(dim, cfg.base) / cfg.factor).float(), 1.0
+
+
+def ntk_base(base: float, dim: int, scale: float) -> float:
+    """NTK-aware base change (paper Eq. 16): b' = b * s^(|D|/(|D|-2)). It makes the last pair exactly PI's theta/s."""
+    if dim <= 2:
+        raise ValueError(f"NTK-aware scaling needs a rotary dim > 2 (the exponent is |D|/(|D|-2)), got {dim}")
+    return base * scale ** (dim / (dim - 2))
+
+
+def ntk_rope(dim, cfg, seq_len=None):
+    """NTK-aware (static): plain RoPE with base b' = b * s^(|D|/(|D|-2)). No temperature."""
+    return base_inv_freq(dim, ntk_base(cfg.base, dim, cfg.factor)).float(), 1.0
+
+
+def dynamic_ntk_rope(dim, cfg, seq_len=None):
+    """Dynamic NTK, Hugging Face's `rope_type: dynamic` formula with alpha = factor:
+    b' = b * (alpha * l'/L - (alpha - 1))^(|D|/(|D|-2)),  l' = max(seq_len, L).
+    Equal to plain RoPE while l' <= L."""
+    L = cfg.original_context
+    length = max(seq_len or L, L)
+    alpha = cfg.factor
+    return base_inv_freq(dim, ntk_base(cfg.base, dim, alpha * length / L - (alpha - 1))).float(), 1.0
+
+
+def correction_dim(rotations: float, dim: int, base: float, L: int) -> float:
+    """The (fractional) pair index d whose wavelength fits `rotations` times into L: solves L / lambda_d = r,
+    d = |D| ln(L / (2 pi r)) / (2 ln b). Uses the original base b and the original L (paper Eq. 17 prints b')."""
+    return dim * math.log(L / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+
+def ramp_bounds(dim: int, cfg: RopeConfig) -> tuple[float, float]:
+    """Pair indices (low, high) where the ramp starts and ends: below low r_d > beta_fast, above high r_d < beta_slow.
+    Rounded outward (floor/ceil) when cfg.truncate, and clamped as the official code does."""
+    low = correction_dim(cfg.beta_fast, dim, cfg.base, cfg.original_context)
+    high = correction_dim(cfg.beta_slow, dim, cfg.base, cfg.original_context)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def ramp(dim: int, cfg: RopeConfig) -> torch.Tensor:
+    """The interpolation weight of each pair, 1 - gamma(r_d), in [0, 1], float64:
+    0 for pairs kept as they are (pure extrapolation), 1 for pairs fully interpolated (theta/s).
+    Linear in the pair index between low and high, as the official code and Hugging Face compute it
+    (the paper's Eq. 18 is linear in r_d instead; the endpoints agree)."""
+    low, high = ramp_bounds(dim, cfg)
+    if low == high:
+        high += 0.001  # the official code's guard against a zero-width ramp
+    d = torch.arange(dim // 2, dtype=torch.float64)
+    return ((d - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def by_parts_inv_freq(dim: int, cfg: RopeConfig, scale: float) -> torch.Tensor:
+    """NTK-by-parts (paper Def. 2): h(theta_d) = (1 - gamma_d) theta_d / s + gamma_d theta_d, float64."""
+    theta = base_inv_freq(dim, cfg.base)
+    if scale == 1.0:
+        return theta  # no extension: plain RoPE, bit for bit
+    interpolate = ramp(dim, cfg)  # 1 - gamma
+    return theta / scale * interpolate + theta * (1.0 - interpolate)
+
+
+def yarn_mscale(scale: float, coefficient: float = 1.0) -> float:
+    """sqrt(1/t) = 0.1 ln(s) + 1 (paper Eq. 22), and 1 for s <= 1. `coefficient` is DeepSeek's mscale knob."""
+    return 1.0 if scale <= 1 else 0.1 * coefficient * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(cfg: RopeConfig, scale: float) -> float:
+    """The factor folded into cos and sin (so logits get its square, 1/t)."""
+    if cfg.attention_factor is not None:
+        return float(cfg.attention_factor)
+    if cfg.mscale and cfg.mscale_all_dim:  # DeepSeek-V2's form; truthiness as in the official/HF code
+        return yarn_mscale(scale, cfg.mscale) / yarn_mscale(scale, cfg.mscale_all_dim)
+    return yarn_mscale(scale)
+
+
+def ntk_by_parts_rope(dim, cfg, seq_len=None):
+    """NTK-by-parts: the per-pair ramp, no temperature."""
+    return by_parts_inv_freq(dim, cfg, cfg.factor).float(), 1.0
+
+
+def yarn_rope(dim, cfg, seq_len=None):
+    """YaRN: NTK-by-parts plus the attention temperature sqrt(1/t) = 0.1 ln(s) + 1 folded into cos/sin."""
+    return by_parts_inv_freq(dim, cfg, cfg.factor).float(), yarn_attention_factor(cfg, cfg.factor)
+
+
+def dynamic_scale(cfg: RopeConfig, seq_len: int | None) -> float:
+    """Dynamic scaling (paper Sec. 3.3): s = max(1, l'/L), and never below the scale a model was fine-tuned at."""
+    length = seq_len or cfg.original_context
+    return max(cfg.factor, length / cfg.original_context)
+
+
+def dynamic_yarn_rope(dim, cfg, seq_len=None):
+    """Dynamic YaRN: YaRN with s recomputed from the current total length l'. Plain RoPE while l' <= L (factor 1)."""
+    scale = dynamic_scale(cfg, seq_len)
+    return by_parts_inv_freq(dim, cfg, scale).float(), yarn_attention_factor(cfg, scale)
+
+
+def llama3_rope(dim, cfg, seq_len=None):
+    """Llama 3.1 scaling: wavelengths shorter than L/high_freq_factor keep theta_d, longer than L/low_freq_factor
+    get theta_d/s, and between them a blend linear in r_d = L/lambda_d:
+    smooth = (r_d - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    theta = base_inv_freq(dim, cfg.base)
+    L, s = cfg.original_context, cfg.factor
+    if s == 1.0:
+        return theta.float(), 1.0  # no extension: plain RoPE, bit for bit
+    wavelength = 2 * math.pi / theta
+    smooth = (L / wavelength - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    blended = (1 - smooth) * theta / s + smooth * theta
+    inv_freq = torch.where(wavelength > L / cfg.low_freq_factor, theta / s, blended)
+    inv_freq = torch.where(wavelength < L / cfg.high_freq_factor, theta, inv_freq)
+    return inv_freq.float(), 1.0
+
+
+ROPE_FUNCTIONS = {
+    "default": default_rope,
+    "linear": linear_rope,
+    "ntk": ntk_rope,
+    "dynamic": dynamic_ntk_rope,
+    "ntk_by_parts": ntk_by_parts_rope,
+    "yarn": yarn_rope,
+    "dynamic_yarn": dynamic_yarn_rope,
+    "llama3": llama3_rope,
+}
+assert tuple(ROPE_FUNCTIONS) == VARIANTS
+
+
+def inv_freq(head_dim: int, cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Frequencies (fp32, rotary_dim/2) and attention factor of variant `cfg` for heads of size head_dim,
+    at current total length seq_len (read only by the dynamic variants)."""
+    return ROPE_FUNCTIONS[cfg.type](rotary_dim(head_dim, cfg), cfg, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables and application
+
+
+def cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor):
+    """cos(m theta'_d) * a and sin(m theta'_d) * a for each position m (rows) and pair d (columns), fp32.
+    Angles are formed in float64 from the fp32 frequencies so large positions (1M) lose nothing."""
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float64)[None, :]
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] channels of x (..., T, head_dim) in half-split pairs (j, j + |D|/2);
+    the remaining channels pass through. cos, sin: (T, |D|/2) fp32, broadcast over leading dims.
+    Computed in fp32, returned in x's dtype."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if 2 * half == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., 2 * half :]), dim=-1)
+
+
+def interleaved_to_half_split(dim: int) -> torch.Tensor:
+    """Channel permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1) become (j, j + dim/2).
+    Applied to the output rows of W_q and W_k it converts a Meta-layout checkpoint to this layout."""
+    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face `rope_parameters` dicts
+
+HF_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
+    """Translate a Hugging Face `rope_parameters` dict (transformers >= 5; `rope_scaling` in older configs) into a
+    RopeConfig, reading every key transformers reads and applying its defaults:
+    rope_theta 10000; yarn/llama3 original_max_position_embeddings defaults to max_position_embeddings, yarn
+    factor None -> max_position_embeddings / original, beta_fast/beta_slow falsy -> 32/1, truncate True;
+    dynamic takes L = max_position_embeddings (transformers ignores original_max_position_embeddings there)."""
+    if not isinstance(rope_parameters, dict):
+        raise ValueError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
+    p = dict(rope_parameters)
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind not in HF_TYPES:
+        raise ValueError(f"rope_type {kind!r} is not supported; supported Hugging Face types: {', '.join(HF_TYPES)}")
+    if not isinstance(max_position_embeddings, int) or max_position_embeddings <= 0:
+        raise ValueError(f"max_position_embeddings must be a positive int, got {max_position_embeddings!r}")
+    common = dict(base=_hf_float(p, "rope_theta", 10000.0), partial_rotary_factor=_hf_float(p, "partial_rotary_factor", 1.0))
+    if kind == "default":
+        return RopeConfig(type="default", **common)
+    if kind == "linear":
+        return RopeConfig(type="linear", factor=_hf_float(p, "factor"), **common)
+    if kind == "dynamic":
+        return RopeConfig(type="dynamic", factor=_hf_float(p, "factor"), original_context=max_position_embeddings, **common)
+    original = p.get("original_max_position_embeddings") or max_position_embeddings
+    if not isinstance(original, int) or isinstance(original, bool):
+        raise ValueError(f"original_max_position_embeddings must be an int, got {original!r}")
+    if kind == "llama3":
+        return RopeConfig(
+            type="llama3", factor=_hf_float(p, "factor"), original_context=original,
+            low_freq_factor=_hf_float(p, "low_freq_factor"), high_freq_factor=_hf_float(p, "high_freq_factor"), **common,
+        )
+    factor = p.get("factor")
+    factor = max_position_embeddings / original if factor is None else _hf_float(p, "factor")
+    return RopeConfig(
+        type="yarn", factor=factor, original_context=original,
+        beta_fast=_hf_float(p, "beta_fast", None) or 32.0, beta_slow=_hf_float(p, "beta_slow", None) or 1.0,
+        truncate=bool(p.get("truncate", True)), attention_factor=_hf_float(p, "attention_factor", None),
+        mscale=_hf_float(p, "mscale", None), mscale_all_dim=_hf_float(p, "mscale_all_dim", None), **common,
+    )
+
+
+_REQUIRED = object()
+
+
+def _hf_float(p: dict, key: str, default=_REQUIRED):
+    if key not in p or p[key] is None:
+        if default is _REQUIRED:
+            raise ValueError(f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}")
+        return default
+    value = p[key]
+    if not _is_number(value):
+        raise ValueError(f"rope_parameters[{key!r}] must be a finite number, got {value!r}")
+    return float(value)
+
+
+def to_hf(cfg: RopeConfig) -> dict:
+    """The Hugging Face `rope_parameters` dict that computes the same frequencies and attention factor.
+    Raises ValueError for variants transformers has no type for (ntk, ntk_by_parts, dynamic_yarn)."""
+    common = {"rope_theta": cfg.base}
+    if cfg.partial_rotary_factor != 1.0:
+        common["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if cfg.type == "default":
+        return {"rope_type": "default", **common}
+    if cfg.type == "linear":
+        return {"rope_type": "linear", "factor": cfg.factor, **common}
+    if cfg.type == "llama3":
+        return {
+            "rope_type": "llama3", "factor": cfg.factor, "original_max_position_embeddings": cfg.original_context,
+            "low_freq_factor": cfg.low_freq_factor, "high_freq_factor": cfg.high_freq_factor, **common,
+        }
+    if cfg.type == "yarn":
+        out = {
+            "rope_type": "yarn", "factor": cfg.factor, "original_max_position_embeddings": cfg.original_context,
+            "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "truncate": cfg.truncate,
+            "attention_factor": yarn_attention_factor(cfg, cfg.factor), **common,
+        }
+        return out
+    if cfg.type == "dynamic":
+        # transformers takes L from max_position_embeddings for this type; the exporter sets that to cfg.original_context
+        return {"rope_type": "dynamic", "factor": cfg.factor, **common}
+    raise ValueError(
+        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); "
+        "extend with 'yarn', 'linear', 'dynamic' or 'llama3' to export, or keep using this repository's model"
+    )
+
+
+def hf_inv_freq(
+    rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_factor) for a Hugging Face rope_parameters dict: the numbers transformers'
+    ROPE_INIT_FUNCTIONS give for that config. A thin adapter onto the functions the model uses."""
+    return inv_freq(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
+
+
+def describe(cfg: RopeConfig) -> dict:
+    """The config as a plain dict (for checkpoints, logs and reports)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
