@@ -1,0 +1,315 @@
+"""
+A GPT / LLaMA-style decoder in one file: token embedding tied to the output head, pre-norm blocks of
+RMSNorm -> causal self-attention (F.scaled_dot_product_attention, optional grouped-query heads) and
+RMSNorm -> SwiGLU MLP, and a KV cache for decoding. The rotary position embedding is any variant of
+rope.py, chosen by config and swappable on a built model without touching its weights (`set_rope`):
+that is how a model pretrained at context L is extended to s*L.
+
+Dynamic variants and the KV cache. A dynamic variant's scale is a function of the sequence length l'
+(s = max(1, l'/L), paper Sec. 3.3). Re-scaling at every generated token cannot be both cached and exact: a
+deeper layer's cached keys and values come from hidden states computed under the earlier scale, so even
+re-rotating pre-RoPE keys (the paper's suggestion) differs from a fresh forward pass. Caching rotated keys
+and rotating new queries under a new scale is worse (a known bug of popular libraries). The rule here: the
+scale comes from `rope_length`, the length the sequence will reach; a forward pass defaults it to its own
+length, and a KV cache fixes it to its capacity (prompt + new tokens) for the whole generation. So cached
+decoding equals a full forward pass with the same rope_length, and dynamic tables are built once per call.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+import rope
+from rope import RopeConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
+    n_layer: int = 8
+    n_head: int = 4
+    n_kv_head: int = 0  # 0 = n_head (multi-head); fewer = grouped-query attention
+    d_model: int = 512
+    ffn_hidden: int = 0  # 0 = the LLaMA rule: 8/3 d_model rounded up to a multiple of 64
+    block_size: int = 512  # the context the model trains at; RoPE tables are prebuilt for it (and grow on demand)
+    norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model {name} must be a positive int, got {value!r}")
+        for name in ("n_kv_head", "ffn_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model {name} must be an int >= 0 (0 = default), got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if not (isinstance(self.norm_eps, float) and 0 < self.norm_eps < 1):
+            raise ValueError(f"model norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
+        if not isinstance(self.rope, RopeConfig):
+            raise ValueError(f"model rope must be a RopeConfig, got {type(self.rope).__name__}")
+        rope.rotary_dim(self.head_dim, self.rope)  # raises if the rotary dim is odd
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_hidden or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if isinstance(d.get("rope"), dict):
+            rope_known = {f.name for f in fields(RopeConfig)}
+            bad = set(d["rope"]) - rope_known
+            if bad:
+                raise ValueError(f"unknown rope config keys {sorted(bad)}; known: {sorted(rope_known)}")
+            d["rope"] = RopeConfig(**d["rope"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary tables
+
+
+class Rotary(nn.Module):
+    """Cos/sin tables for one RoPE variant, fp32, built once and indexed by position.
+
+    Static variants: one table, prebuilt for `length` positions, regrown (same frequencies) if a longer
+    sequence comes. Dynamic variants: the table depends on the sequence length l' (rope_length), so it is
+    built when l' changes and kept for as long as it stays the same (a whole generation)."""
+
+    def __init__(self, head_dim: int, cfg: RopeConfig, length: int):
+        super().__init__()
+        self.head_dim, self.cfg = head_dim, cfg
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._dynamic_key = None
+        if not cfg.is_dynamic:
+            self._build(length, device=None)
+
+    def _build(self, length: int, device, seq_len: int | None = None):
+        freqs, factor = rope.inv_freq(self.head_dim, self.cfg, seq_len)
+        positions = torch.arange(length, device=device, dtype=torch.float64)
+        self.cos, self.sin = cos_sin = rope.cos_sin_table(freqs, factor, positions)
+        return cos_sin
+
+    def forward(self, start: int, n: int, rope_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start+n-1 of a sequence of length l' = rope_length."""
+        device = self.cos.device
+        if self.cfg.is_dynamic:
+            if self._dynamic_key != (rope_length, device) or start + n > self.cos.shape[0]:  # new l': new scale
+                self._build(max(rope_length, start + n), device, seq_len=rope_length)
+                self._dynamic_key = (rope_length, device)
+        elif start + n > self.cos.shape[0]:
+            self._build(max(start + n, 2 * self.cos.shape[0]), device)
+        return self.cos[start : start + n], self.sin[start : start + n]
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) or .half() must not cast the tables: rebuild them in fp32 on the new device
+        super()._apply(fn, *args, **kwargs)
+        if self.cos.numel() and self.cos.dtype != torch.float32:
+            self._build(self.cos.shape[0], self.cos.device)
+            self._dynamic_key = None
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated rotated keys and values for every layer, (B, n_kv_head, max_len, head_dim), how many are
+    filled, and the rope_length dynamic variants take their scale from (max_len; see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = self.rope_length = max_len
+        self.pos = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Write k, v (B, H_kv, T, hd) at positions start.. and return all keys and values so far."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
+        T = x.shape[1]
+        q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.n_head)
+        k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=self.n_kv_head)
+        v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.n_kv_head)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_mask(T, start, q.device), is_causal=(start == 0 and T > 1),
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, hd); softmax(q k^T / sqrt(hd)), YaRN's 1/t already inside q and k
+        return self.wo(rearrange(y, "b h t d -> b t (h d)"))
+
+
+def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
+    """Mask for T new queries at positions start.. over keys 0..start+T-1; None where is_causal or no mask does it."""
+    if start == 0 or T == 1:
+        return None  # is_causal covers the first case; one query may see every cached key
+    query_pos = torch.arange(start, start + T, device=device)[:, None]
+    return torch.arange(start + T, device=device)[None, :] <= query_pos  # (T, start+T), True = attend
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) (Shazeer 2020), as in LLaMA."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(config.hidden_dim, config.d_model, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+        self.rotary = Rotary(config.head_dim, config.rope, config.block_size)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 n_layer) so the residual stream's variance stays O(1)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_rope(self, cfg: RopeConfig, block_size: int | None = None):
+        """Swap the RoPE variant (and optionally the training context) of a built model; weights untouched."""
+        self.config = replace(self.config, rope=cfg, block_size=block_size or self.config.block_size)
+        device = next(self.parameters()).device
+        self.rotary = Rotary(self.config.head_dim, cfg, self.config.block_size).to(device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                rope_length: int | None = None):
+        """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets the mean cross-entropy
+        (targets of -1 are ignored). With a cache, idx continues the cached sequence and the cache advances.
+        rope_length: the l' dynamic variants scale for; default the cache's capacity, else this sequence's T."""
+        B, T = idx.shape
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions, {start} used; {T} more do not fit")
+            rope_length = rope_length or cache.rope_length
+        cos, sin = self.rotary(start, T, rope_length or start + T)
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.pos = start + T
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 stop_token: int | None = None, generator: torch.Generator | None = None):
+        """Yield new tokens (B,) one step at a time, decoding with the KV cache. temperature 0 = greedy."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+        logits = self(idx, cache=cache)[:, -1]
+        for _ in range(max_new_tokens):
+            token = sample_token(logits, temperature, top_k, generator)
+            yield token
+            if stop_token is not None and bool((token == stop_token).all()):
+                return
+            logits = self(token[:, None], cache=cache)[:, -1]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied head counted once
+
+    def flops_per_token(self, T: int) -> float:
+        """Training FLOPs per token at context T: 6N for the matmuls of N parameters (the tied embedding counts
+        once, as the head's matmul) plus causal attention, 6 n_layer d_model T (QK^T and AV, 2 d T' FLOPs each
+        forward at average context T' = T/2, times 3 for forward + backward; Kaplan et al. / PaLM App. B halved)."""
+        c = self.config
+        return 6 * self.num_params() + 6 * c.n_layer * c.n_head * c.head_dim * T
+
+
+def sample_token(logits, temperature: float, top_k: int | None, generator=None):
+    """Draw one token per row from logits (B, V): greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
