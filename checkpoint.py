@@ -1,0 +1,103 @@
+"""
+Checkpoints: one file per save, written atomically, loaded without running pickled code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)`
+reads it (a checkpoint is untrusted input: a full unpickle could run arbitrary code). Keys:
+    format            "yarn-from-scratch" and version  FORMAT_VERSION
+    model_config      ModelConfig.to_dict() (rope config included), enough to rebuild the model
+    model             the raw module's state_dict (never a compiled or DDP wrapper's)
+    and, from train.py: optimizer, run_config, step, data_state, rng, metrics, provenance
+Atomic: written to a temporary file in the same folder, flushed, fsynced, renamed over the target, and the
+folder fsynced, so a crash at any moment leaves either the old file or the new one, never half of one.
+"""
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer
+
+FORMAT = "yarn-from-scratch"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or not one of ours; the message says which and what to do."""
+
+
+def save(state: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not possible on every platform; the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read and check a checkpoint; raises CheckpointError naming the problem."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one with `python train.py`")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                              "use an earlier checkpoint or retrain") from None
+    except Exception:  # the weights-only unpickler refusing a non-tensor object lands here
+        raise CheckpointError(f"checkpoint {path} holds pickled objects that are not plain data (tensors, numbers, "
+                              "strings, lists, dicts); refused, since unpickling them could run code") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (no 'format' key saying so)")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, this code reads version "
+                              f"{FORMAT_VERSION}; use the matching version of this repository")
+    for key in ("model_config", "model"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks the key {key!r}; it is incomplete")
+    return state
+
+
+def model_from_state(state: dict) -> Transformer:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    try:
+        config = ModelConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint's model config is invalid: {e}") from None
+    model = Transformer(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint's weights do not fit its model config: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_model(path, device="cpu") -> tuple[Transformer, dict]:
+    """(model on device in eval mode, the checkpoint dict)."""
+    state = load(path)
+    return model_from_state(state).to(device).eval(), state
