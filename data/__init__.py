@@ -1,0 +1,1 @@
+"""Tokenizer, corpus preparation (python -m data.prepare) and loading of prepared token files."""

@@ -1,0 +1,80 @@
+"""
+Open the token files written by `python -m data.prepare`, checking they are whole and match this tokenizer.
+
+    tokens, docs, meta = load_split("data/stdlib", "train")
+    check_block_size(tokens, block_size, "train")
+
+tokens is a read-only np.memmap of uint16 ids (EOT after every document); docs[i] = (start, length)
+of document i in tokens, its EOT not counted. Batch sampling is left to the caller.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data.tokenizer import EOT, VOCAB_SIZE, DataError
+
+SPLITS = ("train", "val")
+
+
+def read_meta(data_dir):
+    data_dir = Path(data_dir)
+    rerun = f"run `python -m data.prepare --out {data_dir}`"
+    if not data_dir.is_dir():
+        raise DataError(f"no prepared data in {data_dir}: {rerun}")
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        # prepare writes meta.json last, so without it the folder is empty or a run was interrupted
+        raise DataError(f"no prepared data in {data_dir} (meta.json missing): {rerun}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta["splits"]["train"], meta["splits"]["val"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"unreadable {path} ({type(e).__name__}: {e}); {rerun}") from None
+    if meta.get("vocab_size") != VOCAB_SIZE or meta.get("eot") != EOT:
+        raise DataError(
+            f"{data_dir} was prepared with vocab_size {meta.get('vocab_size')} and eot {meta.get('eot')}, "
+            f"but this code uses GPT-2 BPE (vocab_size {VOCAB_SIZE}, eot {EOT}); {rerun}"
+        )
+    return meta
+
+
+def load_split(data_dir, split):
+    """(tokens, docs, meta) for one split of a prepared folder; DataError if anything is missing or inconsistent."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    rerun = f"run `python -m data.prepare --out {data_dir}` again"
+    bin_path, docs_path = data_dir / f"{split}.bin", data_dir / f"{split}_docs.npy"
+    for path in (bin_path, docs_path):
+        if not path.is_file():
+            raise DataError(f"{path} is missing; {rerun}")
+
+    expected = meta["splits"][split]["n_tokens"]
+    n_bytes = bin_path.stat().st_size
+    if n_bytes != 2 * expected or expected == 0:
+        raise DataError(f"{bin_path} is corrupt: {n_bytes} bytes, meta.json says {expected} uint16 tokens; {rerun}")
+    try:
+        docs = np.load(docs_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable {docs_path} ({e}); {rerun}") from None
+    n_docs = meta["splits"][split]["n_docs"]
+    if docs.dtype != np.int64 or docs.shape != (n_docs, 2):
+        raise DataError(f"{docs_path} is corrupt: {docs.dtype} {docs.shape}, expected int64 ({n_docs}, 2); {rerun}")
+    # every document plus its EOT, back to back, must fill the .bin exactly
+    if n_docs and (docs[0, 0] != 0 or docs[-1].sum() + 1 != expected or int(docs[:, 1].sum()) + n_docs != expected):
+        raise DataError(f"{docs_path} does not match {bin_path}; {rerun}")
+
+    tokens = np.memmap(bin_path, dtype="<u2", mode="r")  # prepare writes little-endian
+    return tokens, docs, meta
+
+
+def check_block_size(tokens, block_size, split):
+    """Training samples block_size + 1 consecutive tokens (inputs and shifted targets), so a split needs that many."""
+    if len(tokens) < block_size + 1:
+        raise DataError(
+            f"{split} split has {len(tokens)} tokens, too few for block size {block_size} "
+            f"(needs at least {block_size + 1}); prepare a larger corpus or lower the block size"
+        )
