@@ -1,0 +1,451 @@
+"""
+Export a model of this repository to a Hugging Face Llama folder, and import one back.
+
+    python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
+    python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
+
+The exported folder loads offline with `transformers.LlamaForCausalLM.from_pretrained(folder)` and computes
+the same logits (tests/test_hf.py checks every variant below, eager and SDPA attention, at a length beyond
+the original context so the scaling is exercised). Only `safetensors` is needed here; transformers is not.
+
+Why no weight permutation: our Transformer rotates half-split pairs (channel j with j + head_dim/2), which
+is exactly Hugging Face's `rotate_half`, and its blocks are Llama's (RMSNorm, SwiGLU, no biases, tied head).
+Meta's original checkpoints pair channels (2j, 2j+1) instead; `interleaved_qk_to_half_split` converts
+such W_q / W_k rows, per head, with `rope.interleaved_to_half_split`.
+
+RoPE variants, and what lands in config.json (`rope_parameters`; `max_position_embeddings`):
+
+    ours           Hugging Face rope_type                             max_position_embeddings
+    default        default                                            block_size
+    linear         linear (factor)                                    block_size
+    ntk            default, rope_theta = b * s^(|D|/(|D|-2))          block_size
+    dynamic        dynamic (factor)                                   rope.original_context (L)
+    ntk_by_parts   yarn with attention_factor 1.0                     block_size
+    yarn           yarn (factor, original_max_position_embeddings = L, beta_fast, beta_slow, truncate,
+                   attention_factor written out, DeepSeek's mscale ratio included)    block_size
+    llama3         llama3 (factor, original_max_position_embeddings = L, low/high_freq_factor)  block_size
+    dynamic_yarn   refused: transformers has no dynamic YaRN
+
+- ntk: static NTK-aware scaling is plain RoPE with a larger base (paper Eq. 16), so 'default' with that base
+  is the same function. (HF's 'dynamic' is not: its base follows the sequence length.)
+- ntk_by_parts: HF's yarn computes the same ramp as ours; with attention_factor 1.0 written explicitly it
+  adds no temperature, which is NTK-by-parts exactly.
+- dynamic: transformers reads L from max_position_embeddings for this type (it ignores
+  original_max_position_embeddings), hence L there.
+- partial_rotary_factor != 1 is refused: LlamaForCausalLM rotates the whole head for rope_type 'default'
+  (it ignores the key) and fails on a shape mismatch for the other types.
+
+Dynamic NTK during generation differs, by design. A single forward pass of T tokens takes the scale from T in
+both implementations (the logits agree). With a KV cache they part: transformers (5.x,
+`dynamic_rope_update`) recomputes the frequencies whenever a position beyond the longest seen so far arrives,
+so during `generate` each new token is rotated under a larger scale than the keys already cached, and a later
+shorter sequence (still longer than L) keeps the longest one's scale; it returns to plain RoPE only for a
+sequence shorter than L. Our model fixes the scale to the length the sequence will reach (see model.py), so
+cached decoding equals a full forward pass. tests/test_hf.py shows both transformers effects.
+
+Round trip. config.json also carries our exact ModelConfig under the key "yarn_from_scratch" (transformers
+keeps unknown keys as plain attributes), because the Llama fields cannot say everything: the variant name
+(ntk and ntk_by_parts look like default and yarn), mscale vs an explicit attention_factor, the block size of a
+dynamic model, ffn_hidden / n_kv_head given explicitly or by default. Import uses that record only if
+exporting it reproduces the Llama fields of config.json exactly; otherwise (a folder from elsewhere, or a
+config edited after export) the model config is derived from the Llama fields alone, which gives the same
+logits. Weights are imported into a float32 model whatever the folder's dtype.
+
+Import refuses, naming the key, what this model cannot represent: a model_type other than llama, attention
+or MLP biases, an activation other than silu, head_dim != hidden_size / num_attention_heads, an odd head_dim,
+partial rotary, rope types other than default/linear/dynamic/yarn/llama3, and an untied lm_head unless it
+equals the embedding.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import rope
+from model import ModelConfig, Transformer
+from rope import RopeConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: {"weight_map": {tensor name: shard file}}
+RECORD_KEY = "yarn_from_scratch"  # our exact ModelConfig, kept in config.json for a lossless round trip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The config.json keys that define the network; import compares these when it decides to trust the record.
+ARCHITECTURE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_parameters",
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Names: our state_dict <-> Hugging Face Llama
+
+PER_LAYER_NAMES = (
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn.wq.weight", "self_attn.q_proj.weight"),
+    ("attn.wk.weight", "self_attn.k_proj.weight"),
+    ("attn.wv.weight", "self_attn.v_proj.weight"),
+    ("attn.wo.weight", "self_attn.o_proj.weight"),
+    ("mlp_norm.weight", "post_attention_layernorm.weight"),
+    ("mlp.w1.weight", "mlp.gate_proj.weight"),  # SwiGLU: w2(silu(w1 x) * w3 x) = down(silu(gate x) * up x)
+    ("mlp.w3.weight", "mlp.up_proj.weight"),
+    ("mlp.w2.weight", "mlp.down_proj.weight"),
+)
+
+
+def weight_names(n_layer: int) -> list[tuple[str, str]]:
+    """(our name, Hugging Face name) for every tensor. lm_head is tied to the embedding and not listed."""
+    names = [("tok_emb.weight", "model.embed_tokens.weight")]
+    for i in range(n_layer):
+        names += [(f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}") for ours, theirs in PER_LAYER_NAMES]
+    names.append(("norm.weight", "model.norm.weight"))
+    return names
+
+
+def interleaved_qk_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """W_q or W_k (n_heads * head_dim, d_in) of a Meta-layout checkpoint, whose rotary pairs are channels
+    (2j, 2j+1) of each head, with its output rows permuted per head into our half-split pairs (j, j + head_dim/2).
+    The rotated q and k are then the Meta ones permuted the same way, so every q.k (attention score) is equal."""
+    if weight.ndim != 2 or weight.shape[0] % n_heads:
+        raise ValueError(f"expected a (n_heads * head_dim, d_in) matrix with n_heads={n_heads}, "
+                         f"got {tuple(weight.shape)}")
+    head_dim = weight.shape[0] // n_heads
+    perm = rope.interleaved_to_half_split(head_dim)
+    heads = weight.reshape(n_heads, head_dim, weight.shape[1])  # (H, hd, d_in)
+    return heads[:, perm].reshape(weight.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: ModelConfig -> config.json
+
+
+def hf_rope_parameters(cfg: RopeConfig, head_dim: int) -> dict:
+    """The `rope_parameters` under which LlamaForCausalLM computes our frequencies and attention factor
+    (the table in the module docstring). Raises ValueError for what it cannot express."""
+    if cfg.partial_rotary_factor != 1.0:
+        raise ValueError(
+            f"rope partial_rotary_factor={cfg.partial_rotary_factor} cannot be exported: Hugging Face's "
+            "LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor for rope_type 'default' "
+            "and fails on the others)"
+        )
+    if cfg.type == "ntk":
+        # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
+        base = rope.ntk_base(cfg.base, rope.rotary_dim(head_dim, cfg), cfg.factor)
+        return rope.to_hf(RopeConfig(type="default", base=base))
+    if cfg.type == "ntk_by_parts":
+        # YaRN's ramp without its temperature: yarn with the attention factor pinned to 1
+        return rope.to_hf(cfg.replace(type="yarn", attention_factor=1.0))
+    return rope.to_hf(cfg)  # ValueError "... has no Hugging Face equivalent" for dynamic_yarn
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for LlamaForCausalLM (a plain dict; every key LlamaConfig reads that matters here)."""
+    rope_parameters = hf_rope_parameters(config.rope, config.head_dim)
+    # transformers takes the dynamic type's L from max_position_embeddings; the others read L from rope_parameters
+    max_positions = config.rope.original_context if config.rope.type == "dynamic" else config.block_size
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "rope_parameters": rope_parameters,
+        "bos_token_id": None,  # the tokenizer's business, not the checkpoint's; LlamaConfig would say 1 and 2
+        "eos_token_id": None,
+        "use_cache": True,
+        "torch_dtype": dtype_name,  # the name transformers 4.x reads ...
+        "dtype": dtype_name,  # ... and 5.x
+        RECORD_KEY: {"model_config": config.to_dict()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ValueError("the Hugging Face format needs the safetensors package: pip install safetensors") from None
+    return safetensors.torch
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, force: bool = False) -> dict:
+    """Write config.json and model.safetensors for LlamaForCausalLM into out_dir; returns the config dict.
+    dtype: cast the weights (default: as they are). Refuses a non-empty out_dir unless force (which overwrites
+    those two files and leaves any others)."""
+    state = model.state_dict()
+    dtype = dtype or state["tok_emb.weight"].dtype
+    config_json = hf_config(model.config, dtype)  # raises for unexportable variants before touching the disk
+    if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
+        raise ValueError("the model's lm_head differs from its embedding; this exporter writes tied weights only")
+    names = weight_names(model.config.n_layer)
+    tensors = {theirs: state[ours].detach().to("cpu", dtype).contiguous() for ours, theirs in names}
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty; choose a new folder, or pass --force to overwrite "
+                         f"{CONFIG_FILE} and {WEIGHTS_FILE} there")
+    out.mkdir(parents=True, exist_ok=True)
+    st = _safetensors()
+    # metadata format=pt: what transformers writes and expects of a PyTorch safetensors file
+    _write_atomic(out / WEIGHTS_FILE, lambda p: st.save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config_json, indent=2, sort_keys=True) + "\n"
+    _write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    return config_json
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import: config.json -> ModelConfig
+
+
+def read_hf_config(hf_dir) -> dict:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise ValueError(f"{hf_dir} is not a folder; pass the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    path = hf_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: a Hugging Face model folder needs its {CONFIG_FILE}")
+    try:
+        config_json = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config_json, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config_json).__name__}")
+    return config_json
+
+
+def _key(c: dict, key: str, kind: type, default=None):
+    """c[key] (or default where absent or null), checked to be of `kind`; ValueError naming the key."""
+    value = c.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config.json lacks the key {key!r}")
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # JSON writes 1e-06 as a float but 10000 as an int
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ValueError(f"config.json {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def hf_rope_from_config(c: dict) -> RopeConfig:
+    """The RopeConfig of a Llama config.json, read the way transformers reads it: `rope_parameters`, or the
+    legacy `rope_scaling` + `rope_theta`; a top-level original_max_position_embeddings or partial_rotary_factor
+    applies as transformers applies it (standardize_rope_params)."""
+    params = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 5 lets rope_scaling win
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"config.json 'rope_parameters' must be one flat dict (per-layer-type RoPE is not "
+                         f"supported), got {params!r}")
+    params = dict(params)
+    params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
+    if c.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", c["partial_rotary_factor"])
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("yarn", "llama3") and c.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = c["original_max_position_embeddings"]
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor={params['partial_rotary_factor']}: partial rotary "
+                         "is not something LlamaForCausalLM computes, so there is nothing exact to import")
+    try:
+        return rope.from_hf(params, _key(c, "max_position_embeddings", int, 2048))
+    except ValueError as e:
+        raise ValueError(f"config.json rope_parameters: {e}") from None
+
+
+def model_config_from_hf(c: dict) -> ModelConfig:
+    """Our ModelConfig for a Llama config.json: the recorded one if it exports to exactly these Llama fields
+    (see the module docstring), else one derived from them. ValueError naming the key for what we lack."""
+    if c.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json 'model_type' is {c['model_type']!r}; only 'llama' models can be imported")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise ValueError(f"config.json {key!r} is true; this model's linear layers have no biases")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json 'hidden_act' is {c['hidden_act']!r}; this model's MLP is SwiGLU (silu) only")
+    d_model, n_head = _key(c, "hidden_size", int), _key(c, "num_attention_heads", int)
+    head_dim = c.get("head_dim")
+    if head_dim is not None and (n_head <= 0 or head_dim * n_head != d_model):
+        raise ValueError(f"config.json 'head_dim' is {head_dim} but hidden_size / num_attention_heads = "
+                         f"{d_model} / {n_head}; this model needs head_dim * num_attention_heads == hidden_size")
+    n_kv_head = _key(c, "num_key_value_heads", int, n_head)
+    intermediate = _key(c, "intermediate_size", int)
+    try:
+        derived = ModelConfig(
+            vocab_size=_key(c, "vocab_size", int), n_layer=_key(c, "num_hidden_layers", int), n_head=n_head,
+            n_kv_head=0 if n_kv_head == n_head else n_kv_head, d_model=d_model,
+            ffn_hidden=0 if intermediate == 64 * math.ceil(8 * d_model / 3 / 64) else intermediate,  # model.py's rule
+            block_size=_key(c, "max_position_embeddings", int, 2048), norm_eps=_key(c, "rms_norm_eps", float, 1e-6),
+            rope=hf_rope_from_config(c),
+        )
+    except ValueError as e:
+        if str(e).startswith("config.json"):
+            raise
+        raise ValueError(f"config.json describes a model this repository cannot build: {e}") from None
+    recorded = _recorded_config(c)
+    return recorded if recorded is not None else derived
+
+
+def _recorded_config(c: dict) -> ModelConfig | None:
+    """The ModelConfig stored at export, if present, valid, and exporting it gives exactly c's Llama fields."""
+    record = c.get(RECORD_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("model_config"), dict):
+        return None
+    try:
+        recorded = ModelConfig.from_dict(record["model_config"])
+        expected = json.loads(json.dumps(hf_config(recorded)))  # JSON's view of it: what config.json would hold
+    except (TypeError, ValueError):
+        return None
+    same = all(expected[k] == c.get(k) for k in ARCHITECTURE_KEYS)
+    return recorded if same else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import: safetensors -> Transformer
+
+
+def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists (the former wins,
+    as in transformers)."""
+    hf_dir = Path(hf_dir)
+    st = _safetensors()
+    if (hf_dir / WEIGHTS_FILE).is_file():
+        files = [hf_dir / WEIGHTS_FILE]
+    elif (hf_dir / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"]
+            files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{hf_dir / INDEX_FILE} is not a valid shard index ({type(e).__name__}: {e})") from None
+    else:
+        hint = ""
+        if any(hf_dir.glob("pytorch_model*.bin")):
+            hint = "; it has pytorch_model*.bin files: load and re-save them with safetensors first"
+        raise ValueError(f"{hf_dir} has no {WEIGHTS_FILE} (nor a sharded {INDEX_FILE}){hint}")
+    tensors = {}
+    for path in files:
+        if not path.is_file():
+            raise ValueError(f"weights file {path} is missing (named in {INDEX_FILE})")
+        try:
+            tensors.update(st.load_file(path))
+        except Exception as e:  # safetensors raises its own SafetensorError for a truncated or foreign file
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return tensors
+
+
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tied: bool) -> dict:
+    """Our state_dict from Hugging Face tensors, checked against `expected` (a state_dict of the model the config
+    describes); ValueError naming missing, unexpected, misshapen or non-float tensors."""
+    tensors = dict(tensors)
+    n_layer = sum(1 for name in expected if name.endswith("attn.wq.weight"))
+    state, missing = {}, []
+    for ours, theirs in weight_names(n_layer):
+        if theirs not in tensors:
+            missing.append(theirs)
+            continue
+        tensor = state[ours] = tensors.pop(theirs)
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {theirs} has dtype {tensor.dtype}; only floating-point weights can be imported")
+        if tensor.shape != expected[ours].shape:
+            raise ValueError(f"tensor {theirs} has shape {tuple(tensor.shape)}, config.json implies "
+                             f"{tuple(expected[ours].shape)}")
+    if missing:
+        raise ValueError(f"the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}")
+    head = tensors.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head.to(state["tok_emb.weight"].dtype), state["tok_emb.weight"]):
+        why = "tie_word_embeddings is true, so transformers would ignore it" if tied else "tie_word_embeddings is false"
+        raise ValueError(f"lm_head.weight differs from model.embed_tokens.weight ({why}); this model ties its "
+                         "output head to the embedding, so it cannot represent these weights")
+    if head is None and not tied:
+        raise ValueError("config.json 'tie_word_embeddings' is false but there is no lm_head.weight; "
+                         "set it to true if the head is the embedding")
+    state["lm_head.weight"] = state["tok_emb.weight"]
+    unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))  # old files store inv_freq
+    if unexpected:
+        hint = " (biases: this model's linear layers have none)" if any(k.endswith(".bias") for k in unexpected) else ""
+        raise ValueError(f"the weights hold {len(unexpected)} tensors this model has no place for{hint}, "
+                         f"e.g. {unexpected[:3]}")
+    return state
+
+
+def import_hf(hf_dir) -> Transformer:
+    """A Hugging Face Llama folder (config.json + safetensors) as our Transformer, float32, eval mode."""
+    config_json = read_hf_config(hf_dir)
+    model = Transformer(model_config_from_hf(config_json))
+    tensors = read_hf_weights(hf_dir)
+    state = state_dict_from_hf(tensors, model.state_dict(), tied=bool(config_json.get("tie_word_embeddings", False)))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hf.py", description="Our checkpoints <-> Hugging Face Llama folders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="checkpoint -> Hugging Face folder (config.json, model.safetensors)")
+    ex.add_argument("--ckpt", required=True, help="a checkpoint file, or a run folder holding ckpt.pt")
+    ex.add_argument("--out", required=True, help="the folder to write (must be empty or new)")
+    ex.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
+    ex.add_argument("--force", action="store_true", help="overwrite config.json and model.safetensors in --out")
+    im = sub.add_parser("import", help="Hugging Face folder -> checkpoint")
+    im.add_argument("--hf_dir", required=True, help="a folder with config.json and model.safetensors")
+    im.add_argument("--out", required=True, help="the checkpoint file to write, e.g. out/imported/ckpt.pt")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            model, _ = checkpoint.load_model(args.ckpt)
+            c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
+            print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
+                  f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
+                  f"{model.num_params():,} parameters, {c['dtype']}")
+        else:
+            model = import_hf(args.hf_dir)
+            checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
+                             "provenance": {"imported_from_hf": str(args.hf_dir)}}, args.out)
+            print(f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, "
+                  f"{model.num_params():,} parameters")
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
