@@ -1,0 +1,58 @@
+"""The scaled-down pipeline end to end on CPU (`reproduce.py --preset tiny` on a small corpus): it writes the
+report, results.json and every plot, and a second run skips every stage. Part of the normal suite on purpose
+(a CPU test runs the whole pipeline); about a minute on 2 cores."""
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PLOTS = ["ppl_finetuned.png", "ppl_no_finetune.png", "retrieval_finetuned.png", "retrieval_no_finetune.png",
+         "scaling_per_dimension.png", "temperature.png"]
+
+
+def small_corpus(folder: Path, n_files: int = 16) -> Path:
+    """The largest top-level modules of the running Python's standard library: long documents (thousands of
+    tokens, as long-context evaluation needs), few enough to tokenize in seconds."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: (-p.stat().st_size, p.name))
+    folder.mkdir(parents=True)
+    for p in files[:n_files]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def run(args, cwd=REPO):
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "reproduce.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, time.time() - t0
+
+
+def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
+    corpus = small_corpus(tmp_path / "corpus")
+    args = ["--preset", "tiny", "--device", "cpu", "--data_source", str(corpus), "--data_dir", str(tmp_path / "data"),
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
+    out, first = run(args)
+    results = tmp_path / "results"
+    for name in ["report.md", "results.json", *PLOTS]:
+        assert (results / name).is_file() and (results / name).stat().st_size > 0, name
+    res = json.loads((results / "results.json").read_text())
+    assert set(res["no_finetune"]) == {"default", "linear", "ntk", "ntk_by_parts", "yarn", "dynamic", "dynamic_yarn"}
+    assert set(res["finetuned"]) == {"default", "linear", "ntk", "ntk_by_parts", "yarn"}
+    for r in [*res["no_finetune"].values(), *res["finetuned"].values(), res["short_long"]]:
+        assert [int(c) for c in r["ppl"]] == res["contexts"]
+        # the same scored tokens at every context
+        assert len({x["n_tokens"] for x in r["ppl"].values()}) == 1
+    assert res["claims"] and all(isinstance(c["held"], bool) for c in res["claims"])
+    report = (results / "report.md").read_text()
+    assert "| claim | held | numbers |" in report
+
+    out, second = run(args)
+    assert "[done]" not in out and out.count("[skip]") >= 10, out
+    assert second < max(20.0, first / 3), (first, second)
