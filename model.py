@@ -225,6 +225,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    # With targets, the head and the loss run in chunks of rows (chunked_cross_entropy) once the full logits would
+    # exceed loss_chunk_threshold elements: at T = 32768 and vocab 50304 they are 1.6G elements, 3.3 GB in bf16 plus
+    # 6.6 GB for the fp32 copy the loss reads. Below it, one matmul and F.cross_entropy. Instance-settable.
+    loss_chunk_threshold: int = 2**30
+    loss_chunk_elements: int = 2**27  # logits per chunk (rows = this // vocab): 512 MB in fp32
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -269,7 +275,10 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, start)
         if cache is not None:
             cache.pos = start + T
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None and B * T * self.config.vocab_size > self.loss_chunk_threshold:
+            return chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_elements)
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -302,6 +311,59 @@ class Transformer(nn.Module):
         forward at average context T' = T/2, times 3 for forward + backward; Kaplan et al. / PaLM App. B halved)."""
         c = self.config
         return 6 * self.num_params() + 6 * c.n_layer * c.n_head * c.head_dim * T
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of the logits h @ W^T over the rows with a target (target -1 = ignored), computed
+    chunk by chunk of rows. Each chunk's gradients are formed while its logits exist (d loss / d logits =
+    softmax - onehot), so the full (N, vocab) logits never exist and nothing is recomputed in the backward pass:
+    the same three matmuls as the unchunked path, in the same dtypes (under autocast: bf16 logits, fp32 loss)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int):
+        # h (N, d), weight (V, d), targets (N,) int
+        N = h.shape[0]
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for i in range(0, N, chunk_rows):
+            h_c, t_c = h[i : i + chunk_rows], targets[i : i + chunk_rows]
+            logits = F.linear(h_c, weight)  # (n, V); bf16 under autocast, as the unchunked head
+            logits32 = logits.float()
+            valid = t_c != -1
+            t_safe = t_c.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits32, dim=-1)  # (n,)
+            loss = loss + ((lse - logits32.gather(1, t_safe)[:, 0]) * valid).sum()
+            # d/d logits of sum_rows (lse - logit[target]) = softmax - onehot(target), zero on ignored rows
+            dlogits = torch.exp(logits32 - lse[:, None])
+            dlogits.scatter_add_(1, t_safe, torch.full_like(lse, -1.0)[:, None])
+            dlogits = (dlogits * valid[:, None]).to(logits.dtype)
+            grad_h[i : i + chunk_rows] = (dlogits @ weight.to(logits.dtype)).to(h.dtype)  # (n, d)
+            grad_w += (dlogits.t() @ h_c.to(logits.dtype)).float()  # (V, d)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_elements: int):
+    """Mean cross-entropy of F.linear(h, weight) against targets (-1 ignored), equal to
+    F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1), without materializing the logits.
+    h (B, T, d), weight (V, d), targets (B, T). chunk_elements: logits per chunk (rows = chunk_elements // V).
+    Without autograd (no_grad, or nothing requires grad) only the loss is computed, chunk by chunk."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    rows = max(1, chunk_elements // weight.shape[0])
+    n_valid = (targets != -1).sum()
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(h, weight, targets, rows) / n_valid
+    total = torch.zeros((), device=h.device, dtype=torch.float32)
+    for i in range(0, h.shape[0], rows):
+        logits = F.linear(h[i : i + rows], weight).float()
+        total = total + F.cross_entropy(logits, targets[i : i + rows], ignore_index=-1, reduction="sum")
+    return total / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
 
 
 def sample_token(logits, temperature: float, top_k: int | None, generator=None):
