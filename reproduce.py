@@ -94,10 +94,10 @@ class Preset:
 
 PRESETS = {
     # train.py's default model: head_dim 128 and L = 512 leave pairs 0..6 (r_d > 32) purely extrapolated by
-    # NTK-by-parts / YaRN, the high-frequency band the paper's argument is about. 40M tokens of pretraining
-    # (~2 min at 300-500k tokens/s), 1.3M tokens (~3%) of fine-tuning per method at L' = 4096.
-    "gpu": Preset(d_model=512, n_layer=8, n_head=4, L=512, s=8, pretrain_steps=2400, pretrain_batch=32,
-                  finetune_steps=40, finetune_batch=8, s_long=16, stride=256, max_docs=16, max_windows=4,
+    # NTK-by-parts / YaRN, the high-frequency band the paper's argument is about. 82M tokens of pretraining
+    # (~3-5 min at 300-500k tokens/s), 2.6M tokens (~3%) of fine-tuning per method at L' = 4096.
+    "gpu": Preset(d_model=512, n_layer=8, n_head=4, L=512, s=8, pretrain_steps=5000, pretrain_batch=32,
+                  finetune_steps=80, finetune_batch=8, s_long=16, stride=256, max_docs=16, max_windows=4,
                   trials=16, lr=1e-3, finetune_lr=3e-4),
     # 2 cores: the 50k-vocabulary head makes even this model train at only ~1k tokens/s, so ~250k pretraining
     # tokens, ~12k (5%) per fine-tune. With L = 128 every pair makes fewer than 32 rotations (lambda_0 = 2 pi),
@@ -223,7 +223,7 @@ def extended(model, p: Preset, method: str, scale: float, **extra):
     """The pretrained model under `method` at scale s, no training. Dynamic variants start from s = 1 and
     follow the evaluation length (their scale is max(1, l'/L))."""
     factor = 1.0 if method in rope_lib.DYNAMIC_VARIANTS else float(scale)
-    model.set_rope(RopeConfig(type=method, factor=factor, original_context=p.L, **extra))
+    model.set_rope(model.config.rope.replace(type=method, factor=factor, original_context=p.L, **extra))
     return model
 
 
@@ -276,10 +276,11 @@ def plot_all(res: dict, p: Preset, out: Path) -> list[str]:
         files.append(name)
 
     def mark_contexts(ax):
+        top = ax.get_xaxis_transform()  # x in data, y in axes fraction: labels sit at the top whatever the scale
         ax.axvline(p.L, color="gray", ls=":", lw=1)
         ax.axvline(p.L_ext, color="gray", ls="--", lw=1)
-        ax.text(p.L, ax.get_ylim()[1], " L", va="top", color="gray")
-        ax.text(p.L_ext, ax.get_ylim()[1], f" L'={p.s}L", va="top", color="gray")
+        ax.text(p.L, 0.98, " L", va="top", color="gray", transform=top)
+        ax.text(p.L_ext, 0.98, f" L'={p.s}L", va="top", color="gray", transform=top)
 
     # perplexity against context
     for key, title in (("finetuned", "fine-tuned at L'"), ("no_finetune", "no fine-tuning")):
@@ -293,6 +294,7 @@ def plot_all(res: dict, p: Preset, out: Path) -> list[str]:
             ax.plot(xs, [r["ppl"][str(c)]["ppl"] for c in xs], "s--", color="k",
                     label=f"YaRN s={p.s_long} (fine-tuned at L')")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(p.contexts, [str(c) for c in p.contexts])
         ax.set_yscale("log")
         ax.set_xlabel("evaluation context (tokens)")
         ax.set_ylabel(f"perplexity (last {p.stride} tokens of each window)")
@@ -345,13 +347,13 @@ def plot_all(res: dict, p: Preset, out: Path) -> list[str]:
                 color=colors[m], label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    top = ax.get_xaxis_transform()
     ax.axvline(p.L, color="gray", ls=":")
     ax.axvline(p.L_ext, color="gray", ls="--")
     ax.axvline(p.L / 32, color="C4", ls=":", lw=0.8)
-    ax.axvline(p.L / 1, color="C4", ls=":", lw=0.8)
-    ax.text(p.L, 1.05, " L", color="gray")
-    ax.text(p.L_ext, 1.05, " s L", color="gray")
-    ax.text(p.L / 32, 1 / p.s, " L/\u03b2 (32 rot.)", color="C4", fontsize=8)
+    ax.text(p.L, 0.5, " L", color="gray", transform=top)
+    ax.text(p.L_ext, 0.5, " s L", color="gray", transform=top)
+    ax.text(p.L / 32, 0.5, " L/32: r_d = \u03b2", color="C4", fontsize=8, transform=top)
     ax.set_xlabel("wavelength \u03bb_d = 2\u03c0/\u03b8_d (tokens)")
     ax.set_ylabel("\u03b8'_d / \u03b8_d")
     ax.set_title(f"Per-pair frequency scaling, head_dim {p.head_dim}, L={p.L}, s={p.s}")
@@ -359,20 +361,20 @@ def plot_all(res: dict, p: Preset, out: Path) -> list[str]:
     ax.legend(fontsize=8)
     save(fig, "scaling_per_dimension.png")
 
-    # temperature sweep
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (s, r) in enumerate(res["temperature"].items()):
+    # temperature sweep: one panel per s (their perplexities differ by orders of magnitude)
+    temp = res["temperature"]
+    fig, axes = plt.subplots(1, len(temp), figsize=(3.4 * len(temp), 3.6), squeeze=False)
+    for i, (ax, (s, r)) in enumerate(zip(axes[0], temp.items())):
         xs = sorted(float(a) for a in r["ppl"])
-        ys = [r["ppl"][str(a)] for a in xs]
-        ax.plot(xs, ys, "o-", color=f"C{i}", label=f"s={s} (ppl at {r['context']})")
-        ax.axvline(r["paper"], color=f"C{i}", ls="--", lw=1)
-        ax.plot([r["best"]], [r["ppl"][str(r["best"])]], "*", ms=12, color=f"C{i}")
-    ax.set_yscale("log")
-    ax.set_xlabel("attention factor \u221a(1/t)  (dashed: paper's 0.1 ln s + 1, star: best)")
-    ax.set_ylabel("perplexity at s L")
-    ax.set_title("Temperature sweep: NTK-by-parts on the pretrained model, no fine-tuning")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        ax.plot(xs, [r["ppl"][str(a)] for a in xs], "o-", color=f"C{i}")
+        ax.axvline(r["paper"], color="k", ls="--", lw=1, label=f"0.1 ln s + 1 = {r['paper']:.3f}")
+        ax.plot([r["best"]], [r["ppl"][str(r["best"])]], "*", ms=14, color="C3", label=f"best {r['best']:.3f}")
+        ax.set_title(f"s = {s}, ppl at {r['context']}", fontsize=10)
+        ax.set_xlabel("\u221a(1/t)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("perplexity")
+    fig.suptitle("Temperature sweep: NTK-by-parts + attention factor, pretrained model, no fine-tuning", fontsize=10)
     save(fig, "temperature.png")
     return files
 
