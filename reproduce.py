@@ -74,6 +74,7 @@ class Preset:
     temp_factors: tuple = (0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5)
     lr: float = 1e-3
     finetune_lr: float = 3e-4
+    train_eval_batches: int = 20  # train.py's own validation loss (its log), batches per evaluation
     data_source: str = "stdlib"
     val_fraction: float = 0.05
 
@@ -105,11 +106,13 @@ PRESETS = {
     # pipeline more than the high-frequency argument (see the report).
     "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=240, pretrain_batch=8,
                   finetune_steps=12, finetune_batch=2, s_long=8, stride=64, max_docs=8, max_windows=2, trials=8,
-                  temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=3e-3, finetune_lr=1e-3),
+                  temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=3e-3, finetune_lr=1e-3,
+                  train_eval_batches=4),
     # the smoke test: seconds of everything, numbers meaningless
     "tiny": Preset(d_model=64, n_layer=1, n_head=1, L=64, s=4, pretrain_steps=6, pretrain_batch=2,
                    finetune_steps=2, finetune_batch=1, s_long=8, stride=32, max_docs=2, max_windows=1, trials=2,
-                   depths=(0.0, 1.0), temp_scales=(2, 4), temp_factors=(1.0, 1.2), lr=3e-3, finetune_lr=1e-3),
+                   depths=(0.0, 1.0), temp_scales=(2, 4), temp_factors=(1.0, 1.2), lr=3e-3, finetune_lr=1e-3,
+                   train_eval_batches=1),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,13 +178,14 @@ def prepare_data(args, p: Preset):
                           block_size=p.L))
 
 
-def train(out_dir: Path, flags: dict):
+def train(args, p: Preset, out_dir: Path, flags: dict):
     """Run train.py in-process with --key=value flags; resumes a run that stopped half-way."""
     import train as trainer
 
     init = flags.pop("init_from", "scratch")
     if (out_dir / "ckpt.pt").exists():
         init = "resume"  # the stage started before and was interrupted: carry on from its last checkpoint
+    flags.update(device=args.device, eval_batches=p.train_eval_batches)
     argv = [f"--out_dir={out_dir}", f"--init_from={init}"] + [f"--{k}={v}" for k, v in flags.items()]
     print("python train.py " + " ".join(argv), flush=True)
     summary = trainer.main(argv)
@@ -193,7 +197,7 @@ def model_flags(p: Preset) -> dict:
 
 
 def pretrain(args, p: Preset):
-    train(args.runs / "pretrain", {
+    train(args, p, args.runs / "pretrain", {
         **model_flags(p), "data_dir": args.data_dir, "block_size": p.L, "max_steps": p.pretrain_steps,
         "batch_size": p.pretrain_batch, "lr": p.lr, "rope.type": "default",
     })
@@ -201,7 +205,7 @@ def pretrain(args, p: Preset):
 
 def finetune(args, p: Preset, name: str, method: str, scale: int):
     """Extend the pretrained model with `method` at scale s and fine-tune at L' (the same budget for every one)."""
-    train(args.runs / name, {
+    train(args, p, args.runs / name, {
         "init_from": str(args.runs / "pretrain"), "data_dir": args.data_dir, "block_size": p.L_ext,
         "max_steps": p.finetune_steps, "batch_size": p.finetune_batch, "lr": p.finetune_lr,
         "rope.type": method, "rope.factor": scale,
