@@ -337,32 +337,36 @@ def plot_all(res: dict, p: Preset, out: Path) -> list[str]:
                      f"chance ~{next(iter(runs.values()))['retrieval'][str(p.L)]['chance']:.3f}", fontsize=10)
         save(fig, f"retrieval_{key}.png")
 
-    # per-dimension scaling vs wavelength (pure rope.py)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    theta = rope_lib.base_inv_freq(p.head_dim, 10000.0)
-    wavelength = (2 * math.pi / theta).numpy()
-    for m in ("default", "linear", "ntk", "ntk_by_parts", "dynamic"):
-        cfg = RopeConfig(type=m, factor=float(p.s), original_context=p.L)
-        if m == "dynamic":
-            cfg = RopeConfig(type=m, factor=1.0, original_context=p.L)
-        freqs, _ = rope_lib.inv_freq(p.head_dim, cfg, p.L_ext)
-        label = LABELS[m] + (" / YaRN" if m == "ntk_by_parts" else "") + (" (at l'=L')" if m == "dynamic" else "")
-        ax.plot(wavelength, (freqs.double() / theta).numpy(), "o-" if m != "dynamic" else "x--", ms=3,
-                color=colors[m], label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    top = ax.get_xaxis_transform()
-    ax.axvline(p.L, color="gray", ls=":")
-    ax.axvline(p.L_ext, color="gray", ls="--")
-    ax.axvline(p.L / 32, color="C4", ls=":", lw=0.8)
-    ax.text(p.L, 0.5, " L", color="gray", transform=top)
-    ax.text(p.L_ext, 0.5, " s L", color="gray", transform=top)
-    ax.text(p.L / 32, 0.5, " L/32: r_d = \u03b2", color="C4", fontsize=8, transform=top)
-    ax.set_xlabel("wavelength \u03bb_d = 2\u03c0/\u03b8_d (tokens)")
-    ax.set_ylabel("\u03b8'_d / \u03b8_d")
-    ax.set_title(f"Per-pair frequency scaling, head_dim {p.head_dim}, L={p.L}, s={p.s}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    # per-dimension scaling vs wavelength (pure rope.py), for this run and, for comparison, the gpu preset
+    g = PRESETS["gpu"]
+    panels = [(p.head_dim, p.L, p.s, "this run")]
+    if (g.head_dim, g.L, g.s) != panels[0][:3]:
+        panels.append((g.head_dim, g.L, g.s, "gpu preset"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (head_dim, L, s, name) in zip(axes[0], panels):
+        theta = rope_lib.base_inv_freq(head_dim, 10000.0)
+        wavelength = (2 * math.pi / theta).numpy()
+        for m in ("default", "linear", "ntk", "ntk_by_parts", "dynamic"):
+            cfg = RopeConfig(type=m, factor=1.0 if m == "dynamic" else float(s), original_context=L)
+            freqs, _ = rope_lib.inv_freq(head_dim, cfg, s * L)
+            label = LABELS[m] + (" / YaRN" if m == "ntk_by_parts" else "") + (" at l'=sL (= NTK)" if m == "dynamic" else "")
+            ax.plot(wavelength, (freqs.double() / theta).numpy(), "x--" if m == "dynamic" else "o-",
+                    ms=5 if m == "dynamic" else 3, lw=1 if m == "dynamic" else 1.5, color=colors[m], label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        top = ax.get_xaxis_transform()
+        ax.axvline(L, color="gray", ls=":")
+        ax.axvline(s * L, color="gray", ls="--")
+        ax.axvline(L / 32, color="C4", ls=":", lw=0.8)
+        ax.text(L, 0.5, " L", color="gray", transform=top)
+        ax.text(s * L, 0.5, " s L", color="gray", transform=top)
+        ax.text(L / 32, 0.4, " L/32\n (r_d = \u03b2)", color="C4", fontsize=8, transform=top)
+        ax.set_xlabel("wavelength \u03bb_d = 2\u03c0/\u03b8_d (tokens)")
+        ax.set_ylabel("\u03b8'_d / \u03b8_d")
+        ax.set_title(f"{name}: head_dim {head_dim}, L={L}, s={s}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("Per-pair frequency scaling of each method against wavelength", fontsize=10)
     save(fig, "scaling_per_dimension.png")
 
     # temperature sweep: one panel per s (their perplexities differ by orders of magnitude)
