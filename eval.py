@@ -244,7 +244,8 @@ def parse_rope_overrides(args: list[str]) -> dict:
 
 
 def parse_value(value: str, kind):
-    kind = str(kind)
+    """Convert a flag's text to a RopeConfig field's type (a type, or an annotation like `float | None`)."""
+    kind = kind.__name__ if isinstance(kind, type) else str(kind)
     if value.lower() == "none" and "None" in kind:
         return None
     if kind.startswith("bool"):

@@ -177,3 +177,20 @@ def test_retrieval_perfect_copier_scores_100_and_random_model_about_0():
         assert all(a == 1.0 for a in r["acc"].values()), r
         r = E.retrieval(RandomModel(200), tokens, docs, context, depths, trials=4, vocab=vocab)
         assert r["mean"] < 0.05, r
+
+
+def test_rope_overrides_are_typed_like_the_config_and_unknown_ones_refused():
+    got = E.parse_rope_overrides(["--rope.type=yarn", "--rope.factor=8", "--rope.original_context=512",
+                                  "--rope.truncate=false", "--rope.attention_factor=none"])
+    assert got == {"type": "yarn", "factor": 8.0, "original_context": 512, "truncate": False, "attention_factor": None}
+    assert isinstance(got["factor"], float) and isinstance(got["original_context"], int)
+    with pytest.raises(SystemExit):
+        E.parse_rope_overrides(["--rope.bogus=1"])
+    with pytest.raises(SystemExit):
+        E.parse_rope_overrides(["--stride=3"])
+
+
+def test_extended_rope_defaults_original_context_to_the_training_context():
+    model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16))
+    cfg = E.extended_rope(model, {"type": "yarn", "factor": 4.0})
+    assert (cfg.type, cfg.factor, cfg.original_context) == ("yarn", 4.0, 16)
