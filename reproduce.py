@@ -106,7 +106,7 @@ PRESETS = {
     # pipeline more than the high-frequency argument (see the report).
     "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=240, pretrain_batch=8,
                   finetune_steps=12, finetune_batch=2, s_long=8, stride=64, max_docs=8, max_windows=2, trials=8,
-                  temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=3e-3, finetune_lr=1e-3,
+                  temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=2e-3, finetune_lr=1e-3,
                   train_eval_batches=4),
     # the smoke test: seconds of everything, numbers meaningless
     "tiny": Preset(d_model=64, n_layer=1, n_head=1, L=64, s=4, pretrain_steps=6, pretrain_batch=2,
