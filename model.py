@@ -314,34 +314,32 @@ class Transformer(nn.Module):
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of the logits h @ W^T over the rows with a target (target -1 = ignored), computed
-    chunk by chunk of rows. Each chunk's gradients are formed while its logits exist (d loss / d logits =
-    softmax - onehot), so the full (N, vocab) logits never exist and nothing is recomputed in the backward pass:
-    the same three matmuls as the unchunked path, in the same dtypes (under autocast: bf16 logits, fp32 loss)."""
+    """Mean cross-entropy of the logits h @ W^T over the rows with a target (target -1 = ignored), computed chunk by
+    chunk of rows. Each chunk's gradients are formed while its logits exist, so the full (N, vocab) logits never exist
+    and nothing is recomputed in the backward pass: the same three matmuls as the unchunked path, in the same dtypes
+    (under autocast: bf16 logits, loss math in fp32), and the same ops for d loss / d logits (the backward functions
+    of log_softmax and nll_loss's mean that F.cross_entropy's autograd calls), so both paths round alike."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows: int):
         # h (N, d), weight (V, d), targets (N,) int
-        N = h.shape[0]
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        total_weight = (targets != -1).sum().float()  # what nll_loss's mean divides by
+        one = torch.ones((), device=h.device, dtype=torch.float32)
+        loss_sum = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        for i in range(0, N, chunk_rows):
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for i in range(0, h.shape[0], chunk_rows):
             h_c, t_c = h[i : i + chunk_rows], targets[i : i + chunk_rows]
             logits = F.linear(h_c, weight)  # (n, V); bf16 under autocast, as the unchunked head
-            logits32 = logits.float()
-            valid = t_c != -1
-            t_safe = t_c.clamp(min=0)[:, None]
-            lse = torch.logsumexp(logits32, dim=-1)  # (n,)
-            loss = loss + ((lse - logits32.gather(1, t_safe)[:, 0]) * valid).sum()
-            # d/d logits of sum_rows (lse - logit[target]) = softmax - onehot(target), zero on ignored rows
-            dlogits = torch.exp(logits32 - lse[:, None])
-            dlogits.scatter_add_(1, t_safe, torch.full_like(lse, -1.0)[:, None])
-            dlogits = (dlogits * valid[:, None]).to(logits.dtype)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (n, V) fp32
+            loss_sum = loss_sum + F.nll_loss(logp, t_c, ignore_index=-1, reduction="sum")
+            # d mean / d logp: -1/total_weight at each kept target (reduction 1 = mean); then through log_softmax
+            grad_logp = torch.ops.aten.nll_loss_backward(one, logp, t_c, None, 1, -1, total_weight)
+            dlogits = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, torch.float32).to(logits.dtype)
             grad_h[i : i + chunk_rows] = (dlogits @ weight.to(logits.dtype)).to(h.dtype)  # (n, d)
-            grad_w += (dlogits.t() @ h_c.to(logits.dtype)).float()  # (V, d)
+            grad_w += (dlogits.t() @ h_c.to(logits.dtype)).to(grad_w.dtype)  # (V, d)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss
+        return loss_sum / total_weight  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -356,14 +354,13 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     Without autograd (no_grad, or nothing requires grad) only the loss is computed, chunk by chunk."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     rows = max(1, chunk_elements // weight.shape[0])
-    n_valid = (targets != -1).sum()
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedHeadLoss.apply(h, weight, targets, rows) / n_valid
+        return _ChunkedHeadLoss.apply(h, weight, targets, rows)
     total = torch.zeros((), device=h.device, dtype=torch.float32)
     for i in range(0, h.shape[0], rows):
         logits = F.linear(h[i : i + rows], weight).float()
         total = total + F.cross_entropy(logits, targets[i : i + rows], ignore_index=-1, reduction="sum")
-    return total / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
+    return total / (targets != -1).sum()  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
 
 
 def sample_token(logits, temperature: float, top_k: int | None, generator=None):
