@@ -50,7 +50,8 @@ from rope import RopeConfig
 
 H100_BF16_SPEC = 989e12  # dense bf16 tensor-core FLOP/s, H100 SXM datasheet
 # run order: the goals first; the last is a what-if for the loss-chunking threshold (ours only)
-CASES = ("train_T1024", "sample_B1", "train_T8192_yarn", "sample_B64", "train_T32768_yarn", "train_T1024_chunked_loss")
+CASES = ("train_T1024", "attention_kernels", "sample_B1", "train_T8192_yarn", "sample_B64", "train_T32768_yarn",
+         "train_T1024_chunked_loss")
 
 # ----------------------------------------------------------------------------------------------------------
 # Shapes
@@ -486,6 +487,46 @@ def case_train_yarn(s: Shapes, args, device, peak, hf: bool, T: int, B: int, fac
             "ratios": {"ours_over_hf": ratio(results["ours"], results.get("hf", {}))}}
 
 
+def case_attention_kernels(s: Shapes, args, device) -> dict:
+    """Causal SDPA forward + backward at the T=8192 shape (B, 12 heads, T, 64) under each backend alone, and under
+    the default choice: what attention costs there and which kernel a model change should ask for."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    T, B = s.train_long
+    H, hd = s.n_head, s.d_model // s.n_head
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(3)
+    q, k, v, grad = (torch.randn(B, H, T, hd, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    flops = 6 * H * hd * T * B * T  # model.flops_per_token's attention term for one layer, times B*T tokens
+
+    def fwd_bwd():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if device.type == "cpu" or T <= 4096:
+        backends["math"] = SDPBackend.MATH
+    results = {}
+    for name, backend in backends.items():
+        try:
+            if backend is None:
+                times = time_calls(fwd_bwd, 2, 5, device)
+            else:
+                with sdpa_kernel([backend]):
+                    times = time_calls(fwd_bwd, 2, 5, device)
+            t = statistics.median(times)
+            results[name] = {"status": "ok", "tokens_per_s": B * T / t, "fwd_bwd_ms": t * 1e3,
+                             "tflops": flops / t / 1e12}
+        except Exception as e:  # a backend that does not support this shape, dtype or GPU
+            results[name] = error_record(e)
+    ok = {n: r for n, r in results.items() if r["status"] == "ok"}
+    fastest = max(ok, key=lambda n: ok[n]["tokens_per_s"]) if ok else None
+    ratios = {"fastest_over_default": ratio(ok[fastest], results["default"]) if fastest else None}
+    return {"T": T, "B": B, "heads": H, "head_dim": hd, "dtype": str(dtype).removeprefix("torch."),
+            "fastest": fastest, "results": results, "ratios": ratios}
+
+
 def case_train_chunked_loss(s: Shapes, args, device, peak) -> dict:
     """What-if: ours at T=1024, batch 16 with the chunked head + loss forced on (model.py uses it only above
     loss_chunk_threshold logits). Compared with train_T1024's ours_default, it says where the threshold belongs."""
@@ -688,7 +729,7 @@ def print_table(report: dict):
             if r.get("status") != "ok":
                 log(f"{name:20s} {impl:15s} ERROR {r.get('error', '')[:80]}")
                 continue
-            ms = r.get("step_ms_median", r.get("ms_per_token_step"))
+            ms = next((r[k] for k in ("step_ms_median", "ms_per_token_step", "fwd_bwd_ms") if k in r), float("nan"))
             pct = lambda v: f"{100 * v:8.1f}%" if v is not None else f"{'-':>9s}"  # noqa: E731
             mem = f"{r['peak_mem_gb']:8.2f}" if r.get("peak_mem_gb") is not None else f"{'-':>8s}"
             note = ",".join(r.get("profile", {}).get("sdpa_backends", [])) if isinstance(r.get("profile"), dict) else ""
@@ -806,6 +847,7 @@ def main(argv=None) -> int:
         "sample_B1": lambda: case_sample(s, args, device, hf, s.sample_batches[0]),
         "sample_B64": lambda: case_sample(s, args, device, hf, s.sample_batches[1]),
         "train_T1024_chunked_loss": lambda: case_train_chunked_loss(s, args, device, peak),
+        "attention_kernels": lambda: case_attention_kernels(s, args, device),
     }
     for name in args.case_list:
         log(f"\n[{name}]")
@@ -821,7 +863,10 @@ def main(argv=None) -> int:
         write_json(report, out_path)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     write_json(report, out_path)
-    print_table(report)
+    try:
+        print_table(report)
+    except Exception:  # the JSON is what matters; a formatting slip must not turn the run into a failure
+        traceback.print_exc()
     log(f"wrote {out_path}")
     return 0
 
