@@ -258,10 +258,11 @@ class Transformer(nn.Module):
         self.rotary = Rotary(self.config.head_dim, cfg, self.config.block_size).to(device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                rope_length: int | None = None):
+                rope_length: int | None = None, last_only: bool = False):
         """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets the mean cross-entropy
         (targets of -1 are ignored). With a cache, idx continues the cached sequence and the cache advances.
-        rope_length: the l' dynamic variants scale for; default the cache's capacity, else this sequence's T."""
+        rope_length: the l' dynamic variants scale for; default the cache's capacity, else this sequence's T.
+        last_only: logits of the last position only, (B, 1, vocab) (a long prompt's prefill needs no more)."""
         B, T = idx.shape
         start = 0
         if cache is not None:
@@ -275,7 +276,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, start)
         if cache is not None:
             cache.pos = start + T
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         if targets is not None and B * T * self.config.vocab_size > self.loss_chunk_threshold:
             return chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_elements)
         logits = self.lm_head(x)
@@ -289,13 +290,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 stop_token: int | None = None, generator: torch.Generator | None = None):
-        """Yield new tokens (B,) one step at a time, decoding with the KV cache. temperature 0 = greedy."""
+                 stop_token: int | None = None, generator: torch.Generator | None = None,
+                 vocab_limit: int | None = None):
+        """Yield new tokens (B,) one step at a time, decoding with the KV cache. temperature 0 = greedy.
+        vocab_limit: only ids below it are drawn (the embedding is padded past the tokenizer's vocabulary)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-        logits = self(idx, cache=cache)[:, -1]
+        logits = self(idx, cache=cache, last_only=True)[:, -1]
         for _ in range(max_new_tokens):
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]
             token = sample_token(logits, temperature, top_k, generator)
             yield token
             if stop_token is not None and bool((token == stop_token).all()):

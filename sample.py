@@ -47,7 +47,7 @@ import torch
 
 import checkpoint
 import rope as rope_lib
-from data.tokenizer import EOT, get_tokenizer
+from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from rope import RopeConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -143,11 +143,14 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -
 
 
 def generate_tokens(model, tokens: list[int], max_new_tokens: int, temperature: float = 0.8,
-                    top_k: int | None = 200, generator: torch.Generator | None = None, stop_token: int | None = None):
+                    top_k: int | None = 200, generator: torch.Generator | None = None, stop_token: int | None = None,
+                    vocab_limit: int = VOCAB_SIZE):
     """Yield new token ids one at a time, decoding with the KV cache (model.generate). The stop token, if drawn,
-    is yielded last. For dynamic RoPE variants the scale is fixed by len(tokens) + max_new_tokens."""
+    is yielded last. For dynamic RoPE variants the scale is fixed by len(tokens) + max_new_tokens. Only ids below
+    vocab_limit (the tokenizer's vocabulary; the embedding is padded past it) are drawn."""
     idx = torch.tensor([tokens], dtype=torch.long, device=model.tok_emb.weight.device)  # (1, P)
-    for token in model.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator):  # token: (1,)
+    for token in model.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator,
+                                vocab_limit=vocab_limit):  # token: (1,)
         yield int(token[0])
 
 
