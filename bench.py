@@ -2,7 +2,7 @@
 Throughput benchmark: this repository's Transformer (model.py) side by side with Hugging Face's LlamaForCausalLM
 of the same shape, in one run, on one GPU.
 
-    python bench.py --out bench.json                      # every case; about 6-8 minutes on an H100
+    python bench.py --out bench.json                      # every case; about 6-9 minutes on an H100 (cold caches)
     python bench.py --cases train_T1024,sample_B1         # a subset
     python bench.py --smoke --out /tmp/smoke.json         # tiny shapes on CPU, every code path, seconds
 
@@ -10,13 +10,19 @@ The shape (the full run): 12 layers, d_model 768, 12 heads of 64, SwiGLU with hi
 8/3 d_model rounded up to 64; the same intermediate_size for Hugging Face), vocab 50304, tied embeddings,
 124M parameters. Both models get the same regime:
     training  fp32 master weights, bf16 autocast, fused AdamW (on CUDA), torch.compile(dynamic=False),
-              random tokens; Hugging Face computes its own loss from labels (its standard path).
+              random tokens; Hugging Face computes its own loss from labels (its standard path), use_cache=False.
     sampling  bf16 weights, greedy, KV cache: ours by model.generate (eager) and by a compiled single-token
               step over the preallocated cache (static shapes, mode="reduce-overhead": CUDA graphs);
               Hugging Face's generate with its default DynamicCache (eager) and with a StaticCache (which
               transformers compiles by itself on CUDA).
 YaRN: s = 8 over L = 1024 (the extension 1024 -> 8192) for T <= 8192, s = 32 over L = 1024 for T = 32768. A static
 variant's frequencies and 1/t differ from plain RoPE at every T; the cost does not depend on s or L.
+
+Cases (--cases, in this order): train_T1024 (B=16; plain and YaRN, ours and HF; plus the recompile counts of
+set_rope), attention_kernels (causal SDPA fwd+bwd per backend at the T=8192 shape), sample_B1, train_T8192_yarn
+(B=2), sample_B64, train_T32768_yarn (B=1; ours takes model.py's chunked head + loss there), and
+train_T1024_chunked_loss (ours with the chunked loss forced on: where its threshold belongs). PERF_NOTES.md has the
+expected numbers and the GPU plan.
 
 Each case: warmup steps (the first compiles), then timed steps, each between CUDA events; the median is
 reported. MFU = model.flops_per_token(T) * tokens/s over (a) the bf16 matmul peak measured in the same run and
@@ -324,9 +330,9 @@ def train_impl(kind: str, net, T: int, B: int, args, device, peak, flops_per_tok
     if kind == "ours":
         def loss_fn():
             return compiled(x, y)
-    else:  # Hugging Face shifts labels by itself: loss over T-1 positions, the head still over all T
-        def loss_fn():
-            return compiled(input_ids=x, labels=x).loss
+    else:  # Hugging Face shifts labels by itself: loss over T-1 positions, the head still over all T.
+        def loss_fn():  # use_cache=False: training needs no KV cache (LlamaConfig's default would build one)
+            return compiled(input_ids=x, labels=x, use_cache=False).loss
 
     def step():
         with autocast:
@@ -379,7 +385,7 @@ def case_train_short(s: Shapes, args, device, peak, hf: bool) -> dict:
     T, B = s.train_short
     results = {}
     cfg = model_config(s, PLAIN, T)
-    flops = model.Transformer(model_config(s, PLAIN, 8)).flops_per_token(T)  # a tiny twin of the shape is enough
+    flops = model.Transformer(model_config(s, PLAIN, 8)).flops_per_token(T)  # shape only; block 8: a small RoPE table
     yarn_cfg = yarn(s, 8.0)
 
     def ours_both():
@@ -820,7 +826,7 @@ def main(argv=None) -> int:
         "regime": {
             "training": "fp32 master weights, torch.autocast bf16 (CUDA; bf16 autocast on CPU too), "
                         "AdamW fused=True on CUDA, torch.compile(dynamic=False), random tokens; "
-                        "HF loss from labels=input_ids",
+                        "HF loss from labels=input_ids with use_cache=False",
             "sampling": "weights in bf16 (fp32 on CPU), greedy; ours: model.generate (eager) and StaticDecoder "
                         "(compiled, CUDA graphs); HF: generate with DynamicCache (eager) and with StaticCache",
             "mfu": "model.flops_per_token(T) (6N + 6 n_layer d_model T: causal attention) x tokens/s over the "
