@@ -100,12 +100,12 @@ PRESETS = {
     "gpu": Preset(d_model=512, n_layer=8, n_head=4, L=512, s=8, pretrain_steps=5000, pretrain_batch=32,
                   finetune_steps=80, finetune_batch=8, s_long=16, stride=256, max_docs=16, max_windows=4,
                   trials=16, lr=1e-3, finetune_lr=3e-4),
-    # 2 cores: the 50k-vocabulary head makes even this model train at only ~1k tokens/s, so ~250k pretraining
-    # tokens, ~12k (5%) per fine-tune. With L = 128 every pair makes fewer than 32 rotations (lambda_0 = 2 pi),
+    # 2 cores: the 50k-vocabulary head makes even this model train at only ~500-1000 tokens/s (and far less on
+    # a shared machine), so ~120k pretraining tokens, ~6k (5%) per fine-tune. With L = 128 every pair makes fewer than 32 rotations (lambda_0 = 2 pi),
     # so NTK-by-parts' ramp starts at pair 0 and nothing is purely extrapolated: the CPU run checks the
     # pipeline more than the high-frequency argument (see the report).
-    "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=240, pretrain_batch=8,
-                  finetune_steps=12, finetune_batch=2, s_long=8, stride=64, max_docs=8, max_windows=2, trials=8,
+    "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=120, pretrain_batch=8,
+                  finetune_steps=6, finetune_batch=2, s_long=8, stride=64, max_docs=8, max_windows=2, trials=8,
                   temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=2e-3, finetune_lr=1e-3,
                   train_eval_batches=4),
     # the smoke test: seconds of everything, numbers meaningless
