@@ -106,10 +106,11 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, cfg: RopeConfig, length: int):
         super().__init__()
         self.head_dim, self.cfg = head_dim, cfg
+        self.dynamic = cfg.is_dynamic  # a plain bool, so torch.compile guards on it and not on the variant's name
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self._dynamic_key = None
-        if not cfg.is_dynamic:
+        if not self.dynamic:
             self._build(length, device=None)
 
     def _build(self, length: int, device, seq_len: int | None = None):
@@ -121,7 +122,7 @@ class Rotary(nn.Module):
     def forward(self, start: int, n: int, rope_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions start .. start+n-1 of a sequence of length l' = rope_length."""
         device = self.cos.device
-        if self.cfg.is_dynamic:
+        if self.dynamic:
             if self._dynamic_key != (rope_length, device) or start + n > self.cos.shape[0]:  # new l': new scale
                 self._build(max(rope_length, start + n), device, seq_len=rope_length)
                 self._dynamic_key = (rope_length, device)
@@ -282,7 +283,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_emb.weight
