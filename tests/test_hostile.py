@@ -1,0 +1,354 @@
+"""Every bad input gets a clear error: hypothesis throws random and hostile values at the parsers (RopeConfig,
+rope.from_hf / hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's flags) and at the files train.py
+and sample.py read (token files, checkpoints). The only acceptable failures are ValueErrors (CheckpointError,
+DataError, ConfigError are ValueErrors), or, from a CLI, exit code 2 with an `error:` line and no traceback."""
+
+import io
+import random
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+import zipfile
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import checkpoint  # noqa: E402
+import rope  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from data.prepare import PrepareConfig, prepare  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# values of every type, the awkward ones made likely
+hostile = st.one_of(
+    st.sampled_from([None, True, False, 0, -1, 1, 2, 0.0, -0.0, 0.5, 1.0, 1e-300, 1e308, -1e308, 2**63, 10**400,
+                     -(10**400), float("nan"), float("inf"), float("-inf"), "", "nan", "1", "yarn", [], {}, [1.0]]),
+    st.integers(), st.floats(), st.text(max_size=6), st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+# plausible values, so that valid configs are reached and then computed with
+plausible_number = st.one_of(st.integers(1, 10**6), st.floats(0.01, 1e6, allow_nan=False), st.sampled_from([1, 2, 4, 8]))
+
+ROPE_FIELDS = [f.name for f in fields(rope.RopeConfig)]
+HF_KEYS = ["rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+           "truncate", "attention_factor", "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor",
+           "partial_rotary_factor"]
+MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
+
+
+def check_frequencies(result) -> None:
+    freqs, factor = result
+    assert isinstance(freqs, torch.Tensor) and freqs.dtype == torch.float32 and freqs.ndim == 1 and len(freqs) >= 1
+    assert bool(torch.isfinite(freqs).all()) and bool((freqs >= 0).all()), freqs
+    assert isinstance(factor, float) and math.isfinite(factor) and factor > 0, factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rope.RopeConfig, rope.inv_freq
+
+
+rope_kwargs = st.dictionaries(
+    st.sampled_from(ROPE_FIELDS),
+    hostile | plausible_number | st.sampled_from(rope.VARIANTS), max_size=6)
+
+
+@FAST
+@given(rope_kwargs)
+@example({"base": 10**400})  # found: OverflowError from math.isfinite in rope._is_number
+def test_rope_config_takes_any_values_or_raises_value_error(kwargs):
+    try:
+        cfg = rope.RopeConfig(**kwargs)
+    except ValueError:
+        return
+    for name in ("base", "factor", "partial_rotary_factor"):
+        assert math.isfinite(getattr(cfg, name))
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(ROPE_FIELDS), plausible_number | st.sampled_from(rope.VARIANTS), max_size=8)
+       .map(lambda d: {"type": "yarn", **d}) | rope_kwargs,
+       st.sampled_from([2, 4, 6, 16, 64, 128]), st.none() | st.integers(-5, 10**7))
+def test_a_valid_rope_config_gives_finite_frequencies_or_value_error(kwargs, head_dim, seq_len):
+    try:
+        cfg = rope.RopeConfig(**kwargs)
+        result = rope.inv_freq(head_dim, cfg, seq_len)
+    except ValueError:
+        return
+    check_frequencies(result)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rope.from_hf, rope.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded config.json)
+
+
+hf_dicts = st.dictionaries(
+    st.sampled_from(HF_KEYS) | st.text(max_size=4),
+    st.sampled_from(rope.HF_TYPES + ("dynamic_yarn", "YARN", "longrope")) | plausible_number | hostile, max_size=7)
+max_positions = st.sampled_from([1, 2, 16, 4096, 0, -1, 10**400, None, 4096.0, "4096", True]) | st.integers(1, 10**7)
+
+
+@FAST
+@given(hf_dicts | hostile, max_positions)
+def test_from_hf_gives_a_config_or_value_error(d, max_position_embeddings):
+    try:
+        cfg = rope.from_hf(d, max_position_embeddings)
+    except ValueError:
+        return
+    assert isinstance(cfg, rope.RopeConfig)
+
+
+@FAST
+@given(hf_dicts, st.sampled_from([64, 32, 6, 2, 1, 0, -2, 63, True, 64.0, None, "64"]), max_positions,
+       st.none() | st.integers(1, 10**7))
+@example({"rope_type": "llama3", "factor": 2, "low_freq_factor": 1, "high_freq_factor": 4,
+          "original_max_position_embeddings": 10**400}, 64, 4096, None)  # found: OverflowError in llama3_rope
+@example({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1e308}, 64, 16, None)  # ValueError, but "math domain error"
+def test_hf_inv_freq_gives_finite_frequencies_or_value_error(d, head_dim, max_position_embeddings, seq_len):
+    try:
+        result = rope.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
+    except ValueError:
+        return
+    check_frequencies(result)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model.ModelConfig.from_dict (what a checkpoint's model_config goes through)
+
+
+model_dicts = st.dictionaries(
+    st.sampled_from(MODEL_FIELDS) | st.text(max_size=4),
+    st.one_of(hostile, plausible_number, st.dictionaries(st.sampled_from(ROPE_FIELDS) | st.text(max_size=3),
+                                                         hostile | plausible_number | st.sampled_from(rope.VARIANTS),
+                                                         max_size=3)),
+    max_size=6)
+
+
+@FAST
+@given(model_dicts | hostile)
+@example(None)  # found: TypeError, 'NoneType' object is not iterable (a checkpoint whose model_config is None)
+@example({"d_model": 10**400})  # found: OverflowError in rope.rotary_dim
+def test_model_config_from_dict_gives_a_config_or_value_error(d):
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except ValueError:
+        return
+    assert isinstance(cfg, ModelConfig) and isinstance(cfg.rope, rope.RopeConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py's flags: real field names, values hostile for their type (tests/test_train.py fuzzes random strings)
+
+
+hostile_text = st.sampled_from(["1e4", "1e400", "nan", "-nan", "inf", "-1", "0", "", " ", "True", "none", "None",
+                                "0x10", "1_000", "١٢", "²", "½", "9" * 4400, "1" * 10000, "-0", "+5", "1.", ".5", "\t7\n",
+                                "é", "\x00", "--", "=", "auto", "cuda:", "cuda:99999999999999999999", "scratch",
+                                "resume", "x" * 300]) | st.text(max_size=8)
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from(sorted(train.FLAGS)), hostile_text), max_size=5))
+def test_train_flags_with_hostile_values_give_a_config_or_value_error(items):
+    argv = [f"--{key}={value}" for key, value in items]
+    try:
+        run, model_overrides, run_overrides = train.parse_args(argv)
+    except ValueError:
+        return
+    assert isinstance(run, train.RunConfig)
+    if run.init_from == "scratch":
+        train.new_model_config(model_overrides)  # checked by parse_args already: must not raise now
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: a tiny corpus and a tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile_data")
+    (root / "corpus").mkdir()
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "bisect.py", root / "corpus" / "bisect.py")
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "colorsys.py", root / "corpus" / "colorsys.py")
+    prepare(PrepareConfig(source=str(root / "corpus"), out=str(root / "data"), block_size=16))
+    return root / "data"
+
+
+TINY_MODEL = ModelConfig(d_model=32, n_layer=1, n_head=2, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hostile_ckpt") / "ckpt.pt"
+    checkpoint.save({"model_config": TINY_MODEL.to_dict(), "model": Transformer(TINY_MODEL).state_dict(), "step": 3},
+                    path)
+    return path
+
+
+def train_cli(capsys, argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = train.cli([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def train_flags(data_dir, out_dir, **overrides):
+    settings_ = {"d_model": 32, "n_layer": 1, "n_head": 2, "block_size": 16, "batch_size": 2, "max_steps": 2,
+                 "eval_batches": 1, "device": "cpu", "data_dir": data_dir, "out_dir": out_dir, **overrides}
+    return [f"--{k}={v}" for k, v in settings_.items()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample.py's flags
+
+
+def sample_main(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = sample.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--temperature", "nan"], "temperature"),
+    (["--temperature", "inf"], "temperature"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top_k", "0"], "top_k"),
+    (["--max_new_tokens", "-5"], "max_new_tokens"),
+    (["--max_new_tokens", "1e3"], "max_new_tokens"),
+    (["--num_samples", "-1"], "num_samples"),
+    (["--rope.factor", "nan"], "factor"),
+    (["--rope.base", "1e400"], "base"),
+    (["--rope.type", "yarn", "--rope.original_context", "-16"], "original_context"),
+    (["--rope.truncate", "maybe"], "truncate"),
+    (["--device", ""], "device"),
+    (["--dtype", "fp8"], "dtype"),
+])
+def test_sample_hostile_flags_exit_2(ckpt, capsys, args, word):
+    code, out, err = sample_main(capsys, "--ckpt", ckpt, "--max_new_tokens", 2, *args)
+    assert code == 2, (code, err)
+    assert "error:" in err and word in err and "Traceback" not in err, err
+    assert out == ""
+
+
+def test_sample_binary_prompt_file_exits_2(ckpt, tmp_path, capsys):
+    path = tmp_path / "prompt.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    code, out, err = sample_main(capsys, "--ckpt", ckpt, "--prompt_file", path, "--max_new_tokens", 2)
+    assert code == 2 and out == "" and "error:" in err and "UTF-8" in err and str(path) in err, err
+    code, out, err = sample_main(capsys, "--ckpt", ckpt, "--prompt_file", tmp_path, "--max_new_tokens", 2)
+    assert code == 2 and out == "" and "error:" in err, err  # a folder, not a file
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([f"rope.{f}" for f in ROPE_FIELDS] + ["temperature", "top_k",
+                                                                                 "max_context", "seed"]),
+                          hostile_text), min_size=1, max_size=3))
+@example([("temperature", "--")])  # found: argparse turns `--temperature=--` into [], then a TypeError
+@example([("max_context", "--")])
+def test_sample_random_hostile_flags_never_give_a_traceback(ckpt, capsys, items):
+    args = [f"--{key}={value}" for key, value in items]
+    code, out, err = sample_main(capsys, "--ckpt", ckpt, "--max_new_tokens", 1, "--prompt", "x", *args)
+    assert code in (0, 2), (args, code, err)
+    if code == 2:
+        assert "error:" in err and "Traceback" not in err, (args, err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data edge cases train.py meets (tests/test_data.py covers data.loader itself)
+
+
+def test_train_with_a_corpus_shorter_than_one_block_exits_2_naming_the_block_size(data_dir, tmp_path, capsys):
+    n_val = json.loads((data_dir / "meta.json").read_text())["splits"]["val"]["n_tokens"]
+    block = 1 << (n_val.bit_length())  # a power of two > the val split, so d_model/n_head need not change
+    code, err = train_cli(capsys, train_flags(data_dir, tmp_path / "o", block_size=block))
+    assert code == 2 and err.startswith("error:") and f"block size {block}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_train_with_a_truncated_val_bin_exits_2(data_dir, tmp_path, capsys):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    with open(broken / "val.bin", "r+b") as f:
+        f.truncate(os.path.getsize(broken / "val.bin") - 3)
+    code, err = train_cli(capsys, train_flags(broken, tmp_path / "o"))
+    assert code == 2 and err.startswith("error:") and "val.bin" in err and "corrupt" in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint edge cases: checkpoint.load / model_from_state raise CheckpointError; train.py exits 2
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def not_torch_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("hello.txt", "not a checkpoint")
+    return buffer.getvalue()
+
+
+def good_state() -> dict:
+    torch.manual_seed(0)
+    return {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION,
+            "model_config": TINY_MODEL.to_dict(), "model": Transformer(TINY_MODEL).state_dict()}
+
+
+def with_model_config(value) -> bytes:
+    return torch_bytes({**good_state(), "model_config": value})
+
+
+BAD_CHECKPOINTS = {
+    "random_bytes": (lambda: random.Random(0).randbytes(4096), "corrupt"),
+    "empty": (lambda: b"", "corrupt"),
+    "zip_not_torch": (not_torch_zip, "corrupt"),
+    "truncated": (lambda: torch_bytes(good_state())[:5000], "corrupt"),
+    "plain_list": (lambda: torch_bytes([1, 2, 3]), "not a"),
+    "no_format": (lambda: torch_bytes({"model_config": {}, "model": {}}), "not a"),
+    "format_version_99": (lambda: torch_bytes({**good_state(), "format_version": 99}), "format version 99"),
+    "format_version_string": (lambda: torch_bytes({**good_state(), "format_version": "1"}), "format version"),
+    "no_model": (lambda: torch_bytes({k: v for k, v in good_state().items() if k != "model"}), "'model'"),
+    "unknown_model_key": (lambda: with_model_config({**TINY_MODEL.to_dict(), "n_experts": 8}), "n_experts"),
+    "unknown_rope_key": (lambda: with_model_config({**TINY_MODEL.to_dict(), "rope": {"type": "yarn", "zeta": 1}}),
+                         "zeta"),
+    "bad_model_value": (lambda: with_model_config({**TINY_MODEL.to_dict(), "d_model": -32}), "d_model"),
+    "model_config_list": (lambda: with_model_config([1, 2]), "model config"),
+    "model_config_int": (lambda: with_model_config(7), "model config"),
+    "model_config_none": (lambda: with_model_config(None), "model config"),
+    "wrong_weights": (lambda: torch_bytes({**good_state(), "model": {"tok_emb.weight": torch.zeros(3, 3)}}),
+                      "do not fit"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_a_checkpoint_error_and_train_exits_2(name, data_dir, tmp_path, capsys):
+    make, words = BAD_CHECKPOINTS[name]
+    path = tmp_path / f"{name}.pt"
+    path.write_bytes(make())
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.model_from_state(checkpoint.load(path))
+    assert isinstance(info.value, ValueError)
+    assert words.lower() in str(info.value).lower(), str(info.value)
+
+    code, err = train_cli(capsys, train_flags(data_dir, tmp_path / "ext", init_from=path))
+    assert code == 2 and err.startswith("error:") and "Traceback" not in err, (code, err)
+    assert not (tmp_path / "ext" / "ckpt.pt").exists()
