@@ -188,7 +188,9 @@ def correction_dim(rotations: float, dim: int, base: float, L: int) -> float:
 
 def ramp_bounds(dim: int, cfg: RopeConfig) -> tuple[float, float]:
     """Pair indices (low, high) where the ramp starts and ends: below low r_d > beta_fast, above high r_d < beta_slow.
-    Rounded outward (floor/ceil) when cfg.truncate, and clamped as the official code does."""
+    Rounded outward (floor/ceil) when cfg.truncate, and clamped to [0, |D|-1] as the official code and transformers
+    do. Kept for parity, with a known edge: if a bound lands outside that range (beta_fast < 1, or L < 2 pi beta_slow)
+    the clamped ramp can flip or collapse; tests/test_rope.py records those cases as expected failures."""
     low = correction_dim(cfg.beta_fast, dim, cfg.base, cfg.original_context)
     high = correction_dim(cfg.beta_slow, dim, cfg.base, cfg.original_context)
     if cfg.truncate:
