@@ -12,6 +12,7 @@ folder fsynced, so a crash at any moment leaves either the old file or the new o
 """
 
 import os
+import pickle
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,6 +33,8 @@ def save(state: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -63,12 +66,21 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         path = path / "ckpt.pt"
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: check the path, or train one with `python train.py`")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6; ours always are
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint (not a zip archive); "
+                              "use an earlier checkpoint or retrain")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                               "use an earlier checkpoint or retrain") from None
-    except Exception:  # the weights-only unpickler refusing a non-tensor object lands here
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # random bytes inside a valid-looking archive
+            raise CheckpointError(f"checkpoint {path} is corrupt ({str(e).splitlines()[0]}); "
+                                  "use an earlier checkpoint or retrain") from None
+        raise CheckpointError(f"checkpoint {path} holds pickled objects that are not plain data (tensors, numbers, "
+                              "strings, lists, dicts); refused, since unpickling them could run code") from None
+    except Exception:  # anything else the weights-only unpickler refuses
         raise CheckpointError(f"checkpoint {path} holds pickled objects that are not plain data (tensors, numbers, "
                               "strings, lists, dicts); refused, since unpickling them could run code") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -45,12 +45,12 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model {name} must be a positive int, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 2**31:
+                raise ValueError(f"model {name} must be an int in [1, 2^31], got {value!r}")
         for name in ("n_kv_head", "ffn_hidden"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"model {name} must be an int >= 0 (0 = default), got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**31:
+                raise ValueError(f"model {name} must be an int in [0, 2^31] (0 = default), got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"model d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
@@ -78,11 +78,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"model config must be a dict, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
+        if "rope" in d and not isinstance(d["rope"], dict):
+            raise ValueError(f"model config's rope must be a dict, got {type(d['rope']).__name__}")
         if isinstance(d.get("rope"), dict):
             rope_known = {f.name for f in fields(RopeConfig)}
             bad = set(d["rope"]) - rope_known

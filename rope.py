@@ -72,7 +72,12 @@ class RopeConfig:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def validate(cfg: RopeConfig) -> None:
@@ -103,8 +108,8 @@ def validate(cfg: RopeConfig) -> None:
             f"rope type {cfg.type!r} needs original_context (L, the pretraining context length) > 0, "
             f"got {cfg.original_context}; set it to the block size the model was pretrained at"
         )
-    if cfg.original_context < 0:
-        raise ValueError(f"rope original_context must be >= 0, got {cfg.original_context}")
+    if not 0 <= cfg.original_context <= 2**40:
+        raise ValueError(f"rope original_context must be in [0, 2^40], got {cfg.original_context}")
     if cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"):
         if cfg.beta_slow <= 0:
             raise ValueError(f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}")
@@ -183,6 +188,8 @@ def dynamic_ntk_rope(dim, cfg, seq_len=None):
 def correction_dim(rotations: float, dim: int, base: float, L: int) -> float:
     """The (fractional) pair index d whose wavelength fits `rotations` times into L: solves L / lambda_d = r,
     d = |D| ln(L / (2 pi r)) / (2 ln b). Uses the original base b and the original L (paper Eq. 17 prints b')."""
+    if not L / (2 * math.pi * rotations) > 0:
+        raise ValueError(f"rope beta ({rotations} rotations) is too large for original_context {L}")
     return dim * math.log(L / (2 * math.pi * rotations)) / (2 * math.log(base))
 
 

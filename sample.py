@@ -292,7 +292,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         flag = f"--rope.{f.name}"
         rope_group.add_argument(flag, dest=f"rope.{f.name}", type=parse_field(f.type), default=argparse.SUPPRESS,
                                 metavar=f.name.upper(), help=f"(default: the checkpoint's {f.name})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # `--temperature=--` reaches here as [] (argparse's option terminator)
+        if isinstance(value, list):
+            raise ValueError(f"--{name} needs a value, got '--'")
+    return args
 
 
 def read_prompt(args) -> str:
@@ -369,9 +373,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except BrokenPipeError:  # `python sample.py ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
