@@ -311,7 +311,8 @@ def cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, positions: to
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.shape[-1] channels of x (..., T, head_dim) in half-split pairs (j, j + |D|/2);
     the remaining channels pass through. cos, sin: (T, |D|/2) fp32, broadcast over leading dims.
-    Computed in fp32, returned in x's dtype."""
+    Computed in fp32, returned in x's dtype. With partial rotary, an attention factor folded into cos/sin scales
+    only the rotated channels' share of q.k, as in transformers' partial-rotary models (Phi, GPT-NeoX)."""
     half = cos.shape[-1]
     x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
