@@ -112,7 +112,8 @@ def perplexity(model, tokens, docs, context: int, stride: int, max_docs: int, de
     ladder (default `context`); documents must be longer than it, and only tokens at least that far into a
     document are scored, so the scored tokens are identical at every context <= max_context.
     rope_length: the l' dynamic variants scale for (default the window's own length, i.e. `context`).
-    Returns nll (mean per scored token, nats), ppl = exp(nll), n_tokens, n_docs, n_windows."""
+    Returns nll (mean per scored token, nats), ppl = exp(nll), n_tokens, n_docs, n_windows, and window_nll
+    (each window's mean NLL, in a fixed order)."""
     max_context = max_context or context
     if not 0 < stride <= context <= max_context:
         raise ValueError(f"need 0 < stride ({stride}) <= context ({context}) <= max_context ({max_context})")
@@ -126,17 +127,20 @@ def perplexity(model, tokens, docs, context: int, stride: int, max_docs: int, de
             windows.append((doc[end - 1 - context : end - 1], doc[end - stride : end]))
     if not windows:
         raise ValueError(f"no document has {max_context} + {stride} tokens; lower max_context or stride")
-    total_nll, n_tokens = 0.0, 0
+    total_nll, n_tokens, window_nll = 0.0, 0, []
     for b in range(0, len(windows), batch_size):
         batch = windows[b : b + batch_size]
         x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # (B, context)
         y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # (B, stride)
         logits = last_logits(model, x, stride, rope_length)  # (B, stride, V)
-        total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
+        window_nll += nll.mean(dim=1).tolist()
+        total_nll += nll.sum().item()
         n_tokens += y.numel()
     nll = total_nll / n_tokens
+    # window_nll, in a fixed window order, lets two models scored on the same windows be compared pairwise
     return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_tokens": n_tokens, "n_docs": len(chosen),
-            "n_windows": len(windows)}
+            "n_windows": len(windows), "window_nll": window_nll}
 
 
 # ----------------------------------------------------------------------------------------------------------

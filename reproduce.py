@@ -398,39 +398,61 @@ def fmt(x, digits=2):
     return f"{x:.{digits}f}" if x < 1e4 else f"{x:.4g}"
 
 
+def lower(a: dict, b: dict, T: int) -> tuple[str, str]:
+    """Is run a's perplexity at T lower than run b's? Both score the same windows, so the difference of their
+    per-window NLLs is paired: "yes" / "no" when the mean difference is beyond 2 standard errors, else
+    "within noise". Returns (verdict, evidence)."""
+    ra, rb = a["ppl"][str(T)], b["ppl"][str(T)]
+    d = np.array(ra.get("window_nll", [])) - np.array(rb.get("window_nll", []))
+    if len(d) < 2:  # no per-window numbers: the plain comparison
+        return ("yes" if ra["nll"] < rb["nll"] else "no"), ""
+    mean, se = d.mean(), d.std(ddof=1) / math.sqrt(len(d))
+    verdict = "yes" if mean < -2 * se else "no" if mean > 2 * se else "within noise"
+    return verdict, f" (\u0394nll {mean:+.4f} \u00b1 {2 * se:.4f}, 2 s.e. over {len(d)} windows)"
+
+
 def claims(res: dict, p: Preset) -> list[dict]:
-    """Each claim decided from the numbers: a statement, yes/no, and the numbers it rests on."""
+    """Each claim decided from the numbers: a statement, a verdict (yes / no / within noise) and its numbers."""
     out = []
     Le = p.L_ext
 
     def add(claim, held, evidence):
-        out.append({"claim": claim, "held": bool(held), "evidence": evidence})
+        if isinstance(held, bool):
+            held = "yes" if held else "no"
+        out.append({"claim": claim, "held": held, "evidence": evidence})
 
-    nf = {m: ppl_at(r, Le) for m, r in res["no_finetune"].items()}
+    def compare(claim, a, b, T, evidence):
+        verdict, extra = lower(a, b, T)
+        add(claim, verdict, evidence + extra)
+
+    nf_runs, ft_runs = res["no_finetune"], res["finetuned"]
+    nf = {m: ppl_at(r, Le) for m, r in nf_runs.items()}
     static = {m: nf[m] for m in METHODS}
-    best = min(static, key=static.get)
-    add(f"1. No fine-tuning, at L'={Le}: YaRN has the lowest perplexity of the static methods",
-        best == "yarn", ", ".join(f"{LABELS[m]} {fmt(v)}" for m, v in static.items()))
-    add(f"1b. No fine-tuning, at L'={Le}: Dynamic YaRN beats Dynamic NTK",
-        nf["dynamic_yarn"] < nf["dynamic"], f"Dynamic YaRN {fmt(nf['dynamic_yarn'])}, Dynamic NTK {fmt(nf['dynamic'])}")
-    add(f"1c. No fine-tuning, at L'={Le}: YaRN beats plain RoPE extrapolation",
-        nf["yarn"] < nf["default"], f"YaRN {fmt(nf['yarn'])}, RoPE {fmt(nf['default'])}")
+    runner_up = min((m for m in METHODS if m != "yarn"), key=static.get)
+    compare(f"1. No fine-tuning, at L'={Le}: YaRN has the lowest perplexity of the static methods (vs the best "
+            f"other, {LABELS[runner_up]})", nf_runs["yarn"], nf_runs[runner_up], Le,
+            ", ".join(f"{LABELS[m]} {fmt(v)}" for m, v in static.items()))
+    compare(f"1b. No fine-tuning, at L'={Le}: Dynamic YaRN beats Dynamic NTK", nf_runs["dynamic_yarn"],
+            nf_runs["dynamic"], Le, f"Dynamic YaRN {fmt(nf['dynamic_yarn'])}, Dynamic NTK {fmt(nf['dynamic'])}")
+    compare(f"1c. No fine-tuning, at L'={Le}: YaRN beats plain RoPE extrapolation", nf_runs["yarn"],
+            nf_runs["default"], Le, f"YaRN {fmt(nf['yarn'])}, RoPE {fmt(nf['default'])}")
 
-    ft = {m: ppl_at(r, Le) for m, r in res["finetuned"].items()}
+    ft = {m: ppl_at(r, Le) for m, r in ft_runs.items()}
     for other in ("linear", "ntk", "default"):
-        add(f"2. Fine-tuned with equal budgets, at L'={Le}: YaRN < {LABELS[other]}",
-            ft["yarn"] < ft[other], f"YaRN {fmt(ft['yarn'])}, {LABELS[other]} {fmt(ft[other])}")
+        compare(f"2. Fine-tuned with equal budgets, at L'={Le}: YaRN < {LABELS[other]}", ft_runs["yarn"],
+                ft_runs[other], Le, f"YaRN {fmt(ft['yarn'])}, {LABELS[other]} {fmt(ft[other])}")
     beyond = 2 * Le
-    ftb = {m: ppl_at(r, beyond) for m, r in res["finetuned"].items()}
-    add(f"2b. Fine-tuned, beyond L' (at {beyond}): YaRN < PI",
-        ftb["yarn"] < ftb["linear"], f"YaRN {fmt(ftb['yarn'])}, PI {fmt(ftb['linear'])}")
+    ftb = {m: ppl_at(r, beyond) for m, r in ft_runs.items()}
+    compare(f"2b. Fine-tuned, beyond L' (at {beyond}): YaRN < PI", ft_runs["yarn"], ft_runs["linear"], beyond,
+            f"YaRN {fmt(ftb['yarn'])}, PI {fmt(ftb['linear'])}")
 
     if res.get("short_long"):
         far = p.s_long * p.L
         sl, yr = ppl_at(res["short_long"], far), ppl_at(res["finetuned"]["yarn"], far)
         sl_in = ppl_at(res["short_long"], Le)
-        add(f"3. Train short, test long: YaRN s={p.s_long} fine-tuned at {Le} beats YaRN s={p.s} (same "
-            f"fine-tuning length) at {far} = s'L", sl < yr, f"s={p.s_long}: {fmt(sl)}, s={p.s}: {fmt(yr)}")
+        compare(f"3. Train short, test long: YaRN s={p.s_long} fine-tuned at {Le} beats YaRN s={p.s} (same "
+                f"fine-tuning length) at {far} = s'L", res["short_long"], ft_runs["yarn"], far,
+                f"s={p.s_long}: {fmt(sl)}, s={p.s}: {fmt(yr)}")
         add(f"3b. YaRN s={p.s_long} at {far} stays within 10% of its own perplexity at {Le}",
             sl <= 1.1 * sl_in, f"{fmt(sl)} at {far} vs {fmt(sl_in)} at {Le}")
 
@@ -501,7 +523,9 @@ def write_report(res: dict, p: Preset, out: Path, plots: list[str]):
         "| claim | held | numbers |",
         "|---|---|---|",
     ]
-    lines += [f"| {c['claim']} | {'yes' if c['held'] else 'no'} | {c['evidence']} |" for c in res["claims"]]
+    lines += [f"| {c['claim']} | {c['held']} | {c['evidence']} |" for c in res["claims"]]
+    lines += ["", "Perplexity comparisons are paired over the same windows: 'within noise' means the mean "
+              "difference of per-window NLL is inside 2 standard errors."]
     lines += [
         "",
         f"Retrieval control: the pretrained model with plain RoPE at its own context L = {p.L} recalls "
@@ -558,7 +582,7 @@ def report(args, p: Preset):
     write_json(args.out / "results.json", res)
     write_report(res, p, args.out, plots)
     for c in res["claims"]:
-        print(f"  [{'yes' if c['held'] else 'no '}] {c['claim']}: {c['evidence']}")
+        print(f"  [{c['held']}] {c['claim']}: {c['evidence']}")
     print(f"report: {args.out / 'report.md'}")
 
 

@@ -49,7 +49,7 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
         assert [int(c) for c in r["ppl"]] == res["contexts"]
         # the same scored tokens at every context
         assert len({x["n_tokens"] for x in r["ppl"].values()}) == 1
-    assert res["claims"] and all(isinstance(c["held"], bool) for c in res["claims"])
+    assert res["claims"] and all(c["held"] in ("yes", "no", "within noise") for c in res["claims"])
     report = (results / "report.md").read_text()
     assert "| claim | held | numbers |" in report
 
