@@ -46,7 +46,7 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 2**31:
-                raise ValueError(f"model {name} must be an int in [1, 2^31], got {value!r}")
+                raise ValueError(f"model {name} must be a positive int (at most 2^31), got {value!r}")
         for name in ("n_kv_head", "ffn_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**31:
