@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import rope as rope_lib
+from model import rope_with_overrides
 from rope import RopeConfig
 
 # Ordinary English words, each a single GPT-2 token with its leading space. Needles are drawn from these so a
@@ -263,17 +264,6 @@ def parse_value(value: str, kind):
     return value
 
 
-def extended_rope(model, overrides: dict) -> RopeConfig:
-    """The model's RoPE config with overrides applied; L (original_context) defaults to what the model already
-    says, else its training context, since a model without scaling was pretrained at its block size."""
-    current = model.config.rope
-    cfg = rope_lib.describe(current)
-    cfg.update(overrides)
-    if not cfg.get("original_context"):
-        cfg["original_context"] = model.config.block_size
-    return RopeConfig(**cfg)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python eval.py", description=__doc__.split("\n\n")[0],
                                      epilog="Extra flags --rope.<field>=<value> override the checkpoint's RoPE "
@@ -296,7 +286,7 @@ def main(argv=None):
 
     model, _ = load_model(args.ckpt, args.device)
     if overrides:
-        model.set_rope(extended_rope(model, overrides))
+        model.set_rope(rope_with_overrides(model.config, overrides))
     tokens, docs, _ = load_split(args.data_dir, "val")
     contexts = [int(c) for c in args.contexts.split(",")]
     rc = [int(c) for c in args.retrieval_contexts.split(",")] if args.retrieval_contexts else None

@@ -96,6 +96,16 @@ class ModelConfig:
         return cls(**d)
 
 
+def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
+    """The model's RoPE config with some fields replaced: a RoPE swap at evaluation or sampling time. L
+    (original_context), unless given, stays the model's, or is its block_size where it has none, since a model
+    without scaling was pretrained at its block size. Raises RopeConfig's ValueError for invalid values."""
+    values = {**rope.describe(config.rope), **overrides}
+    if "original_context" not in overrides and not values["original_context"]:
+        values["original_context"] = config.block_size
+    return RopeConfig(**values)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rotary tables
 
@@ -120,8 +130,7 @@ class Rotary(nn.Module):
     def _build(self, length: int, device, seq_len: int | None = None):
         freqs, factor = rope.inv_freq(self.head_dim, self.cfg, seq_len)
         positions = torch.arange(length, device=device, dtype=torch.float64)
-        self.cos, self.sin = cos_sin = rope.cos_sin_table(freqs, factor, positions)
-        return cos_sin
+        self.cos, self.sin = rope.cos_sin_table(freqs, factor, positions)
 
     def forward(self, start: int, n: int, rope_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions start .. start+n-1 of a sequence of length l' = rope_length."""

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import rope as rope_lib
+from model import rope_with_overrides
 from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from rope import RopeConfig
 
@@ -196,15 +196,6 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
 
 # ----------------------------------------------------------------------------------------------------------
 # RoPE override
-
-
-def rope_with_overrides(model_config, overrides: dict) -> RopeConfig:
-    """The checkpoint's RoPE config with some fields replaced. original_context (L), unless given, is the
-    checkpoint's, or its block_size where it has none. Raises RopeConfig's ValueError for invalid values."""
-    values = {**rope_lib.describe(model_config.rope), **overrides}
-    if "original_context" not in overrides and not values["original_context"]:
-        values["original_context"] = model_config.block_size
-    return RopeConfig(**values)
 
 
 def rope_summary(cfg: RopeConfig) -> str:

@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
     sys.path.insert(0, str(REPO))
 
 import eval as E  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, rope_with_overrides  # noqa: E402
 
 VOCAB = 64
 
@@ -192,5 +192,5 @@ def test_rope_overrides_are_typed_like_the_config_and_unknown_ones_refused():
 
 def test_extended_rope_defaults_original_context_to_the_training_context():
     model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16))
-    cfg = E.extended_rope(model, {"type": "yarn", "factor": 4.0})
+    cfg = rope_with_overrides(model.config, {"type": "yarn", "factor": 4.0})
     assert (cfg.type, cfg.factor, cfg.original_context) == ("yarn", 4.0, 16)
