@@ -387,8 +387,9 @@ def _hf_float(p: dict, key: str, default=_REQUIRED):
 
 
 def to_hf(cfg: RopeConfig) -> dict:
-    """The Hugging Face `rope_parameters` dict that computes the same frequencies and attention factor.
-    Raises ValueError for variants transformers has no type for (ntk, ntk_by_parts, dynamic_yarn)."""
+    """The Hugging Face `rope_parameters` dict of the same type that computes the same frequencies and attention
+    factor. Raises ValueError for variants transformers has no type for (ntk, ntk_by_parts, dynamic_yarn); the
+    exporter (hf.hf_rope_parameters) re-expresses ntk and ntk_by_parts exactly through default and yarn."""
     common = {"rope_theta": cfg.base}
     if cfg.partial_rotary_factor != 1.0:
         common["partial_rotary_factor"] = cfg.partial_rotary_factor
