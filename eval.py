@@ -29,12 +29,12 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import flags
 import rope as rope_lib
 from model import rope_with_overrides
 from rope import RopeConfig
@@ -236,7 +236,7 @@ def evaluate(model, tokens, docs, contexts, stride: int, max_docs: int = 8, max_
 
 def parse_rope_overrides(args: list[str]) -> dict:
     """--rope.key=value flags -> {key: value typed like RopeConfig's field}; anything else is an error."""
-    types = {f.name: f.type for f in fields(RopeConfig)}
+    types = flags.field_types(RopeConfig)
     out = {}
     for arg in args:
         if not arg.startswith("--rope.") or "=" not in arg:
@@ -244,24 +244,11 @@ def parse_rope_overrides(args: list[str]) -> dict:
         key, value = arg[len("--rope."):].split("=", 1)
         if key not in types:
             raise SystemExit(f"error: unknown rope field {key!r}; known: {', '.join(types)}")
-        out[key] = parse_value(value, types[key])
+        try:
+            out[key] = flags.parse_value(f"rope.{key}", value, types[key])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     return out
-
-
-def parse_value(value: str, kind):
-    """Convert a flag's text to a RopeConfig field's type (a type, or an annotation like `float | None`)."""
-    kind = kind.__name__ if isinstance(kind, type) else str(kind)
-    if value.lower() == "none" and "None" in kind:
-        return None
-    if kind.startswith("bool"):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise SystemExit(f"error: expected true/false, got {value!r}")
-        return value.lower() in ("true", "1")
-    if kind.startswith("int"):
-        return int(value)
-    if kind.startswith("float"):
-        return float(value)
-    return value
 
 
 def main(argv=None):

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import flags
 from model import rope_with_overrides
 from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from rope import RopeConfig
@@ -206,30 +207,6 @@ def rope_summary(cfg: RopeConfig) -> str:
     return cfg.type + (f" ({', '.join(changed)})" if changed else "")
 
 
-def parse_field(kind):
-    """An argparse `type` for a RopeConfig field, from its annotation (bool, int, float, float | None or str; a type
-    or, under `from __future__ import annotations`, its string)."""
-    name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))  # "float | None" for a union
-    optional, base = "None" in name, name.split("|")[0].strip()
-
-    def parse(text: str):
-        if optional and text.lower() == "none":
-            return None
-        if base == "bool":
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-            return text.lower() in ("true", "1")
-        if base in ("int", "float"):
-            try:
-                return int(text) if base == "int" else float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {'an int' if base == 'int' else 'a number'}"
-                                                 f"{' or none' if optional else ''}, got {text!r}") from None
-        return text
-
-    return parse
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -279,14 +256,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="auto (default) = bf16 on a CUDA GPU that supports it, else fp32")
     rope_group = parser.add_argument_group("RoPE override", "replace fields of the checkpoint's RoPE config")
-    for f in fields(RopeConfig):
-        flag = f"--rope.{f.name}"
-        rope_group.add_argument(flag, dest=f"rope.{f.name}", type=parse_field(f.type), default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=f"(default: the checkpoint's {f.name})")
+    rope_types = flags.field_types(RopeConfig)
+    for name, typ in rope_types.items():
+        rope_group.add_argument(f"--rope.{name}", dest=f"rope.{name}", default=argparse.SUPPRESS,
+                                metavar=name.upper(), help=f"(default: the checkpoint's {name})")
     args = parser.parse_args(argv)
     for name, value in vars(args).items():  # `--temperature=--` reaches here as [] (argparse's option terminator)
         if isinstance(value, list):
             raise ValueError(f"--{name} needs a value, got '--'")
+    for name, typ in rope_types.items():  # typed here, not by argparse, so errors read as train.py's do
+        key = f"rope.{name}"
+        if hasattr(args, key):
+            setattr(args, key, flags.parse_value(key, getattr(args, key), typ))
     return args
 
 

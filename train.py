@@ -48,7 +48,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -61,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from data.loader import check_block_size, load_split
+import flags
 from model import ModelConfig, Transformer
 import rope
 from rope import RopeConfig
@@ -180,22 +180,7 @@ def check_relations(c: RunConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flags: --key=value parsed into dataclass fields by their types
-
-
-def unwrap_optional(typ) -> tuple[type, bool]:
-    """(X, True) for `X | None`, (X, False) for X."""
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"unsupported field type {typ}")
-        return args[0], True
-    return typ, False
-
-
-def type_name(typ) -> str:
-    base, optional = unwrap_optional(typ)
-    return base.__name__ + (" or none" if optional else "")
+# Flags: --key=value parsed into dataclass fields by their types (flags.py reads each value)
 
 
 def check_types(obj, prefix: str) -> None:
@@ -204,7 +189,7 @@ def check_types(obj, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         typ = hints[f.name]
-        base, optional = unwrap_optional(typ)
+        base, optional = flags.unwrap_optional(typ)
         value = getattr(obj, f.name)
         if value is None and optional:
             continue
@@ -215,7 +200,7 @@ def check_types(obj, prefix: str) -> None:
         if base is float:
             ok = isinstance(value, float) and math.isfinite(value)
         if not ok:
-            raise ValueError(f"--{prefix}{f.name} must be {type_name(typ)}, got {value!r}")
+            raise ValueError(f"--{prefix}{f.name} must be {flags.type_name(typ)}, got {value!r}")
 
 
 def flag_table() -> dict[str, tuple[object, object, str]]:
@@ -232,53 +217,13 @@ def flag_table() -> dict[str, tuple[object, object, str]]:
 
 
 FLAGS = flag_table()
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def parse_value(key: str, raw: str, typ) -> object:
-    """A flag's text as a value of the field's type; ValueError naming the flag and the type otherwise."""
-    base, optional = unwrap_optional(typ)
-    text = raw.strip()
-    expected = f"--{key} expects {'an' if base is int else 'a'} {type_name(typ)}"
-    if optional and text.lower() in ("none", "null"):
-        return None
-    if base is bool:
-        if text.lower() in TRUE:
-            return True
-        if text.lower() in FALSE:
-            return False
-        raise ValueError(f"{expected} (true/false), got {raw!r}")
-    if base is int:
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        hint = ""
-        try:
-            as_float = float(text)
-            if math.isfinite(as_float) and as_float.is_integer() and abs(as_float) < 2**63:
-                hint = f"; write it as {int(as_float)}"
-        except (ValueError, OverflowError):
-            pass
-        raise ValueError(f"{expected}, got {raw!r}{hint}")
-    if base is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{expected} (e.g. 3e-4), got {raw!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"--{key} must be a finite number, got {raw!r}")
-        return value
-    if base is str:
-        return raw
-    raise TypeError(f"no parser for field type {typ}")  # a new field of an unhandled type: a programming error
 
 
 def coerce_json(key: str, value, typ, source: str) -> object:
     """A value from a JSON config file as the field's type (strings are parsed as flags are)."""
-    base, optional = unwrap_optional(typ)
+    base, optional = flags.unwrap_optional(typ)
     if isinstance(value, str) and base is not str:
-        return parse_value(key, value, typ)
+        return flags.parse_value(key, value, typ)
     if value is None and optional:
         return value
     if base is bool and isinstance(value, bool):
@@ -294,7 +239,7 @@ def coerce_json(key: str, value, typ, source: str) -> object:
             return number
     if base is str and isinstance(value, str):
         return value
-    raise ValueError(f"{source}: {key} must be {type_name(typ)}, got {json.dumps(value)[:60]}")
+    raise ValueError(f"{source}: {key} must be {flags.type_name(typ)}, got {json.dumps(value)[:60]}")
 
 
 def unknown_key(key: str, source: str) -> ValueError:
@@ -376,10 +321,10 @@ def parse_args(argv: list[str]) -> tuple[RunConfig, dict, dict]:
             continue
         typ = FLAGS[key][0]
         if text is None:
-            if unwrap_optional(typ)[0] is not bool:
-                raise ValueError(f"--{key} needs a value: --{key}=<{type_name(typ)}>")
+            if flags.unwrap_optional(typ)[0] is not bool:
+                raise ValueError(f"--{key} needs a value: --{key}=<{flags.type_name(typ)}>")
             text = "true"
-        values[key] = parse_value(key, text, typ)  # a repeated flag: the last one wins, as with argparse
+        values[key] = flags.parse_value(key, text, typ)  # a repeated flag: the last one wins, as with argparse
 
     run_overrides = {k: v for k, v in values.items() if FLAGS[k][2] == "run"}
     model_overrides = {k: v for k, v in values.items() if FLAGS[k][2] == "model"}
@@ -447,7 +392,8 @@ def usage() -> str:
             if g == group:
                 if group != "run":
                     default = getattr(defaults[group], key.removeprefix("rope."))
-                lines.append(f"  --{key:<26} {type_name(typ):<14} {default!r:<14} {comments.get(key, '')}".rstrip())
+                kind = flags.type_name(typ)
+                lines.append(f"  --{key:<26} {kind:<14} {default!r:<14} {comments.get(key, '')}".rstrip())
         lines.append("")
     lines.append(f"  --{'config':<26} {'FILE.json':<29} a JSON object of any of these; flags override it")
     return "\n".join(lines)
