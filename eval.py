@@ -28,7 +28,6 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 import flags
 import rope as rope_lib
-from model import rope_with_overrides
+from model import Transformer, rope_with_overrides
 from rope import RopeConfig
 
 # Ordinary English words, each a single GPT-2 token with its leading space. Needles are drawn from these so a
@@ -53,28 +52,16 @@ NEEDLE_WORDS = (
 # Helpers
 
 
-@contextmanager
-def last_positions_only(model, n: int):
-    """Make model(idx) return logits for the last n positions only.
+def last_logits(model, idx: torch.Tensor, n: int, rope_length: int | None = None) -> torch.Tensor:
+    """Logits (B, n, V) of the last n positions of idx (B, T), in fp32.
 
     With a 50k-token vocabulary the output head is most of a small model's forward cost, and the evaluation
-    only ever scores the last tokens of a window. A forward hook on the final norm keeps its last n positions,
-    so the head runs on those alone; models without a `norm` (test oracles) are left as they are and the
-    caller slices their logits."""
-    norm = getattr(model, "norm", None)
-    handle = norm.register_forward_hook(lambda module, inputs, out: out[:, -n:]) if norm is not None else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def last_logits(model, idx: torch.Tensor, n: int, rope_length: int | None = None) -> torch.Tensor:
-    """Logits (B, n, V) of the last n positions of idx (B, T), in fp32."""
-    with last_positions_only(model, n):
-        logits = model(idx, rope_length=rope_length) if rope_length else model(idx)
-    return logits[:, -n:].float()
+    only ever scores the last tokens of a window, so a Transformer runs its head on those alone (last_n);
+    other models (the tests' oracles) return every position's logits and are sliced."""
+    kwargs = {"rope_length": rope_length} if rope_length else {}
+    if isinstance(model, Transformer):
+        kwargs["last_n"] = n
+    return model(idx, **kwargs)[:, -n:].float()
 
 
 def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) -> np.ndarray:

@@ -272,12 +272,17 @@ class Transformer(nn.Module):
         self.rotary = Rotary(self.config.head_dim, cfg, self.config.block_size).to(device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                rope_length: int | None = None, last_only: bool = False):
+                rope_length: int | None = None, last_n: int | None = None, last_only: bool = False):
         """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets the mean cross-entropy
         (targets of -1 are ignored). With a cache, idx continues the cached sequence and the cache advances.
         rope_length: the l' dynamic variants scale for; default the cache's capacity, else this sequence's T.
-        last_only: logits of the last position only, (B, 1, vocab) (a long prompt's prefill needs no more)."""
+        last_n: the head runs on the last n positions only: logits (B, n, vocab), or the loss of the last n
+        targets (the head is most of a small model's cost at a 50k vocabulary; evaluation scores only the last
+        tokens of a window). last_only: last_n = 1 (a long prompt's prefill needs no more)."""
         B, T = idx.shape
+        last_n = 1 if last_only else last_n
+        if last_n is not None and not 1 <= last_n <= T:
+            raise ValueError(f"last_n must be in [1, {T}] for a sequence of {T} tokens, got {last_n}")
         start = 0
         if cache is not None:
             start = cache.pos
@@ -290,8 +295,11 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, start)
         if cache is not None:
             cache.pos = start + T
-        x = self.norm(x[:, -1:] if last_only else x)
-        if targets is not None and B * T * self.config.vocab_size > self.loss_chunk_threshold:
+        if last_n is not None:
+            x = x[:, -last_n:]  # (B, n, d)
+            targets = None if targets is None else targets[:, -last_n:]
+        x = self.norm(x)
+        if targets is not None and B * x.shape[1] * self.config.vocab_size > self.loss_chunk_threshold:
             return chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_elements)
         logits = self.lm_head(x)
         if targets is None:

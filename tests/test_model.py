@@ -356,6 +356,24 @@ def test_last_only_prefill_equals_the_last_row_and_fills_the_cache(variant):
     torch.testing.assert_close(rest, full[:, 25:], atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["yarn", "dynamic_yarn"])
+def test_last_n_gives_the_last_rows_of_the_full_logits_and_their_loss(variant):
+    model = make_model(variant)
+    idx, targets = tokens(2, 30, seed=12), tokens(2, 30, seed=13)
+    with torch.no_grad():
+        full = model(idx, rope_length=34)
+        for n in (1, 7, 30):
+            part = model(idx, rope_length=34, last_n=n)
+            assert part.shape == (2, n, V)
+            torch.testing.assert_close(part, full[:, -n:], atol=1e-12, rtol=0)
+        expected = F.cross_entropy(full[:, -7:].reshape(-1, V), targets[:, -7:].reshape(-1))
+        loss = model(idx, targets, rope_length=34, last_n=7)  # the last 7 targets only
+        torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6, check_dtype=False)
+        for bad in (0, 31):
+            with pytest.raises(ValueError, match="last_n"):
+                model(idx, last_n=bad)
+
+
 def test_cache_overflow_raises_naming_the_capacity():
     model = make_model("yarn")
     cache = model.new_cache(1, 5)
