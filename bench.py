@@ -621,7 +621,7 @@ def static_generate(net: model.Transformer, prompt: torch.Tensor, new_tokens: in
 
     def run():
         cache.pos = 0
-        token = net(prompt, cache=cache, last_only=True)[:, -1].argmax(dim=-1)  # as model.generate's prefill
+        token = net(prompt, cache=cache, last_n=1)[:, -1].argmax(dim=-1)  # as model.generate's prefill
         out = [token]
         for i in range(new_tokens - 1):
             if cuda_graphs:

@@ -272,15 +272,14 @@ class Transformer(nn.Module):
         self.rotary = Rotary(self.config.head_dim, cfg, self.config.block_size).to(device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                rope_length: int | None = None, last_n: int | None = None, last_only: bool = False):
+                rope_length: int | None = None, last_n: int | None = None):
         """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets the mean cross-entropy
         (targets of -1 are ignored). With a cache, idx continues the cached sequence and the cache advances.
         rope_length: the l' dynamic variants scale for; default the cache's capacity, else this sequence's T.
         last_n: the head runs on the last n positions only: logits (B, n, vocab), or the loss of the last n
         targets (the head is most of a small model's cost at a 50k vocabulary; evaluation scores only the last
-        tokens of a window). last_only: last_n = 1 (a long prompt's prefill needs no more)."""
+        tokens of a window; a long prompt's prefill needs only last_n = 1)."""
         B, T = idx.shape
-        last_n = 1 if last_only else last_n
         if last_n is not None and not 1 <= last_n <= T:
             raise ValueError(f"last_n must be in [1, {T}] for a sequence of {T} tokens, got {last_n}")
         start = 0
@@ -319,7 +318,7 @@ class Transformer(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-        logits = self(idx, cache=cache, last_only=True)[:, -1]
+        logits = self(idx, cache=cache, last_n=1)[:, -1]
         for _ in range(max_new_tokens):
             if vocab_limit is not None:
                 logits = logits[:, :vocab_limit]

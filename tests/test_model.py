@@ -342,14 +342,14 @@ def test_cached_decoding_equals_full_forward(variant, plan):
 
 
 @pytest.mark.parametrize("variant", ["yarn", "dynamic_yarn"])
-def test_last_only_prefill_equals_the_last_row_and_fills_the_cache(variant):
+def test_last_n_1_prefill_equals_the_last_row_and_fills_the_cache(variant):
     model = make_model(variant)
     idx = tokens(2, 30, seed=11)
     with torch.no_grad():
         full = model(idx, rope_length=34)
-        torch.testing.assert_close(model(idx, rope_length=34, last_only=True), full[:, -1:], atol=1e-12, rtol=0)
+        torch.testing.assert_close(model(idx, rope_length=34, last_n=1), full[:, -1:], atol=1e-12, rtol=0)
         cache = model.new_cache(2, 34)
-        last = model(idx[:, :25], cache=cache, last_only=True)
+        last = model(idx[:, :25], cache=cache, last_n=1)
         assert last.shape == (2, 1, V) and cache.pos == 25
         rest = torch.cat([model(idx[:, i : i + 1], cache=cache) for i in range(25, 30)], dim=1)
     torch.testing.assert_close(last, full[:, 24:25], atol=1e-9, rtol=0)
