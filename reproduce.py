@@ -101,9 +101,10 @@ PRESETS = {
                   finetune_steps=80, finetune_batch=8, s_long=16, stride=256, max_docs=16, max_windows=4,
                   trials=16, lr=1e-3, finetune_lr=3e-4),
     # 2 cores: the 50k-vocabulary head makes even this model train at only ~500-1000 tokens/s (and far less on
-    # a shared machine), so ~120k pretraining tokens, ~6k (5%) per fine-tune. With L = 128 every pair makes fewer than 32 rotations (lambda_0 = 2 pi),
-    # so NTK-by-parts' ramp starts at pair 0 and nothing is purely extrapolated: the CPU run checks the
-    # pipeline more than the high-frequency argument (see the report).
+    # a shared machine), so ~120k pretraining tokens, ~6k (5%) per fine-tune. With L = 128 every pair makes
+    # fewer than 32 rotations (lambda_0 = 2 pi), so NTK-by-parts' ramp starts at pair 0 (kept as it is only by
+    # the clamp of the ramp's lower end) and no high-frequency band is purely extrapolated: the CPU run checks
+    # the pipeline more than the high-frequency argument (see the report).
     "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=120, pretrain_batch=8,
                   finetune_steps=6, finetune_batch=2, s_long=8, stride=64, max_docs=8, max_windows=2, trials=8,
                   temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=2e-3, finetune_lr=1e-3,
@@ -487,8 +488,14 @@ def table(runs: dict, contexts, key="ppl") -> str:
 
 def write_report(res: dict, p: Preset, out: Path, plots: list[str]):
     cs = p.contexts
-    lo, hi = rope_lib.ramp_bounds(p.head_dim, RopeConfig(type="yarn", factor=float(p.s), original_context=p.L))
-    kept = sum(1 for d in range(p.head_dim // 2) if d < lo)
+    yarn = RopeConfig(type="yarn", factor=float(p.s), original_context=p.L)
+    lo, hi = rope_lib.ramp_bounds(p.head_dim, yarn)
+    kept = int((rope_lib.ramp(p.head_dim, yarn) == 0).sum())  # pairs with ramp weight 0: theta_d exactly
+    fast = sum(1 for d in range(p.head_dim // 2)  # of those, pairs that really make > beta_fast rotations in L
+               if d < rope_lib.correction_dim(yarn.beta_fast, p.head_dim, yarn.base, p.L))
+    rounding = " (the others only because the ramp's lower end is rounded down and clamped)" if kept > fast else ""
+    band = ("With so few, NTK-by-parts differs from PI mainly through the ramp, not a kept high-frequency band."
+            if fast == 0 else "These high-frequency pairs are the band the paper's argument is about.")
     ft = dict(res["finetuned"])
     if res.get("short_long"):
         ft[f"YaRN s={p.s_long}"] = res["short_long"]
@@ -509,9 +516,8 @@ def write_report(res: dict, p: Preset, out: Path, plots: list[str]):
         f"{100 * p.finetune_steps * p.finetune_batch * p.L_ext / (p.pretrain_steps * p.pretrain_batch * p.L):.1f}% "
         "of pretraining), the same for every method.",
         f"- NTK-by-parts / YaRN ramp (beta_fast 32, beta_slow 1) for head_dim {p.head_dim}, L {p.L}: from pair "
-        f"{lo} to pair {hi} of {p.head_dim // 2}; {kept} pair(s) kept purely extrapolated (r_d > 32). "
-        + ("With so few, NTK-by-parts differs from PI mainly through the ramp, not a kept high-frequency band."
-           if kept == 0 else "These high-frequency pairs are the band the paper's argument is about."),
+        f"{lo} to pair {hi} of {p.head_dim // 2}; {kept} pair(s) kept exactly (ramp weight 0, pure extrapolation), "
+        f"{fast} of them making more than 32 rotations in L{rounding}. " + band,
         f"- Train short, test long: YaRN s = {p.s_long} fine-tuned at {p.L_ext} (same budget), evaluated up to "
         f"{p.s_long * p.L}.",
         f"- Perplexity: held-out documents longer than {cs[-1]} tokens (the same <= {p.max_docs} documents and "

@@ -45,7 +45,7 @@ class RopeConfig:
 
     type: str = "default"  # one of VARIANTS
     base: float = 10000.0  # b
-    factor: float = 1.0  # s; for the dynamic variants the smallest scale used (1 = plain RoPE up to L)
+    factor: float = 1.0  # s; dynamic_yarn: the smallest s used; dynamic (NTK): Hugging Face's alpha (1 = plain RoPE up to L)
     original_context: int = 0  # L, the pretraining context (0 = not set; required by the variants that read it)
     partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated; the rest passes through
     # NTK-by-parts / YaRN ramp, in rotations r_d: pairs with r_d > beta_fast keep theta_d, r_d < beta_slow get theta_d/s

@@ -273,6 +273,45 @@ def test_dynamic_is_plain_rope_until_L_and_departs_beyond(head, kind, base, L, d
     assert not same(inv_freq(head_dim, cfg, beyond), reference)
 
 
+@pytest.mark.parametrize("alpha, stretch", [(1, 2), (2, 2), (8, 2), (4, 3), (8, 16)])
+def test_dynamic_ntk_factor_is_alpha(alpha, stretch):
+    """rope type "dynamic" with factor alpha at l' = stretch L is static NTK-aware at s = alpha l'/L - (alpha - 1)
+    (Hugging Face's formula): factor 8 at 2L is already s = 9, unlike dynamic_yarn, whose factor is its smallest s."""
+    L = 256
+    cfg = RopeConfig(type="dynamic", factor=float(alpha), original_context=L)
+    assert same(inv_freq(128, cfg, L), plain(128, cfg))
+    s = alpha * stretch - (alpha - 1)
+    assert same(inv_freq(128, cfg, stretch * L), inv_freq(128, RopeConfig(type="ntk", factor=float(s))))
+
+
+def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
+    """head_dim 64, L = 128: r_0 = L / 2 pi = 20.4 < beta_fast = 32, so D(beta_fast) < 0; rounded down and clamped
+    to 0, the ramp still gives pair 0 weight 0, i.e. theta_0 is kept exactly (as the official code does)."""
+    cfg = RopeConfig(type="yarn", factor=4.0, original_context=128)
+    assert rope.correction_dim(cfg.beta_fast, 64, cfg.base, 128) < 0
+    assert rope.ramp_bounds(64, cfg)[0] == 0
+    f, _ = inv_freq(64, cfg)
+    assert f[0].item() == 1.0 and f[1].item() < plain(64, cfg)[0][1].item()
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_zero_width_ramp_guard_matches_transformers(truncate):
+    """L = 64 <= 2 pi beta_slow (beta_slow = 11): truncated, both ramp ends land on pair 0 and the official code's
+    high += 0.001 guard decides the ramp; untruncated, the high end is below 0 (the clamped-ramp edge recorded
+    as expected failures below). Either way rope.py computes what transformers does."""
+    transformers = pytest.importorskip("transformers")
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+              "beta_fast": 32.0, "beta_slow": 11.0, "truncate": truncate}
+    cfg = rope.from_hf(params, max_position_embeddings=256)
+    if truncate:
+        assert rope.ramp_bounds(64, cfg) == (0, 0)
+    with quiet_transformers(transformers):
+        theirs, their_factor = hf_oracle(transformers, params, 64, 256, None)
+    ours, our_factor = rope.hf_inv_freq(dict(params), 64, 256, None)
+    assert torch.allclose(ours.double(), theirs.double(), rtol=1e-6, atol=0)
+    assert our_factor == pytest.approx(float(their_factor), rel=1e-12)
+
+
 @settings(max_examples=60, deadline=None)
 @given(setup=setups(types=("dynamic_yarn",), temperature=True), data=st.data())
 def test_dynamic_yarn_at_length_sL_is_static_yarn_at_s(setup, data):
