@@ -493,7 +493,7 @@ def write_report(res: dict, p: Preset, out: Path, plots: list[str]):
     kept = int((rope_lib.ramp(p.head_dim, yarn) == 0).sum())  # pairs with ramp weight 0: theta_d exactly
     fast = sum(1 for d in range(p.head_dim // 2)  # of those, pairs that really make > beta_fast rotations in L
                if d < rope_lib.correction_dim(yarn.beta_fast, p.head_dim, yarn.base, p.L))
-    rounding = " (the others only because the ramp's lower end is rounded down and clamped)" if kept > fast else ""
+    rounding = f" ({kept - fast} kept only because the ramp's lower end is rounded down and clamped)" if kept > fast else ""
     band = ("With so few, NTK-by-parts differs from PI mainly through the ramp, not a kept high-frequency band."
             if fast == 0 else "These high-frequency pairs are the band the paper's argument is about.")
     ft = dict(res["finetuned"])
