@@ -800,8 +800,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and busy-waiting ones crawl on a shared CPU
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast, as train.py
     hf = hf_available() and not args.no_hf
     if hf:
         import transformers

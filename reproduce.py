@@ -616,8 +616,7 @@ def main(argv=None):
     args.runs = args.runs or Path("runs") / args.preset
     args.runs.mkdir(parents=True, exist_ok=True)
     if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 evaluation's matmuls, as train.py
     print(f"preset {args.preset}: {p}\ndevice {device_name(args.device)}, torch {torch.__version__}\n"
           f"runs -> {args.runs}, report -> {args.out}", flush=True)
     t_start = time.time()

@@ -601,10 +601,9 @@ def setup(argv: list[str], d: Dist) -> Run:
     del state
 
     if on_cuda:  # TF32 for any fp32 matmul left outside autocast
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = True  # torch < 2.9
+        # (the one call that sets the legacy allow_tf32 flag and the newer fp32_precision together: setting only
+        # fp32_precision makes any later read of allow_tf32, e.g. by inductor in torch 2.10-2.11, raise)
+        torch.set_float32_matmul_precision("high")
     model = torch.compile(raw_model) if use_compile else raw_model
     train_model = model
     if d.world > 1:  # everything is checked: join the other processes (NCCL between GPUs, gloo between CPUs)

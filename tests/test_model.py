@@ -154,7 +154,9 @@ def under_each_backend(fn) -> dict:
                 with sdpa_kernel(backend):
                     results[backend.name] = fn()
         except RuntimeError as e:
-            if not any(m in str(e) for m in NOT_AVAILABLE):
+            # a cuDNN graph that fails to build for these small shapes is cuDNN's limit, not a wrong answer
+            cudnn_refused = backend == SDPBackend.CUDNN_ATTENTION and "cudnn" in str(e).lower()
+            if not cudnn_refused and not any(m in str(e) for m in NOT_AVAILABLE):
                 raise
     return results
 
@@ -201,7 +203,10 @@ def test_attention_equals_float64_reference_with_yarn_temperature(device, dtype,
     expected = reference_attention(attn, x, model.config)
     without_temperature = reference_attention(attn, x, model.config, inv_t=1.0)
     assert max_diff(expected, without_temperature) > 20 * tol  # the temperature matters for these weights
-    for name, out in attention_outputs(model, x).items():
+    outputs = attention_outputs(model, x)
+    if device == "cuda":
+        assert set(outputs) - {"MATH"}, "on CUDA a fused kernel (flash, efficient or cuDNN) should run"
+    for name, out in outputs.items():
         assert out.dtype == dtype and out.shape == expected.shape
         torch.testing.assert_close(out.double().cpu(), expected, atol=tol, rtol=tol,
                                    msg=lambda m, name=name: f"backend {name}: {m}")

@@ -72,16 +72,22 @@ def eot_ckpt(tmp_path_factory) -> Path:
     return save(eot_model(), tmp_path_factory.mktemp("eot") / "ckpt.pt")
 
 
+def on_cpu(args) -> list[str]:
+    """The arguments, with --device cpu unless they name a device: the asserts expect cpu even beside a GPU."""
+    args = [str(a) for a in args]
+    return args if any(a.startswith("--device") for a in args) else args + ["--device", "cpu"]
+
+
 def cli(*args):
     """Run sample.py in a fresh process: (exit code, stdout, stderr)."""
-    r = subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=REPO, capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "sample.py", *on_cpu(args)], cwd=REPO, capture_output=True, timeout=120)
     return r.returncode, r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
 
 
 def main(capsys, *args):
     """sample.main in this process (argparse's own errors raise SystemExit): (exit code, stdout, stderr)."""
     try:
-        code = sample.main([str(a) for a in args])
+        code = sample.main(on_cpu(args))
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()

@@ -29,7 +29,7 @@ from rope import RopeConfig
 REPO = Path(__file__).resolve().parent.parent
 L = 32  # the pretraining context of every run here
 TINY = {"d_model": 64, "n_layer": 2, "n_head": 2, "block_size": L, "batch_size": 2, "eval_batches": 2,
-        "log_interval": 1, "lr": 3e-3}
+        "log_interval": 1, "lr": 3e-3, "device": "cpu"}  # cpu even where a GPU is present: the asserts expect it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,7 +100,7 @@ def test_pretrain_then_extend_with_yarn_then_finetune_then_sample(data_dir, pret
     ext = tmp_path / "yarn"
     ext_flags = [f"--init_from={pre}", f"--data_dir={data_dir}", f"--out_dir={ext}", "--rope.type=yarn",
                  "--rope.factor=4", f"--block_size={4 * L}", "--batch_size=1", "--max_steps=8", "--lr=2e-3",
-                 "--eval_interval=8", "--eval_batches=2", "--log_interval=5"]
+                 "--eval_interval=8", "--eval_batches=2", "--log_interval=5", "--device=cpu"]
     stopped = train.main(ext_flags + ["--stop_at_step=0"])
     assert stopped["stopped"] == "stop_at_step" and stopped["steps"] == 0
     state = checkpoint.load(ext / "ckpt.pt")
