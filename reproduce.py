@@ -73,7 +73,10 @@ class Preset:
     temp_scales: tuple = (2, 4, 8, 16)
     temp_factors: tuple = (0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5)
     lr: float = 1e-3
-    finetune_lr: float = 3e-4
+    # fine-tuning starts a fresh AdamW at the pretraining's final lr (lr / 10), as the paper fine-tunes Llama 2 at
+    # 2e-5, about its final pretraining lr. Higher undoes pretraining in a few steps: on the cpu preset, 1e-3
+    # (5x the final 2e-4) left every method worse after fine-tuning than before it.
+    finetune_lr: float = 1e-4
     train_eval_batches: int = 20  # train.py's own validation loss (its log), batches per evaluation
     data_source: str = "stdlib"
     val_fraction: float = 0.05
@@ -99,15 +102,16 @@ PRESETS = {
     # (~3-5 min at 300-500k tokens/s), 2.6M tokens (~3%) of fine-tuning per method at L' = 4096.
     "gpu": Preset(d_model=512, n_layer=8, n_head=4, L=512, s=8, pretrain_steps=5000, pretrain_batch=32,
                   finetune_steps=80, finetune_batch=8, s_long=16, stride=256, max_docs=16, max_windows=4,
-                  trials=16, lr=1e-3, finetune_lr=3e-4),
-    # 2 cores: the 50k-vocabulary head makes even this model train at only ~500-1000 tokens/s (and far less on
-    # a shared machine), so ~120k pretraining tokens, ~6k (5%) per fine-tune. With L = 128 every pair makes
+                  trials=16, lr=1e-3, finetune_lr=1e-4),
+    # 2 cores: the 50k-vocabulary head makes even this model train at only ~1000 tokens/s (far less on a shared
+    # machine), so ~300k pretraining tokens (~5 min: enough for plain RoPE to degrade past L, and for PI to cost
+    # perplexity at every length), ~6k (2%) per fine-tune. With L = 128 every pair makes
     # fewer than 32 rotations (lambda_0 = 2 pi), so NTK-by-parts' ramp starts at pair 0 (kept as it is only by
     # the clamp of the ramp's lower end) and no high-frequency band is purely extrapolated: the CPU run checks
     # the pipeline more than the high-frequency argument (see the report).
-    "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=120, pretrain_batch=8,
+    "cpu": Preset(d_model=128, n_layer=4, n_head=2, L=128, s=4, pretrain_steps=300, pretrain_batch=8,
                   finetune_steps=6, finetune_batch=2, s_long=8, stride=64, max_docs=8, max_windows=2, trials=8,
-                  temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=2e-3, finetune_lr=1e-3,
+                  temp_factors=(0.9, 1.0, 1.1, 1.2, 1.3, 1.45, 1.6), lr=2e-3, finetune_lr=2e-4,
                   train_eval_batches=4),
     # the smoke test: seconds of everything, numbers meaningless
     "tiny": Preset(d_model=64, n_layer=1, n_head=1, L=64, s=4, pretrain_steps=6, pretrain_batch=2,
