@@ -443,6 +443,10 @@ def claims(res: dict, p: Preset) -> list[dict]:
             nf_runs["dynamic"], Le, f"Dynamic YaRN {fmt(nf['dynamic_yarn'])}, Dynamic NTK {fmt(nf['dynamic'])}")
     compare(f"1c. No fine-tuning, at L'={Le}: YaRN beats plain RoPE extrapolation", nf_runs["yarn"],
             nf_runs["default"], Le, f"YaRN {fmt(nf['yarn'])}, RoPE {fmt(nf['default'])}")
+    if 2 * Le in p.contexts:
+        y2, r2 = ppl_at(nf_runs["yarn"], 2 * Le), ppl_at(nf_runs["default"], 2 * Le)
+        compare(f"1d. No fine-tuning, beyond L' (at {2 * Le}): YaRN beats plain RoPE extrapolation", nf_runs["yarn"],
+                nf_runs["default"], 2 * Le, f"YaRN {fmt(y2)}, RoPE {fmt(r2)}")
 
     ft = {m: ppl_at(r, Le) for m, r in ft_runs.items()}
     for other in ("linear", "ntk", "default"):
