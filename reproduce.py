@@ -1,7 +1,7 @@
 """
 The whole toy reproduction of the YaRN paper's claims (EXPERIMENT.md), one command:
 
-    python reproduce.py --preset gpu            # one H100, under 20 minutes
+    python reproduce.py --preset gpu            # one H100, under 20 minutes (an estimate: not yet run on a GPU)
     python reproduce.py --preset cpu            # 2 CPU cores, under 10 minutes, a much smaller model
     python reproduce.py --preset tiny           # seconds-scale smoke test (tests/test_reproduce.py)
 
