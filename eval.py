@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import flags
 import rope as rope_lib
-from model import Transformer, rope_with_overrides
+from model import rope_with_overrides
 from rope import RopeConfig
 
 # Ordinary English words, each a single GPT-2 token with its leading space. Needles are drawn from these so a
@@ -56,12 +56,8 @@ def last_logits(model, idx: torch.Tensor, n: int, rope_length: int | None = None
     """Logits (B, n, V) of the last n positions of idx (B, T), in fp32.
 
     With a 50k-token vocabulary the output head is most of a small model's forward cost, and the evaluation
-    only ever scores the last tokens of a window, so a Transformer runs its head on those alone (last_n);
-    other models (the tests' oracles) return every position's logits and are sliced."""
-    kwargs = {"rope_length": rope_length} if rope_length else {}
-    if isinstance(model, Transformer):
-        kwargs["last_n"] = n
-    return model(idx, **kwargs)[:, -n:].float()
+    only ever scores the last tokens of a window, so the head runs on those alone (forward's last_n)."""
+    return model(idx, rope_length=rope_length, last_n=n).float()
 
 
 def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) -> np.ndarray:

@@ -32,11 +32,16 @@ def corpus(lengths, seed=0):
     return np.concatenate(parts).astype(np.uint16), np.array(docs, dtype=np.int64)
 
 
+def last_rows(logits, last_n):
+    """The stand-in models take forward's last_n as Transformer does: logits of the last n positions only."""
+    return logits if last_n is None else logits[:, -last_n:]
+
+
 class Uniform(nn.Module):
     """Equal logits everywhere: every token's loss is exactly ln(vocab)."""
 
-    def forward(self, idx, rope_length=None):
-        return torch.zeros(*idx.shape, VOCAB)
+    def forward(self, idx, rope_length=None, last_n=None):
+        return last_rows(torch.zeros(*idx.shape, VOCAB), last_n)
 
 
 class Recorder(nn.Module):
@@ -46,9 +51,9 @@ class Recorder(nn.Module):
         super().__init__()
         self.seen = []
 
-    def forward(self, idx, rope_length=None):
+    def forward(self, idx, rope_length=None, last_n=None):
         self.seen.append(idx.clone())
-        return torch.zeros(*idx.shape, VOCAB)
+        return last_rows(torch.zeros(*idx.shape, VOCAB), last_n)
 
 
 class PerfectCopier(nn.Module):
@@ -59,7 +64,7 @@ class PerfectCopier(nn.Module):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, idx, rope_length=None):
+    def forward(self, idx, rope_length=None, last_n=None):
         B, T = idx.shape
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
@@ -69,7 +74,7 @@ class PerfectCopier(nn.Module):
                 if tok in last:
                     logits[b, p, row[last[tok] + 1]] = 1.0
                 last[tok] = p
-        return logits
+        return last_rows(logits, last_n)
 
 
 class RandomModel(nn.Module):
@@ -77,8 +82,8 @@ class RandomModel(nn.Module):
         super().__init__()
         self.vocab, self.gen = vocab, torch.Generator().manual_seed(seed)
 
-    def forward(self, idx, rope_length=None):
-        return torch.randn(*idx.shape, self.vocab, generator=self.gen)
+    def forward(self, idx, rope_length=None, last_n=None):
+        return last_rows(torch.randn(*idx.shape, self.vocab, generator=self.gen), last_n)
 
 
 LENGTHS = [10, 40, 100, 70, 33, 65, 200]
