@@ -48,7 +48,6 @@ import subprocess
 import sys
 import threading
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -186,33 +185,31 @@ def check_relations(c: RunConfig) -> None:
 def check_types(obj, prefix: str) -> None:
     """Every field of a (frozen) dataclass instance holds a value of its declared type; an int given for a float
     field becomes that float, a bool is never taken for a number."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        typ = hints[f.name]
+    for name, typ in flags.field_types(type(obj)).items():
         base, optional = flags.unwrap_optional(typ)
-        value = getattr(obj, f.name)
+        value = getattr(obj, name)
         if value is None and optional:
             continue
         if base is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1023:
             value = float(value)
-            object.__setattr__(obj, f.name, value)
+            object.__setattr__(obj, name, value)
         ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
         if base is float:
             ok = isinstance(value, float) and math.isfinite(value)
         if not ok:
-            raise ValueError(f"--{prefix}{f.name} must be {flags.type_name(typ)}, got {value!r}")
+            raise ValueError(f"--{prefix}{name} must be {flags.type_name(typ)}, got {value!r}")
 
 
 def flag_table() -> dict[str, tuple[object, object, str]]:
     """Every settable key -> (type, default, group). Model fields are flat (--d_model), rope fields dotted."""
     table = {}
     for cls, prefix, group in ((RunConfig, "", "run"), (ModelConfig, "", "model"), (RopeConfig, "rope.", "rope")):
-        hints = typing.get_type_hints(cls)
+        types = flags.field_types(cls)
         for f in fields(cls):
             if cls is ModelConfig and f.name == "rope":
                 continue
             assert prefix + f.name not in table, f"{f.name} is both a run and a model field"
-            table[prefix + f.name] = (hints[f.name], f.default, group)
+            table[prefix + f.name] = (types[f.name], f.default, group)
     return table
 
 
