@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import hf
 import model
 import rope
 from rope import RopeConfig
@@ -299,7 +300,7 @@ def build_hf(cfg: model.ModelConfig, device, dtype=torch.float32):
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=max_positions, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, rope_parameters=rope.to_hf(rp),
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, rope_parameters=hf.to_hf(rp, cfg.head_dim),
         bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True, attn_implementation="sdpa",
     )
     torch.manual_seed(0)
@@ -441,7 +442,7 @@ def case_train_short(s: Shapes, args, device, peak, hf: bool) -> dict:
     ratios = {"ours_default_over_hf_default": ratio(ours, results.get("hf_default", {})),
               "ours_yarn_over_hf_yarn": ratio(results["ours_yarn"], results.get("hf_yarn", {})),
               "hf_yarn_over_hf_default": ratio(results.get("hf_yarn", {}), results.get("hf_default", {}))}
-    return {"T": T, "B": B, "rope": {"plain": rope.describe(PLAIN), "yarn": rope.describe(yarn_cfg)},
+    return {"T": T, "B": B, "rope": {"plain": asdict(PLAIN), "yarn": asdict(yarn_cfg)},
             "results": results, "ratios": ratios, "yarn_checks": checks}
 
 
@@ -489,7 +490,7 @@ def case_train_yarn(s: Shapes, args, device, peak, hf: bool, T: int, B: int, fac
     if hf:
         run_impl("hf", lambda: train_impl("hf", build_hf(cfg, device), T, B, args, device, peak, flops),
                  results, device)
-    return {"T": T, "B": B, "rope": rope.describe(rp), "results": results,
+    return {"T": T, "B": B, "rope": asdict(rp), "results": results,
             "ratios": {"ours_over_hf": ratio(results["ours"], results.get("hf", {}))}}
 
 
@@ -547,7 +548,7 @@ def case_train_chunked_loss(s: Shapes, args, device, peak) -> dict:
         return train_impl("ours", net, T, B, args, device, peak, flops)
 
     run_impl("ours_chunked_loss", ours, results, device)
-    return {"T": T, "B": B, "rope": rope.describe(PLAIN), "results": results,
+    return {"T": T, "B": B, "rope": asdict(PLAIN), "results": results,
             "ratios": {"chunked_over_unchunked": None}}  # filled in by cross_case_ratios when train_T1024 ran
 
 
@@ -714,7 +715,7 @@ def case_sample(s: Shapes, args, device, hf: bool, B: int) -> dict:
         "ours_static_over_hf_static": ratio(results["ours_static"], results.get("hf_static", {})),
     }
     return {"B": B, "prompt": P, "new_tokens": N, "dtype": str(dtype).removeprefix("torch."),
-            "rope": rope.describe(rp), "results": results, "ratios": ratios}
+            "rope": asdict(rp), "results": results, "ratios": ratios}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,20 +6,20 @@ reads it (a checkpoint is untrusted input: a full unpickle could run arbitrary c
     format            "yarn-from-scratch" and version  FORMAT_VERSION
     model_config      ModelConfig.to_dict() (rope config included), enough to rebuild the model
     model             the raw module's state_dict (never a compiled or DDP wrapper's)
+    tokenizer         the name of the tokenizer the model was trained with (data.tokenizer), "gpt2" if absent
     and, from train.py: optimizer, run_config, step, data_state, rng, metrics, provenance
-Atomic: written to a temporary file in the same folder, flushed, fsynced, renamed over the target, and the
-folder fsynced, so a crash at any moment leaves either the old file or the new one, never half of one.
+Atomic: a crash at any moment leaves either the old file or the new one, never half of one.
 """
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from model import ModelConfig, Transformer
+from system import atomic_write
 
 FORMAT = "yarn-from-scratch"
 FORMAT_VERSION = 1
@@ -30,33 +30,11 @@ class CheckpointError(ValueError):
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
+    """Write state atomically (system.atomic_write), after removing temporary files a killed save left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed mid-write
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f))
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

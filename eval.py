@@ -1,45 +1,49 @@
 """
-Evaluate a (possibly context-extended) model the same way for every method: sliding-window perplexity over
-a ladder of context lengths, and a copy-retrieval probe a small pretrained model can do without instructions.
+Evaluation against context length: sliding-window perplexity on long held-out documents, and a retrieval probe.
 
-    python eval.py --ckpt out/pretrain --rope.type=yarn --rope.factor=8 --contexts 512,1024,4096 --out r.json
+    python eval.py --ckpt out/yarn8 --contexts 512,1024,2048,4096 --out yarn8.json    # --rope.<field>=... too
 
-Perplexity (paper Sec. 4.3.1 / YARN_SPEC Sec. 3, Press et al.'s sliding window). Averaging the loss over every
-position of a window mixes in tokens that see almost no context and hides what long context does, so a window
-of length T scores only its last `stride` tokens: each has at least T - stride tokens of history. Two choices
-make the numbers comparable across contexts and models:
-  * only documents longer than the longest context of the ladder are used (the same ones at every T), and
-  * windows are anchored at the end of each document and slide backwards by `stride`; a window is kept only
-    if every token it scores sits at least `max_context` tokens into its document. So at every context T the
-    very same tokens are scored, and a change in perplexity is the change that T tokens of history make.
-The mean is token-weighted (every scored token counts once); with all windows scoring `stride` tokens this is
-also the paper's mean of per-window means.
+Perplexity. Only tokens that see a long context are scored: a window of T tokens scores its last `stride`
+tokens, so each has at least T - stride tokens of history (the paper's sliding window; averaging over every
+position of a window would mix in tokens that see almost no context and hide what long context does).
+The numbers are comparable across contexts and models because
+  * the documents are the held-out ones with room for a scored window at the longest context of the ladder
+    (at least max_context + stride tokens), the same ones at every context;
+  * windows are anchored at the end of each document and slide back by `stride`, one fixed stride for the whole
+    ladder (it must not exceed the shortest context); a window is kept only if every token it scores sits at
+    least max_context tokens into its document, so at every context the very same tokens are scored.
+Each document's mean NLL is reported too: windows of one document are correlated, documents are the
+independent units the report's statistics pair over. The overall mean is token-weighted.
 
 Retrieval probe (the toy stand-in for the paper's passkey test, which needs an instruction-following model).
-A random "needle" of ordinary word tokens is planted at a depth (fraction of the context) inside held-out
-text; the sequence, T tokens in all, ends with the needle's first few tokens again, and the model is scored
-on predicting the rest of the needle, teacher-forced: top-1 accuracy over the remaining needle tokens. A
-pretrained model does this by copying (induction heads) as long as it can attend to the needle correctly, so
-the accuracy against T and depth shows how far each position-scaling method keeps attention working.
+A sequence of exactly T tokens: held-out text with a random needle of n tokens planted at depth d, and at the
+end the needle's first `cue` tokens again; the model is scored, teacher-forced, on predicting the rest of the
+needle (top-1 accuracy over its n - cue tokens). With F = T - 2n tokens of text, the needle starts at d * F, so
+each depth d < 1 leaves (1 - d) F tokens of text between the needle and its cue. Chance is what a guesser scores
+that knows which tokens the rest of the needle holds but not their order, striking out each one as teacher
+forcing reveals it: the mean over scored positions j of (copies of the true token left) / (n - cue - j).
 """
 
-import argparse
-import json
 import math
 import sys
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import flags
-import rope as rope_lib
+from data.loader import load_split
+from data.tokenizer import get_tokenizer
 from model import rope_with_overrides
 from rope import RopeConfig
+from system import pick_device, write_json
 
-# Ordinary English words, each a single GPT-2 token with its leading space. Needles are drawn from these so a
-# needle looks like plain text (no rare tokens the model has never embedded well) yet cannot be guessed.
+# Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like plain text
+# (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is lowercase letters.
 NEEDLE_WORDS = (
     "apple river stone garden window paper orange silver yellow market island winter summer forest doctor "
     "letter bridge castle engine planet pocket house water table chair music money green black white horse "
@@ -48,42 +52,29 @@ NEEDLE_WORDS = (
     "wine coffee tea sugar egg honey ocean lemon"
 ).split()
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def last_logits(model, idx: torch.Tensor, n: int, rope_length: int | None = None) -> torch.Tensor:
-    """Logits (B, n, V) of the last n positions of idx (B, T), in fp32.
-
-    With a 50k-token vocabulary the output head is most of a small model's forward cost, and the evaluation
-    only ever scores the last tokens of a window, so the head runs on those alone (forward's last_n)."""
-    return model(idx, rope_length=rope_length, last_n=n).float()
+# Perplexity
 
 
 def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) -> np.ndarray:
-    """Indices of up to max_docs documents with more than min_len tokens: a seeded sample, in corpus order,
-    so every context and every model sees the same documents."""
-    eligible = np.flatnonzero(docs[:, 1] > min_len)
+    """Indices of up to max_docs documents with at least min_len tokens: a seeded sample, in corpus order, so
+    every context and every model sees the same documents."""
+    eligible = np.flatnonzero(docs[:, 1] >= min_len)
     if len(eligible) == 0:
-        raise ValueError(f"no held-out document is longer than {min_len} tokens; shorten the context ladder")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(eligible, size=min(max_docs, len(eligible)), replace=False)
+        raise ValueError(f"no held-out document has {min_len} tokens; shorten the context ladder or the stride")
+    chosen = np.random.default_rng(seed).choice(eligible, size=min(max_docs, len(eligible)), replace=False)
     return np.sort(chosen)
 
 
 def window_ends(doc_len: int, stride: int, max_context: int, max_windows: int) -> list[int]:
-    """End offsets (exclusive, within the document) of the scored spans [end - stride, end): anchored at the
-    document's end, sliding back by stride, each scored token at least max_context tokens into the document."""
-    ends = []
-    end = doc_len
+    """End offsets (exclusive) of the scored spans [end - stride, end): from the document's end back by stride,
+    each scored token at least max_context tokens into the document."""
+    ends, end = [], doc_len
     while end - stride >= max_context and len(ends) < max_windows:
         ends.append(end)
         end -= stride
     return ends
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Perplexity
 
 
 @torch.no_grad()
@@ -92,185 +83,182 @@ def perplexity(model, tokens, docs, context: int, stride: int, max_docs: int, de
                batch_size: int = 8, seed: int = 0) -> dict:
     """Sliding-window perplexity at `context`, scoring the last `stride` tokens of each window.
 
-    tokens: 1-D uint16/int array; docs: (n, 2) of (start, length). max_context: the longest context of the
-    ladder (default `context`); documents must be longer than it, and only tokens at least that far into a
-    document are scored, so the scored tokens are identical at every context <= max_context.
-    rope_length: the l' dynamic variants scale for (default the window's own length, i.e. `context`).
-    Returns nll (mean per scored token, nats), ppl = exp(nll), n_tokens, n_docs, n_windows, and window_nll
-    (each window's mean NLL, in a fixed order)."""
+    tokens: 1-D token array; docs: (n, 2) of (start, length). max_context: the longest context of the ladder
+    (default `context`). rope_length: the l' dynamic variants scale for (default the window's length).
+    Returns nll (mean per scored token, nats), ppl, n_tokens, n_windows, docs (the documents' indices) and
+    doc_nll (each document's mean NLL, in that order)."""
     max_context = max_context or context
     if not 0 < stride <= context <= max_context:
         raise ValueError(f"need 0 < stride ({stride}) <= context ({context}) <= max_context ({max_context})")
-    chosen = select_docs(docs, max_context, max_docs, seed)
-    windows = []  # (input ids, target ids) per window
-    for i in chosen:
+    chosen = select_docs(docs, max_context + stride, max_docs, seed)
+    windows, owner = [], []  # (inputs, targets) per window, and the document it came from
+    for j, i in enumerate(chosen):
         start, length = int(docs[i, 0]), int(docs[i, 1])
         doc = np.asarray(tokens[start : start + length], dtype=np.int64)
         for end in window_ends(length, stride, max_context, max_windows):
             # inputs doc[end-1-context : end-1] predict doc[end-context : end]; the last stride targets are scored
             windows.append((doc[end - 1 - context : end - 1], doc[end - stride : end]))
-    if not windows:
-        raise ValueError(f"no document has {max_context} + {stride} tokens; lower max_context or stride")
-    total_nll, n_tokens, window_nll = 0.0, 0, []
+            owner.append(j)
+    sums = np.zeros(len(chosen))
     for b in range(0, len(windows), batch_size):
-        batch = windows[b : b + batch_size]
-        x = torch.from_numpy(np.stack([w[0] for w in batch])).to(device)  # (B, context)
-        y = torch.from_numpy(np.stack([w[1] for w in batch])).to(device)  # (B, stride)
-        logits = last_logits(model, x, stride, rope_length)  # (B, stride, V)
+        x = torch.from_numpy(np.stack([w[0] for w in windows[b : b + batch_size]])).to(device)  # (B, context)
+        y = torch.from_numpy(np.stack([w[1] for w in windows[b : b + batch_size]])).to(device)  # (B, stride)
+        logits = model(x, rope_length=rope_length, last_n=stride).float()  # (B, stride, V)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
-        window_nll += nll.mean(dim=1).tolist()
-        total_nll += nll.sum().item()
-        n_tokens += y.numel()
-    nll = total_nll / n_tokens
-    # window_nll, in a fixed window order, lets two models scored on the same windows be compared pairwise
-    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_tokens": n_tokens, "n_docs": len(chosen),
-            "n_windows": len(windows), "window_nll": window_nll}
+        np.add.at(sums, owner[b : b + batch_size], nll.sum(dim=1).double().cpu().numpy())
+    counts = np.bincount(owner, minlength=len(chosen)) * stride
+    nll = float(sums.sum() / counts.sum())
+    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_tokens": int(counts.sum()), "n_windows": len(windows),
+            "n_docs": len(chosen), "docs": chosen.tolist(), "doc_nll": (sums / counts).tolist()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Retrieval probe
 
 
-def needle_vocab() -> list[int]:
-    """Token ids of " " + each of NEEDLE_WORDS (each a single GPT-2 token), deduplicated, in order."""
-    from data.tokenizer import get_tokenizer
-
-    enc = get_tokenizer()
-    ids = [enc.encode_ordinary(" " + w) for w in NEEDLE_WORDS]
+def needle_vocab(tokenizer) -> list[int]:
+    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2."""
+    if tokenizer.name == "bytes":
+        return list(b"abcdefghijklmnopqrstuvwxyz")
+    ids = [tokenizer.encode_ordinary(" " + w) for w in NEEDLE_WORDS]
     return list(dict.fromkeys(i[0] for i in ids if len(i) == 1))
 
 
-def probe_sequence(filler: np.ndarray, needle: np.ndarray, depth: float, prefix: int) -> tuple[np.ndarray, int]:
-    """filler[:k] + needle + filler[k:] + needle, k = round(depth * len(filler)). The model reads it all and is
-    scored on the last len(needle) - prefix tokens (the needle after its repeated first `prefix` tokens).
-    Returns (sequence, number of scored tokens)."""
+def probe_sequence(filler: np.ndarray, needle: np.ndarray, depth: float) -> np.ndarray:
+    """filler[:k] + needle + filler[k:] + needle, k = round(depth * len(filler)); the model reads it all."""
     k = int(round(depth * len(filler)))
-    return np.concatenate([filler[:k], needle, filler[k:], needle]), len(needle) - prefix
+    return np.concatenate([filler[:k], needle, filler[k:], needle])
+
+
+def chance(answer) -> float:
+    """Expected top-1 accuracy of a guesser that knows the multiset of `answer` but not its order and strikes
+    out each token as teacher forcing reveals it: mean over j of (copies of answer[j] left) / (tokens left)."""
+    left, total = Counter(answer), 0.0
+    for j, token in enumerate(answer):
+        total += left[token] / (len(answer) - j)
+        left[token] -= 1
+    return total / len(answer)
 
 
 @torch.no_grad()
-def retrieval(model, tokens, docs, context: int, depths, trials: int = 8, needle_len: int = 16, prefix: int = 4,
-              device="cpu", rope_length: int | None = None, seed: int = 0, vocab: list[int] | None = None,
-              batch_size: int = 8) -> dict:
-    """Accuracy of recalling a planted needle at each depth, in sequences of exactly `context` tokens.
-    Trial t uses the same needle and filler for every model and depth (seeded by seed and t).
-    Returns {"acc": {depth: mean accuracy}, "mean": over depths, "trials", "scored_per_trial"}."""
-    vocab = np.asarray(vocab if vocab is not None else needle_vocab())
+def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: list[int], needle_len: int = 16,
+              cue: int = 4, device="cpu", rope_length: int | None = None, seed: int = 0, batch_size: int = 8) -> dict:
+    """Recall of a planted needle at each depth, in sequences of exactly `context` tokens. Trial t uses the same
+    needle and filler for every model and depth (seeded by seed and t). Returns acc {depth: mean}, trial_acc
+    {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per trial), mean."""
     n_fill = context - 2 * needle_len
-    if n_fill < 1 or not 0 < prefix < needle_len:
-        raise ValueError(f"context {context} too short for two needles of {needle_len} (or bad prefix {prefix})")
+    if n_fill < 1 or not 0 < cue < needle_len or (depths and max(depths) >= 1):
+        raise ValueError(f"context {context} too short for two needles of {needle_len}, or cue {cue} not in "
+                         f"(0, {needle_len}), or a depth >= 1 (which would leave no text between needle and cue)")
     eligible = np.flatnonzero(docs[:, 1] >= n_fill)
     if len(eligible) == 0:
-        raise ValueError(f"no held-out document has the {n_fill} filler tokens context {context} needs")
+        raise ValueError(f"no held-out document has the {n_fill} tokens of text context {context} needs")
     fillers, needles = [], []
     for t in range(trials):
         rng = np.random.default_rng([seed, t])
-        i = eligible[rng.integers(len(eligible))]
-        start, length = int(docs[i, 0]), int(docs[i, 1])
+        start, length = (int(v) for v in docs[eligible[rng.integers(len(eligible))]])
         off = start + int(rng.integers(length - n_fill + 1))
         fillers.append(np.asarray(tokens[off : off + n_fill], dtype=np.int64))
-        needles.append(rng.choice(vocab, size=needle_len, replace=False))
-    acc = {}
+        needles.append(rng.choice(vocab, size=needle_len, replace=needle_len > len(vocab)))
+    n_scored = needle_len - cue
+    out = {"acc": {}, "trial_acc": {}, "distance": {}, "chance": [chance(n[cue:]) for n in needles]}
     for depth in depths:
-        seqs, n_scored = zip(*(probe_sequence(f, n, depth, prefix) for f, n in zip(fillers, needles)))
-        n_scored = n_scored[0]
-        correct = 0
+        x_all = torch.from_numpy(np.stack([probe_sequence(f, n, depth) for f, n in zip(fillers, needles)]))
+        hits = []
         for b in range(0, trials, batch_size):
-            x = torch.from_numpy(np.stack(seqs[b : b + batch_size])).to(device)  # (B, context)
-            # position p predicts token p+1: the last n_scored targets are predicted from positions -n_scored-1 .. -2
-            logits = last_logits(model, x, n_scored + 1, rope_length)[:, :-1]  # (B, n_scored, V)
-            correct += (logits.argmax(-1) == x[:, -n_scored:]).sum().item()
-        acc[float(depth)] = correct / (trials * n_scored)
-    return {"acc": acc, "mean": float(np.mean(list(acc.values()))), "trials": trials,
-            "scored_per_trial": len(needles[0]) - prefix, "chance": 1.0 / len(vocab)}
+            x = x_all[b : b + batch_size].to(device)  # (B, context)
+            # position p predicts token p+1: the last n_scored targets come from positions -n_scored-1 .. -2
+            logits = model(x, rope_length=rope_length, last_n=n_scored + 1)[:, :-1]  # (B, n_scored, V)
+            hits += (logits.argmax(-1) == x[:, -n_scored:]).float().mean(dim=1).tolist()
+        out["trial_acc"][str(depth)] = hits
+        out["acc"][str(depth)] = float(np.mean(hits))
+        out["distance"][str(depth)] = n_fill - int(round(depth * n_fill))
+    out["mean"] = float(np.mean(list(out["acc"].values())))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Both, over a ladder of contexts
 
 
-def evaluate(model, tokens, docs, contexts, stride: int, max_docs: int = 8, max_windows: int = 4,
-             depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 8, retrieval_contexts=None, device="cpu",
-             seed: int = 0, log=print) -> dict:
-    """Perplexity at every context of the ladder (same documents and scored tokens at each) and the retrieval
+def evaluate(model, tokens, docs, contexts, stride: int, vocab: list[int], max_docs: int = 8, max_windows: int = 4,
+             depths=(0.0, 0.25, 0.5, 0.75), trials: int = 8, needle_len: int = 16, retrieval_contexts=None,
+             device="cpu", seed: int = 0, log=print) -> dict:
+    """Perplexity at every context of the ladder (the same documents and scored tokens at each) and the retrieval
     grid over retrieval_contexts (default the same ladder) x depths. JSON-able."""
     contexts = sorted(int(c) for c in contexts)
-    retrieval_contexts = sorted(int(c) for c in (retrieval_contexts or contexts))
+    if stride > contexts[0]:
+        raise ValueError(f"the stride ({stride}) must not exceed the shortest context ({contexts[0]}), or that "
+                         "context would score other tokens than the rest of the ladder")
     model.eval()
-    vocab = needle_vocab()
     out = {"contexts": contexts, "stride": stride, "ppl": {}, "retrieval": {}, "depths": [float(d) for d in depths]}
     t0 = time.time()
     for T in contexts:
-        r = perplexity(model, tokens, docs, T, min(stride, T), max_docs, device, max_context=contexts[-1],
+        r = perplexity(model, tokens, docs, T, stride, max_docs, device, max_context=contexts[-1],
                        max_windows=max_windows, seed=seed)
         out["ppl"][str(T)] = r
-        log(f"  ppl @ {T:6d}: {r['ppl']:10.3f}  ({r['n_tokens']} tokens)")
-    for T in retrieval_contexts:
-        r = retrieval(model, tokens, docs, T, depths, trials, device=device, seed=seed, vocab=vocab)
+        log(f"  ppl @ {T:6d}: {r['ppl']:10.3f}  ({r['n_tokens']} tokens, {r['n_docs']} documents)")
+    for T in sorted(int(c) for c in (contexts if retrieval_contexts is None else retrieval_contexts)):
+        r = retrieval(model, tokens, docs, T, depths, trials, vocab, needle_len, cue=needle_len // 4, device=device,
+                      seed=seed)
         out["retrieval"][str(T)] = r
-        log(f"  retrieval @ {T:6d}: " + " ".join(f"{d:.2f}:{a:.2f}" for d, a in r["acc"].items()))
+        log(f"  retrieval @ {T:6d}: " + " ".join(f"{d}:{a:.2f}" for d, a in r["acc"].items())
+            + f"  (chance {np.mean(r['chance']):.2f})")
     out["seconds"] = time.time() - t0
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLI
+# Command line
 
 
-def parse_rope_overrides(args: list[str]) -> dict:
-    """--rope.key=value flags -> {key: value typed like RopeConfig's field}; anything else is an error."""
-    types = flags.field_types(RopeConfig)
-    out = {}
-    for arg in args:
-        if not arg.startswith("--rope.") or "=" not in arg:
-            raise SystemExit(f"error: unrecognized argument {arg!r} (rope overrides look like --rope.factor=8)")
-        key, value = arg[len("--rope."):].split("=", 1)
-        if key not in types:
-            raise SystemExit(f"error: unknown rope field {key!r}; known: {', '.join(types)}")
-        try:
-            out[key] = flags.parse_value(f"rope.{key}", value, types[key])
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    return out
+@dataclass(frozen=True)
+class EvalConfig:
+    ckpt: str  # a checkpoint file, or a run folder holding ckpt.pt
+    contexts: tuple[int, ...]  # the context ladder, e.g. 512,1024,2048
+    data_dir: str = "data/stdlib"
+    retrieval_contexts: tuple[int, ...] | None = None  # default: the ladder
+    stride: int = 256  # scored tokens per window; at most the shortest context
+    max_docs: int = 8
+    max_windows: int = 4  # windows per document
+    trials: int = 8  # retrieval trials per (context, depth) cell
+    needle_len: int = 16
+    device: str = "auto"
+    out: str | None = None  # write the results here as JSON
+
+    def __post_init__(self):
+        flags.check_types(self)
+        if not self.contexts or min(self.contexts) < 1:
+            raise ValueError(f"--contexts must be positive lengths, e.g. 512,1024, got {self.contexts}")
+        for name in ("stride", "max_docs", "max_windows", "trials", "needle_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python eval.py", description=__doc__.split("\n\n")[0],
-                                     epilog="Extra flags --rope.<field>=<value> override the checkpoint's RoPE "
-                                            "config, e.g. --rope.type=yarn --rope.factor=8.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or run folder holding ckpt.pt")
-    parser.add_argument("--data_dir", default="data/stdlib")
-    parser.add_argument("--contexts", required=True, help="comma-separated context lengths, e.g. 512,1024,2048")
-    parser.add_argument("--retrieval_contexts", default=None, help="default: --contexts")
-    parser.add_argument("--stride", type=int, default=256)
-    parser.add_argument("--max_docs", type=int, default=8)
-    parser.add_argument("--max_windows", type=int, default=4)
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args, rest = parser.parse_known_args(argv)
-    overrides = parse_rope_overrides(rest)
-
-    from checkpoint import load_model
-    from data.loader import load_split
-
-    model, _ = load_model(args.ckpt, args.device)
+def main(argv) -> dict:
+    table = {**flags.flag_table((EvalConfig, "")), **flags.override_table(RopeConfig, "rope.", "the checkpoint's")}
+    values = flags.parse(argv, table, "python eval.py", __doc__)
+    args = flags.build(EvalConfig, {k: v for k, v in values.items() if not k.startswith("rope.")})
+    overrides = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
+    device = pick_device(args.device)
+    model, state = checkpoint.load_model(args.ckpt, device)
     if overrides:
         model.set_rope(rope_with_overrides(model.config, overrides))
-    tokens, docs, _ = load_split(args.data_dir, "val")
-    contexts = [int(c) for c in args.contexts.split(",")]
-    rc = [int(c) for c in args.retrieval_contexts.split(",")] if args.retrieval_contexts else None
-    print(f"evaluating {args.ckpt} with rope {rope_lib.describe(model.config.rope)}")
-    result = evaluate(model, tokens, docs, contexts, args.stride, args.max_docs, args.max_windows,
-                      trials=args.trials, retrieval_contexts=rc, device=args.device)
-    result["rope"] = rope_lib.describe(model.config.rope)
-    result["ckpt"] = str(args.ckpt)
+    tokens, docs, meta = load_split(args.data_dir, "val")
+    tokenizer = get_tokenizer(state.get("tokenizer", "gpt2"))
+    if meta["tokenizer"]["name"] != tokenizer.name:
+        raise ValueError(f"{args.data_dir} holds {meta['tokenizer']['name']} tokens but the checkpoint was trained "
+                         f"with the {tokenizer.name} tokenizer; pass a --data_dir prepared with it")
+    print(f"evaluating {args.ckpt} with rope {asdict(model.config.rope)}", flush=True)
+    result = evaluate(model, tokens, docs, args.contexts, args.stride, needle_vocab(tokenizer), args.max_docs,
+                      args.max_windows, trials=args.trials, needle_len=args.needle_len,
+                      retrieval_contexts=args.retrieval_contexts, device=device)
+    result.update(rope=asdict(model.config.rope), ckpt=str(args.ckpt))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    sys.exit(flags.cli(main))

@@ -1,25 +1,30 @@
 """
-Typed `--key=value` flags: a flag's text read as a value of the dataclass field it sets.
-
-train.py (every field of RunConfig, ModelConfig and RopeConfig), sample.py and eval.py (the --rope.<field>
-overrides) all read their typed settings through parse_value, so a value means the same in each and a bad
-one fails the same way: a ValueError naming the flag and the type it expects.
+Command-line settings for every script: argparse, built from the fields of the script's dataclasses, with each
+value read as its field's type by parse_value, so a value means the same in every script and a bad one fails
+the same way. cli() runs a script's main and turns the project's errors into `error: ...` and exit code 2.
 
     int         Python's int(): 512, -3, 1_000; not 1e4 (the error suggests 10000)
     float       a finite number: 3e-4, 8, 1e3; not nan or inf
-    bool        true / false or 1 / 0, in any case
+    bool        true / false or 1 / 0, in any case; a bare --flag means true
     str         the text as given
+    tuple       comma-separated values of the element type: 1.0,1.5,2
     X | None    none or null (in any case) for None, else as X
 
-Surrounding whitespace is ignored except in a str, which is kept exactly.
+--config FILE.json sets any of them from one JSON object ({"lr": 3e-4, "rope": {"type": "yarn"}} or
+{"rope.type": "yarn"}); flags given on the command line win over it.
 """
 
+import argparse
+import difflib
+import json
 import math
+import sys
 import types
 import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields, is_dataclass
 
 TRUE, FALSE, NONE = ("true", "1"), ("false", "0"), ("none", "null")
+ERRORS = {ValueError: 2, OSError: 2}  # bad input of any kind: a flag, a file, a checkpoint, the data
 
 
 def field_types(cls) -> dict[str, object]:
@@ -28,7 +33,7 @@ def field_types(cls) -> dict[str, object]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def unwrap_optional(typ) -> tuple[type, bool]:
+def unwrap_optional(typ) -> tuple[object, bool]:
     """(X, True) for `X | None`, (X, False) for X."""
     if typing.get_origin(typ) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -39,18 +44,31 @@ def unwrap_optional(typ) -> tuple[type, bool]:
 
 
 def type_name(typ) -> str:
-    """'int', 'float or none', ...: the type as the error messages and --help say it."""
+    """'int', 'float or none', 'float list', ...: the type as the errors and --help say it."""
     base, optional = unwrap_optional(typ)
-    return base.__name__ + (" or none" if optional else "")
+    name = f"{typing.get_args(base)[0].__name__} list" if typing.get_origin(base) is tuple else base.__name__
+    return name + (" or none" if optional else "")
+
+
+def article(typ) -> str:
+    """'an int', 'a float list', ...: the type with its article."""
+    name = type_name(typ)
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def parse_value(key: str, raw: str, typ) -> object:
     """The text of flag --key as a value of type typ; a ValueError naming the flag and the type otherwise."""
     base, optional = unwrap_optional(typ)
     text = raw.strip()
-    expected = f"--{key} expects {'an' if base is int else 'a'} {type_name(typ)}"
     if optional and text.lower() in NONE:
         return None
+    if typing.get_origin(base) is tuple:
+        element = typing.get_args(base)[0]
+        try:
+            return tuple(parse_value(key, part, element) for part in text.split(",")) if text else ()
+        except ValueError:
+            raise ValueError(f"--{key} expects {article(typ)} (comma-separated), got {raw!r}") from None
+    expected = f"--{key} expects {article(typ)}"
     if base is bool:
         if text.lower() in TRUE + FALSE:
             return text.lower() in TRUE
@@ -59,15 +77,7 @@ def parse_value(key: str, raw: str, typ) -> object:
         try:
             return int(text)
         except ValueError:
-            pass
-        hint = ""
-        try:  # 1e4 or 512.0: say how to write it
-            as_float = float(text)
-            if math.isfinite(as_float) and as_float.is_integer() and abs(as_float) < 2**63:
-                hint = f"; write it as {int(as_float)}"
-        except (ValueError, OverflowError):
-            pass
-        raise ValueError(f"{expected}, got {raw!r}{hint}")
+            raise ValueError(f"{expected}, got {raw!r}{int_hint(text)}") from None
     if base is float:
         try:
             value = float(text)
@@ -79,3 +89,152 @@ def parse_value(key: str, raw: str, typ) -> object:
     if base is str:
         return raw
     raise TypeError(f"no parser for field type {typ}")  # a new field of an unhandled type: a programming error
+
+
+def int_hint(text: str) -> str:
+    """'; write it as 10000' for 1e4 or 10000.0, else ''."""
+    try:
+        number = float(text)
+    except (ValueError, OverflowError):
+        return ""
+    return f"; write it as {int(number)}" if math.isfinite(number) and number.is_integer() else ""
+
+
+def check_types(obj) -> None:
+    """Each field of a dataclass instance holds a value of its declared type: an int where a float is declared
+    becomes that float, a bool is never taken for a number; a ValueError naming the field otherwise."""
+    for name, typ in field_types(type(obj)).items():
+        base, optional = unwrap_optional(typ)
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        if base is float and type(value) is int and abs(value) < 2**1023:
+            value = float(value)
+            object.__setattr__(obj, name, value)  # frozen dataclasses too
+        ok = isinstance(value, typing.get_origin(base) or base) and (base is bool or not isinstance(value, bool))
+        if not ok or (base is float and not math.isfinite(value)):
+            raise ValueError(f"--{name} must be {type_name(typ)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsing a command line
+
+
+def flag_table(*groups) -> dict[str, tuple[object, object]]:
+    """{flag key: (type, default)} for groups of (dataclass, prefix); a field holding a dataclass is left out
+    (it comes as its own group, e.g. (RopeConfig, "rope."))."""
+    table = {}
+    for cls, prefix in groups:
+        for f in fields(cls):
+            if is_dataclass(f.default_factory if f.default_factory is not MISSING else f.default):
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            table[prefix + f.name] = (field_types(cls)[f.name], default)
+    return table
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors raise ValueError, so cli() reports them like every other bad input."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def parse(argv, table: dict, prog: str, description: str = "") -> dict[str, object]:
+    """{key: typed value} of the settings given, from --config FILE.json and then the flags; absent keys absent."""
+    parser = Parser(prog=prog, usage=f"{prog} [--key=value ...]", description=description, allow_abbrev=False,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, (typ, default) in table.items():
+        bare = {"nargs": "?", "const": "true"} if unwrap_optional(typ)[0] is bool else {}  # a bare --flag is true
+        parser.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, **bare,
+                            metavar=type_name(typ).upper().replace(" ", "_"),
+                            help="required" if default is MISSING else f"default {default!r}".replace("%", "%%"))
+    parser.add_argument("--config", metavar="FILE.json", help="a JSON object of any of these; flags override it")
+    given, rest = parser.parse_known_args([str(a) for a in argv])
+    if rest:
+        raise unknown_flag(rest[0], table)
+    given = vars(given)
+    path = given.pop("config", None)
+    values = read_config(path, table) if path is not None else {}
+    for key, text in given.items():
+        if not isinstance(text, str):  # `--key=--` reaches here as [] (argparse's option terminator)
+            raise ValueError(f"--{key} needs a value, got '--'")
+        values[key] = parse_value(key, text, table[key][0])
+    return values
+
+
+def unknown_flag(arg: str, table: dict) -> ValueError:
+    if not arg.startswith("--") or arg == "--":
+        return ValueError(f"unexpected argument {arg!r}: settings look like --key=value")
+    key = arg[2:].partition("=")[0]
+    if key.split(".")[0] in {k.split(".")[0] for k in table if "." in k} and "." not in key:
+        return ValueError(f"unknown option --{key}; settings of a group are --{key}.<field>, e.g. --{key}.type")
+    close = difflib.get_close_matches(key, list(table), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; --help lists them"
+    return ValueError(f"unknown option --{key}{hint}")
+
+
+def read_config(path: str, table: dict) -> dict[str, object]:
+    """Typed values from a JSON object of settings; a ValueError naming the file and the problem otherwise."""
+    source = f"--config {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.loads(f.read(10_000_001))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a NUL in the path
+        raise ValueError(f"{source}: cannot read it as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: must hold a JSON object of settings, got {type(obj).__name__}")
+    flat = {}
+    for key, value in obj.items():
+        group = isinstance(value, dict) and any(k.startswith(f"{key}.") for k in table)
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if group else {key: value})
+    values = {}
+    for key, value in flat.items():
+        if key not in table:
+            raise ValueError(f"{source}: {unknown_flag('--' + key, table)}")
+        values[key] = parse_value(key, json_text(key, value, table[key][0], source), table[key][0])
+    return values
+
+
+def json_text(key: str, value, typ, source: str) -> str:
+    """A JSON value written as a flag's text, so that parse_value reads both the same way."""
+    listed = typing.get_origin(unwrap_optional(typ)[0]) is tuple
+    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if isinstance(value, dict) or isinstance(value, list) != listed or (listed and not numbers):
+        raise ValueError(f"{source}: {key} must be {type_name(typ)}, got {json.dumps(value)[:60]}")
+    if isinstance(value, list):
+        return ",".join(repr(v) for v in value)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def cli(main, argv=None, errors=ERRORS) -> int:
+    """Run main(argv) as a script: the errors listed (type -> exit code) become `error: message` on stderr and
+    that exit code, never a traceback; SystemExit (--help, a signal) gives its own code."""
+    try:
+        main(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except Exception as e:
+        code = next((c for kind, c in errors.items() if isinstance(e, kind)), None)
+        if code is None:
+            raise  # a bug, not bad input: the traceback is what its fixer needs
+        print(f"error: {e}", file=sys.stderr)
+        return code
+    return 0
+
+
+def build(cls, values: dict):
+    """cls(**values), with a ValueError naming the required fields not given."""
+    missing = [f"--{f.name}" for f in fields(cls)
+               if f.default is MISSING and f.default_factory is MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    return cls(**values)
+
+
+def override_table(cls, prefix: str, default: str) -> dict[str, tuple[object, object]]:
+    """flag_table((cls, prefix)) for settings that replace fields of another config, whose defaults are that
+    config's (`default` says whose)."""
+    return {key: (typ, default) for key, (typ, _) in flag_table((cls, prefix)).items()}

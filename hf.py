@@ -1,82 +1,64 @@
 """
-Export a model of this repository to a Hugging Face Llama folder, and import one back.
+Export a model of this repository to a Hugging Face Llama folder, import one back, and translate RoPE configs
+to and from Hugging Face `rope_parameters` (from_hf, to_hf).
 
     python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
     python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
 
-The exported folder loads offline with `transformers.LlamaForCausalLM.from_pretrained(folder)` and computes
-the same logits (tests/test_hf.py checks every variant below, eager and SDPA attention, at a length beyond
-the original context so the scaling is exercised). Only `safetensors` is needed here; transformers is not.
+The exported folder loads offline with `transformers.LlamaForCausalLM.from_pretrained(folder)` and computes the
+same logits (tests/test_hf.py checks every variant below, eager and SDPA, beyond the original context). Only
+`safetensors` is needed here; transformers is not. No weight permutation is needed: our half-split rotary pairs
+(channel j with j + head_dim/2) are Hugging Face's `rotate_half`; Meta's original checkpoints pair (2j, 2j+1)
+instead, and `interleaved_qk_to_half_split` converts their W_q / W_k rows.
 
-Why no weight permutation: our Transformer rotates half-split pairs (channel j with j + head_dim/2), which
-is exactly Hugging Face's `rotate_half`, and its blocks are Llama's (RMSNorm, SwiGLU, no biases, tied head).
-Meta's original checkpoints pair channels (2j, 2j+1) instead; `interleaved_qk_to_half_split` converts
-such W_q / W_k rows, per head, with `rope.interleaved_to_half_split`.
-
-RoPE variants, and what lands in config.json (`rope_parameters`; `max_position_embeddings`):
-
-    ours           Hugging Face rope_type                             max_position_embeddings
-    default        default                                            block_size
-    linear         linear (factor)                                    block_size
-    ntk            default, rope_theta = b * s^(|D|/(|D|-2))          block_size
-    dynamic        dynamic (factor)                                   rope.original_context (L)
-    ntk_by_parts   yarn with attention_factor 1.0                     block_size
+    ours           Hugging Face rope_type                                    max_position_embeddings
+    default        default                                                   block_size
+    linear         linear (factor)                                           block_size
+    ntk            default, rope_theta = b * s^(|D|/(|D|-2)) (paper Eq. 16)  block_size
+    dynamic        dynamic (factor)                                          rope.original_context (L)
+    ntk_by_parts   yarn with attention_factor 1.0 (YaRN's ramp, no 1/t)      block_size
     yarn           yarn (factor, original_max_position_embeddings = L, beta_fast, beta_slow, truncate,
-                   attention_factor written out, DeepSeek's mscale ratio included)    block_size
-    llama3         llama3 (factor, original_max_position_embeddings = L, low/high_freq_factor)  block_size
+                   attention_factor written out, so DeepSeek's mscale ratio carries over)   block_size
+    llama3         llama3 (factor, L, low/high_freq_factor)                  block_size
+    longrope       longrope (factor, L, short_factor, long_factor, attention_factor)         block_size
     dynamic_yarn   refused: transformers has no dynamic YaRN
 
-- ntk: static NTK-aware scaling is plain RoPE with a larger base (paper Eq. 16), so 'default' with that base
-  is the same function. (HF's 'dynamic' is not: its base follows the sequence length.)
-- ntk_by_parts: HF's yarn computes the same ramp as ours; with attention_factor 1.0 written explicitly it
-  adds no temperature, which is NTK-by-parts exactly.
-- dynamic: transformers reads L from max_position_embeddings for this type (it ignores
-  original_max_position_embeddings), hence L there.
-- partial_rotary_factor != 1 is refused: LlamaForCausalLM rotates the whole head for rope_type 'default'
-  (it ignores the key) and fails on a shape mismatch for the other types.
+transformers reads the dynamic type's L from max_position_embeddings (it ignores original_max_position_embeddings
+there), hence L in that column. partial_rotary_factor != 1 is refused: LlamaForCausalLM ignores it for 'default'
+and fails on a shape mismatch for the other types.
 
-Dynamic NTK during generation differs, by design. A single forward pass of T tokens takes the scale from T in
-both implementations (the logits agree). With a KV cache they part: transformers (5.x,
-`dynamic_rope_update`) recomputes the frequencies whenever a position beyond the longest seen so far arrives,
-so during `generate` each new token is rotated under a larger scale than the keys already cached, and a later
-shorter sequence (still longer than L) keeps the longest one's scale; it returns to plain RoPE only for a
-sequence shorter than L. Our model fixes the scale to the length the sequence will reach (see model.py), so
-cached decoding equals a full forward pass. tests/test_hf.py shows both transformers effects.
+Dynamic variants during generation differ by design: a single forward pass agrees, but transformers recomputes
+the frequencies whenever a longer position arrives and keeps the keys already cached under the old ones (dynamic
+NTK; longrope switches its factors at L the same way); model.py's generate rules are exact (see its docstring).
 
-Round trip. config.json also carries our exact ModelConfig under the key "yarn_from_scratch" (transformers
-keeps unknown keys as plain attributes), because the Llama fields cannot say everything: the variant name
-(ntk and ntk_by_parts look like default and yarn), mscale vs an explicit attention_factor, the block size of a
-dynamic model, ffn_hidden / n_kv_head given explicitly or by default. Import uses that record only if
-exporting it reproduces the Llama fields of config.json exactly; otherwise (a folder from elsewhere, or a
-config edited after export) the model config is derived from the Llama fields alone, which gives the same
-logits. Weights are imported into a float32 model whatever the folder's dtype.
-
-Import refuses, naming the key, what this model cannot represent: a model_type other than llama, attention
-or MLP biases, an activation other than silu, head_dim != hidden_size / num_attention_heads, an odd head_dim,
-partial rotary, rope types other than default/linear/dynamic/yarn/llama3, and an untied lm_head unless it
-equals the embedding.
+Round trip: config.json also carries our exact ModelConfig under "yarn_from_scratch", since the Llama fields
+cannot say everything (ntk and ntk_by_parts look like default and yarn; mscale vs attention_factor; the block size
+of a dynamic model). Import uses that record only if exporting it reproduces config.json's Llama fields exactly;
+otherwise (a folder from elsewhere, or an edited config) the config is derived from the Llama fields alone, which
+gives the same logits. Import refuses, naming the key, what this model cannot represent: another model_type,
+biases, an activation other than silu, head_dim != hidden_size / heads, an odd head_dim, partial rotary, and an
+untied lm_head unless it equals the embedding. Weights are imported into float32.
 """
 
-import argparse
 import json
 import math
-import os
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import checkpoint
+import flags
 import rope
 from model import ModelConfig, Transformer
 from rope import RopeConfig
+from system import DTYPES, atomic_write, dtype_name
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: {"weight_map": {tensor name: shard file}}
 RECORD_KEY = "yarn_from_scratch"  # our exact ModelConfig, kept in config.json for a lossless round trip
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The config.json keys that define the network; import compares these when it decides to trust the record.
 ARCHITECTURE_KEYS = (
@@ -127,31 +109,121 @@ def interleaved_qk_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Te
 # Config: ModelConfig -> config.json
 
 
-def hf_rope_parameters(cfg: RopeConfig, head_dim: int) -> dict:
-    """The `rope_parameters` under which LlamaForCausalLM computes our frequencies and attention factor
-    (the table in the module docstring). Raises ValueError for what it cannot express."""
+HF_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
+    """The RopeConfig of a Hugging Face `rope_parameters` dict (`rope_scaling` in older configs), reading every
+    key transformers reads, with its defaults: rope_theta 10000; L = original_max_position_embeddings, default
+    max_position_embeddings (the dynamic type always takes max_position_embeddings); a missing yarn or longrope
+    factor is max_position_embeddings / L (for longrope at least 1: below 1 it only sets the attention factor to 1,
+    as 1 does); falsy beta_fast / beta_slow are 32 / 1; truncate True."""
+    if not isinstance(rope_parameters, dict):
+        raise ValueError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
+    p = rope_parameters
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind not in HF_TYPES:
+        raise ValueError(f"rope_type {kind!r} is not supported; supported Hugging Face types: {', '.join(HF_TYPES)}")
+    if not isinstance(max_position_embeddings, int) or not 0 < max_position_embeddings <= 2**40:
+        raise ValueError(f"max_position_embeddings must be a positive int (at most 2^40), "
+                         f"got {max_position_embeddings!r}")
+    cfg = {"type": kind, "base": _number(p, "rope_theta", 10000.0),
+           "partial_rotary_factor": _number(p, "partial_rotary_factor", 1.0)}
+    if kind in ("linear", "dynamic", "llama3"):
+        cfg["factor"] = _number(p, "factor")
+    if kind == "dynamic":
+        cfg["original_context"] = max_position_embeddings
+    if kind in ("yarn", "llama3", "longrope"):  # the types transformers reads original_max_position_embeddings for
+        L = cfg["original_context"] = p.get("original_max_position_embeddings") or max_position_embeddings
+        if not isinstance(L, int) or isinstance(L, bool):
+            raise ValueError(f"original_max_position_embeddings must be an int, got {L!r}")
+    if kind == "llama3":
+        cfg.update(low_freq_factor=_number(p, "low_freq_factor"), high_freq_factor=_number(p, "high_freq_factor"))
+    if kind in ("yarn", "longrope"):
+        if p.get("factor") is not None:
+            cfg["factor"] = _number(p, "factor")
+        else:
+            cfg["factor"] = max_position_embeddings / L
+            if kind == "longrope":
+                cfg["factor"] = max(cfg["factor"], 1.0)
+        cfg["attention_factor"] = _number(p, "attention_factor", None)
+    if kind == "yarn":
+        cfg.update(beta_fast=_number(p, "beta_fast", None) or 32.0, beta_slow=_number(p, "beta_slow", None) or 1.0,
+                   truncate=bool(p.get("truncate", True)), mscale=_number(p, "mscale", None),
+                   mscale_all_dim=_number(p, "mscale_all_dim", None))
+    if kind == "longrope":
+        cfg.update(short_factor=_numbers(p, "short_factor"), long_factor=_numbers(p, "long_factor"))
+    return RopeConfig(**cfg)
+
+
+_REQUIRED = object()
+
+
+def _number(p: dict, key: str, default=_REQUIRED):
+    """p[key] as a float; default where it is absent or None (a ValueError naming the key if there is none)."""
+    if p.get(key) is None:
+        if default is _REQUIRED:
+            raise ValueError(f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}")
+        return default
+    if not rope._is_number(p[key]):
+        raise ValueError(f"rope_parameters[{key!r}] must be a finite number, got {p[key]!r}")
+    return float(p[key])
+
+
+def _numbers(p: dict, key: str) -> tuple[float, ...]:
+    """p[key], a list of finite numbers (longrope's short_factor / long_factor), as a tuple of floats."""
+    values = p.get(key)
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"rope_parameters of type 'longrope' needs {key!r}: a list of numbers, one per frequency "
+                         f"pair, got {values!r}")
+    for i, v in enumerate(values):
+        if not rope._is_number(v):
+            raise ValueError(f"rope_parameters[{key!r}][{i}] must be a finite number, got {v!r}")
+    return tuple(float(v) for v in values)
+
+
+def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
+    """The `rope_parameters` under which transformers computes our frequencies and attention factor (the table in
+    the module docstring); a ValueError for dynamic_yarn, which transformers has no type for."""
+    common = {"rope_theta": cfg.base}
     if cfg.partial_rotary_factor != 1.0:
-        raise ValueError(
-            f"rope partial_rotary_factor={cfg.partial_rotary_factor} cannot be exported: Hugging Face's "
-            "LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor for rope_type 'default' "
-            "and fails on the others)"
-        )
-    if cfg.type == "ntk":
-        # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
-        base = rope.ntk_base(cfg.base, rope.rotary_dim(head_dim, cfg), cfg.factor)
-        return rope.to_hf(RopeConfig(type="default", base=base))
-    if cfg.type == "ntk_by_parts":
-        # YaRN's ramp without its temperature: yarn with the attention factor pinned to 1
-        return rope.to_hf(cfg.replace(type="yarn", attention_factor=1.0))
-    return rope.to_hf(cfg)  # ValueError "... has no Hugging Face equivalent" for dynamic_yarn
+        common["partial_rotary_factor"] = cfg.partial_rotary_factor
+    scaled = {"factor": cfg.factor, "original_max_position_embeddings": cfg.original_context}
+    if cfg.type == "default":
+        return {"rope_type": "default", **common}
+    if cfg.type == "linear":
+        return {"rope_type": "linear", "factor": cfg.factor, **common}
+    if cfg.type == "ntk":  # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
+        return {"rope_type": "default", **common,
+                "rope_theta": rope.ntk_base(cfg.base, rope.rotary_dim(head_dim, cfg), cfg.factor)}
+    if cfg.type == "dynamic":  # L travels as max_position_embeddings (hf_config)
+        return {"rope_type": "dynamic", "factor": cfg.factor, **common}
+    if cfg.type == "llama3":
+        return {"rope_type": "llama3", **scaled, "low_freq_factor": cfg.low_freq_factor,
+                "high_freq_factor": cfg.high_freq_factor, **common}
+    if cfg.type in ("yarn", "ntk_by_parts"):  # NTK-by-parts is YaRN's ramp without its temperature
+        factor = 1.0 if cfg.type == "ntk_by_parts" else rope.yarn_attention_factor(cfg, cfg.factor)
+        return {"rope_type": "yarn", **scaled, "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
+                "truncate": cfg.truncate, "attention_factor": factor, **common}
+    if cfg.type == "longrope":
+        attention = rope.longrope_rope(rope.rotary_dim(head_dim, cfg), cfg)[1]
+        return {"rope_type": "longrope", **scaled, "short_factor": list(cfg.short_factor),
+                "long_factor": list(cfg.long_factor), "attention_factor": attention, **common}
+    raise ValueError(
+        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); "
+        "extend with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using this repository's model"
+    )
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for LlamaForCausalLM (a plain dict; every key LlamaConfig reads that matters here)."""
-    rope_parameters = hf_rope_parameters(config.rope, config.head_dim)
+    if config.rope.partial_rotary_factor != 1.0:
+        raise ValueError(f"rope partial_rotary_factor={config.rope.partial_rotary_factor} cannot be exported: "
+                         "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor "
+                         "for rope_type 'default' and fails on the others)")
+    rope_parameters = to_hf(config.rope, config.head_dim)
     # transformers takes the dynamic type's L from max_position_embeddings; the others read L from rope_parameters
     max_positions = config.rope.original_context if config.rope.type == "dynamic" else config.block_size
-    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -173,8 +245,8 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "bos_token_id": None,  # the tokenizer's business, not the checkpoint's; LlamaConfig would say 1 and 2
         "eos_token_id": None,
         "use_cache": True,
-        "torch_dtype": dtype_name,  # the name transformers 4.x reads ...
-        "dtype": dtype_name,  # ... and 5.x
+        "torch_dtype": dtype_name(dtype),  # the name transformers 4.x reads ...
+        "dtype": dtype_name(dtype),  # ... and 5.x
         RECORD_KEY: {"model_config": config.to_dict()},
     }
 
@@ -189,18 +261,6 @@ def _safetensors():
     except ImportError:
         raise ValueError("the Hugging Face format needs the safetensors package: pip install safetensors") from None
     return safetensors.torch
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, force: bool = False) -> dict:
@@ -223,9 +283,8 @@ def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, for
     out.mkdir(parents=True, exist_ok=True)
     st = _safetensors()
     # metadata format=pt: what transformers writes and expects of a PyTorch safetensors file
-    _write_atomic(out / WEIGHTS_FILE, lambda p: st.save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(config_json, indent=2, sort_keys=True) + "\n"
-    _write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    atomic_write(out / WEIGHTS_FILE, st.save(tensors, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     return config_json
 
 
@@ -276,13 +335,13 @@ def hf_rope_from_config(c: dict) -> RopeConfig:
     if c.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", c["partial_rotary_factor"])
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind in ("yarn", "llama3") and c.get("original_max_position_embeddings") is not None:
+    if kind in ("yarn", "llama3", "longrope") and c.get("original_max_position_embeddings") is not None:
         params["original_max_position_embeddings"] = c["original_max_position_embeddings"]
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"config.json partial_rotary_factor={params['partial_rotary_factor']}: partial rotary "
                          "is not something LlamaForCausalLM computes, so there is nothing exact to import")
     try:
-        return rope.from_hf(params, _key(c, "max_position_embeddings", int, 2048))
+        return from_hf(params, _key(c, "max_position_embeddings", int, 2048))
     except ValueError as e:
         raise ValueError(f"config.json rope_parameters: {e}") from None
 
@@ -416,36 +475,41 @@ def import_hf(hf_dir) -> Transformer:
 # Command line
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="hf.py", description="Our checkpoints <-> Hugging Face Llama folders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="checkpoint -> Hugging Face folder (config.json, model.safetensors)")
-    ex.add_argument("--ckpt", required=True, help="a checkpoint file, or a run folder holding ckpt.pt")
-    ex.add_argument("--out", required=True, help="the folder to write (must be empty or new)")
-    ex.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as stored)")
-    ex.add_argument("--force", action="store_true", help="overwrite config.json and model.safetensors in --out")
-    im = sub.add_parser("import", help="Hugging Face folder -> checkpoint")
-    im.add_argument("--hf_dir", required=True, help="a folder with config.json and model.safetensors")
-    im.add_argument("--out", required=True, help="the checkpoint file to write, e.g. out/imported/ckpt.pt")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            model, _ = checkpoint.load_model(args.ckpt)
-            c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
-            print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
-                  f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
-                  f"{model.num_params():,} parameters, {c['dtype']}")
-        else:
-            model = import_hf(args.hf_dir)
-            checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
-                             "provenance": {"imported_from_hf": str(args.hf_dir)}}, args.out)
-            print(f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, "
-                  f"{model.num_params():,} parameters")
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+@dataclass(frozen=True)
+class ExportConfig:
+    ckpt: str  # a checkpoint file, or a run folder holding ckpt.pt
+    out: str  # the folder to write (new or empty, unless force)
+    dtype: str | None = None  # cast the weights: float32, bfloat16 or float16 (default: as stored)
+    force: bool = False  # overwrite config.json and model.safetensors in a non-empty out
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    hf_dir: str  # a folder with config.json and model.safetensors
+    out: str  # the checkpoint file to write, e.g. out/imported/ckpt.pt
+
+
+def main(argv) -> None:
+    commands = {"export": ExportConfig, "import": ImportConfig}
+    if not argv or argv[0] not in commands:
+        raise ValueError("usage: python hf.py export --ckpt RUN --out DIR | python hf.py import --hf_dir DIR --out "
+                         "CKPT (`python hf.py export --help` lists the options)")
+    cls = commands[argv[0]]
+    args = flags.build(cls, flags.parse(argv[1:], flags.flag_table((cls, "")), f"python hf.py {argv[0]}"))
+    if cls is ExportConfig:
+        if args.dtype is not None and args.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+        model, _ = checkpoint.load_model(args.ckpt)
+        c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
+        print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
+              f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
+              f"{model.num_params():,} parameters, {c['dtype']}")
+    else:
+        model = import_hf(args.hf_dir)
+        checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
+                         "provenance": {"imported_from_hf": str(args.hf_dir)}}, args.out)
+        print(f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, {model.num_params():,} parameters")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(flags.cli(main))

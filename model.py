@@ -1,18 +1,21 @@
 """
-A GPT / LLaMA-style decoder in one file: token embedding tied to the output head, pre-norm blocks of
-RMSNorm -> causal self-attention (F.scaled_dot_product_attention, optional grouped-query heads) and
-RMSNorm -> SwiGLU MLP, and a KV cache for decoding. The rotary position embedding is any variant of
-rope.py, chosen by config and swappable on a built model without touching its weights (`set_rope`):
-that is how a model pretrained at context L is extended to s*L.
+A GPT / LLaMA-style decoder in one file: token embedding tied to the output head; pre-norm blocks of RMSNorm ->
+causal self-attention (F.scaled_dot_product_attention, optional grouped-query heads) and RMSNorm -> SwiGLU MLP;
+a KV cache for decoding. The rotary position embedding is any variant of rope.py, chosen by config and swappable
+on a built model without touching its weights (`set_rope`): that is how a model pretrained at context L is
+extended to s*L.
 
-Dynamic variants and the KV cache. A dynamic variant's scale is a function of the sequence length l'
-(s = max(1, l'/L), paper Sec. 3.3). Re-scaling at every generated token cannot be both cached and exact: a
-deeper layer's cached keys and values come from hidden states computed under the earlier scale, so even
-re-rotating pre-RoPE keys (the paper's suggestion) differs from a fresh forward pass. Caching rotated keys
-and rotating new queries under a new scale is worse (a known bug of popular libraries). The rule here: the
-scale comes from `rope_length`, the length the sequence will reach; a forward pass defaults it to its own
-length, and a KV cache fixes it to its capacity (prompt + new tokens) for the whole generation. So cached
-decoding equals a full forward pass with the same rope_length, and dynamic tables are built once per call.
+Dynamic variants and the KV cache. A dynamic variant's frequencies depend on the sequence length l' (Dynamic
+YaRN: s = max(1, l'/L), paper Sec. 3.3); a forward pass takes l' from `rope_length`, by default its own length.
+Keys already in a KV cache cannot follow a new scale: a deeper layer's cached keys and values come from hidden
+states computed under the old one, so even re-rotating pre-RoPE keys (the paper's suggestion) is not exact in a
+multi-layer model. `decode` (and `generate`) therefore offers two rules, each exact:
+  follow    (default) l' follows the sequence, rounded up to the next L * 2^k (L while l' <= L): the scale steps
+            only at powers of two, and at each step the whole prefix is prefilled again under the new scale. Every
+            token equals a full forward pass of its prefix with rope_length = that rounded l', so a prompt shorter
+            than L gets plain RoPE's logits.
+  capacity  l' is the cache's capacity (prompt + new tokens) for the whole generation: one prefill and never
+            another, but a short prompt headed for a long generation runs at the larger scale from its first token.
 """
 
 import math
@@ -24,7 +27,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import rope
+from loss import chunked_cross_entropy
 from rope import RopeConfig
+
+ROPE_RULES = ("follow", "capacity")
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -100,7 +106,7 @@ def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
     """The model's RoPE config with some fields replaced: a RoPE swap at evaluation or sampling time. L
     (original_context), unless given, stays the model's, or is its block_size where it has none, since a model
     without scaling was pretrained at its block size. Raises RopeConfig's ValueError for invalid values."""
-    values = {**rope.describe(config.rope), **overrides}
+    values = {**asdict(config.rope), **overrides}
     if "original_context" not in overrides and not values["original_context"]:
         values["original_context"] = config.block_size
     return RopeConfig(**values)
@@ -157,8 +163,8 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Preallocated rotated keys and values for every layer, (B, n_kv_head, max_len, head_dim), how many are
-    filled, and the rope_length dynamic variants take their scale from (max_len; see the module docstring)."""
+    """Preallocated rotated keys and values for every layer, (B, n_kv_head, max_len, head_dim), how many positions
+    are filled, and the l' (rope_length) that dynamic variants take their scale from (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, config.kv_heads, max_len, config.head_dim)
@@ -239,9 +245,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    # With targets, the head and the loss run in chunks of rows (chunked_cross_entropy) once the full logits would
-    # exceed loss_chunk_threshold elements: at T = 32768 and vocab 50304 they are 1.6G elements, 3.3 GB in bf16 plus
-    # 6.6 GB for the fp32 copy the loss reads. Below it, one matmul and F.cross_entropy. Instance-settable.
+    # A loss whose logits would exceed loss_chunk_threshold elements runs the head and the loss chunk by chunk
+    # (loss.py); below it, one matmul and F.cross_entropy. Instance-settable.
     loss_chunk_threshold: int = 2**30
     loss_chunk_elements: int = 2**27  # logits per chunk (rows = this // vocab): 512 MB in fp32
 
@@ -275,10 +280,9 @@ class Transformer(nn.Module):
                 rope_length: int | None = None, last_n: int | None = None):
         """idx (B, T) token ids. Returns logits (B, T, vocab), or with targets the mean cross-entropy
         (targets of -1 are ignored). With a cache, idx continues the cached sequence and the cache advances.
-        rope_length: the l' dynamic variants scale for; default the cache's capacity, else this sequence's T.
+        rope_length: the l' dynamic variants scale for; default the cache's, else this sequence's T.
         last_n: the head runs on the last n positions only: logits (B, n, vocab), or the loss of the last n
-        targets (the head is most of a small model's cost at a 50k vocabulary; evaluation scores only the last
-        tokens of a window; a long prompt's prefill needs only last_n = 1)."""
+        targets (evaluation scores only the last tokens of a window; a prefill needs only last_n = 1)."""
         B, T = idx.shape
         if last_n is not None and not 1 <= last_n <= T:
             raise ValueError(f"last_n must be in [1, {T}] for a sequence of {T} tokens, got {last_n}")
@@ -309,24 +313,56 @@ class Transformer(nn.Module):
         p = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
+    def rope_length(self, n: int, capacity: int, rule: str = "follow") -> int:
+        """The l' a dynamic variant scales for when the sequence holds n tokens, under a rule of the module
+        docstring: 'capacity' -> capacity; 'follow' -> n rounded up to L * 2^k, and L while n <= L. Static variants
+        do not read l': capacity, so decoding never re-prefills for them."""
+        if rule not in ROPE_RULES:
+            raise ValueError(f"rope rule must be one of {', '.join(ROPE_RULES)}, got {rule!r}")
+        if rule == "capacity" or not self.config.rope.is_dynamic:
+            return capacity
+        length = self.config.rope.original_context
+        while length < n:
+            length *= 2
+        return length
+
     @torch.no_grad()
+    def decode(self, idx: torch.Tensor, max_new_tokens: int, choose, rule: str = "follow"):
+        """The decoding loop with a KV cache: choose(logits (B, V) of the last position) gives the next tokens
+        (B,), yielded one step at a time. Before predicting from n tokens, the cache is filled with the whole
+        prefix if it is empty or if the rule's l' for n differs from the one its keys were computed under."""
+        B, P = idx.shape
+        capacity = P + max_new_tokens
+        cache = self.new_cache(B, capacity)
+        seq = torch.empty(B, capacity, dtype=idx.dtype, device=idx.device)
+        seq[:, :P] = idx
+        for n in range(P, capacity):
+            length = self.rope_length(n, capacity, rule)
+            if n == P or length != cache.rope_length:
+                cache.pos, cache.rope_length = 0, length  # a (re-)prefill under the new scale
+                logits = self(seq[:, :n], cache=cache, last_n=1)[:, -1]
+            else:
+                logits = self(seq[:, n - 1 : n], cache=cache)[:, -1]
+            token = choose(logits)
+            seq[:, n] = token
+            yield token
+
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  stop_token: int | None = None, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None):
-        """Yield new tokens (B,) one step at a time, decoding with the KV cache. temperature 0 = greedy.
-        vocab_limit: only ids below it are drawn (the embedding is padded past the tokenizer's vocabulary)."""
+                 vocab_limit: int | None = None, rule: str = "follow"):
+        """Yield new tokens (B,) one step at a time (decode). temperature 0 = greedy. vocab_limit: only ids below
+        it are drawn (the embedding is padded past the tokenizer's vocabulary). Stops early once every row has
+        drawn stop_token (yielded last)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-        logits = self(idx, cache=cache, last_n=1)[:, -1]
-        for _ in range(max_new_tokens):
-            if vocab_limit is not None:
-                logits = logits[:, :vocab_limit]
-            token = sample_token(logits, temperature, top_k, generator)
+
+        def choose(logits):
+            return sample_token(logits[:, :vocab_limit], temperature, top_k, generator)
+
+        for token in self.decode(idx, max_new_tokens, choose, rule):
             yield token
             if stop_token is not None and bool((token == stop_token).all()):
                 return
-            logits = self(token[:, None], cache=cache)[:, -1]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied head counted once
@@ -337,56 +373,6 @@ class Transformer(nn.Module):
         forward at average context T' = T/2, times 3 for forward + backward; Kaplan et al. / PaLM App. B halved)."""
         c = self.config
         return 6 * self.num_params() + 6 * c.n_layer * c.n_head * c.head_dim * T
-
-
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of the logits h @ W^T over the rows with a target (target -1 = ignored), computed chunk by
-    chunk of rows. Each chunk's gradients are formed while its logits exist, so the full (N, vocab) logits never exist
-    and nothing is recomputed in the backward pass: the same three matmuls as the unchunked path, in the same dtypes
-    (under autocast: bf16 logits, loss math in fp32), and the same ops for d loss / d logits (the backward functions
-    of log_softmax and nll_loss's mean that F.cross_entropy's autograd calls), so both paths round alike."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int):
-        # h (N, d), weight (V, d), targets (N,) int
-        total_weight = (targets != -1).sum().float()  # what nll_loss's mean divides by
-        one = torch.ones((), device=h.device, dtype=torch.float32)
-        loss_sum = torch.zeros((), device=h.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
-        for i in range(0, h.shape[0], chunk_rows):
-            h_c, t_c = h[i : i + chunk_rows], targets[i : i + chunk_rows]
-            logits = F.linear(h_c, weight)  # (n, V); bf16 under autocast, as the unchunked head
-            logp = F.log_softmax(logits.float(), dim=-1)  # (n, V) fp32
-            loss_sum = loss_sum + F.nll_loss(logp, t_c, ignore_index=-1, reduction="sum")
-            # d mean / d logp: -1/total_weight at each kept target (reduction 1 = mean); then through log_softmax
-            grad_logp = torch.ops.aten.nll_loss_backward(one, logp, t_c, None, 1, -1, total_weight)
-            dlogits = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, torch.float32).to(logits.dtype)
-            grad_h[i : i + chunk_rows] = (dlogits @ weight.to(logits.dtype)).to(h.dtype)  # (n, d)
-            grad_w += (dlogits.t() @ h_c.to(logits.dtype)).to(grad_w.dtype)  # (V, d)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss_sum / total_weight  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
-
-
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_elements: int):
-    """Mean cross-entropy of F.linear(h, weight) against targets (-1 ignored), equal to
-    F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1), without materializing the logits.
-    h (B, T, d), weight (V, d), targets (B, T). chunk_elements: logits per chunk (rows = chunk_elements // V).
-    Without autograd (no_grad, or nothing requires grad) only the loss is computed, chunk by chunk."""
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    rows = max(1, chunk_elements // weight.shape[0])
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedHeadLoss.apply(h, weight, targets, rows)
-    total = torch.zeros((), device=h.device, dtype=torch.float32)
-    for i in range(0, h.shape[0], rows):
-        logits = F.linear(h[i : i + rows], weight).float()
-        total = total + F.cross_entropy(logits, targets[i : i + rows], ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum()  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
 
 
 def sample_token(logits, temperature: float, top_k: int | None, generator=None):

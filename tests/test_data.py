@@ -241,7 +241,7 @@ def test_corpus_too_small_for_block_size(tmp_path, corpus):
     with pytest.raises(DataError) as e:
         run_prepare(corpus, tmp_path / "out", block_size=4096)
     msg = str(e.value)
-    assert "corpus too small for block size 4096" in msg and "tokens" in msg and "--block-size" in msg
+    assert "corpus too small for block size 4096" in msg and "tokens" in msg and "--block_size" in msg
     assert not (tmp_path / "out").exists()
 
 
@@ -252,9 +252,9 @@ def test_single_document_folder(tmp_path):
 
 
 def test_bad_options(tmp_path, corpus):
-    with pytest.raises(DataError, match="--val-fraction"):
+    with pytest.raises(DataError, match="--val_fraction"):
         run_prepare(corpus, tmp_path / "out", val_fraction=1.5)
-    with pytest.raises(DataError, match="--block-size"):
+    with pytest.raises(DataError, match="--block_size"):
         run_prepare(corpus, tmp_path / "out", block_size=0)
 
 
@@ -276,7 +276,7 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
 
 def test_cli_writes_outputs_and_summary(tmp_path, corpus):
     out = tmp_path / "out"
-    r = run_cli("--source", str(corpus), "--out", str(out), "--block-size", "8", "--val-fraction", "0.3")
+    r = run_cli("--source", str(corpus), "--out", str(out), "--block_size", "8", "--val_fraction", "0.3")
     assert r.returncode == 0, r.stderr
     assert "tokenized 6/6 files" in r.stderr
     assert "train" in r.stdout and "val" in r.stdout and "doc length" in r.stdout

@@ -2,6 +2,7 @@
 perfect copier (100%) from a random model (~0%). Synthetic tokens and tiny models, CPU, a few seconds."""
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the repo root
     sys.path.insert(0, str(REPO))
 
+import checkpoint  # noqa: E402
 import eval as E  # noqa: E402
+import flags  # noqa: E402
 from model import ModelConfig, Transformer, rope_with_overrides  # noqa: E402
+from rope import RopeConfig  # noqa: E402
 
 VOCAB = 64
 
@@ -92,7 +96,9 @@ LENGTHS = [10, 40, 100, 70, 33, 65, 200]
 def test_uniform_model_nll_is_log_vocab_and_token_count_is_exact():
     tokens, docs = corpus(LENGTHS)
     max_context, stride, max_windows = 32, 8, 4
-    eligible = [n for n in LENGTHS if n > max_context]
+    # only documents with room for a scored window: 33 tokens are longer than the longest context, but their
+    # last 8 sit less than 32 tokens in, so the document scores nothing and must not be counted (nor take a slot)
+    eligible = [n for n in LENGTHS if n >= max_context + stride]
     # windows per document: scored spans end at n, n - stride, ... while the span starts >= max_context
     expected = sum(min(max_windows, (n - max_context) // stride) for n in eligible) * stride
     for context in (8, 16, 32):
@@ -100,16 +106,33 @@ def test_uniform_model_nll_is_log_vocab_and_token_count_is_exact():
                          max_windows=max_windows)
         assert r["nll"] == pytest.approx(math.log(VOCAB), abs=1e-6)
         assert r["n_tokens"] == expected  # the same tokens at every context
-        assert r["n_docs"] == len(eligible)
+        assert r["n_docs"] == len(eligible) == len(r["doc_nll"])
+        assert r["doc_nll"] == pytest.approx([math.log(VOCAB)] * len(eligible), abs=1e-6)
 
 
-def test_only_documents_longer_than_the_longest_context_and_the_same_ones_each_time():
+def test_only_documents_with_room_for_a_window_and_the_same_ones_each_time():
     _, docs = corpus(LENGTHS)
     chosen = E.select_docs(docs, 64, max_docs=3, seed=1)
-    assert all(docs[i, 1] > 64 for i in chosen) and len(chosen) == 3
+    assert all(docs[i, 1] >= 64 for i in chosen) and len(chosen) == 3
     assert list(chosen) == list(E.select_docs(docs, 64, max_docs=3, seed=1))
     with pytest.raises(ValueError):
         E.select_docs(docs, 10_000, max_docs=3)
+    # max_docs = 1 must pick a document that scores: only 40 (of 33 and 40) has room at max_context 32, stride 8
+    tokens, docs = corpus([33, 40])
+    r = E.perplexity(Uniform(), tokens, docs, 16, 8, max_docs=1, max_context=32)
+    assert r["docs"] == [1] and r["n_tokens"] == 8
+
+
+def test_one_stride_for_the_whole_ladder():
+    """A context shorter than the stride would score other tokens than the rest of the ladder: refused, and
+    every context of an accepted ladder scores the same number of tokens."""
+    tokens, docs = corpus(LENGTHS)
+    with pytest.raises(ValueError, match="stride"):
+        E.evaluate(Uniform(), tokens, docs, (8, 16, 32), stride=16, vocab=[1, 2], retrieval_contexts=(),
+                   log=lambda *a: None)
+    out = E.evaluate(Uniform(), tokens, docs, (8, 16, 32), stride=8, vocab=[1, 2], retrieval_contexts=(),
+                   log=lambda *a: None)
+    assert len({r["n_tokens"] for r in out["ppl"].values()}) == 1
 
 
 def test_windows_are_contiguous_slices_with_full_history():
@@ -120,7 +143,7 @@ def test_windows_are_contiguous_slices_with_full_history():
                  batch_size=1)
     stream = tokens.astype(np.int64)
     ends = []
-    for i in E.select_docs(docs, max_context, 100):
+    for i in E.select_docs(docs, max_context + stride, 100):
         start, n = docs[i]
         ends += [start + e for e in E.window_ends(n, stride, max_context, 3)]
     assert len(rec.seen) == len(ends)
@@ -136,37 +159,41 @@ def test_perplexity_equals_direct_computation_on_a_real_model():
     tokens, docs = corpus(LENGTHS, seed=3)
     context, stride, max_context = 16, 8, 32
     r = E.perplexity(model, tokens, docs, context, stride, max_docs=100, max_context=max_context, max_windows=2)
-    losses = []
+    losses, per_doc = [], []
     with torch.no_grad():
-        for i in E.select_docs(docs, max_context, 100):
+        for i in E.select_docs(docs, max_context + stride, 100):
             start, n = docs[i]
             doc = torch.from_numpy(tokens[start : start + n].astype(np.int64))
+            mine = []
             for end in E.window_ends(n, stride, max_context, 2):
-                logits = model(doc[None, end - 1 - context : end - 1])[0]  # the whole window, no hook
-                losses.append(F.cross_entropy(logits[-stride:], doc[end - stride : end], reduction="none"))
+                logits = model(doc[None, end - 1 - context : end - 1])[0]  # the whole window's logits
+                mine.append(F.cross_entropy(logits[-stride:], doc[end - stride : end], reduction="none"))
+            losses += mine
+            per_doc.append(torch.cat(mine).mean().item())
     direct = torch.cat(losses)
     assert r["n_tokens"] == direct.numel()
     assert r["nll"] == pytest.approx(direct.mean().item(), rel=1e-5)
     assert r["ppl"] == pytest.approx(math.exp(direct.mean().item()), rel=1e-5)
+    assert r["doc_nll"] == pytest.approx(per_doc, rel=1e-5)
 
 
-def test_last_positions_only_matches_full_logits_and_removes_the_hook():
+def test_last_positions_only_matches_full_logits():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16)).eval()
     x = torch.randint(0, VOCAB, (2, 20))
     with torch.no_grad():
         full = model(x)
-        part = E.last_logits(model, x, 5)
+        part = model(x, last_n=5)
         assert part.shape == (2, 5, VOCAB)
         torch.testing.assert_close(part, full[:, -5:])
-        assert model(x).shape == full.shape  # hook removed
 
 
 def test_probe_sequence_layout():
     filler, needle = np.arange(100, 120), np.arange(8)
-    seq, n = E.probe_sequence(filler, needle, 0.5, prefix=3)
-    assert len(seq) == len(filler) + 2 * len(needle) and n == 5
+    seq = E.probe_sequence(filler, needle, 0.5)
+    assert len(seq) == len(filler) + 2 * len(needle)
     assert np.array_equal(seq[10:18], needle) and np.array_equal(seq[-8:], needle)
+    assert np.array_equal(seq[18:-8], filler[10:])  # the text between the needle and its cue
 
 
 def test_retrieval_perfect_copier_scores_100_and_random_model_about_0():
@@ -176,26 +203,78 @@ def test_retrieval_perfect_copier_scores_100_and_random_model_about_0():
     tokens = rng.integers(0, 100, sum(lengths)).astype(np.uint16)
     docs = np.array([(sum(lengths[:i]), n) for i, n in enumerate(lengths)], dtype=np.int64)
     vocab = list(range(100, 164))
-    depths = (0.0, 0.5, 1.0)
+    depths = (0.0, 0.5, 0.75)
     for context in (64, 256):
         r = E.retrieval(PerfectCopier(200), tokens, docs, context, depths, trials=4, vocab=vocab)
         assert all(a == 1.0 for a in r["acc"].values()), r
+        assert all(d > 0 for d in r["distance"].values())  # text between needle and cue in every cell
         r = E.retrieval(RandomModel(200), tokens, docs, context, depths, trials=4, vocab=vocab)
         assert r["mean"] < 0.05, r
+    with pytest.raises(ValueError, match="depth"):  # depth 1 would put the needle right before its cue
+        E.retrieval(PerfectCopier(200), tokens, docs, 64, (0.0, 1.0), trials=4, vocab=vocab)
+
+
+def test_chance_is_what_a_guesser_knowing_the_needles_tokens_scores():
+    """Not 1/len(vocab): a guesser that knows which tokens remain, striking out those teacher forcing reveals,
+    scores H_n / n for n distinct tokens (0.26 for n = 12, against 1/77 for GPT-2's needle vocabulary)."""
+    assert E.chance(list(range(12))) == pytest.approx(sum(1 / k for k in range(1, 13)) / 12)
+    assert E.chance(list(range(12))) > 0.25
+    assert E.chance([5, 5, 5]) == 1.0
+    assert E.chance([1, 1, 2]) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    rng = np.random.default_rng(0)  # and a simulated guesser agrees
+    needle, hits = list(range(8)), []
+    for _ in range(4000):
+        left = list(needle)
+        for token in needle:
+            hits.append(left[rng.integers(len(left))] == token)
+            left.remove(token)
+    assert np.mean(hits) == pytest.approx(E.chance(needle), abs=0.02)
 
 
 def test_rope_overrides_are_typed_like_the_config_and_unknown_ones_refused():
-    got = E.parse_rope_overrides(["--rope.type=yarn", "--rope.factor=8", "--rope.original_context=512",
-                                  "--rope.truncate=false", "--rope.attention_factor=none"])
-    assert got == {"type": "yarn", "factor": 8.0, "original_context": 512, "truncate": False, "attention_factor": None}
-    assert isinstance(got["factor"], float) and isinstance(got["original_context"], int)
-    with pytest.raises(SystemExit):
-        E.parse_rope_overrides(["--rope.bogus=1"])
-    with pytest.raises(SystemExit):
-        E.parse_rope_overrides(["--stride=3"])
+    table = flags.override_table(RopeConfig, "rope.", "the checkpoint's")
+    got = flags.parse(["--rope.type=yarn", "--rope.factor=8", "--rope.original_context=512", "--rope.truncate=false",
+                       "--rope.attention_factor=none"], table, "eval.py")
+    assert got == {"rope.type": "yarn", "rope.factor": 8.0, "rope.original_context": 512, "rope.truncate": False,
+                   "rope.attention_factor": None}
+    assert isinstance(got["rope.factor"], float) and isinstance(got["rope.original_context"], int)
+    with pytest.raises(ValueError, match="bogus"):
+        flags.parse(["--rope.bogus=1"], table, "eval.py")
 
 
 def test_extended_rope_defaults_original_context_to_the_training_context():
     model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16))
     cfg = rope_with_overrides(model.config, {"type": "yarn", "factor": 4.0})
     assert (cfg.type, cfg.factor, cfg.original_context) == ("yarn", 4.0, 16)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--ckpt", "{tmp}/missing", "--contexts", "128"], ["no checkpoint"]),
+    (["--ckpt", "{tmp}/truncated.pt", "--contexts", "128"], ["corrupt"]),
+    (["--ckpt", "{tmp}/ok.pt", "--contexts", "10000000", "--data_dir", "{data}"], ["no held-out document"]),
+    (["--ckpt", "{tmp}/ok.pt", "--contexts", "abc"], ["--contexts expects an int list"]),
+])
+def test_cli_errors_exit_2_without_a_traceback(argv, words, tmp_path):
+    """Bad input to eval.py gives `error: ...` and exit 2, as to train.py and sample.py."""
+    model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16))
+    checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "tokenizer": "bytes"},
+                    tmp_path / "ok.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:3000])
+    data = tmp_path / "data"
+    make_token_files(data)
+    args = [a.format(tmp=tmp_path, data=data) for a in argv]
+    r = subprocess.run([sys.executable, "eval.py", *args, "--device", "cpu"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def make_token_files(folder):
+    """A prepared folder (data.prepare's format) of random byte-level documents."""
+    from data.prepare import PrepareConfig, prepare
+
+    src = folder.parent / "corpus"
+    src.mkdir()
+    for i in range(6):
+        (src / f"doc{i}.txt").write_text("".join(chr(97 + (7 * k + i) % 26) for k in range(400)))
+    prepare(PrepareConfig(source=str(src), out=str(folder), block_size=16, tokenizer="bytes", val_fraction=0.5))

@@ -62,6 +62,9 @@ for line in sys.stdin:
             fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
+            if request.get("nan_at_step") is not None:  # the fault: the loss turns NaN at that step
+                real, nan_step = train.train_step, request["nan_at_step"]
+                train.train_step = lambda r, step: real(r, step) * (float("nan") if step == nan_step else 1.0)
             code = train.cli(request["argv"])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -85,8 +88,9 @@ class Launcher:
                                      stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def start(self, argv: list[str], log: Path) -> "Child":
-        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log)}) + "\n")
+    def start(self, argv: list[str], log: Path, nan_at_step: int | None = None) -> "Child":
+        request = {"argv": [str(a) for a in argv], "log": str(log), "nan_at_step": nan_at_step}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return Child(self, int(self.proc.stdout.readline()), log)
 
@@ -298,7 +302,7 @@ def test_nan_loss_leaves_the_last_good_checkpoint_byte_identical(launcher, data_
     assert child.wait() == 0, child.output()[-3000:]
     files = {p.name: sha(p) for p in out.glob("ckpt*.pt")}
     assert "ckpt.pt" in files and "ckpt_4.pt" in files
-    child = launcher.start(flags(data_dir, out, init_from="resume", debug_nan_at_step=4, **common), tmp_path / "b.txt")
+    child = launcher.start(flags(data_dir, out, init_from="resume", **common), tmp_path / "b.txt", nan_at_step=4)
     assert child.wait() == 1, child.output()[-3000:]
     err = child.output()
     assert "error: loss is nan at step 4" in err and "step 4" in err and "Traceback" not in err, err

@@ -45,21 +45,32 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # Helpers
 
 
-def rope_config(variant: str, factor: float = S, **kw) -> RopeConfig:
-    """Variant `variant` extending L = 16 by `factor`; the dynamic ones with factor 1 (plain RoPE up to L)."""
+def longrope_factors(pairs: int, factor: float) -> dict:
+    """LongRoPE divisors of the shape its search finds: near 1 for the fast pairs, rising to s for the slowest;
+    the short ones milder."""
+    return {"short_factor": tuple(1.0 + 0.1 * d for d in range(pairs)),
+            "long_factor": tuple(1.0 + (factor - 1.0) * (d + 1) / pairs for d in range(pairs))}
+
+
+def rope_config(variant: str, factor: float = S, pairs: int = 4, **kw) -> RopeConfig:
+    """Variant `variant` extending L = 16 by `factor`; the dynamic ones with factor 1 (plain RoPE up to L), except
+    LongRoPE (whose factor only sets its attention factor). pairs: |D|/2, for LongRoPE's per-pair divisors."""
     kw.setdefault("base", BASE)
     if variant == "default":
         return RopeConfig(**kw)
     if variant in ("linear", "ntk"):
         return RopeConfig(type=variant, factor=factor, **kw)
+    if variant == "longrope":
+        return RopeConfig(type=variant, factor=factor, original_context=L, **longrope_factors(pairs, factor), **kw)
     if variant in DYNAMIC_VARIANTS:
         return RopeConfig(type=variant, factor=1.0, original_context=L, **kw)
     return RopeConfig(type=variant, factor=factor, original_context=L, **kw)
 
 
 def model_config(variant="default", n_layer=2, n_head=4, n_kv_head=0, d_model=32, **rope_kw) -> ModelConfig:
+    pairs = int(d_model // n_head * rope_kw.get("partial_rotary_factor", 1.0)) // 2
     return ModelConfig(vocab_size=V, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
-                       block_size=L, rope=rope_config(variant, **rope_kw))
+                       block_size=L, rope=rope_config(variant, pairs=pairs, **rope_kw))
 
 
 def make_model(variant="default", seed=0, dtype=torch.float64, sharp=True, **kw) -> Transformer:
@@ -404,13 +415,24 @@ def test_cache_dtype_and_shape_follow_the_model():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Dynamic variants: the output follows rope_length past L and is plain RoPE up to L
+# 4. Dynamic variants: the output follows rope_length past L and is plain RoPE up to L (LongRoPE: its short
+#    factors up to L, its long ones past it)
+
+
+def short_context_twin(variant: str) -> Transformer:
+    """A model with the same weights (same seed) computing what `variant` computes while l' <= L: plain RoPE for
+    the dynamic scalings; for LongRoPE, the same config with the long factors replaced by the short ones."""
+    if variant != "longrope":
+        return make_model("default")
+    twin = make_model(variant)
+    twin.set_rope(twin.config.rope.replace(long_factor=twin.config.rope.short_factor))
+    return twin
 
 
 @pytest.mark.parametrize("variant", DYNAMIC_VARIANTS)
 def test_dynamic_variant_depends_on_rope_length_only_past_L(variant):
     model = make_model(variant)
-    plain = make_model("default")  # same seed, so the same weights
+    plain = short_context_twin(variant)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
     idx = tokens(2, 12)
     with torch.no_grad():
@@ -419,7 +441,10 @@ def test_dynamic_variant_depends_on_rope_length_only_past_L(variant):
             assert torch.equal(model(idx, rope_length=rope_length), reference), rope_length
         at_32, at_64 = model(idx, rope_length=32), model(idx, rope_length=64)
         assert max_diff(at_32, reference) > 1e-3
-        assert max_diff(at_64, at_32) > 1e-3
+        if variant == "longrope":  # one switch, at L: the long factors whatever l' past L
+            assert torch.equal(at_64, at_32)
+        else:
+            assert max_diff(at_64, at_32) > 1e-3
         long = tokens(2, 40)
         assert max_diff(model(long), plain(long)) > 1e-3  # a forward pass past L scales for its own length
         cached = decode_in_pieces(model, idx, [(0, 5)] + [(i, i + 1) for i in range(5, 12)], max_len=64)
@@ -693,27 +718,84 @@ def test_loss_at_init_is_about_ln_vocab_and_training_lowers_it():
 # 8. generate
 
 
-def greedy_reference(model, idx, n, rope_length=None):
-    """Argmax of a full forward pass without cache, re-run after each new token."""
+def greedy_reference(model, idx, n, rule="follow"):
+    """Argmax of a full forward pass without cache, re-run after each new token, with the l' the rule gives."""
     seq = idx
     with torch.no_grad():
         for _ in range(n):
+            rope_length = model.rope_length(seq.shape[1], idx.shape[1] + n, rule)
             nxt = model(seq, rope_length=rope_length)[:, -1].argmax(dim=-1)
             seq = torch.cat((seq, nxt[:, None]), dim=1)
     return seq[:, idx.shape[1] :]
 
 
-@pytest.mark.parametrize("variant", ["yarn", "dynamic_yarn", "dynamic"])
-def test_greedy_generation_equals_uncached_argmax(variant):
+@pytest.mark.parametrize("rule", ["follow", "capacity"])
+@pytest.mark.parametrize("variant", ["yarn", "dynamic_yarn", "dynamic", "longrope"])
+def test_greedy_generation_equals_uncached_argmax(variant, rule):
     model = make_model(variant)
     idx = tokens(2, 8, seed=6)
     n = 20  # 28 positions, past L = 16
-    out = torch.stack(list(model.generate(idx, n, temperature=0)), dim=1)
+    out = torch.stack(list(model.generate(idx, n, temperature=0, rule=rule)), dim=1)
     assert out.shape == (2, n) and out.dtype == torch.long
-    rope_length = idx.shape[1] + n if model.config.rope.is_dynamic else None
-    assert torch.equal(out, greedy_reference(model, idx, n, rope_length))
-    top1 = torch.stack(list(model.generate(idx, n, temperature=0.7, top_k=1)), dim=1)
+    assert torch.equal(out, greedy_reference(model, idx, n, rule))
+    top1 = torch.stack(list(model.generate(idx, n, temperature=0.7, top_k=1, rule=rule)), dim=1)
     assert torch.equal(top1, out)  # top_k = 1 is greedy at any temperature
+
+
+def decoded_logits(model, idx, n, rule):
+    """(tokens (B, n) greedily decoded with the cache, the logits each was chosen from, (B, n, V))."""
+    logits = []
+
+    def choose(step_logits):
+        logits.append(step_logits)
+        return step_logits.argmax(dim=-1)
+
+    out = torch.stack(list(model.decode(idx, n, choose, rule)), dim=1)
+    return out, torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("variant", DYNAMIC_VARIANTS)
+def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_changes(variant):
+    """Under 'follow', the scale steps at L, 2L and 4L (l' 16 -> 32 -> 64 here) and each step re-prefills; at every
+    step the cached logits equal a full forward pass of that prefix with rope_length = its rounded l'."""
+    model = make_model(variant)
+    idx = tokens(2, 5, seed=8)
+    n = 50  # prefix lengths 5 .. 54: through L = 16, 32 and 64
+    out, logits = decoded_logits(model, idx, n, "follow")
+    seq = torch.cat((idx, out), dim=1)
+    lengths = set()
+    with torch.no_grad():
+        for i in range(n):
+            prefix = seq[:, : idx.shape[1] + i]
+            length = model.rope_length(prefix.shape[1], idx.shape[1] + n, "follow")
+            lengths.add(length)
+            torch.testing.assert_close(logits[:, i], model(prefix, rope_length=length)[:, -1], atol=1e-9, rtol=0)
+    assert lengths == {L, 2 * L, 4 * L}  # three scales, two changes
+    capacity = decoded_logits(model, idx, n, "capacity")[1]
+    assert max_diff(capacity[:, : L - idx.shape[1]], logits[:, : L - idx.shape[1]]) > 1e-3  # the rules do differ
+
+
+@pytest.mark.parametrize("variant", ["dynamic", "dynamic_yarn"])
+def test_follow_rule_gives_a_prompt_shorter_than_L_exactly_plain_ropes_logits(variant):
+    """A short prompt headed for a long generation: every step until the sequence passes L is plain RoPE's, bit
+    for bit (under 'capacity' the whole generation runs at s = 60 / 16 from its first token)."""
+    model, plain = make_model(variant), make_model("default")
+    idx = tokens(1, 4, seed=9)
+    _, ours = decoded_logits(model, idx, 56, "follow")
+    _, theirs = decoded_logits(plain, idx, 56, "follow")
+    within = L - idx.shape[1] + 1  # the steps predicting from prefixes of 4 .. 16 tokens
+    assert torch.equal(ours[:, :within], theirs[:, :within])
+    assert max_diff(ours[:, within:], theirs[:, within:]) > 1e-3
+    assert max_diff(decoded_logits(model, idx, 56, "capacity")[1][:, :within], theirs[:, :within]) > 1e-3
+
+
+def test_rope_length_rules():
+    model = make_model("dynamic_yarn")
+    assert [model.rope_length(n, 100, "follow") for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
+    assert model.rope_length(5, 100, "capacity") == 100
+    assert make_model("yarn").rope_length(5, 100, "follow") == 100  # static: l' is never read
+    with pytest.raises(ValueError, match="rope rule"):
+        model.rope_length(5, 100, "grow")
 
 
 def test_generate_stops_at_stop_token():

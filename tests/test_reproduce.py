@@ -11,6 +11,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the repo root
+    sys.path.insert(0, str(REPO))
+
+import report  # noqa: E402
 PLOTS = ["ppl_finetuned.png", "ppl_no_finetune.png", "retrieval_finetuned.png", "retrieval_no_finetune.png",
          "scaling_per_dimension.png", "temperature.png"]
 
@@ -45,14 +49,20 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
     res = json.loads((results / "results.json").read_text())
     assert set(res["no_finetune"]) == {"default", "linear", "ntk", "ntk_by_parts", "yarn", "dynamic", "dynamic_yarn"}
     assert set(res["finetuned"]) == {"default", "linear", "ntk", "ntk_by_parts", "yarn"}
-    for r in [*res["no_finetune"].values(), *res["finetuned"].values(), res["short_long"]]:
+    assert all(len(runs) == 2 for runs in res["finetuned"].values()) and len(res["short_long"]) == 2  # seeds
+    for r in [*res["no_finetune"].values(), *sum(res["finetuned"].values(), []), *res["short_long"]]:
         assert [int(c) for c in r["ppl"]] == res["contexts"]
         # the same scored tokens at every context
         assert len({x["n_tokens"] for x in r["ppl"].values()}) == 1
     assert res["claims"] and all(c["held"] in ("yes", "no", "within noise") for c in res["claims"])
-    report = (results / "report.md").read_text()
-    assert "| claim | held | numbers |" in report
+    text = (results / "report.md").read_text()
+    assert "| claim | held | numbers |" in text
 
     out, second = run(args)
     assert "[done]" not in out and out.count("[skip]") >= 10, out
     assert second < max(20.0, first / 3), (first, second)
+
+    # another seed for every training run: the verdicts that are not 'within noise' in either run must agree
+    run(args[:-4] + ["--runs", str(tmp_path / "runs_seed1"), "--out", str(tmp_path / "seed1"), "--seed", "1"])
+    other = json.loads((tmp_path / "seed1" / "results.json").read_text())
+    assert report.agree(res["claims"], other["claims"]) == []

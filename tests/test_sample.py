@@ -14,6 +14,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
     sys.path.insert(0, str(REPO))
 
 import checkpoint  # noqa: E402
+import flags  # noqa: E402
 import sample  # noqa: E402
 from data.tokenizer import EOT, get_tokenizer  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -85,20 +86,18 @@ def cli(*args):
 
 
 def main(capsys, *args):
-    """sample.main in this process (argparse's own errors raise SystemExit): (exit code, stdout, stderr)."""
-    try:
-        code = sample.main(on_cpu(args))
-    except SystemExit as e:
-        code = e.code
+    """sample.py's main in this process, as the script runs it: (exit code, stdout, stderr)."""
+    code = flags.cli(sample.main, on_cpu(args))
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def reference_greedy(model, tokens, n, rope_length):
-    """Greedy decoding the slow way: a full forward pass over the whole sequence for every new token, no cache."""
+def reference_greedy(model, tokens, n, rule):
+    """Greedy decoding the slow way: a full forward pass over the whole sequence for every new token, no cache,
+    with the l' the rule gives for that sequence's length."""
     idx = torch.tensor([tokens])
     for _ in range(n):
-        logits = model(idx, rope_length=rope_length)[:, -1]
+        logits = model(idx, rope_length=model.rope_length(idx.shape[1], len(tokens) + n, rule))[:, -1]
         idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx[0, len(tokens):].tolist()
 
@@ -220,19 +219,21 @@ def test_greedy_equals_no_cache_reference(tok, prompt):
     tokens = sample.encode_prompt(tok, prompt)
     n = min(16, 32 - len(tokens))
     cached = list(sample.generate_tokens(model, tokens, n, temperature=0))
-    assert cached == reference_greedy(model, tokens, n, rope_length=len(tokens) + n)
+    assert cached == reference_greedy(model, tokens, n, "follow")
     decoder = sample.StreamDecoder(tok)
     expected = decoder.push(cached) + decoder.flush()
     assert sample.generate_text(model, tok, prompt, n, temperature=0, stop_at_eot=False) == expected
 
 
-def test_greedy_equals_reference_for_dynamic_yarn_past_the_context(tok):
-    """Cached decoding with a dynamic variant fixes l' = prompt + new tokens; the no-cache reference uses that l'."""
+@pytest.mark.parametrize("rule", ["follow", "capacity"])
+def test_greedy_equals_reference_for_dynamic_yarn_past_the_context(tok, rule):
+    """Cached decoding with a dynamic variant equals the no-cache reference under either rule: l' stepping with
+    the length (40 -> 64 -> 128 here, two re-prefills), or fixed at prompt + new tokens."""
     model = random_model()
     model.set_rope(sample.rope_with_overrides(model.config, {"type": "dynamic_yarn"}))
     tokens = tok.encode_ordinary(LONG_PROMPT)
-    cached = list(sample.generate_tokens(model, tokens, 12, temperature=0))
-    assert cached == reference_greedy(model, tokens, 12, rope_length=len(tokens) + 12)
+    cached = list(sample.generate_tokens(model, tokens, 40, temperature=0, rule=rule))
+    assert cached == reference_greedy(model, tokens, 40, rule)
 
 
 def test_on_text_streams_pieces(tok):
@@ -249,7 +250,7 @@ def test_stop_at_eot(tok, eot_ckpt, capsys):
     assert sample.generate_text(model, tok, "The", 3, temperature=0, stop_at_eot=False) == "<|endoftext|>" * 3
     code, out, _ = main(capsys, "--ckpt", eot_ckpt, "--prompt", "The", "--max_new_tokens", 5)
     assert code == 0 and out == "\n"
-    code, out, _ = main(capsys, "--ckpt", eot_ckpt, "--max_new_tokens", 2, "--no-stop_at_eot")
+    code, out, _ = main(capsys, "--ckpt", eot_ckpt, "--max_new_tokens", 2, "--stop_at_eot=false")
     assert code == 0 and out == "<|endoftext|>" * 2 + "\n"
 
 

@@ -134,15 +134,15 @@ def test_pretrain_then_extend_with_yarn_then_finetune_then_sample(data_dir, pret
 
 def test_extension_and_resume_refuse_a_different_architecture(data_dir, pretrained, tmp_path):
     pre, _ = pretrained
-    with pytest.raises(train.ConfigError, match="extension keeps the architecture"):
+    with pytest.raises(ValueError, match="extension keeps the architecture"):
         train.main(flags(data_dir, tmp_path / "x", init_from=pre, d_model=128))
-    with pytest.raises(train.ConfigError, match="a resumed run keeps its model"):
+    with pytest.raises(ValueError, match="a resumed run keeps its model"):
         train.main(["--init_from=resume", f"--out_dir={pre}", "--n_layer=3"])
-    with pytest.raises(train.ConfigError, match="already holds a checkpoint"):
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
         train.main(flags(data_dir, pre))  # scratch over an existing run
-    with pytest.raises(train.ConfigError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         train.main(["--init_from=resume", f"--out_dir={tmp_path / 'nothing'}"])
-    with pytest.raises(train.ConfigError, match="data.prepare"):
+    with pytest.raises(ValueError, match="data.prepare"):
         train.main(flags(tmp_path / "no_data", tmp_path / "y"))
 
 
@@ -192,8 +192,9 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
 
 
 def test_grad_accum_must_divide_among_processes(data_dir, tmp_path):
+    run, config, state, resume = train.resolve(*train.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
     with pytest.raises(ValueError, match="divisible by the number of processes"):
-        train.setup(flags(data_dir, tmp_path, grad_accum=3), train.Dist(rank=0, local_rank=0, world=2))
+        train.setup(run, config, state, resume, train.Dist(rank=0, local_rank=0, world=2))
 
 
 def test_global_batch_does_not_depend_on_the_process_count():
@@ -211,11 +212,12 @@ def test_global_batch_does_not_depend_on_the_process_count():
 
 
 def test_flags_are_parsed_by_type():
-    run, model, given = train.parse_args([
+    given, model = train.parse_args([
         "--lr=3e-4", "--max_steps", "100", "--compile", "--min_lr=none", "--warmup_steps=10", "--device", "cpu",
         "--d_model=256", "--rope.type=yarn", "--rope.factor", "8", "--rope.original_context=512",
         "--rope.truncate=false", "--grad_clip=0",
     ])
+    run = train.RunConfig(**given)
     assert (run.lr, run.max_steps, run.compile, run.min_lr, run.device) == (3e-4, 100, True, None, "cpu")
     assert run.grad_clip == 0.0 and isinstance(run.grad_clip, float)
     assert run.final_lr == pytest.approx(3e-5) and run.warmup == 10
@@ -223,7 +225,7 @@ def test_flags_are_parsed_by_type():
     assert model == {"d_model": 256, "rope": rope_given}
     assert given == {"lr": 3e-4, "max_steps": 100, "compile": True, "min_lr": None, "warmup_steps": 10,
                      "device": "cpu", "grad_clip": 0.0}
-    assert train.parse_args([])[0] == train.RunConfig()
+    assert train.RunConfig(**train.parse_args([])[0]) == train.RunConfig()
     assert train.RunConfig().warmup == 100  # 5% of the default 2000 steps
 
 
@@ -231,11 +233,12 @@ def test_config_file_then_flags(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 1e-4, "max_steps": 50, "rope": {"type": "linear", "factor": 2},
                                 "rope.base": 500000, "n_layer": 2, "compile": False}))
-    run, model, _ = train.parse_args(["--max_steps=70", f"--config={path}"])
+    given, model = train.parse_args(["--max_steps=70", f"--config={path}"])
+    run = train.RunConfig(**given)
     assert (run.lr, run.max_steps, run.compile) == (1e-4, 70, False)  # the flag wins, wherever it is
     assert model == {"n_layer": 2, "rope": {"type": "linear", "factor": 2.0, "base": 500000.0}}
     path.write_text(json.dumps({"max_steps": 1e4}))
-    with pytest.raises(ValueError, match="max_steps must be int"):
+    with pytest.raises(ValueError, match="max_steps expects an int"):
         train.parse_args([f"--config={path}"])
 
 
@@ -262,7 +265,7 @@ def test_shipped_configs_parse(config):
     (["--max_step=10"], "unknown option --max_step; did you mean --max_steps"),
     (["--rope.typ=yarn"], "did you mean --rope.type"),
     (["--rope=yarn"], "--rope.<field>"),
-    (["--lr"], "--lr needs a value"),
+    (["--lr"], "--lr: expected one argument"),
     (["out/pretrain"], "unexpected argument 'out/pretrain'"),
     (["-lr=1"], "unexpected argument"),
     (["--config=does/not/exist.json"], "cannot read it"),
@@ -281,7 +284,9 @@ def test_cli_errors_exit_2_without_a_traceback_and_help_lists_the_fields(capsys)
     proc = subprocess.run([sys.executable, "train.py", "--max_steps=1e4"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --max_steps") and "Traceback" not in proc.stderr
-    assert train.cli(["--help"]) == 0
+    with pytest.raises(SystemExit) as e:  # argparse prints the help and exits 0
+        train.main(["--help"])
+    assert e.value.code == 0 and train.cli(["--help"]) == 0
     text = capsys.readouterr().out
     assert all(f"--{key}" in text for key in ("lr", "init_from", "d_model", "rope.factor", "rope.original_context"))
     assert train.cli(["--compile=maybe"]) == 2
@@ -289,6 +294,19 @@ def test_cli_errors_exit_2_without_a_traceback_and_help_lists_the_fields(capsys)
 
 
 KEYS = sorted(train.FLAGS) + ["config", "rope", "help", ""]
+
+
+def only_value_errors_or_help(parse, argv):
+    """parse(argv) returns, raises ValueError, or (for --help, which prints the flags) exits 0."""
+    try:
+        return parse(argv)
+    except ValueError:
+        return None
+    except SystemExit as e:
+        assert e.code == 0 and any(a.startswith("--help") for a in argv), argv
+        return None
+
+
 hostile_text = st.text(max_size=30) | st.sampled_from(["", "-", "--", "=", "none", "nan", "inf", "-1", "1e400",
                                                         "9" * 5000, "True", "0x10", "1_000", "\x00", "\ud800"])
 
@@ -296,10 +314,7 @@ hostile_text = st.text(max_size=30) | st.sampled_from(["", "-", "--", "=", "none
 @settings(max_examples=300, deadline=None)
 @given(st.lists(hostile_text, max_size=6))
 def test_hostile_argument_lists_raise_only_value_errors(argv):
-    try:
-        train.parse_args(argv)
-    except ValueError:
-        pass
+    only_value_errors_or_help(train.parse_args, argv)
 
 
 @settings(max_examples=400, deadline=None)
@@ -310,11 +325,8 @@ def test_hostile_values_for_real_keys_raise_only_value_errors(items):
         if key == "config":
             continue  # a random path could name a real file; config files are fuzzed below
         argv += [f"--{key}={value}"] if joined else [f"--{key}", value]
-    try:
-        run, model, _ = train.parse_args(argv)
-    except ValueError:
-        return
-    assert isinstance(run, train.RunConfig) and isinstance(model, dict)
+    parsed = only_value_errors_or_help(train.parse_args, argv)
+    assert parsed is None or all(isinstance(part, dict) for part in parsed)
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -328,10 +340,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 def test_hostile_config_files_raise_only_value_errors(tmp_path_factory, obj):
     path = tmp_path_factory.mktemp("cfg") / "c.json"
     path.write_text(json.dumps(obj))
-    try:
-        train.parse_args([f"--config={path}"])
-    except ValueError:
-        pass
+    only_value_errors_or_help(train.parse_args, [f"--config={path}"])
 
 
 def test_extension_keeps_how_the_model_was_pretrained_and_changes_only_rope_and_context():
@@ -347,10 +356,10 @@ def test_extension_keeps_how_the_model_was_pretrained_and_changes_only_rope_and_
 
 
 def test_resume_applies_the_flags_given_on_top_of_the_saved_run_config():
-    saved = {"run_config": asdict(train.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5, debug_nan_at_step=7))}
+    saved = {"run_config": asdict(train.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5))}
     run = train.resumed_run_config(saved, {"max_steps": 20, "init_from": "resume"})
     assert (run.max_steps, run.lr, run.init_from) == (20, 1e-3, "scratch")
-    assert run.stop_at_step is None and run.debug_nan_at_step is None  # test hooks belong to one invocation
+    assert run.stop_at_step is None  # belongs to one invocation
     with pytest.raises(ValueError, match="warmup_steps"):
         train.resumed_run_config(saved, {"warmup_steps": 15})
     with pytest.raises(ValueError, match="does not know"):
@@ -370,9 +379,16 @@ def test_lr_schedule_is_warmup_then_cosine():
 # 5. NaN: stop with the step, keep the last good checkpoint
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys):
+def nan_at_step(monkeypatch, nan_step: int):
+    """Make train.py's loss NaN at one step (after its optimizer step, as a NaN would show up)."""
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda r, step: real(r, step) * (float("nan") if step == nan_step else 1))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "nan"
-    assert train.cli(flags(data_dir, out, max_steps=20, ckpt_interval=2, debug_nan_at_step=5)) == 1
+    nan_at_step(monkeypatch, 5)
+    assert train.cli(flags(data_dir, out, max_steps=20, ckpt_interval=2)) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: loss is nan at step 5; stopped without saving:") and "step 4" in err, err
     state = checkpoint.load(out / "ckpt.pt")
@@ -382,6 +398,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, c
     assert max(events(out, "train")) == 4  # the NaN step was never logged as a loss
 
     # an absurd learning rate: the weights blow up at once; nothing non-finite is ever saved
+    monkeypatch.undo()
     out = tmp_path / "lr"
     with pytest.raises(train.TrainingError, match="step"):
         train.main(flags(data_dir, out, max_steps=20, ckpt_interval=1, lr=1e6, warmup_steps=0))
