@@ -4,6 +4,7 @@ The oracle is transformers' LlamaForCausalLM itself: every exported variant must
 SDPA attention) at a length beyond the original context, so the scaling is exercised. Then the round trip,
 the refusals, the command line, and the transformers behaviours hf.py's docstring describes."""
 
+import inspect
 import json
 import math
 import os
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
+import flags  # noqa: E402
 import hf  # noqa: E402
 import rope  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -32,6 +34,9 @@ from rope import RopeConfig  # noqa: E402
 L = 32  # original context
 T = 100  # test length: beyond L, inside s*L = 128
 TOL = 1e-4  # ||ours - theirs|| / ||theirs||; observed ~2e-7 (float32 rounding of the frequencies)
+# LongRoPE's divisors for head_dim 16 (8 pairs), Phi-3-like: near 1 up to L, growing towards s = 4 past it
+SHORT = (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.7)
+LONG = (1.0, 1.1, 1.4, 2.0, 2.8, 3.5, 3.9, 4.0)
 
 # Every variant hf.py exports, with how (see hf.py's table). GQA in the yarn case.
 EXPORTABLE = {
@@ -45,6 +50,8 @@ EXPORTABLE = {
         type="yarn", factor=4.0, original_context=L, beta_fast=16.0, beta_slow=0.5, truncate=False,
         mscale=0.707, mscale_all_dim=1.0)),
     "llama3": dict(rope_cfg=RopeConfig(type="llama3", factor=4.0, original_context=L)),
+    "longrope": dict(rope_cfg=RopeConfig(type="longrope", factor=4.0, original_context=L, short_factor=SHORT,
+                                         long_factor=LONG)),  # at T > L: the long factors
 }
 
 
@@ -109,6 +116,8 @@ def test_parity_is_sensitive():
             assert rel_err(tiny_model(other, n_kv_head=2)(idx), yarn) > 100 * TOL, other
         dynamic = case_model("dynamic")
         assert rel_err(dynamic(idx), dynamic(idx, rope_length=2 * T)) > 100 * TOL  # the scale's length matters
+        longrope = case_model("longrope")
+        assert rel_err(longrope(idx), longrope(idx, rope_length=L)) > 100 * TOL  # long factors, not short ones
 
 
 def test_config_json_per_variant(tmp_path):
@@ -135,6 +144,13 @@ def test_config_json_per_variant(tmp_path):
     llama3 = exported("llama3")
     assert llama3["max_position_embeddings"] == 4 * L
     assert llama3["rope_parameters"]["original_max_position_embeddings"] == L
+    longrope = exported("longrope")
+    assert longrope["max_position_embeddings"] == 4 * L
+    assert longrope["rope_parameters"] == {
+        "rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": L,
+        "short_factor": list(SHORT), "long_factor": list(LONG),
+        "attention_factor": math.sqrt(1 + math.log(4.0) / math.log(L)),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,14 +198,15 @@ def strip_record(folder: Path) -> dict:
     return config
 
 
-@pytest.mark.parametrize("name", ["ntk", "dynamic", "ntk_by_parts", "yarn_mscale_untruncated"])
+@pytest.mark.parametrize("name", ["ntk", "dynamic", "ntk_by_parts", "yarn_mscale_untruncated", "longrope"])
 def test_import_without_record_gives_the_same_logits(name, tmp_path):
-    """A folder from elsewhere (no record) imports from the Llama fields alone: other names, same function."""
+    """A folder from elsewhere (no record) imports from the Llama fields alone: other names (or the attention
+    factor written out), same function."""
     model = case_model(name)
     hf.export_hf(model, tmp_path)
     strip_record(tmp_path)
     back = hf.import_hf(tmp_path)
-    assert back.config.rope.type == {"ntk": "default", "dynamic": "dynamic"}.get(name, "yarn")
+    assert back.config.rope.type == {"ntk": "default", "dynamic": "dynamic", "longrope": "longrope"}.get(name, "yarn")
     assert_same_weights(back, model)
     idx = tokens()
     with torch.no_grad():
@@ -315,7 +332,14 @@ def edit_weights(folder: Path, edit):
     (dict(model_type="mistral"), "model_type"),
     (dict(head_dim=32), "head_dim"),
     (dict(hidden_size=60, head_dim=None), "even"),  # head_dim 15: rotary pairs need an even head
-    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "longrope"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": list(SHORT)}),
+     "needs 'long_factor'"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
+                           "long_factor": list(LONG)}), "short_factor has 3 numbers; rotary dim 16 has 8"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": list(SHORT),
+                           "long_factor": [*LONG[:7], "4.0"]}), r"'long_factor'\]\[7\] must be a finite number"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": list(SHORT),
+                           "long_factor": [*LONG[:7], 0.0]}), "long_factor must be a tuple of numbers > 0"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(hidden_size=None), "hidden_size"),
     (dict(num_hidden_layers="2"), "num_hidden_layers"),
@@ -411,13 +435,34 @@ def test_cli_errors(argv, match, tmp_path, capsys):
     save_ckpt(case_model("ntk"), tmp_path / "ntk.pt")
     (tmp_path / "ckpt_is_here").mkdir()
     (tmp_path / "ckpt_is_here" / "f").write_text("")
-    assert hf.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert flags.cli(hf.main, [a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What hf.py's docstring says about transformers' dynamic NTK, and the interleaved layout
+# What hf.py's docstring says about transformers' dynamic variants during generation, and the interleaved layout
+
+# LlamaForCausalLM's KV-cache keyword: past_key_values, renamed cache in later transformers 5 releases
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters \
+    else "past_key_values"
+
+
+def hf_cached(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """LlamaForCausalLM's logits for ids continuing the sequence held in cache (a DynamicCache, extended in place)."""
+    return model(ids, use_cache=True, **{CACHE_KEYWORD: cache}).logits
+
+
+def greedy_decode(model: Transformer, prompt: torch.Tensor, n: int, rule: str):
+    """model.decode with its KV cache, greedy: (prompt and the n tokens, the logits of each step (B, V))."""
+    logits = []
+
+    def choose(step_logits):
+        logits.append(step_logits)
+        return step_logits.argmax(dim=-1)
+
+    new = list(model.decode(prompt, n, choose, rule))
+    return torch.cat([prompt, torch.stack(new, dim=1)], dim=1), logits
 
 
 def test_transformers_dynamic_ntk_is_stateful_and_differs_when_cached(tmp_path):
@@ -435,14 +480,68 @@ def test_transformers_dynamic_ntk_is_stateful_and_differs_when_cached(tmp_path):
         assert rel_err(after_longer, load_hf(tmp_path)(idx[:, :64]).logits) > 100 * TOL
         assert rel_err(after_longer, model(idx[:, :64], rope_length=T)) < TOL
 
-        fresh = load_hf(tmp_path)
-        prefix = fresh(idx[:, :-1], use_cache=True)
-        step = fresh(idx[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+        fresh, kv = load_hf(tmp_path), transformers.DynamicCache()
+        hf_cached(fresh, idx[:, :-1], kv)
+        step = hf_cached(fresh, idx[:, -1:], kv)[:, -1]
         assert rel_err(step, full[:, -1]) > 10 * TOL
 
         cache = model.new_cache(1, T)
         model(idx[:, :-1], cache=cache)
         assert rel_err(model(idx[:, -1:], cache=cache)[:, -1], model(idx)[:, -1]) < TOL
+
+
+def test_transformers_longrope_cache_keeps_short_keys_past_L_ours_follows(tmp_path):
+    """transformers picks longrope's factors in each call from its largest position. Decoding with its KV cache,
+    the token at position L (the sequence passes L) is rotated with the long factors while the L keys before it
+    stay cached under the short ones: its logits are exactly that mixture (our model made to compute it: a cache
+    filled at l' = L, then one token at l' = L + 1), not transformers' own full forward pass. Single forward
+    passes agree on both sides of L. Ours under the rule 'follow' re-prefills when l' passes L, so every step of
+    model.decode equals the full forward pass of its prefix, ours and LlamaForCausalLM's."""
+    model = case_model("longrope")
+    hf.export_hf(model, tmp_path)
+    theirs = load_hf(tmp_path)
+    idx = tokens(L + 1, 1)
+    with torch.no_grad():
+        for n in (L, L + 1):  # the short factors, then the long ones
+            assert rel_err(model(idx[:, :n]), theirs(idx[:, :n]).logits) < TOL, n
+
+        kv = transformers.DynamicCache()
+        hf_cached(theirs, idx[:, :L], kv)
+        their_step = hf_cached(theirs, idx[:, L:], kv)[:, -1]
+        assert rel_err(their_step, theirs(idx).logits[:, -1]) > 100 * TOL
+        cache = model.new_cache(1, L + 1)
+        model(idx[:, :L], cache=cache, rope_length=L)
+        mixed = model(idx[:, L:], cache=cache, rope_length=L + 1)[:, -1]
+        assert rel_err(their_step, mixed) < TOL
+
+    prompt = idx[:, : L - 3]
+    seq, logits = greedy_decode(model, prompt, 8, "follow")  # predictions from 29 .. 36 tokens: across L = 32
+    with torch.no_grad():
+        for i, step in enumerate(logits):
+            prefix = seq[:, : prompt.shape[1] + i]
+            assert rel_err(step, model(prefix)[:, -1]) < 1e-6, i
+            assert rel_err(step, theirs(prefix).logits[:, -1]) < TOL, i
+
+
+def test_phi3_style_longrope_config_imports_as_transformers_reads_it(tmp_path):
+    """Phi-3's config.json has original_max_position_embeddings at the top level and rope_scaling without a
+    factor: transformers takes L from the top level (over one in rope_scaling) and s = max_position_embeddings / L.
+    The import reads it the same way: the exported model's config back, and LlamaForCausalLM's logits at a length
+    past the top-level L but within the other (where the two readings would differ)."""
+    model = case_model("longrope")
+    hf.export_hf(model, tmp_path)
+    config = strip_record(tmp_path)
+    params = config.pop("rope_parameters")
+    config.update(rope_theta=params["rope_theta"], original_max_position_embeddings=L, rope_scaling={
+        "type": "longrope", "short_factor": params["short_factor"], "long_factor": params["long_factor"],
+        "original_max_position_embeddings": 2 * L})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    back = hf.import_hf(tmp_path)
+    assert back.config == model.config  # factor 4 = 128 / 32, L = 32, no attention_factor: the same formula
+    idx = tokens(3 * L // 2)
+    with torch.no_grad():
+        assert rel_err(back(idx), load_hf(tmp_path)(idx).logits) < TOL
+        assert rel_err(back(idx), back(idx, rope_length=L)) > 100 * TOL  # past L: the long factors matter here
 
 
 def interleaved_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Every bad input gets a clear error: hypothesis throws random and hostile values at the parsers (RopeConfig,
-rope.from_hf / hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's flags) and at the files train.py
+hf.from_hf / rope.hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's flags) and at the files train.py
 and sample.py read (token files, checkpoints). The only acceptable failures are ValueErrors (CheckpointError,
 DataError, ConfigError are ValueErrors), or, from a CLI, exit code 2 with an `error:` line and no traceback."""
 
@@ -25,6 +25,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import checkpoint  # noqa: E402
+import flags  # noqa: E402
+import hf  # noqa: E402
 import rope  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -42,12 +44,15 @@ hostile = st.one_of(
 )
 # plausible values, so that valid configs are reached and then computed with
 plausible_number = st.one_of(st.integers(1, 10**6), st.floats(0.01, 1e6, allow_nan=False), st.sampled_from([1, 2, 4, 8]))
+# lists, as LongRoPE's short_factor / long_factor are: of numbers, plausible or hostile
+number_lists = st.lists(plausible_number | hostile, max_size=4)
 
 ROPE_FIELDS = [f.name for f in fields(rope.RopeConfig)]
 HF_KEYS = ["rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
            "truncate", "attention_factor", "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor",
-           "partial_rotary_factor"]
+           "partial_rotary_factor", "short_factor", "long_factor"]
 MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
+HEAD_DIMS = [2, 4, 6, 16, 64, 128]
 
 
 def check_frequencies(result) -> None:
@@ -57,13 +62,42 @@ def check_frequencies(result) -> None:
     assert isinstance(factor, float) and math.isfinite(factor) and factor > 0, factor
 
 
+@st.composite
+def divisor_lists(draw, pairs):
+    """A short_factor / long_factor for a head of `pairs` frequency pairs: mostly of that length and of plausible
+    numbers (extreme ones among them), else of another length or with one hostile entry."""
+    n = draw(st.sampled_from([pairs, pairs, pairs, pairs, pairs, 0, 1, pairs + 1]))
+    values = draw(st.lists(plausible_number | st.sampled_from([1e-300, 1e-30, 1e30, 1e308]), min_size=n, max_size=n))
+    if values and draw(st.integers(0, 5)) == 0:
+        values[draw(st.integers(0, n - 1))] = draw(hostile)
+    return values
+
+
+def mostly(plausible):
+    """plausible three times in four, else hostile (st.one_of would weigh each of hostile's branches as one)."""
+    return st.integers(0, 3).flatmap(lambda k: plausible if k else hostile)
+
+
+@st.composite
+def longrope_cases(draw, type_key, context_key, keys):
+    """(a longrope config as a dict, head_dim): both divisor lists drawn for that head, L (context_key) and some
+    of `keys`, each mostly plausible, else hostile. Random dicts almost never hold two lists of the head's length;
+    these often do, so that valid configs are reached and computed."""
+    head_dim = draw(st.sampled_from(HEAD_DIMS))
+    d = draw(st.dictionaries(st.sampled_from(keys), mostly(plausible_number), max_size=len(keys)))
+    context = draw(mostly(st.integers(1, 10**6)))
+    d.update({type_key: "longrope", context_key: context}, short_factor=draw(divisor_lists(head_dim // 2)),
+             long_factor=draw(divisor_lists(head_dim // 2)))
+    return d, head_dim
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rope.RopeConfig, rope.inv_freq
 
 
 rope_kwargs = st.dictionaries(
     st.sampled_from(ROPE_FIELDS),
-    hostile | plausible_number | st.sampled_from(rope.VARIANTS), max_size=6)
+    hostile | plausible_number | st.sampled_from(rope.VARIANTS) | number_lists, max_size=6)
 
 
 @FAST
@@ -81,7 +115,7 @@ def test_rope_config_takes_any_values_or_raises_value_error(kwargs):
 @FAST
 @given(st.dictionaries(st.sampled_from(ROPE_FIELDS), plausible_number | st.sampled_from(rope.VARIANTS), max_size=8)
        .map(lambda d: {"type": "yarn", **d}) | rope_kwargs,
-       st.sampled_from([2, 4, 6, 16, 64, 128]), st.none() | st.integers(-5, 10**7))
+       st.sampled_from(HEAD_DIMS), st.none() | st.integers(-5, 10**7))
 def test_a_valid_rope_config_gives_finite_frequencies_or_value_error(kwargs, head_dim, seq_len):
     try:
         cfg = rope.RopeConfig(**kwargs)
@@ -91,13 +125,28 @@ def test_a_valid_rope_config_gives_finite_frequencies_or_value_error(kwargs, hea
     check_frequencies(result)
 
 
+@FAST
+@given(longrope_cases("type", "original_context", ["base", "factor", "attention_factor"]),
+       st.none() | st.integers(-5, 10**7))
+@example(({"type": "longrope", "original_context": 1, "factor": 2, "short_factor": [1], "long_factor": [1]}, 2),
+         None)  # found: ZeroDivisionError, ln L = 0 in the attention factor
+def test_a_longrope_config_gives_finite_frequencies_or_value_error(case, seq_len):
+    kwargs, head_dim = case
+    try:
+        cfg = rope.RopeConfig(**kwargs)
+        result = rope.inv_freq(head_dim, cfg, seq_len)
+    except ValueError:
+        return
+    check_frequencies(result)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# rope.from_hf, rope.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded config.json)
+# hf.from_hf, rope.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded config.json)
 
 
 hf_dicts = st.dictionaries(
     st.sampled_from(HF_KEYS) | st.text(max_size=4),
-    st.sampled_from(rope.HF_TYPES + ("dynamic_yarn", "YARN", "longrope")) | plausible_number | hostile, max_size=7)
+    st.sampled_from(hf.HF_TYPES + ("dynamic_yarn", "YARN")) | plausible_number | hostile | number_lists, max_size=7)
 max_positions = st.sampled_from([1, 2, 16, 4096, 0, -1, 10**400, None, 4096.0, "4096", True]) | st.integers(1, 10**7)
 
 
@@ -105,7 +154,7 @@ max_positions = st.sampled_from([1, 2, 16, 4096, 0, -1, 10**400, None, 4096.0, "
 @given(hf_dicts | hostile, max_positions)
 def test_from_hf_gives_a_config_or_value_error(d, max_position_embeddings):
     try:
-        cfg = rope.from_hf(d, max_position_embeddings)
+        cfg = hf.from_hf(d, max_position_embeddings)
     except ValueError:
         return
     assert isinstance(cfg, rope.RopeConfig)
@@ -118,6 +167,24 @@ def test_from_hf_gives_a_config_or_value_error(d, max_position_embeddings):
           "original_max_position_embeddings": 10**400}, 64, 4096, None)  # found: OverflowError in llama3_rope
 @example({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1e308}, 64, 16, None)  # ValueError, but "math domain error"
 def test_hf_inv_freq_gives_finite_frequencies_or_value_error(d, head_dim, max_position_embeddings, seq_len):
+    try:
+        result = rope.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
+    except ValueError:
+        return
+    check_frequencies(result)
+
+
+@FAST
+@given(longrope_cases("rope_type", "original_max_position_embeddings", ["rope_theta", "factor", "attention_factor"]),
+       st.integers(0, 3).flatmap(lambda k: st.integers(1, 10**6) if k else max_positions),
+       st.none() | st.integers(1, 10**7))
+@example(({"rope_type": "longrope", "short_factor": [1e-300], "long_factor": [1]}, 2), 16, None)  # fp32 overflow
+@example(({"rope_type": "longrope", "short_factor": [1], "long_factor": [1], "original_max_position_embeddings": 1},
+          2), 16, None)  # found: ZeroDivisionError, ln L = 0 in the attention factor
+@example(({"rope_type": "longrope", "short_factor": [1], "long_factor": [1]}, 2), 10**400,
+         None)  # found: OverflowError, max_position_embeddings / L as a float
+def test_longrope_hf_inv_freq_gives_finite_frequencies_or_value_error(case, max_position_embeddings, seq_len):
+    d, head_dim = case
     try:
         result = rope.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
     except ValueError:
@@ -215,11 +282,9 @@ def train_flags(data_dir, out_dir, **overrides):
 
 
 def sample_main(capsys, *args) -> tuple[int, str, str]:
+    """sample.py's main in this process, as the script runs it (flags.cli): (exit code, stdout, stderr)."""
     capsys.readouterr()
-    try:
-        code = sample.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
+    code = flags.cli(sample.main, [str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -4,10 +4,11 @@ Notation as in rope.py: |D| the rotary dim, d the pair index, theta_d = b^(-2d/|
 L the original context, s the scale, r_d = L / lambda_d the rotations pair d makes inside L.
 
 Hypothesis draws the variants, head dims 8..256 (with partial rotary), bases 100..1e6, scales 1..64, original
-contexts 64..16384 and positions up to 1,000,000. The groups:
+contexts 64..16384, LongRoPE divisors 0.05..100 and positions up to 1,000,000. The groups:
   1 ramp            4 no unseen angles     7 Hugging Face parity
   2 identities      5 config validation    8 to_hf round trip
   3 relative pos.   6 channel layout       9 fp32 tables, float64 angles
+                                          10 LongRoPE
 """
 
 import contextlib
@@ -22,10 +23,12 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import hf  # noqa: E402
 import rope  # noqa: E402
 from rope import VARIANTS, RopeConfig, apply_rope, cos_sin_table, inv_freq  # noqa: E402
 
-DYNAMIC = ("dynamic", "dynamic_yarn")
+DYNAMIC = rope.DYNAMIC_VARIANTS  # dynamic, dynamic_yarn, longrope: seq_len matters
+RESCALING = ("dynamic", "dynamic_yarn")  # the dynamic variants whose scale follows l'
 BY_PARTS = ("ntk_by_parts", "yarn", "dynamic_yarn")
 
 # ----------------------------------------------------------------------------------------------------------
@@ -37,6 +40,17 @@ STRETCHES = st.one_of(st.sampled_from([2.0, 4.0, 8.0, 16.0, 32.0, 64.0]), st.flo
 CONTEXTS = st.one_of(st.sampled_from([64, 256, 1024, 2048, 4096, 8192, 16384]), st.integers(64, 16384))
 POSITIONS = st.integers(0, 10**6)
 SEEDS = st.integers(0, 2**32 - 1)
+DIVISORS = st.one_of(st.sampled_from([1.0, 1, 2, 0.5]), st.floats(0.05, 100.0))  # LongRoPE's f_d (JSON gives ints too)
+
+
+def divisor_lists(pairs):
+    """short_factor / long_factor: one positive divisor per frequency pair."""
+    return st.lists(DIVISORS, min_size=pairs, max_size=pairs)
+
+
+def seq_lens(L):
+    """l' for a dynamic variant: unknown (None), within L, or beyond it (up to 64 L)."""
+    return st.none() | st.integers(1, L) | st.integers(L + 1, 64 * L)
 
 
 @st.composite
@@ -63,14 +77,18 @@ def heads(draw, partial=True):
 @st.composite
 def setups(draw, types=VARIANTS, partial=True, factors=SCALES, temperature=False):
     """(head_dim, cfg, seq_len): a valid config of a drawn variant; seq_len is drawn for the dynamic variants.
-    temperature: also draw YaRN's attention_factor / mscale knobs."""
+    temperature: also draw YaRN's attention_factor / mscale knobs (LongRoPE's attention_factor)."""
     kind = draw(st.sampled_from(types))
-    head_dim, p, _ = draw(heads(partial))
+    head_dim, p, dim = draw(heads(partial))
     kw = dict(type=kind, base=draw(BASES), partial_rotary_factor=p)
     if kind != "default":
         kw["factor"] = draw(factors)
     if kind in rope.NEEDS_ORIGINAL_CONTEXT:
         kw["original_context"] = draw(CONTEXTS)
+    if kind == "longrope":
+        kw.update(short_factor=draw(divisor_lists(dim // 2)), long_factor=draw(divisor_lists(dim // 2)))
+        if temperature:
+            kw["attention_factor"] = draw(st.none() | st.floats(0.1, 4.0))
     if kind in BY_PARTS:
         fast, slow = draw(betas())
         kw.update(beta_fast=fast, beta_slow=slow, truncate=draw(st.booleans()))
@@ -85,7 +103,7 @@ def setups(draw, types=VARIANTS, partial=True, factors=SCALES, temperature=False
         kw.update(low_freq_factor=low, high_freq_factor=low + draw(st.floats(0.1, 16.0)))
     seq_len = None
     if kind in DYNAMIC:
-        seq_len = draw(st.none() | st.integers(1, 64 * kw["original_context"]))
+        seq_len = draw(seq_lens(kw["original_context"]))
     return head_dim, RopeConfig(**kw), seq_len
 
 
@@ -227,10 +245,11 @@ def test_llama3_bands(setup):
 
 
 @settings(max_examples=80, deadline=None)
-@given(setup=setups(factors=st.just(1.0)), data=st.data())
+@given(setup=setups(types=tuple(v for v in VARIANTS if v != "longrope"), factors=st.just(1.0)), data=st.data())
 def test_scale_one_is_plain_rope(setup, data):
     """s = 1: every variant is plain RoPE, frequencies bit for bit and attention factor 1
-    (the dynamic ones at any seq_len <= L, and with no seq_len)."""
+    (the dynamic ones at any seq_len <= L, and with no seq_len). LongRoPE's divisors are set apart from s:
+    its identity (divisors of 1) is test_longrope_unit_factors_are_plain_rope."""
     head_dim, cfg, _ = setup
     seq_len = None
     if cfg.is_dynamic:
@@ -262,7 +281,7 @@ def test_position_interpolation_is_plain_rope_at_m_over_s(head, base, s, positio
 
 
 @settings(max_examples=60, deadline=None)
-@given(head=heads(), kind=st.sampled_from(DYNAMIC), base=BASES, L=CONTEXTS, data=st.data())
+@given(head=heads(), kind=st.sampled_from(RESCALING), base=BASES, L=CONTEXTS, data=st.data())
 def test_dynamic_is_plain_rope_until_L_and_departs_beyond(head, kind, base, L, data):
     head_dim, p, _ = head
     cfg = RopeConfig(type=kind, base=base, original_context=L, partial_rotary_factor=p)  # factor 1
@@ -302,7 +321,7 @@ def test_zero_width_ramp_guard_matches_transformers(truncate):
     transformers = pytest.importorskip("transformers")
     params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
               "beta_fast": 32.0, "beta_slow": 11.0, "truncate": truncate}
-    cfg = rope.from_hf(params, max_position_embeddings=256)
+    cfg = hf.from_hf(params, max_position_embeddings=256)
     if truncate:
         assert rope.ramp_bounds(64, cfg) == (0, 0)
     with quiet_transformers(transformers):
@@ -463,6 +482,11 @@ def test_no_unseen_angles(ext, beta, truncate):
 FINITE = dict(allow_nan=False, allow_infinity=False)
 
 
+def unit_divisors(kind, pairs):
+    """The short_factor / long_factor a longrope config needs to exist (divisors of 1); nothing for the others."""
+    return dict(short_factor=(1.0,) * pairs, long_factor=(1.0,) * pairs) if kind == "longrope" else {}
+
+
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(VARIANTS), factor=st.floats(max_value=1.0, exclude_max=True, **FINITE))
 @example(kind="yarn", factor=0.999999)
@@ -482,7 +506,7 @@ def test_beta_fast_not_above_beta_slow_rejected(kind, slow, less):
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(VARIANTS), half=st.integers(1, 128))
 def test_odd_head_dim_rejected(kind, half):
-    cfg = RopeConfig(type=kind, factor=2.0, original_context=4096)
+    cfg = RopeConfig(type=kind, factor=2.0, original_context=4096, **unit_divisors(kind, half))
     with pytest.raises(ValueError, match=r"head_dim"):
         inv_freq(2 * half + 1, cfg)
 
@@ -529,9 +553,9 @@ NUMERIC_FIELDS = ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("name", NUMERIC_FIELDS)
-@pytest.mark.parametrize("kind", ["yarn", "llama3"])
+@pytest.mark.parametrize("kind", ["yarn", "llama3", "longrope"])
 def test_non_finite_values_rejected(kind, name, value):
-    kw = dict(type=kind, factor=2.0, original_context=4096)
+    kw = dict(type=kind, factor=2.0, original_context=4096, **unit_divisors(kind, 4))
     kw[name] = value
     with pytest.raises(ValueError, match=rf"rope {name}\b"):
         RopeConfig(**kw)
@@ -602,7 +626,7 @@ def optional(strategy, absent=True):
 def hf_parameters(draw, rope_type):
     """(rope_parameters, head_dim, max_position_embeddings, seq_len) that transformers accepts and rope.py
     must agree with: even rotary dim >= 4, factor >= 1, beta_fast > beta_slow once defaulted, attention_factor > 0,
-    high_freq_factor > low_freq_factor. Optional keys are sometimes absent."""
+    high_freq_factor > low_freq_factor, |D|/2 positive longrope divisors. Optional keys are sometimes absent."""
     head_dim = 2 * draw(st.integers(2, 128))
     params = {"rope_type": rope_type}
 
@@ -612,6 +636,7 @@ def hf_parameters(draw, rope_type):
 
     put("rope_theta", draw(st.one_of(BASES, st.just(ABSENT))))
     partial = draw(st.one_of(st.just(ABSENT), st.sampled_from([1.0, 0.5, 0.25]), st.floats(0.05, 1.0)))
+    dim = head_dim
     if partial is not ABSENT:
         dim = int(head_dim * partial)
         assume(dim >= 4 and dim % 2 == 0)
@@ -624,9 +649,16 @@ def hf_parameters(draw, rope_type):
         seq_len = draw(st.none() | st.integers(1, 64 * mp))
         # transformers' dynamic type takes L from max_position_embeddings and ignores this key; so must rope.py
         put("original_max_position_embeddings", draw(st.one_of(CONTEXTS, st.just(ABSENT))))
-    if rope_type in ("yarn", "llama3"):
+    if rope_type in ("yarn", "llama3", "longrope"):
         put("original_max_position_embeddings", draw(st.one_of(CONTEXTS, st.just(ABSENT))))
     original = params.get("original_max_position_embeddings", mp)
+    if rope_type == "longrope":
+        # factor absent or None: transformers takes s = max_position_embeddings / L, also when it is below 1
+        # (then its attention factor is 1, as at s = 1)
+        put("factor", draw(optional(SCALES)))
+        put("attention_factor", draw(optional(st.floats(0.1, 4.0))))
+        params.update(short_factor=draw(divisor_lists(dim // 2)), long_factor=draw(divisor_lists(dim // 2)))
+        seq_len = draw(seq_lens(original))
     if rope_type == "yarn":
         factor = draw(st.one_of(SCALES, st.none()))
         if factor is None:
@@ -674,7 +706,8 @@ def hf_tolerance(params, head_dim, mp, seq_len, ours):
       for pow, reciprocal and scaling (b the effective base: dynamic NTK's grows with seq_len);
       yarn's ramp w = (d - low)/(high - low) and llama3's blend weight (L/lambda_d - low)/(high - low) in fp32:
       an error dw moves the blend theta/s (1 - w) + theta w by theta (1 - 1/s) dw, which is large against the
-      value when s is large and the band narrow. Measured: a few u on most pairs, up to ~300 u on blend pairs.
+      value when s is large and the band narrow. Measured: a few u on most pairs, up to ~300 u on blend pairs;
+      longrope's divisor, rounded to fp32 and multiplied in, adds two u (inside the few u above).
     Doubled for slack; a wrong formula (a pair off in the ramp, another temperature, ...) is far outside."""
     base = float(params.get("rope_theta", 10000.0))
     dim = 2 * ours.numel()
@@ -716,11 +749,11 @@ def hf_tolerance(params, head_dim, mp, seq_len, ours):
     return tol
 
 
-HF_EXAMPLES = 70  # per type; 5 types
+HF_EXAMPLES = 70  # per type; 6 types
 HF_WORST = {}  # rope_type -> largest |ours - theirs| / tolerance seen (for the curious: pytest -s)
 
 
-@pytest.mark.parametrize("rope_type", rope.HF_TYPES)
+@pytest.mark.parametrize("rope_type", hf.HF_TYPES)
 def test_hugging_face_parity(rope_type):
     transformers = pytest.importorskip("transformers")
     compared = []
@@ -742,31 +775,39 @@ def test_hugging_face_parity(rope_type):
         compared.append(params)
 
     check()
-    assert len(compared) >= 60  # 5 types: >= 300 configurations compared in all
+    assert len(compared) >= 60  # 6 types: >= 360 configurations compared in all
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 8. to_hf round trip
 
 
-@settings(max_examples=80, deadline=None)
-@given(setup=setups(types=("default", "linear", "yarn", "llama3", "dynamic"), temperature=True),
+EXPRESSED_AS = {"ntk": "default", "ntk_by_parts": "yarn"}  # hf.to_hf's rope_type where it is not ours
+
+
+@settings(max_examples=100, deadline=None)
+@given(setup=setups(types=tuple(v for v in VARIANTS if v != "dynamic_yarn"), temperature=True),
        mp=st.integers(1, 10**6))
 def test_to_hf_round_trip_is_exact(setup, mp):
+    """hf.to_hf then rope.hf_inv_freq gives the same frequencies and attention factor, bit for bit, for every
+    variant transformers can express: ntk as default with base b * s^(|D|/(|D|-2)), ntk_by_parts as yarn with
+    attention_factor 1, the others as themselves. max_position_embeddings does not matter (the factor and L are
+    written out), except for dynamic, where transformers reads L from it."""
     head_dim, cfg, seq_len = setup
     if cfg.type == "dynamic":
-        mp = cfg.original_context  # transformers' dynamic type takes L from max_position_embeddings
-    params = rope.to_hf(cfg)
-    assert params["rope_type"] == cfg.type
+        mp = cfg.original_context
+    params = hf.to_hf(cfg, head_dim)
+    assert params["rope_type"] == EXPRESSED_AS.get(cfg.type, cfg.type)
     assert same(rope.hf_inv_freq(params, head_dim, mp, seq_len), inv_freq(head_dim, cfg, seq_len))
 
 
 @settings(max_examples=30, deadline=None)
-@given(setup=setups(types=("ntk", "ntk_by_parts", "dynamic_yarn")))
+@given(setup=setups(types=("dynamic_yarn",)))
 def test_to_hf_refuses_variants_without_equivalent(setup):
-    _, cfg, _ = setup
+    """Dynamic YaRN is the one variant transformers has no type for."""
+    head_dim, cfg, _ = setup
     with pytest.raises(ValueError, match=r"no Hugging Face equivalent"):
-        rope.to_hf(cfg)
+        hf.to_hf(cfg, head_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -791,3 +832,132 @@ def test_tables_are_fp32_with_float64_angles(setup, positions):
     want_sin = torch.tensor([[math.sin(m * w) * a for w in freqs] for m in positions], dtype=torch.float64)
     assert (cos.double() - want_cos).abs().max() < 1e-6 * max(a, 1.0)
     assert (sin.double() - want_sin).abs().max() < 1e-6 * max(a, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. LongRoPE: a divisor per pair, short_factor up to L and long_factor past it
+
+
+def divided(head_dim, cfg, divisors):
+    """theta_d / f_d from plain RoPE's fp32 theta_d, in float64 (within one fp32 rounding of rope.py's)."""
+    return plain(head_dim, cfg)[0].double() / torch.tensor(divisors, dtype=torch.float64)
+
+
+def assert_divided(freqs, expected):
+    """freqs (fp32) is expected (float64) up to the two fp32 roundings between them (theta_d's and the result's)."""
+    torch.testing.assert_close(freqs.double(), expected, rtol=2.0**-23, atol=0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(setup=setups(types=("longrope",), temperature=True), data=st.data())
+def test_longrope_long_factors_apply_only_past_L(setup, data):
+    """l' <= L, or unknown: theta_d / short_factor_d, whatever long_factor is. l' > L: theta_d / long_factor_d,
+    whatever short_factor is. The attention factor is the same on both sides."""
+    head_dim, cfg, _ = setup
+    L = cfg.original_context
+    within = data.draw(st.none() | st.integers(1, L), label="l' <= L")
+    beyond = data.draw(st.integers(L + 1, 64 * L), label="l' > L")
+    others = tuple(2.0 * f + 1.0 for f in cfg.short_factor)  # another divisor on every pair
+    short, a_short = inv_freq(head_dim, cfg, within)
+    assert_divided(short, divided(head_dim, cfg, cfg.short_factor))
+    assert same((short, a_short), inv_freq(head_dim, cfg.replace(long_factor=others), within))
+    long, a_long = inv_freq(head_dim, cfg, beyond)
+    assert_divided(long, divided(head_dim, cfg, cfg.long_factor))
+    assert same((long, a_long), inv_freq(head_dim, cfg.replace(short_factor=others), beyond))
+    assert a_short == a_long
+
+
+def test_longrope_switches_at_L_exactly():
+    """Phi-3-mini-128k's shape (L = 4096, s = 32, |D| = 96): the short factors at l' = L, the long ones at L + 1."""
+    cfg = RopeConfig(type="longrope", factor=32.0, original_context=4096, short_factor=(1.0,) * 48,
+                     long_factor=tuple(1.0 + d for d in range(48)))
+    assert same(inv_freq(96, cfg, 4096), inv_freq(96, cfg))
+    assert_divided(inv_freq(96, cfg, 4096)[0], divided(96, cfg, cfg.short_factor))
+    assert_divided(inv_freq(96, cfg, 4097)[0], divided(96, cfg, cfg.long_factor))
+
+
+@settings(max_examples=60, deadline=None)
+@given(setup=setups(types=("longrope",)), unit_attention=st.booleans(), data=st.data())
+def test_longrope_unit_factors_are_plain_rope(setup, unit_attention, data):
+    """Divisors of 1 on every pair, with attention_factor 1 (any s) or s = 1: plain RoPE bit for bit, at any l'."""
+    head_dim, cfg, _ = setup
+    ones = (1.0,) * len(cfg.short_factor)
+    cfg = cfg.replace(short_factor=ones, long_factor=ones)
+    cfg = cfg.replace(attention_factor=1.0) if unit_attention else cfg.replace(factor=1.0)
+    seq_len = data.draw(seq_lens(cfg.original_context), label="l'")
+    assert same(inv_freq(head_dim, cfg, seq_len), plain(head_dim, cfg))
+
+
+@pytest.mark.parametrize("s, L, attention_factor, expected", [
+    (32.0, 4096, None, math.sqrt(17 / 12)),  # Phi-3-mini-128k: s = 131072 / 4096, ln 32 / ln 4096 = 5/12
+    (4.0, 32, None, math.sqrt(1.4)),  # ln 4 / ln 32 = 2/5
+    (1.0, 4096, None, 1.0),  # no extension, no temperature
+    (32.0, 4096, 0.75, 0.75),  # given: it wins
+])
+def test_longrope_attention_factor_values(s, L, attention_factor, expected):
+    cfg = RopeConfig(type="longrope", factor=s, original_context=L, attention_factor=attention_factor,
+                     **unit_divisors("longrope", 8))
+    for seq_len in (None, L, L + 1):
+        assert inv_freq(16, cfg, seq_len)[1] == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("name", ["short_factor", "long_factor"])
+@pytest.mark.parametrize("value", [None, (), []])
+def test_longrope_missing_factors_rejected(name, value):
+    kw = {**unit_divisors("longrope", 8), name: value}
+    with pytest.raises(ValueError, match=rf"rope type 'longrope' needs {name}\b"):
+        RopeConfig(type="longrope", factor=4.0, original_context=4096, **kw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(head=heads(), name=st.sampled_from(["short_factor", "long_factor"]), data=st.data())
+def test_longrope_factors_of_the_wrong_length_rejected(head, name, data):
+    """The lists must have |D|/2 entries for the head they meet: rope.rotary_dim (so rope.inv_freq) and
+    ModelConfig raise naming the field, the count and the |D|/2 expected."""
+    from model import ModelConfig
+
+    head_dim, p, dim = head
+    n = data.draw(st.integers(1, 160).filter(lambda n: n != dim // 2), label="entries")
+    kw = {**unit_divisors("longrope", dim // 2), name: (1.0,) * n}
+    cfg = RopeConfig(type="longrope", factor=4.0, original_context=4096, partial_rotary_factor=p, **kw)
+    match = rf"rope {name} has {n} numbers; rotary dim {dim} has {dim // 2} frequency pairs"
+    with pytest.raises(ValueError, match=match):
+        rope.rotary_dim(head_dim, cfg)
+    with pytest.raises(ValueError, match=match):
+        inv_freq(head_dim, cfg)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(n_head=2, d_model=2 * head_dim, rope=cfg)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, math.nan, math.inf, -math.inf, True, "1", None, 10**400])
+@pytest.mark.parametrize("name", ["short_factor", "long_factor"])
+def test_longrope_non_positive_or_non_finite_divisors_rejected(name, bad):
+    factors = [1.0, 2.0, bad, 4.0]
+    kw = {**unit_divisors("longrope", 4), name: factors}
+    with pytest.raises(ValueError, match=rf"rope {name} must be a tuple of numbers > 0"):
+        RopeConfig(type="longrope", factor=4.0, original_context=4096, **kw)
+
+
+@pytest.mark.parametrize("value", ["1111", 1.0, {0: 1.0}])
+def test_longrope_factors_that_are_not_lists_rejected(value):
+    with pytest.raises(ValueError, match=r"rope short_factor must be a tuple"):
+        RopeConfig(type="longrope", factor=4.0, original_context=4096, short_factor=value, long_factor=(1.0,) * 4)
+
+
+def test_longrope_divisors_too_small_for_fp32_rejected():
+    """theta_0 / f_0 = 1 / 1e-300 is no fp32 number: an error naming the list, not infinite frequencies (only the
+    list in use is computed, so the other may be anything positive)."""
+    cfg = RopeConfig(type="longrope", factor=4.0, original_context=64, short_factor=(1.0,) * 8,
+                     long_factor=(1e-300,) + (1.0,) * 7)
+    assert torch.isfinite(inv_freq(16, cfg)[0]).all()
+    with pytest.raises(ValueError, match=r"rope long_factor has entries so small"):
+        inv_freq(16, cfg, 65)
+
+
+def test_longrope_attention_factor_needs_L_above_one():
+    """sqrt(1 + ln s / ln L) divides by ln L = 0 at L = 1: a ValueError, unless attention_factor is given."""
+    cfg = RopeConfig(type="longrope", factor=4.0, original_context=1, **unit_divisors("longrope", 8))
+    with pytest.raises(ValueError, match=r"original_context >= 2"):
+        inv_freq(16, cfg)
+    assert inv_freq(16, cfg.replace(attention_factor=1.5))[1] == 1.5
+    assert inv_freq(16, cfg.replace(factor=1.0))[1] == 1.0
