@@ -37,6 +37,22 @@ def save(state: dict, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f))
 
 
+def save_numbered(state: dict, out_dir: Path, step: int, keep: int) -> None:
+    """out_dir/ckpt.pt, and ckpt_<step>.pt for the last `keep` saves (older numbered ones are removed)."""
+    path = out_dir / "ckpt.pt"
+    save(state, path)
+    if keep > 0:
+        numbered = out_dir / f"ckpt_{step}.pt"
+        numbered.unlink(missing_ok=True)
+        try:
+            os.link(path, numbered)  # a second name for the same file; the next save replaces ckpt.pt, not it
+        except OSError:
+            save(state, numbered)  # a filesystem without hard links
+    saved = sorted((int(p.stem[5:]), p) for p in out_dir.glob("ckpt_*.pt") if p.stem[5:].isdigit())
+    for _, old in saved[: max(0, len(saved) - keep)]:
+        old.unlink(missing_ok=True)
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint; raises CheckpointError naming the problem."""
     path = Path(path)

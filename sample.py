@@ -2,25 +2,14 @@
 Sample from a trained checkpoint, streaming the text as it is generated.
 
     python sample.py --ckpt out/pretrain --prompt "def fibonacci(n):" --max_new_tokens 200
-    python sample.py --ckpt out/pretrain --prompt_file long.txt --max_context 4096 \\
-        --rope.type=dynamic_yarn                    # Dynamic YaRN on a model never fine-tuned (paper Sec. 3.3)
+    python sample.py --ckpt out/pretrain --prompt_file long.txt --max_context 4096 --rope.type=dynamic_yarn
 
-The model and its tokenizer come from the checkpoint alone; generation uses the KV cache (model.generate) and
-prints only the new text to stdout, as UTF-8, with a header line and any warnings on stderr. Without a prompt,
-generation starts from end-of-text (the start of a document), and it stops at end-of-text unless
---stop_at_eot=false. --rope.<field>=<value> replaces that field of the checkpoint's RoPE config before generating
-(weights untouched; rope.original_context defaults to the checkpoint's, or its block_size for plain RoPE).
-Dynamic variants follow --rope_rule: follow (exact, the scale steps with the length) or capacity (model.py).
-
-Context policy: P prompt tokens, N = --max_new_tokens, C = --max_context or the checkpoint's block_size.
-  P + N <= C                  generate as asked
-  P < C < P + N               N is lowered to C - P, with a warning
-  P >= C                      an error giving both lengths and the two ways out:
-  --truncate_prompt           keep the last max(C - N, 1) prompt tokens (a sliding window), with a warning
-  --max_context > block_size  run past the trained context knowingly (the RoPE tables grow); a warning says
-                              that quality there is not guaranteed
---seed seeds a generator used only for sampling, so the same seed, checkpoint, prompt and device give the same
-text; temperature 0 is greedy. Bad input of any kind exits 2 with `error: ...`.
+The model and its tokenizer come from the checkpoint; generation uses the KV cache (model.generate) and prints
+only the new text to stdout (UTF-8), a header and any warnings to stderr. Without a prompt it starts a document;
+it stops at end-of-text unless --stop_at_eot=false. --rope.<field>=<value> replaces that field of the
+checkpoint's RoPE config (weights untouched; L defaults to the checkpoint's, or its block_size for plain RoPE),
+and --rope_rule says how a dynamic variant's scale follows the length (model.py). The context policy is
+fit_context's. --seed seeds a generator used only for sampling; temperature 0 is greedy.
 """
 
 import codecs
@@ -60,23 +49,15 @@ class SampleConfig:
 
     def __post_init__(self):
         flags.check_types(self)
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k)
-        for name in ("num_samples", "max_context"):
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        for name in ("max_new_tokens", "top_k", "num_samples", "max_context"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.prompt and self.prompt_file is not None:
             raise ValueError("give --prompt or --prompt_file, not both")
         if self.rope_rule not in ROPE_RULES:
             raise ValueError(f"--rope_rule must be one of {', '.join(ROPE_RULES)}, got {self.rope_rule!r}")
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not 0 <= temperature < float("inf"):  # also catches nan
-        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1, or none for no limit, got {top_k!r}")
 
 
 class ContextError(ValueError):
@@ -90,8 +71,13 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_prompt: bool = False,
                 block_size: int | None = None) -> tuple[int, int, list[str]]:
-    """The context policy of the module docstring: (prompt tokens to keep, from its end; new tokens to generate;
-    warnings). Raises ContextError when the prompt leaves no room for a new token."""
+    """The context policy, for P prompt tokens, N new tokens and a context of C (--max_context or block_size):
+      P + N <= C         generate as asked
+      P < C < P + N      N is lowered to C - P, with a warning
+      P >= C             ContextError, naming the lengths and the ways out:
+      --truncate_prompt  keep the last max(C - N, 1) prompt tokens (a sliding window), with a warning
+      --max_context      run past the trained context knowingly, with a warning.
+    Returns (prompt tokens to keep, from its end; new tokens to generate; warnings)."""
     warnings, keep = [], n_prompt
     if truncate_prompt and keep + max_new_tokens > context and keep > 1:
         keep = max(context - max_new_tokens, 1)
@@ -135,22 +121,12 @@ class StreamDecoder:
         return self.utf8.decode(b"", final=True)
 
 
-def generate_tokens(model, tokens: list[int], max_new_tokens: int, temperature: float = 0.8,
-                    top_k: int | None = 200, generator=None, stop_token: int | None = None,
-                    vocab_limit: int | None = None, rule: str = "follow"):
-    """Yield new token ids one at a time (model.generate); the stop token, if drawn, is yielded last."""
-    idx = torch.tensor([tokens], dtype=torch.long, device=model.tok_emb.weight.device)  # (1, P)
-    for token in model.generate(idx, max_new_tokens, temperature, top_k, stop_token, generator, vocab_limit, rule):
-        yield int(token[0])
-
-
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
                   top_k: int | None = 200, generator=None, stop_at_eot: bool = True, max_context: int | None = None,
                   truncate_prompt: bool = False, on_text=None, on_warning=None, rule: str = "follow") -> str:
     """The text generated after `prompt` under the context policy, without the prompt or a final end-of-text.
     on_text(piece) gets each run of complete characters as soon as it is decoded; on_warning(message) each
     warning of the context policy."""
-    check_sampling(max_new_tokens, temperature, top_k)
     tokens = encode_prompt(tokenizer, prompt)
     if max(tokens) >= model.config.vocab_size:
         raise ValueError(f"the prompt has token id {max(tokens)}, outside the model's vocabulary of "
@@ -170,10 +146,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
                 on_text(piece)
 
     stop = tokenizer.eot_token if stop_at_eot else None
-    for token in generate_tokens(model, tokens[len(tokens) - keep:], max_new_tokens, temperature, top_k, generator,
-                                 stop, tokenizer.n_vocab, rule):
-        if token != stop:
-            emit(decoder.push([token]))
+    idx = torch.tensor([tokens[len(tokens) - keep:]], device=model.tok_emb.weight.device)  # (1, P)
+    for token in model.generate(idx, max_new_tokens, temperature, top_k, stop, generator, tokenizer.n_vocab, rule):
+        if int(token[0]) != stop:
+            emit(decoder.push([int(token[0])]))
     emit(decoder.flush())
     return "".join(pieces)
 

@@ -1,13 +1,15 @@
 """
 What every script here does the same way: choose the device and the number format, write a file atomically,
-and say where a run came from (git commit, versions, hardware).
+say where a run came from (git commit, versions, hardware), and turn SIGINT / SIGTERM into a flag.
 """
 
 import json
 import os
 import platform
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,3 +98,25 @@ def provenance(device: str, argv=None) -> dict:
             "python": platform.python_version(), "device": device_name(device),
             "argv": None if argv is None else [str(a) for a in argv],
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+class StopOnSignal:
+    """Turns SIGINT and SIGTERM into a flag the loop reads after each step; a second SIGINT interrupts at once.
+    Handlers can only be installed from the main thread; elsewhere (a test's worker thread) signals keep theirs."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

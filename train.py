@@ -7,24 +7,16 @@ Pretraining and context extension in one script; --init_from chooses the phase:
         --rope.type=yarn --rope.factor=8 --max_steps=200 --batch_size=8 --lr=1e-4   # extend, then fine-tune
     torchrun --standalone --nproc_per_node=8 train.py ...      # DDP on 8 GPUs, the same global batch
 
-Settings are --key=value for the fields of RunConfig below and of model.ModelConfig, and --rope.<field> for
-rope.RopeConfig; --config FILE.json sets any of them (flags win); --help lists them with their defaults.
-
-Extension (--init_from=PATH, a checkpoint or a run folder): the checkpoint's weights and architecture, the new
---block_size, the --rope.* fields given replacing the checkpoint's (rope.original_context, L, stays the
-checkpoint's, or is its block_size for a model without scaling), a fresh optimizer at step 0.
-Resume (--init_from=resume): model, optimizer, step and RNG from out_dir/ckpt.pt, the saved run config with any
-flags given on top. The data order is a function of (seed, step, micro-batch), so a resumed run sees the same
-batches and gives the same losses as an uninterrupted one.
-
-Data: `python -m data.prepare` writes --data_dir first. Outputs in out_dir: ckpt.pt (and ckpt_<step>.pt for the
-last keep_checkpoints saves), config.json (resolved config and provenance), metrics.jsonl (one JSON per event).
-Exit codes: 0 done (or stopped at --stop_at_step); 2 bad input, found before training starts (`error: ...`);
-1 the loss or the weights became non-finite (the last good checkpoint is kept as it was); 130 / 143 after
-SIGINT / SIGTERM, once the current step is done and saved.
-
-In-process: train(run, model_config) is the typed entry point (reproduce.py calls it); main(argv) parses flags
-into those and calls it. Both return a summary dict (final_val_loss, steps, tokens_per_s, mfu, out_dir, ...).
+Settings: --key=value for the fields of RunConfig, model.ModelConfig and (as --rope.<field>) rope.RopeConfig;
+--config FILE.json sets any of them (flags win); --help lists them. An extension keeps the checkpoint's weights
+and architecture, takes the new --block_size and the --rope.* fields given over the checkpoint's (L stays its
+original_context, or its block_size for plain RoPE), and starts a fresh optimizer at step 0. A resume continues
+out_dir/ckpt.pt (model, optimizer, step, RNG) with the saved run config and any flags given on top; the data order
+is a function of (seed, step, micro-batch), so it gives the same losses as an uninterrupted run.
+Outputs in out_dir: ckpt.pt (and ckpt_<step>.pt for the last keep_checkpoints saves), config.json, metrics.jsonl.
+Exit codes: 0 done; 2 bad input, before training starts (`error: ...`); 1 the loss or weights became non-finite
+(the last good checkpoint is kept as it was); 130 / 143 after SIGINT / SIGTERM, once the step is done and saved.
+In-process: train(run, model_config, ...) is the typed entry point; main(argv) parses flags and calls it.
 """
 
 import hashlib
@@ -32,7 +24,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -48,7 +39,7 @@ import flags
 from data.loader import check_block_size, load_split
 from model import ModelConfig, Transformer, rope_with_overrides
 from rope import RopeConfig
-from system import dtype_name, pick_device, pick_dtype, provenance, write_json
+from system import StopOnSignal, dtype_name, pick_device, pick_dtype, provenance, write_json
 
 
 class TrainingError(RuntimeError):
@@ -341,8 +332,8 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
                          "or choose another --out_dir")
     if phase == "extend" and state is None:
         state = checkpoint.load(run.init_from)
-    if state is not None and phase == "extend":
-        extended_model_config(ModelConfig.from_dict(state["model_config"]), asdict(config))  # same architecture
+    if phase == "extend":  # the typed call's config must keep the checkpoint's architecture too
+        extended_model_config(ModelConfig.from_dict(state["model_config"]), asdict(config))
     if run.grad_accum % d.world:
         raise ValueError(f"--grad_accum ({run.grad_accum}) must be divisible by the number of processes ({d.world}): "
                          "the global batch batch_size x grad_accum is the same whatever the process count")
@@ -452,7 +443,6 @@ def evaluate(r: Run) -> float:
 
 
 def save_checkpoint(r: Run, step: int) -> None:
-    """out_dir/ckpt.pt, plus ckpt_<step>.pt for the last keep_checkpoints saves."""
     state = {
         "model_config": r.raw_model.config.to_dict(), "tokenizer": r.tokenizer,
         "model": r.raw_model.state_dict(),  # the raw module: no `_orig_mod.` or `module.` prefixes
@@ -462,18 +452,7 @@ def save_checkpoint(r: Run, step: int) -> None:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "metrics": dict(r.metrics), "extended_from": r.extended_from, "provenance": r.provenance,
     }
-    path = r.out_dir / "ckpt.pt"
-    checkpoint.save(state, path)
-    if r.run.keep_checkpoints > 0:
-        numbered = r.out_dir / f"ckpt_{step}.pt"
-        numbered.unlink(missing_ok=True)
-        try:
-            os.link(path, numbered)  # a second name for the same file; the next save replaces ckpt.pt, not it
-        except OSError:
-            checkpoint.save(state, numbered)  # a filesystem without hard links
-    saved = sorted((int(p.stem[5:]), p) for p in r.out_dir.glob("ckpt_*.pt") if p.stem[5:].isdigit())
-    for _, old in saved[: max(0, len(saved) - r.run.keep_checkpoints)]:
-        old.unlink(missing_ok=True)
+    checkpoint.save_numbered(state, r.out_dir, step, r.run.keep_checkpoints)
 
 
 def check_finite(r: Run, pending: list) -> None:
@@ -541,32 +520,6 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Signals: SIGINT / SIGTERM finish the current step, save, and exit
-
-
-class StopOnSignal:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each step; a second SIGINT interrupts at once.
-    Handlers can only be installed from the main thread; elsewhere (a test's worker thread) signals keep theirs."""
-
-    def __init__(self):
-        self.signum, self.previous = 0, {}
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     """The signal every process stops for (0 = none): processes must stop at the same step, or DDP hangs."""
     if r.d.world == 1:
@@ -581,35 +534,30 @@ def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
 
 
 class Throughput:
-    """Tokens/s and MFU between marks (eval and checkpoint time are excluded by marking after them); the run's
-    average leaves out the first interval, which holds start-up and compilation."""
+    """Tokens/s and MFU between marks (marking after an eval or a save leaves their time out); the run's average
+    leaves out the first interval, which holds start-up and compilation."""
 
     def __init__(self, r: Run):
-        self.tokens_per_step = r.tokens_per_step
-        self.flops_per_token = r.raw_model.flops_per_token(r.raw_model.config.block_size)
+        self.tokens_per_step, self.flops = r.tokens_per_step, r.raw_model.flops_per_token(r.raw_model.config.block_size)
         self.peak = r.run.peak_tflops * 1e12 * r.d.world if r.device.startswith("cuda") else None  # none for a CPU
-        self.intervals, self.steps, self.seconds = [], 0, 0.0
+        self.intervals = []  # (steps, seconds)
         self.mark(r.start_step)
 
     def mark(self, step: int):
         self.time, self.step = time.perf_counter(), step
 
-    def measure(self, steps_done: int) -> tuple[float, float, float | None]:
+    def measure(self, steps_done: int) -> tuple[float, float | None, float | None]:
         """(seconds per step, tokens/s, mfu) since the mark, which moves to steps_done."""
-        n, seconds = steps_done - self.step, time.perf_counter() - self.time
-        self.intervals.append((n, seconds))
+        self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
         self.mark(steps_done)
-        return seconds / n, *self.rates(n, seconds)
+        return self.intervals[-1][1] / self.intervals[-1][0], *self.rates(self.intervals[-1:])
 
-    def rates(self, steps: int, seconds: float) -> tuple[float | None, float | None]:
+    def rates(self, intervals) -> tuple[float | None, float | None]:
+        steps, seconds = sum(n for n, _ in intervals), sum(t for _, t in intervals)
         if not steps:
             return None, None
         tokens_per_s = steps * self.tokens_per_step / seconds
-        return tokens_per_s, self.flops_per_token * tokens_per_s / self.peak if self.peak else None
-
-    def average(self) -> tuple[float | None, float | None]:
-        later = self.intervals[1:] or self.intervals
-        return self.rates(sum(n for n, _ in later), sum(s for _, s in later))
+        return tokens_per_s, self.flops * tokens_per_s / self.peak if self.peak else None
 
 
 def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
@@ -651,7 +599,7 @@ def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
             log.event(event="train", step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
                       elapsed_s=round(time.time() - t_start, 3))
         step += 1
-    tokens_per_s, mfu = speed.average()
+    tokens_per_s, mfu = speed.rates(speed.intervals[1:] or speed.intervals)
     return {"final_val_loss": r.metrics["last_val_loss"] if last else None, **r.metrics,
             "final_train_loss": r.metrics["last_train_loss"], "steps": step, "max_steps": run.max_steps,
             "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": round(time.time() - t_start, 3),

@@ -92,6 +92,12 @@ def main(capsys, *args):
     return code, out, err
 
 
+def generate_tokens(model, tokens, n, temperature=0.8, top_k=200, generator=None, stop_token=None, rule="follow"):
+    """model.generate on a list of ids, yielding ids."""
+    idx = torch.tensor([tokens])
+    return [int(t[0]) for t in model.generate(idx, n, temperature, top_k, stop_token, generator, rule=rule)]
+
+
 def reference_greedy(model, tokens, n, rule):
     """Greedy decoding the slow way: a full forward pass over the whole sequence for every new token, no cache,
     with the l' the rule gives for that sequence's length."""
@@ -218,7 +224,7 @@ def test_greedy_equals_no_cache_reference(tok, prompt):
     model = random_model()
     tokens = sample.encode_prompt(tok, prompt)
     n = min(16, 32 - len(tokens))
-    cached = list(sample.generate_tokens(model, tokens, n, temperature=0))
+    cached = list(generate_tokens(model, tokens, n, temperature=0))
     assert cached == reference_greedy(model, tokens, n, "follow")
     decoder = sample.StreamDecoder(tok)
     expected = decoder.push(cached) + decoder.flush()
@@ -232,7 +238,7 @@ def test_greedy_equals_reference_for_dynamic_yarn_past_the_context(tok, rule):
     model = random_model()
     model.set_rope(sample.rope_with_overrides(model.config, {"type": "dynamic_yarn"}))
     tokens = tok.encode_ordinary(LONG_PROMPT)
-    cached = list(sample.generate_tokens(model, tokens, 40, temperature=0, rule=rule))
+    cached = list(generate_tokens(model, tokens, 40, temperature=0, rule=rule))
     assert cached == reference_greedy(model, tokens, 40, rule)
 
 
@@ -245,7 +251,7 @@ def test_on_text_streams_pieces(tok):
 def test_stop_at_eot(tok, eot_ckpt, capsys):
     model = eot_model()
     gen = torch.Generator().manual_seed(0)
-    assert list(sample.generate_tokens(model, [464], 5, temperature=1.0, generator=gen, stop_token=EOT)) == [EOT]
+    assert list(generate_tokens(model, [464], 5, temperature=1.0, generator=gen, stop_token=EOT)) == [EOT]
     assert sample.generate_text(model, tok, "The", 5, temperature=0) == ""
     assert sample.generate_text(model, tok, "The", 3, temperature=0, stop_at_eot=False) == "<|endoftext|>" * 3
     code, out, _ = main(capsys, "--ckpt", eot_ckpt, "--prompt", "The", "--max_new_tokens", 5)
@@ -278,7 +284,7 @@ def test_truncate_prompt_keeps_the_last_tokens(tok):
     text = sample.generate_text(model, tok, LONG_PROMPT, 4, temperature=0, stop_at_eot=False, truncate_prompt=True,
                                 on_warning=warnings.append)
     decoder = sample.StreamDecoder(tok)
-    expected = list(sample.generate_tokens(model, tokens[-28:], 4, temperature=0))
+    expected = list(generate_tokens(model, tokens[-28:], 4, temperature=0))
     assert text == decoder.push(expected) + decoder.flush() and len(warnings) == 1
 
 

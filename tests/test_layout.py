@@ -1,0 +1,55 @@
+"""The codebase stays as small as the models it is compared with: the reading core (rope.py, model.py, train.py,
+sample.py) within 1,300 lines, everything outside tests/ within 4,200, no function over 60 lines, no line over
+120 characters, and no docstring pointing to a file the repository does not have."""
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CORE = ("rope.py", "model.py", "train.py", "sample.py")
+
+
+def sources() -> list[Path]:
+    """The repository's .py files outside tests/, as git tracks them (or, outside a checkout, on disk)."""
+    try:
+        names = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py") if ".venv" not in p.parts]
+    return [REPO / n for n in names if not n.startswith("tests/") and (REPO / n).exists()]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_the_reading_core_is_at_most_1300_lines():
+    sizes = {name: len(lines(REPO / name)) for name in CORE}
+    assert sum(sizes.values()) <= 1300, sizes
+
+
+def test_everything_outside_tests_is_at_most_4200_lines():
+    sizes = {str(p.relative_to(REPO)): len(lines(p)) for p in sources()}
+    assert sum(sizes.values()) <= 4200, sorted(sizes.items(), key=lambda kv: -kv[1])
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_function_over_60_lines_and_no_line_over_120_characters(path):
+    text = path.read_text(encoding="utf-8")
+    long_lines = [i + 1 for i, line in enumerate(text.splitlines()) if len(line) > 120]
+    assert not long_lines, f"lines over 120 characters: {long_lines}"
+    long_functions = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(text))
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.end_lineno - node.lineno + 1 > 60]
+    assert not long_functions, long_functions
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
+def test_comments_stand_on_their_own(path):
+    """A docstring or comment never sends the reader to a document outside the repository."""
+    outside = re.findall(r"EXPERIMENT\.md|YARN_SPEC|STYLE(?:\.md| #)|shared/", path.read_text(encoding="utf-8"))
+    assert not outside, outside
