@@ -53,6 +53,20 @@ def save_numbered(state: dict, out_dir: Path, step: int, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(rng: dict) -> None:
+    # nothing in training draws from these (the data order is seeded per step, there is no dropout); restored
+    # anyway, so that a resumed run stays the uninterrupted one if something random is added later
+    if isinstance(rng.get("torch"), torch.Tensor):
+        torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint; raises CheckpointError naming the problem."""
     path = Path(path)

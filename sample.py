@@ -12,7 +12,6 @@ and --rope_rule says how a dynamic variant's scale follows the length (model.py)
 fit_context's. --seed seeds a generator used only for sampling; temperature 0 is greedy.
 """
 
-import codecs
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ import torch
 
 import checkpoint
 import flags
-from data.tokenizer import get_tokenizer
+from data.tokenizer import StreamDecoder, get_tokenizer
 from model import ROPE_RULES, rope_with_overrides
 from rope import RopeConfig
 from system import dtype_name, pick_device, pick_dtype
@@ -98,27 +97,6 @@ def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_promp
         warnings.append(f"the sequence (up to {keep + max_new_tokens} tokens) runs past the context the model was "
                         f"trained at ({block_size}); quality there is not guaranteed")
     return keep, max_new_tokens, warnings
-
-
-class StreamDecoder:
-    """Token ids in, complete characters out. A byte-level or BPE token often holds part of a multi-byte UTF-8
-    character ("日" is three bytes), so the tokens' bytes go through Python's incremental UTF-8 decoder, which
-    holds back an incomplete tail until the bytes that finish it arrive. Bytes that can never be valid UTF-8,
-    and ids the tokenizer does not know (the padding rows of the model's vocabulary), become U+FFFD."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, tokens) -> str:
-        """The characters that the new tokens complete (possibly "")."""
-        known = [self.tokenizer.decode_bytes([t]) if 0 <= t < self.tokenizer.n_vocab else "\ufffd".encode()
-                 for t in tokens]
-        return self.utf8.decode(b"".join(known))
-
-    def flush(self) -> str:
-        """At the end: an incomplete tail still held back becomes U+FFFD."""
-        return self.utf8.decode(b"", final=True)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import flags
-from data.loader import check_block_size, load_split
+from data.loader import load_training_data
 from model import ModelConfig, Transformer, rope_with_overrides
 from rope import RopeConfig
 from system import StopOnSignal, dtype_name, pick_device, pick_dtype, provenance, write_json
@@ -130,19 +130,17 @@ RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
 def parse_args(argv) -> tuple[dict, dict]:
-    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings given. Checked at
-    once where they are complete: the run values unless resuming (then once merged with the saved run config),
-    and the model of a run from scratch."""
+    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings given, checked
+    where they are complete: the run values unless resuming (they are merged with the saved ones first), and the
+    model of a run from scratch."""
     values = flags.parse(argv, FLAGS, "python train.py", __doc__)
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k not in RUN_FIELDS and not k.startswith("rope.")}
-    rope_values = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
-    if rope_values:
-        model["rope"] = rope_values
-    init = run.get("init_from", RunConfig.init_from)
-    if init != "resume":
+    if any(k.startswith("rope.") for k in values):
+        model["rope"] = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
+    if run.get("init_from", RunConfig.init_from) != "resume":
         RunConfig(**run)
-    if init == "scratch":
+    if run.get("init_from", RunConfig.init_from) == "scratch":
         new_model_config(model)
     return run, model
 
@@ -153,10 +151,10 @@ def new_model_config(given: dict) -> ModelConfig:
 
 def extended_model_config(base: ModelConfig, given: dict) -> ModelConfig:
     """The pretrained model with a new training context and the RoPE fields given replacing its own."""
-    for key, value in given.items():
-        if key not in ("rope", "block_size") and getattr(base, key) != value:
-            raise ValueError(f"--{key}={value} differs from the pretrained checkpoint's {key}={getattr(base, key)}; "
-                             "extension keeps the architecture (it changes only --block_size and --rope.*)")
+    for key in given.keys() - {"rope", "block_size"}:
+        if given[key] != getattr(base, key):
+            raise ValueError(f"--{key}={given[key]} differs from the pretrained checkpoint's {key}={getattr(base, key)}"
+                             "; extension keeps the architecture (it changes only --block_size and --rope.*)")
     return replace(base, block_size=given.get("block_size", base.block_size),
                    rope=rope_with_overrides(base, given.get("rope", {})))
 
@@ -164,8 +162,7 @@ def extended_model_config(base: ModelConfig, given: dict) -> ModelConfig:
 def check_same_model(saved: ModelConfig, given: dict) -> None:
     """A resumed run keeps its model: model flags may only repeat the checkpoint's values."""
     pairs = [(f"rope.{k}", v, getattr(saved.rope, k)) for k, v in given.get("rope", {}).items()]
-    pairs += [(k, v, getattr(saved, k)) for k, v in given.items() if k != "rope"]
-    for name, value, have in pairs:
+    for name, value, have in pairs + [(k, v, getattr(saved, k)) for k, v in given.items() if k != "rope"]:
         if value != have:
             raise ValueError(f"--{name}={value} differs from the checkpoint's {have}; a resumed run keeps its "
                              "model: start a new run (another --out_dir) to change it")
@@ -176,9 +173,9 @@ def resumed_run_config(state: dict, given: dict) -> RunConfig:
     saved = state.get("run_config")
     if not isinstance(saved, dict):
         raise ValueError("the checkpoint has no run_config to resume from; it was not written by train.py")
-    unknown = set(saved) - RUN_FIELDS
-    if unknown:
-        raise ValueError(f"the checkpoint's run_config has keys this train.py does not know: {sorted(unknown)}")
+    if set(saved) - RUN_FIELDS:
+        raise ValueError(f"the checkpoint's run_config has keys this train.py does not know: "
+                         f"{sorted(set(saved) - RUN_FIELDS)}")
     carried = {k: v for k, v in saved.items() if k not in INVOCATION_ONLY}
     return RunConfig(**{**carried, **given, "init_from": saved.get("init_from", "scratch")})
 
@@ -186,24 +183,24 @@ def resumed_run_config(state: dict, given: dict) -> RunConfig:
 def resolve(run_values: dict, model_values: dict) -> tuple[RunConfig, ModelConfig, dict | None, bool]:
     """(run config, model config, the checkpoint to start from, whether it is a resume) for the settings given."""
     init = run_values.get("init_from", RunConfig.init_from)
-    if init == "resume":
-        path = Path(run_values.get("out_dir", RunConfig.out_dir)) / "ckpt.pt"
-        if not path.exists():
-            raise ValueError(f"--init_from=resume but {path} does not exist; start the run with "
-                             "--init_from=scratch (or a checkpoint to extend), or check --out_dir")
-        state = checkpoint.load(path)
-        saved = ModelConfig.from_dict(state["model_config"])
-        check_same_model(saved, model_values)
-        return resumed_run_config(state, {**run_values, "out_dir": str(path.parent)}), saved, state, True
-    run = RunConfig(**run_values)
     if init == "scratch":
-        return run, new_model_config(model_values), None, False
-    state = checkpoint.load(init)
-    return run, extended_model_config(ModelConfig.from_dict(state["model_config"]), model_values), state, False
+        return RunConfig(**run_values), new_model_config(model_values), None, False
+    if init != "resume":
+        state = checkpoint.load(init)
+        base = ModelConfig.from_dict(state["model_config"])
+        return RunConfig(**run_values), extended_model_config(base, model_values), state, False
+    path = Path(run_values.get("out_dir", RunConfig.out_dir)) / "ckpt.pt"
+    if not path.exists():
+        raise ValueError(f"--init_from=resume but {path} does not exist; start the run with --init_from=scratch "
+                         "(or a checkpoint to extend), or check --out_dir")
+    state = checkpoint.load(path)
+    saved = ModelConfig.from_dict(state["model_config"])
+    check_same_model(saved, model_values)
+    return resumed_run_config(state, {**run_values, "out_dir": str(path.parent)}), saved, state, True
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Distributed setup from torchrun's environment
+# Distributed setup (torchrun's environment) and batches
 
 
 @dataclass(frozen=True)
@@ -234,13 +231,10 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Batches: windows of block_size + 1 tokens at positions drawn from (seed, step, micro-batch)
-#
 # Step `step` consumes grad_accum micro-batches, numbered 0..grad_accum-1 over all processes; process `rank` takes
-# numbers rank*A .. rank*A + A - 1 (A = grad_accum / world). Each micro-batch's windows come from a generator
-# seeded by a hash of (seed, step, number): the global batch is the same for any world size, a resumed run needs
-# no sampler state, and no two processes draw the same windows.
+# numbers rank*A .. rank*A + A - 1 (A = grad_accum / world). Each micro-batch's windows of block_size + 1 tokens
+# come from a generator seeded by a hash of (seed, step, number): the global batch is the same for any world size,
+# a resumed run needs no sampler state, and no two processes draw the same windows.
 
 
 def stream_seed(seed: int, *key) -> int:
@@ -291,17 +285,13 @@ class Run:
     d: Dist
     device: str
     dtype: torch.dtype
-    compile: bool
     raw_model: Transformer  # the module whose state_dict is saved
     model: torch.nn.Module  # raw_model, compiled or not: used for evaluation
     train_model: torch.nn.Module  # model, wrapped in DDP when there are several processes
     optimizer: torch.optim.Optimizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    val_starts: np.ndarray
+    data: tuple  # (train tokens, val tokens, the tokenizer's name)
     start_step: int
     extended_from: str | None
-    tokenizer: str  # the data's tokenizer, recorded in every checkpoint
     provenance: dict
     metrics: dict  # best_val_loss, last_val_loss, last_train_loss
     saved_step: int | None = None  # the step out_dir/ckpt.pt holds
@@ -330,33 +320,22 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
     if phase != "resume" and (Path(run.out_dir) / "ckpt.pt").exists():
         raise ValueError(f"{run.out_dir} already holds a checkpoint: continue it with --init_from=resume, "
                          "or choose another --out_dir")
-    if phase == "extend" and state is None:
-        state = checkpoint.load(run.init_from)
-    if phase == "extend":  # the typed call's config must keep the checkpoint's architecture too
+    if phase == "extend":  # a typed call's config must keep the checkpoint's architecture too
+        state = state or checkpoint.load(run.init_from)
         extended_model_config(ModelConfig.from_dict(state["model_config"]), asdict(config))
     if run.grad_accum % d.world:
         raise ValueError(f"--grad_accum ({run.grad_accum}) must be divisible by the number of processes ({d.world}): "
                          "the global batch batch_size x grad_accum is the same whatever the process count")
-    train_tokens, _, meta = load_split(run.data_dir, "train")
-    val_tokens, _, _ = load_split(run.data_dir, "val")
-    for tokens, split in ((train_tokens, "train"), (val_tokens, "val")):
-        check_block_size(tokens, config.block_size, split)
-    if meta["vocab_size"] > config.vocab_size:
-        raise ValueError(f"--vocab_size={config.vocab_size} is smaller than the data's vocabulary "
-                         f"({meta['vocab_size']} tokens, tokenizer {meta['tokenizer']['name']})")
+    data = load_training_data(run.data_dir, config.block_size, config.vocab_size)
     device = pick_device(run.device)
     if d.world > 1 and device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"  # one GPU per process
         torch.cuda.set_device(device)
-    on_cuda = device.startswith("cuda")
-    if state is None:
-        torch.manual_seed(run.seed)  # every process builds the same model
-        raw_model = Transformer(config)
-    else:
-        raw_model = checkpoint.model_from_state(state)
-        raw_model.set_rope(config.rope, config.block_size)  # extension: weights untouched
+    torch.manual_seed(run.seed)  # every process builds the same model
+    raw_model = Transformer(config) if state is None else checkpoint.model_from_state(state)
+    raw_model.set_rope(config.rope, config.block_size)  # for an extension; the weights are untouched
     raw_model.to(device).train()
-    optimizer = make_optimizer(raw_model, run, on_cuda)
+    optimizer = make_optimizer(raw_model, run, device.startswith("cuda"))
     start_step, metrics = 0, {"best_val_loss": None, "last_val_loss": None, "last_train_loss": None}
     if phase == "resume":
         optimizer.load_state_dict(state["optimizer"])
@@ -364,25 +343,14 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
         if start_step > run.max_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, past --max_steps={run.max_steps}")
         metrics.update(state.get("metrics", {}))
-        restore_rng(state.get("rng", {}))
-    if on_cuda:  # TF32 for fp32 matmuls left outside autocast (this call sets the legacy and the new flags alike)
-        torch.set_float32_matmul_precision("high")
-    use_compile = on_cuda if run.compile is None else run.compile
-    model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = model
-    if d.world > 1:  # everything is checked: join the other processes (NCCL between GPUs, gloo between CPUs)
-        dist.init_process_group("nccl" if on_cuda else "gloo")
-        train_model = DDP(model, device_ids=[d.local_rank] if on_cuda else None)  # broadcasts rank 0's weights
+        checkpoint.restore_rng(state.get("rng", {}))
+    model, train_model = compiled_and_wrapped(raw_model, run, d, device)
     extended_from = None if state is None else state.get("extended_from") if phase == "resume" else \
         str(Path(run.init_from) / "ckpt.pt" if Path(run.init_from).is_dir() else run.init_from)
-    return Run(
-        run=run, phase=phase, d=d, device=device, dtype=pick_dtype(run.dtype, device), compile=use_compile,
-        raw_model=raw_model, model=model, train_model=train_model, optimizer=optimizer, train_tokens=train_tokens,
-        val_tokens=val_tokens, val_starts=val_windows(val_tokens, run.seed, run.eval_batches, run.batch_size,
-                                                      config.block_size),
-        start_step=start_step, extended_from=extended_from, tokenizer=meta["tokenizer"]["name"],
-        provenance={**provenance(device, argv), "world_size": d.world}, metrics=metrics,
-        saved_step=start_step if phase == "resume" else None)
+    return Run(run=run, phase=phase, d=d, device=device, dtype=pick_dtype(run.dtype, device), raw_model=raw_model,
+               model=model, train_model=train_model, optimizer=optimizer, data=data, start_step=start_step,
+               extended_from=extended_from, provenance={**provenance(device, argv), "world_size": d.world},
+               metrics=metrics, saved_step=start_step if phase == "resume" else None)
 
 
 def make_optimizer(model: Transformer, run: RunConfig, on_cuda: bool) -> torch.optim.AdamW:
@@ -393,14 +361,16 @@ def make_optimizer(model: Transformer, run: RunConfig, on_cuda: bool) -> torch.o
     return torch.optim.AdamW(groups, lr=run.lr, betas=(run.beta1, run.beta2), fused=True if on_cuda else None)
 
 
-def restore_rng(rng: dict) -> None:
-    # nothing in training draws from these (the data order is seeded per step, there is no dropout); restored
-    # anyway, so a resumed run stays the uninterrupted one if something random is added later
-    if isinstance(rng.get("torch"), torch.Tensor):
-        torch.set_rng_state(rng["torch"])
-    cuda = rng.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+def compiled_and_wrapped(raw_model: Transformer, run: RunConfig, d: Dist, device: str):
+    """(the model to evaluate: compiled or not, the model to train: that one in DDP when there are processes)."""
+    on_cuda = device.startswith("cuda")
+    if on_cuda:  # TF32 for fp32 matmuls left outside autocast (this call sets the legacy and the new flags alike)
+        torch.set_float32_matmul_precision("high")
+    model = torch.compile(raw_model) if (on_cuda if run.compile is None else run.compile) else raw_model
+    if d.world == 1:
+        return model, model
+    dist.init_process_group("nccl" if on_cuda else "gloo")  # everything is checked: join the other processes
+    return model, DDP(model, device_ids=[d.local_rank] if on_cuda else None)  # broadcasts rank 0's weights
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,11 +381,11 @@ def train_step(r: Run, step: int) -> torch.Tensor:
     """One optimizer step; returns the step's mean loss over the global batch (a tensor, not synced)."""
     for group in r.optimizer.param_groups:
         group["lr"] = lr_at(step, r.run)
-    T = r.raw_model.config.block_size
+    T, tokens = r.raw_model.config.block_size, r.data[0]
     total = torch.zeros((), device=r.device)
     for i in range(r.accum):
-        starts = train_windows(r.train_tokens, r.run.seed, step, r.d.rank * r.accum + i, r.run.batch_size, T)
-        x, y = to_device(*windows(r.train_tokens, starts, T), r.device)
+        starts = train_windows(tokens, r.run.seed, step, r.d.rank * r.accum + i, r.run.batch_size, T)
+        x, y = to_device(*windows(tokens, starts, T), r.device)
         # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
         with nullcontext() if i == r.accum - 1 or r.d.world == 1 else r.train_model.no_sync():
             with r.autocast:
@@ -432,27 +402,27 @@ def train_step(r: Run, step: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(r: Run) -> float:
     """Mean loss over the fixed validation windows; the processes share them and sum their parts."""
+    T, tokens = r.raw_model.config.block_size, r.data[1]
+    starts = val_windows(tokens, r.run.seed, r.run.eval_batches, r.run.batch_size, T)
     r.model.eval()
     total = torch.zeros((), device=r.device, dtype=torch.float64)
-    for i in range(r.d.rank, len(r.val_starts), r.d.world):
-        x, y = to_device(*windows(r.val_tokens, r.val_starts[i], r.raw_model.config.block_size), r.device)
+    for i in range(r.d.rank, len(starts), r.d.world):
+        x, y = to_device(*windows(tokens, starts[i], T), r.device)
         with r.autocast:
             total += r.model(x, y).double()
     r.model.train()
-    return all_reduce_sum(total, r.d).item() / len(r.val_starts)
+    return all_reduce_sum(total, r.d).item() / len(starts)
 
 
 def save_checkpoint(r: Run, step: int) -> None:
-    state = {
-        "model_config": r.raw_model.config.to_dict(), "tokenizer": r.tokenizer,
+    checkpoint.save_numbered({
+        "model_config": r.raw_model.config.to_dict(), "tokenizer": r.data[2],
         "model": r.raw_model.state_dict(),  # the raw module: no `_orig_mod.` or `module.` prefixes
         "optimizer": r.optimizer.state_dict(), "run_config": asdict(r.run), "step": step,
         "data_state": {"order": "windows seeded by (seed, step, micro-batch)", "seed": r.run.seed, "step": step},
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "metrics": dict(r.metrics), "extended_from": r.extended_from, "provenance": r.provenance,
-    }
-    checkpoint.save_numbered(state, r.out_dir, step, r.run.keep_checkpoints)
+        "rng": checkpoint.rng_state(), "metrics": dict(r.metrics), "extended_from": r.extended_from,
+        "provenance": r.provenance,
+    }, r.out_dir, step, r.run.keep_checkpoints)
 
 
 def check_finite(r: Run, pending: list) -> None:
@@ -481,29 +451,25 @@ class Logger:
         self.master, self.path = r.d.master, r.out_dir / "metrics.jsonl"
         if not self.master:
             return
-        keep = []
-        if r.phase == "resume" and self.path.exists():  # drop what the interrupted run logged after its checkpoint
-            for line in self.path.read_text().splitlines():
-                try:
-                    event = json.loads(line)
-                    if event["step"] < r.start_step or (event["event"] == "eval" and event["step"] == r.start_step):
-                        keep.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue
+        keep = []  # a resume drops what the interrupted run logged after its checkpoint: it logs those steps again
+        for line in self.path.read_text().splitlines() if r.phase == "resume" and self.path.exists() else []:
+            event = json.loads(line)
+            if event["step"] < r.start_step or (event["event"] == "eval" and event["step"] == r.start_step):
+                keep.append(line)
         r.out_dir.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(line + "\n" for line in keep))
-        config = r.raw_model.config
-        write_json(r.out_dir / "config.json", {"run": asdict(r.run), "model": config.to_dict(), "resolved": {
-            "phase": r.phase, "device": r.device, "dtype": dtype_name(r.dtype), "compile": r.compile,
-            "world_size": r.d.world, "tokens_per_step": r.tokens_per_step, "warmup_steps": r.run.warmup,
-            "min_lr": r.run.final_lr, "start_step": r.start_step, "extended_from": r.extended_from,
-            "tokenizer": r.tokenizer, "params": r.raw_model.num_params()}, "provenance": r.provenance})
-        commit = (r.provenance["git_commit"] or "unknown")[:12] + (" (dirty)" if r.provenance["git_dirty"] else "")
+        c, p = r.raw_model.config, r.provenance
+        write_json(r.out_dir / "config.json", {"run": asdict(r.run), "model": c.to_dict(), "provenance": p,
+                   "resolved": {"phase": r.phase, "device": r.device, "dtype": dtype_name(r.dtype),
+                                "world_size": r.d.world, "tokens_per_step": r.tokens_per_step,
+                                "warmup_steps": r.run.warmup, "min_lr": r.run.final_lr, "start_step": r.start_step,
+                                "extended_from": r.extended_from, "tokenizer": r.data[2],
+                                "params": r.raw_model.num_params()}})
+        commit = (p["git_commit"] or "unknown")[:12] + (" (dirty)" if p["git_dirty"] else "")
         self.print(f"train.py: {r.phase} {r.extended_from or ''} step {r.start_step} -> {r.run.max_steps}, "
-                   f"{r.raw_model.num_params() / 1e6:.1f}M parameters, block {config.block_size}, rope "
-                   f"{config.rope.type} (factor {config.rope.factor}, L {config.rope.original_context}), "
-                   f"{r.tokens_per_step:,} tokens/step\n  {r.provenance['device']} x {r.d.world}, "
-                   f"{dtype_name(r.dtype)}, compile {r.compile}, torch {torch.__version__}, commit {commit}")
+                   f"{r.raw_model.num_params() / 1e6:.1f}M parameters, block {c.block_size}, rope {c.rope.type} "
+                   f"(factor {c.rope.factor}, L {c.rope.original_context}), {r.tokens_per_step:,} tokens/step\n"
+                   f"  {p['device']} x {r.d.world}, {dtype_name(r.dtype)}, torch {p['torch']}, commit {commit}")
 
     def print(self, text: str):
         if self.master:
@@ -515,11 +481,6 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     """The signal every process stops for (0 = none): processes must stop at the same step, or DDP hangs."""
     if r.d.world == 1:
@@ -529,13 +490,8 @@ def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     return int(flag.item())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-
 class Throughput:
-    """Tokens/s and MFU between marks (marking after an eval or a save leaves their time out); the run's average
-    leaves out the first interval, which holds start-up and compilation."""
+    """Tokens/s and MFU between marks (marking after an eval or a save leaves their time out)."""
 
     def __init__(self, r: Run):
         self.tokens_per_step, self.flops = r.tokens_per_step, r.raw_model.flops_per_token(r.raw_model.config.block_size)
@@ -546,24 +502,25 @@ class Throughput:
     def mark(self, step: int):
         self.time, self.step = time.perf_counter(), step
 
-    def measure(self, steps_done: int) -> tuple[float, float | None, float | None]:
-        """(seconds per step, tokens/s, mfu) since the mark, which moves to steps_done."""
+    def measure(self, steps_done: int) -> tuple[float | None, float | None]:
+        """(tokens/s, mfu) since the mark, which moves to steps_done."""
         self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
         self.mark(steps_done)
-        return self.intervals[-1][1] / self.intervals[-1][0], *self.rates(self.intervals[-1:])
+        return self.rates(self.intervals[-1:])
 
     def rates(self, intervals) -> tuple[float | None, float | None]:
+        """(tokens/s, mfu) over these intervals; the run's average leaves out the first (start-up, compilation)."""
         steps, seconds = sum(n for n, _ in intervals), sum(t for _, t in intervals)
-        if not steps:
-            return None, None
-        tokens_per_s = steps * self.tokens_per_step / seconds
-        return tokens_per_s, self.flops * tokens_per_s / self.peak if self.peak else None
+        tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
+        return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
 
 
 def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
-    run, t_start = r.run, time.time()
-    speed = Throughput(r)
-    pending = []  # (step, loss tensor) not yet checked for finiteness
+    run, t_start, speed, pending = r.run, time.time(), Throughput(r), []  # pending: (step, loss) to check
     stopped, step = None, r.start_step
     while True:  # at the top of step `step`: the weights after `step` updates; evaluate, save, or stop here
         last = step == run.max_steps
@@ -591,11 +548,10 @@ def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
         pending.append((step, train_step(r, step)))
         if step % run.log_interval == 0:
             check_finite(r, pending)  # reads the losses back, so the GPU has caught up
-            seconds_per_step, tokens_per_s, mfu = speed.measure(step + 1)
+            tokens_per_s, mfu = speed.measure(step + 1)
             loss, lr = r.metrics["last_train_loss"], lr_at(step, run)
             log.print(f"step {step}/{run.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-                      f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {duration(time.time() - t_start)} "
-                      f"elapsed | eta {duration((run.max_steps - step - 1) * seconds_per_step)}")
+                      f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {time.time() - t_start:.0f}s")
             log.event(event="train", step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
                       elapsed_s=round(time.time() - t_start, 3))
         step += 1

@@ -81,3 +81,16 @@ def check_block_size(tokens, block_size, split):
             f"{split} split has {len(tokens)} tokens, too few for block size {block_size} "
             f"(needs at least {block_size + 1}); prepare a larger corpus or lower the block size"
         )
+
+
+def load_training_data(data_dir, block_size: int, vocab_size: int):
+    """(train tokens, val tokens, the tokenizer's name) for train.py: both splits, each long enough for a window
+    of block_size + 1 tokens, in a vocabulary the model's embedding covers."""
+    train, _, meta = load_split(data_dir, "train")
+    val, _, _ = load_split(data_dir, "val")
+    for tokens, split in ((train, "train"), (val, "val")):
+        check_block_size(tokens, block_size, split)
+    if meta["vocab_size"] > vocab_size:
+        raise DataError(f"--vocab_size={vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']} "
+                        f"tokens, tokenizer {meta['tokenizer']['name']})")
+    return train, val, meta["tokenizer"]["name"]

@@ -11,6 +11,7 @@ encode_ordinary_batch, decode, decode_bytes, n_vocab, eot_token, name.
 """
 
 import base64
+import codecs
 import functools
 import hashlib
 from pathlib import Path
@@ -99,3 +100,24 @@ def get_tokenizer(name: str = "gpt2"):
     )
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT
     return enc
+
+
+class StreamDecoder:
+    """Token ids in, complete characters out. A byte-level or BPE token often holds part of a multi-byte UTF-8
+    character ("日" is three bytes), so the tokens' bytes go through Python's incremental UTF-8 decoder, which
+    holds back an incomplete tail until the bytes that finish it arrive. Bytes that can never be valid UTF-8,
+    and ids the tokenizer does not know (the padding rows of the model's vocabulary), become U+FFFD."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, tokens) -> str:
+        """The characters that the new tokens complete (possibly "")."""
+        known = [self.tokenizer.decode_bytes([t]) if 0 <= t < self.tokenizer.n_vocab else "\ufffd".encode()
+                 for t in tokens]
+        return self.utf8.decode(b"".join(known))
+
+    def flush(self) -> str:
+        """At the end: an incomplete tail still held back becomes U+FFFD."""
+        return self.utf8.decode(b"", final=True)

@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
 import checkpoint  # noqa: E402
 import flags  # noqa: E402
 import sample  # noqa: E402
-from data.tokenizer import EOT, get_tokenizer  # noqa: E402
+from data.tokenizer import EOT, StreamDecoder, get_tokenizer  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
@@ -226,7 +226,7 @@ def test_greedy_equals_no_cache_reference(tok, prompt):
     n = min(16, 32 - len(tokens))
     cached = list(generate_tokens(model, tokens, n, temperature=0))
     assert cached == reference_greedy(model, tokens, n, "follow")
-    decoder = sample.StreamDecoder(tok)
+    decoder = StreamDecoder(tok)
     expected = decoder.push(cached) + decoder.flush()
     assert sample.generate_text(model, tok, prompt, n, temperature=0, stop_at_eot=False) == expected
 
@@ -283,7 +283,7 @@ def test_truncate_prompt_keeps_the_last_tokens(tok):
     warnings = []
     text = sample.generate_text(model, tok, LONG_PROMPT, 4, temperature=0, stop_at_eot=False, truncate_prompt=True,
                                 on_warning=warnings.append)
-    decoder = sample.StreamDecoder(tok)
+    decoder = StreamDecoder(tok)
     expected = list(generate_tokens(model, tokens[-28:], 4, temperature=0))
     assert text == decoder.push(expected) + decoder.flush() and len(warnings) == 1
 
@@ -304,7 +304,7 @@ def test_stream_decoder_prints_split_characters_whole(tok):
     tokens = tok.encode_ordinary(text)
     alone = [tok.decode_bytes([t]) for t in tokens]
     assert b" \xe6" in alone and b"\x97" in alone, "the test needs tokens that hold part of a character"
-    decoder = sample.StreamDecoder(tok)
+    decoder = StreamDecoder(tok)
     pieces = [decoder.push([t]) for t in tokens] + [decoder.flush()]
     # each of 日本語 is split over two or three tokens: nothing is printed until its last byte arrives
     assert pieces == ["h", "é", "llo", " ", "", "日", "", "本", "", "語", " 🙂", ""]
@@ -313,7 +313,7 @@ def test_stream_decoder_prints_split_characters_whole(tok):
 
 def test_stream_decoder_invalid_bytes_and_unknown_ids(tok):
     tokens = tok.encode_ordinary("ok 日本")
-    decoder = sample.StreamDecoder(tok)
+    decoder = StreamDecoder(tok)
     # an unknown id (a padding row of the model's vocabulary) and an incomplete character at the end
     cut = tok.encode_ordinary(" 語")[:1]
     assert tok.decode_bytes(cut).decode("utf-8", errors="replace").endswith("\ufffd")
