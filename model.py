@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 import rope
 from loss import chunked_cross_entropy
@@ -49,14 +48,12 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size"):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size", "n_kv_head", "ffn_hidden"):
+            optional = name in ("n_kv_head", "ffn_hidden")  # 0 = the default
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 2**31:
-                raise ValueError(f"model {name} must be a positive int (at most 2^31), got {value!r}")
-        for name in ("n_kv_head", "ffn_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**31:
-                raise ValueError(f"model {name} must be an int in [0, 2^31] (0 = default), got {value!r}")
+            if type(value) is not int or not (0 if optional else 1) <= value <= 2**31:
+                kind = "an int in [0, 2^31] (0 = default)" if optional else "a positive int (at most 2^31)"
+                raise ValueError(f"model {name} must be {kind}, got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"model d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
@@ -84,22 +81,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"model config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
-        if "rope" in d and not isinstance(d["rope"], dict):
-            raise ValueError(f"model config's rope must be a dict, got {type(d['rope']).__name__}")
-        if isinstance(d.get("rope"), dict):
-            rope_known = {f.name for f in fields(RopeConfig)}
-            bad = set(d["rope"]) - rope_known
-            if bad:
-                raise ValueError(f"unknown rope config keys {sorted(bad)}; known: {sorted(rope_known)}")
-            d["rope"] = RopeConfig(**d["rope"])
-        return cls(**d)
+        """The config to_dict wrote (a checkpoint's or config file's); a ValueError naming unknown or bad keys."""
+        if not isinstance(d, dict) or not isinstance(d.get("rope", {}), dict):
+            raise ValueError(f"model config must be a dict whose 'rope' is a dict, got {type(d).__name__}")
+        for given, kind in ((d, cls), (d.get("rope", {}), RopeConfig)):
+            unknown = set(given) - {f.name for f in fields(kind)}
+            if unknown:
+                known = [f.name for f in fields(kind)]
+                raise ValueError(f"unknown {kind.__name__} keys {sorted(unknown)}; known: {known}")
+        return cls(**{**d, "rope": RopeConfig(**d.get("rope", {}))})
 
 
 def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
@@ -196,18 +186,23 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
-        T = x.shape[1]
-        q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.n_head)
-        k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=self.n_kv_head)
-        v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.n_kv_head)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        # F.linear and view/transpose, not module calls and einops: fewer Python steps per decoded token
+        B, T, _ = x.shape
+        H, H_kv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = F.linear(x, self.wq.weight).view(B, T, H, hd)
+        k = F.linear(x, self.wk.weight).view(B, T, H_kv, hd)
+        v = F.linear(x, self.wv.weight).view(B, T, H_kv, hd).transpose(1, 2)
+        if T == 1:  # a decoding step: q and k in one rotation, half the small ops
+            q, k = rope.apply_rope(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin).split((H, H_kv), dim=1)
+        else:  # longer: two rotations, without first copying q and k together
+            q, k = rope.apply_rope(q.transpose(1, 2), cos, sin), rope.apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_mask(T, start, q.device), is_causal=(start == 0 and T > 1),
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, hd); softmax(q k^T / sqrt(hd)), YaRN's 1/t already inside q and k
-        return self.wo(rearrange(y, "b h t d -> b t (h d)"))
+        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
 
 
 def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
@@ -228,7 +223,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(config.hidden_dim, config.d_model, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return F.linear(F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight), self.w2.weight)
 
 
 class Block(nn.Module):
@@ -240,8 +235,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(rms_norm(self.attn_norm, x), cos, sin, cache, start)
+        return x + self.mlp(rms_norm(self.mlp_norm, x))
+
+
+def rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) without the module call: the same F.rms_norm, a Python step fewer per decoded token."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
 class Transformer(nn.Module):
@@ -293,7 +293,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache holds {cache.max_len} positions, {start} used; {T} more do not fit")
             rope_length = rope_length or cache.rope_length
         cos, sin = self.rotary(start, T, rope_length or start + T)
-        x = self.tok_emb(idx)
+        x = F.embedding(idx, self.tok_emb.weight)
         for block in self.blocks:
             x = block(x, cos, sin, cache, start)
         if cache is not None:
@@ -301,10 +301,10 @@ class Transformer(nn.Module):
         if last_n is not None:
             x = x[:, -last_n:]  # (B, n, d)
             targets = None if targets is None else targets[:, -last_n:]
-        x = self.norm(x)
+        x = rms_norm(self.norm, x)
         if targets is not None and B * x.shape[1] * self.config.vocab_size > self.loss_chunk_threshold:
             return chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_elements)
-        logits = self.lm_head(x)
+        logits = F.linear(x, self.lm_head.weight)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -333,16 +333,18 @@ class Transformer(nn.Module):
         prefix if it is empty or if the rule's l' for n differs from the one its keys were computed under."""
         B, P = idx.shape
         capacity = P + max_new_tokens
-        cache = self.new_cache(B, capacity)
+        with torch.inference_mode():  # the cache never leaves this loop: no version counters on its tensors
+            cache = self.new_cache(B, capacity)
         seq = torch.empty(B, capacity, dtype=idx.dtype, device=idx.device)
         seq[:, :P] = idx
         for n in range(P, capacity):
             length = self.rope_length(n, capacity, rule)
-            if n == P or length != cache.rope_length:
-                cache.pos, cache.rope_length = 0, length  # a (re-)prefill under the new scale
-                logits = self(seq[:, :n], cache=cache, last_n=1)[:, -1]
-            else:
-                logits = self(seq[:, n - 1 : n], cache=cache)[:, -1]
+            with torch.inference_mode():  # no autograd bookkeeping per op; the tokens chosen stay normal tensors
+                if n == P or length != cache.rope_length:
+                    cache.pos, cache.rope_length = 0, length  # a (re-)prefill under the new scale
+                    logits = self(seq[:, :n], cache=cache, last_n=1)[:, -1]
+                else:
+                    logits = self(seq[:, n - 1 : n], cache=cache)[:, -1]
             token = choose(logits)
             seq[:, n] = token
             yield token

@@ -350,12 +350,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     the remaining channels pass through. cos, sin: (T, |D|/2) fp32, broadcast over leading dims.
     Computed in fp32, returned in x's dtype. With partial rotary, an attention factor folded into cos/sin scales
     only the rotated channels' share of q.k, as in transformers' partial-rotary models (Phi, GPT-NeoX)."""
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-    if 2 * half == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., 2 * half :]), dim=-1)
+    half, dim = cos.shape[-1], x.shape[-1]
+    rot = x if 2 * half == dim else x[..., : 2 * half]
+    rot = rot if rot.dtype == torch.float32 else rot.float()
+    # (x1 cos - x2 sin, x2 cos + x1 sin) as rot * (cos, cos) + (x2, x1) * (-sin, sin): the same products and
+    # sums, bit for bit, in 3 elementwise passes over whole rows instead of 6 over strided halves
+    rotated = rot * torch.cat((cos, cos), dim=-1) + rot.roll(half, dims=-1) * torch.cat((-sin, sin), dim=-1)
+    rotated = rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
+    return rotated if 2 * half == dim else torch.cat((rotated, x[..., 2 * half :]), dim=-1)
 
 
 def interleaved_to_half_split(dim: int) -> torch.Tensor:

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The whole GPU run as one command, within 9 minutes (a GPU window: ~15 minutes with the machine's start, at most
+# 10 a command, results only from $OUT): versions, the CUDA-only tests, the GPU main job and the benchmark. Each
+# stage runs under its own timeout and leaves what it made in $OUT as soon as it ends, so a late failure or a cut
+# never loses an earlier stage.
+#
+#   OUT=DIR scripts/gpu_run.sh                  # every stage: env tests reproduce bench (default runs/gpu_out)
+#   OUT=DIR scripts/gpu_run.sh bench            # some of them, in this order whatever the order given
+#   GPU_RUN_TINY=1 OUT=DIR scripts/gpu_run.sh   # the rehearsal: every stage on CPU at toy sizes (tests/test_gpu_run.py)
+#
+# What lands in $OUT (7 files, flat; the limit is 8 files of 16 MiB):
+#   gpu_run.log       one line per stage: name, exit status (124 / 137: cut by its timeout), seconds, limit
+#   env.txt           the commit, Python, torch, CUDA, transformers, nvidia-smi, CPUs, memory
+#   tests.log         python -m pytest tests/test_model.py -k cuda (SDPA parity on CUDA, fp32 and bf16, 6 tests)
+#   reproduce.log     reproduce.py --preset gpu, written as it runs
+#   reproduce.tar.gz  results/gpu/ (report.md, results.json, plots) and runs/gpu/ without checkpoints (*.pt)
+#   bench.json        python bench.py --preset=gpu, rewritten after every case
+#   bench.log         its output, ending with a markdown table
+# Stage limits in seconds, GPU (tiny): env 15 (30), tests 45 (60), reproduce 330 (150), bench 140 (90), each
+# also capped by what is left of GPU_RUN_BUDGET (520; tiny 300), and SIGKILL follows SIGTERM 15 s (5 s) later: the
+# whole run ends within 9 minutes. GPU_RUN_LIMITS="reproduce=100 bench=60" overrides the limits.
+# Python: $YARN_PYTHON if set, else `python` where it already has the project's modules (the GPU box), else
+# scripts/env.sh's choice. Exit status: 0 when every stage ran and succeeded, 1 otherwise, 2 for bad arguments.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+TINY="${GPU_RUN_TINY:-0}"
+STAGES=" ${*:-env tests reproduce bench} "
+for s in $STAGES; do
+    case "$s" in env|tests|reproduce|bench) ;; *) echo "error: unknown stage '$s' (env, tests, reproduce, bench)" >&2
+                                               exit 2 ;; esac
+done
+OUT="${OUT:-$ROOT/runs/gpu_out}"  # runs/ is git-ignored
+if ! mkdir -p "$OUT"; then echo "error: cannot create OUT=$OUT" >&2; exit 2; fi
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/gpu_run.log"
+START=$(date +%s)
+if [ "$TINY" = 1 ]; then
+    BUDGET="${GPU_RUN_BUDGET:-300}"; LIMITS="env=30 tests=60 reproduce=150 bench=90"; PRESET=tiny; DEVICE=cpu
+    GRACE=5
+    WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
+else
+    BUDGET="${GPU_RUN_BUDGET:-520}"; LIMITS="env=15 tests=45 reproduce=330 bench=140"; PRESET=gpu; DEVICE=cuda
+    GRACE=15
+    WORK="$ROOT"
+fi
+LIMITS="$LIMITS ${GPU_RUN_LIMITS:-}"  # later entries win
+echo "gpu_run: start $(date -u +%FT%TZ), tiny=$TINY, stages:$STAGES, budget ${BUDGET}s" | tee "$LOG"
+
+if [ -z "${YARN_PYTHON:-}" ] && command -v python >/dev/null 2>&1 &&
+        python -c "import torch, einops, tiktoken, numpy, matplotlib, pytest, hypothesis" 2>/dev/null; then
+    YARN_PYTHON="$(command -v python)"
+    export YARN_PYTHON
+fi
+source scripts/env.sh  # sets $PY (and set -e, undone below)
+set +e
+echo "python: $PY" | tee -a "$LOG"
+FAILED=0
+
+limit_of() {  # the stage's limit: the last NAME=SECONDS in $LIMITS, capped by what is left of the budget
+    local limit=0 entry left
+    for entry in $LIMITS; do [ "${entry%%=*}" = "$1" ] && limit="${entry#*=}"; done
+    left=$(( START + BUDGET - $(date +%s) ))
+    echo $(( limit < left ? limit : left ))
+}
+
+stage() {  # stage NAME LOGFILE COMMAND...: the command under its limit, its output in $OUT/LOGFILE and on stdout
+    local name="$1" file="$2" limit t0 rc
+    shift 2
+    limit="$(limit_of "$name")"
+    if [ "$limit" -lt 5 ]; then
+        echo "stage $name rc=skipped seconds=0 limit=$limit (out of budget)" | tee -a "$LOG"; FAILED=1; return
+    fi
+    echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    t0=$(date +%s)
+    timeout --kill-after="$GRACE" "$limit" "$@" 2>&1 | tee "$OUT/$file"  # SIGTERM, then SIGKILL GRACE s later
+    rc=${PIPESTATUS[0]}
+    echo "stage $name rc=$rc seconds=$(( $(date +%s) - t0 )) limit=$limit" | tee -a "$LOG"
+    [ "$rc" = 0 ] || FAILED=1
+}
+
+env_report() {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)," \
+         "$(git status --porcelain -uno 2>/dev/null | wc -l) tracked files changed"
+    "$PY" - "$1" <<'EOF'
+import platform, sys
+import torch
+print("python", sys.version.replace("\n", " "), platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "available", torch.cuda.is_available(), "threads", torch.get_num_threads())
+for name in ("transformers", "tiktoken", "einops", "numpy", "matplotlib", "pytest", "hypothesis"):
+    try:
+        print(name, __import__(name).__version__)
+    except ImportError:
+        print(name, "missing")
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0),
+          round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), "GiB")
+sys.exit(1 if sys.argv[1] == "cuda" and not torch.cuda.is_available() else 0)
+EOF
+    local rc=$?
+    if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi 2>&1; else echo "nvidia-smi: not available"; fi
+    echo "cpus: $(nproc)"; free -g 2>/dev/null | head -2; df -h . 2>/dev/null | tail -1
+    return "$rc"
+}
+
+case "$STAGES" in *" env "*) export -f env_report; export PY; stage env env.txt bash -c 'env_report "$0"' "$DEVICE";;
+esac
+case "$STAGES" in *" tests "*)
+    stage tests tests.log "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda;; esac
+
+case "$STAGES" in *" reproduce "*)
+    args=(--preset "$PRESET" --device "$DEVICE" --runs "$WORK/runs/$PRESET" --out "$WORK/results/$PRESET")
+    if [ "$TINY" = 1 ]; then  # a small corpus, as tests/test_reproduce.py: the 16 largest stdlib modules
+        mkdir -p "$WORK/corpus"
+        stdlib="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
+        ls -S "$stdlib"/*.py | head -16 | xargs -I{} cp {} "$WORK/corpus/"
+        args+=(--data_source "$WORK/corpus" --data_dir "$WORK/data")
+    else
+        args+=(--data_dir data/stdlib)
+    fi
+    stage reproduce reproduce.log "$PY" reproduce.py "${args[@]}"
+    parts=()
+    for part in "results/$PRESET" "runs/$PRESET"; do [ -e "$WORK/$part" ] && parts+=("$part"); done
+    if [ "${#parts[@]}" -gt 0 ]; then  # whatever it made, finished or not
+        tar -czf "$OUT/reproduce.tar.gz" --exclude='*.pt' --exclude='*.tmp' -C "$WORK" "${parts[@]}" ||
+            { echo "reproduce: packing failed" | tee -a "$LOG"; FAILED=1; }
+    fi;;
+esac
+
+case "$STAGES" in *" bench "*)
+    if [ "$TINY" = 1 ]; then bench=(--smoke); else bench=(--preset=gpu --device=cuda); fi
+    stage bench bench.log "$PY" bench.py "${bench[@]}" --out="$OUT/bench.json";; esac
+
+echo "gpu_run: end $(date -u +%FT%TZ), $(( $(date +%s) - START ))s, $([ $FAILED = 0 ] && echo ok || echo FAILED)" |
+    tee -a "$LOG"
+exit $FAILED
