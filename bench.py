@@ -113,7 +113,7 @@ def configs(p: reproduce.Preset, case: Case) -> model.ModelConfig:
 
 
 def build(which: str, cfg: model.ModelConfig, device, dtype):
-    """Ours (seeded), or LlamaForCausalLM with hf.hf_config's LlamaConfig and ours' weights (hf.weight_names),
+    """Ours (seeded), or LlamaForCausalLM with hf.hf_config's LlamaConfig and ours' weights (hf.hf_tensors),
     built in `dtype` (its rotary inv_freq stays fp32, as from_pretrained leaves it)."""
     torch.manual_seed(0)
     with torch.device(device):
@@ -126,7 +126,7 @@ def build(which: str, cfg: model.ModelConfig, device, dtype):
     with torch.device(device):
         net = LlamaForCausalLM._from_config(LlamaConfig(**keys, attn_implementation="sdpa"), dtype=dtype)
     weights = ours.state_dict()
-    net.load_state_dict({theirs: weights[name] for name, theirs in hf.weight_names(cfg.n_layer)}, strict=False)
+    net.load_state_dict(hf.hf_tensors(weights, cfg), strict=False)
     assert net.lm_head.weight is net.model.embed_tokens.weight, "Hugging Face's model did not tie its embeddings"
     net.generation_config.eos_token_id, net.generation_config.pad_token_id = None, 0
     return net.to(device)

@@ -22,7 +22,7 @@ from model import ModelConfig, Transformer
 from system import atomic_write
 
 FORMAT = "yarn-from-scratch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stacked wqkv and w13 weights
 
 
 class CheckpointError(ValueError):

@@ -70,26 +70,39 @@ ARCHITECTURE_KEYS = (
 # ----------------------------------------------------------------------------------------------------------
 # Names: our state_dict <-> Hugging Face Llama
 
+# (our name, the Hugging Face names it holds): a stacked weight of ours is theirs concatenated along the rows
 PER_LAYER_NAMES = (
-    ("attn_norm.weight", "input_layernorm.weight"),
-    ("attn.wq.weight", "self_attn.q_proj.weight"),
-    ("attn.wk.weight", "self_attn.k_proj.weight"),
-    ("attn.wv.weight", "self_attn.v_proj.weight"),
-    ("attn.wo.weight", "self_attn.o_proj.weight"),
-    ("mlp_norm.weight", "post_attention_layernorm.weight"),
-    ("mlp.w1.weight", "mlp.gate_proj.weight"),  # SwiGLU: w2(silu(w1 x) * w3 x) = down(silu(gate x) * up x)
-    ("mlp.w3.weight", "mlp.up_proj.weight"),
-    ("mlp.w2.weight", "mlp.down_proj.weight"),
+    ("attn_norm.weight", ("input_layernorm.weight",)),
+    ("attn.wqkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    ("attn.wo.weight", ("self_attn.o_proj.weight",)),
+    ("mlp_norm.weight", ("post_attention_layernorm.weight",)),
+    ("mlp.w13.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),  # SwiGLU: down(silu(gate x) * up x)
+    ("mlp.w2.weight", ("mlp.down_proj.weight",)),
 )
 
 
-def weight_names(n_layer: int) -> list[tuple[str, str]]:
-    """(our name, Hugging Face name) for every tensor. lm_head is tied to the embedding and not listed."""
-    names = [("tok_emb.weight", "model.embed_tokens.weight")]
+def weight_names(n_layer: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(our name, Hugging Face names) for every tensor. lm_head is tied to the embedding and not listed."""
+    names = [("tok_emb.weight", ("model.embed_tokens.weight",))]
     for i in range(n_layer):
-        names += [(f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}") for ours, theirs in PER_LAYER_NAMES]
-    names.append(("norm.weight", "model.norm.weight"))
-    return names
+        names += [(f"blocks.{i}.{ours}", tuple(f"model.layers.{i}.{t}" for t in theirs)) for ours, theirs in
+                  PER_LAYER_NAMES]
+    return names + [("norm.weight", ("model.norm.weight",))]
+
+
+def row_split(config: ModelConfig, ours: str) -> list[int]:
+    """Rows of each Hugging Face tensor inside our (possibly stacked) tensor `ours`."""
+    if ours.endswith("wqkv.weight"):
+        return [config.n_head * config.head_dim] + [config.kv_heads * config.head_dim] * 2
+    return [config.hidden_dim] * 2 if ours.endswith("w13.weight") else [-1]
+
+
+def hf_tensors(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state_dict as Hugging Face's Llama tensors (the stacked weights split)."""
+    out = {}
+    for ours, theirs in weight_names(config.n_layer):
+        out.update(zip(theirs, state[ours].split(row_split(config, ours)) if len(theirs) > 1 else [state[ours]]))
+    return out
 
 
 def interleaved_qk_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -217,6 +230,9 @@ def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
 
 def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for LlamaForCausalLM (a plain dict; every key LlamaConfig reads that matters here)."""
+    if config.prev_tokens:
+        raise ValueError(f"prev_tokens={config.prev_tokens} (previous-token embeddings) cannot be exported: "
+                         "LlamaForCausalLM has no such input")
     if config.rope.partial_rotary_factor != 1.0:
         raise ValueError(f"rope partial_rotary_factor={config.rope.partial_rotary_factor} cannot be exported: "
                          "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor "
@@ -272,8 +288,7 @@ def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, for
     config_json = hf_config(model.config, dtype)  # raises for unexportable variants before touching the disk
     if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
         raise ValueError("the model's lm_head differs from its embedding; this exporter writes tied weights only")
-    names = weight_names(model.config.n_layer)
-    tensors = {theirs: state[ours].detach().to("cpu", dtype).contiguous() for ours, theirs in names}
+    tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in hf_tensors(state, model.config).items()}
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -426,22 +441,26 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tied: bool) -> dict:
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tied: bool,
+                       config: ModelConfig) -> dict:
     """Our state_dict from Hugging Face tensors, checked against `expected` (a state_dict of the model the config
     describes); ValueError naming missing, unexpected, misshapen or non-float tensors."""
     tensors = dict(tensors)
-    n_layer = sum(1 for name in expected if name.endswith("attn.wq.weight"))
     state, missing = {}, []
-    for ours, theirs in weight_names(n_layer):
-        if theirs not in tensors:
-            missing.append(theirs)
+    for ours, theirs in weight_names(config.n_layer):
+        absent = [t for t in theirs if t not in tensors]
+        if absent:
+            missing += absent
             continue
-        tensor = state[ours] = tensors.pop(theirs)
-        if not tensor.is_floating_point():
-            raise ValueError(f"tensor {theirs} has dtype {tensor.dtype}; only floating-point weights can be imported")
-        if tensor.shape != expected[ours].shape:
-            raise ValueError(f"tensor {theirs} has shape {tuple(tensor.shape)}, config.json implies "
-                             f"{tuple(expected[ours].shape)}")
+        parts = [tensors.pop(t) for t in theirs]
+        wanted = expected[ours].split(row_split(config, ours)) if len(theirs) > 1 else [expected[ours]]
+        for name, tensor, want in zip(theirs, parts, wanted):
+            if not tensor.is_floating_point():
+                raise ValueError(f"tensor {name} has dtype {tensor.dtype}; only floating-point weights can be imported")
+            if tensor.shape != want.shape:
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(want.shape)}")
+        state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
     if missing:
         raise ValueError(f"the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}")
     head = tensors.pop("lm_head.weight", None)
@@ -466,7 +485,8 @@ def import_hf(hf_dir) -> Transformer:
     config_json = read_hf_config(hf_dir)
     model = Transformer(model_config_from_hf(config_json))
     tensors = read_hf_weights(hf_dir)
-    state = state_dict_from_hf(tensors, model.state_dict(), tied=bool(config_json.get("tie_word_embeddings", False)))
+    state = state_dict_from_hf(tensors, model.state_dict(), bool(config_json.get("tie_word_embeddings", False)),
+                               model.config)
     model.load_state_dict(state)
     return model.eval()
 

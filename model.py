@@ -45,11 +45,13 @@ class ModelConfig:
     ffn_hidden: int = 0  # 0 = the LLaMA rule: 8/3 d_model rounded up to a multiple of 64
     block_size: int = 512  # the context the model trains at; RoPE tables are prebuilt for it (and grow on demand)
     norm_eps: float = 1e-5
+    prev_tokens: int = 0  # K > 0: each position also embeds the K tokens before it (Transformer.embed)
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size", "n_kv_head", "ffn_hidden"):
-            optional = name in ("n_kv_head", "ffn_hidden")  # 0 = the default
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size", "n_kv_head", "ffn_hidden",
+                     "prev_tokens"):
+            optional = name in ("n_kv_head", "ffn_hidden", "prev_tokens")  # 0 = the default
             value = getattr(self, name)
             if type(value) is not int or not (0 if optional else 1) <= value <= 2**31:
                 kind = "an int in [0, 2^31] (0 = default)" if optional else "a positive int (at most 2^31)"
@@ -124,9 +126,10 @@ class Rotary(nn.Module):
             self._build(length, device=None)
 
     def _build(self, length: int, device, seq_len: int | None = None):
-        freqs, factor = rope.inv_freq(self.head_dim, self.cfg, seq_len)
-        positions = torch.arange(length, device=device, dtype=torch.float64)
-        self.cos, self.sin = rope.cos_sin_table(freqs, factor, positions)
+        with torch.inference_mode(False):  # ordinary tensors, even when decoding builds them: training may follow
+            freqs, factor = rope.inv_freq(self.head_dim, self.cfg, seq_len)
+            positions = torch.arange(length, device=device, dtype=torch.float64)
+            self.cos, self.sin = rope.cos_sin_table(freqs, factor, positions)
 
     def forward(self, start: int, n: int, rope_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions start .. start+n-1 of a sequence of length l' = rope_length."""
@@ -153,13 +156,15 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Preallocated rotated keys and values for every layer, (B, n_kv_head, max_len, head_dim), how many positions
-    are filled, and the l' (rope_length) that dynamic variants take their scale from (see the module docstring)."""
+    """Preallocated rotated keys and values for every layer, (B, n_kv_head, max_len, head_dim), the tokens (for
+    the previous-token embeddings), how many positions are filled, and the l' (rope_length) that dynamic variants
+    take their scale from (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len = self.rope_length = max_len
         self.pos = 0  # positions filled
 
@@ -180,22 +185,17 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.wq = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
+        # W_q, W_k and W_v stacked, one matmul: n_head heads of queries, then n_kv_head of keys and of values
+        self.wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
         # F.linear and view/transpose, not module calls and einops: fewer Python steps per decoded token
         B, T, _ = x.shape
-        H, H_kv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q = F.linear(x, self.wq.weight).view(B, T, H, hd)
-        k = F.linear(x, self.wk.weight).view(B, T, H_kv, hd)
-        v = F.linear(x, self.wv.weight).view(B, T, H_kv, hd).transpose(1, 2)
-        if T == 1:  # a decoding step: q and k in one rotation, half the small ops
-            q, k = rope.apply_rope(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin).split((H, H_kv), dim=1)
-        else:  # longer: two rotations, without first copying q and k together
-            q, k = rope.apply_rope(q.transpose(1, 2), cos, sin), rope.apply_rope(k.transpose(1, 2), cos, sin)
+        H, H_kv = self.n_head, self.n_kv_head
+        qkv = F.linear(x, self.wqkv.weight).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)
+        qk = rope.apply_rope(qkv[:, : H + H_kv], cos, sin)  # queries and keys rotated together: (B, H + H_kv, T, hd)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)
         y = F.scaled_dot_product_attention(
@@ -218,12 +218,12 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # up
+        self.w13 = nn.Linear(config.d_model, 2 * config.hidden_dim, bias=False)  # w1 (gate) and w3 (up), stacked
         self.w2 = nn.Linear(config.hidden_dim, config.d_model, bias=False)  # down
 
     def forward(self, x):
-        return F.linear(F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight), self.w2.weight)
+        gate, up = F.linear(x, self.w13.weight).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -254,6 +254,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        # prev_tokens = K: one table for each of the K tokens before a position, stacked (row k V + id)
+        self.prev_emb = nn.Embedding(config.prev_tokens * config.vocab_size, config.d_model) if config.prev_tokens \
+            else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -293,7 +296,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache holds {cache.max_len} positions, {start} used; {T} more do not fit")
             rope_length = rope_length or cache.rope_length
         cos, sin = self.rotary(start, T, rope_length or start + T)
-        x = F.embedding(idx, self.tok_emb.weight)
+        x = self.embed(idx, cache, start)
         for block in self.blocks:
             x = block(x, cos, sin, cache, start)
         if cache is not None:
@@ -308,6 +311,24 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def embed(self, idx: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+        """Token embeddings (B, T, d), plus, with prev_tokens = K, an embedding of each of the K tokens before each
+        position: the "smeared" input of the induction-heads study (Olsson et al. 2022). It hands the first layer
+        the previous tokens that a copying circuit otherwise needs a whole attention layer to gather, so that a
+        small model learns to copy within minutes. Positions before the sequence's start read id vocab_size - 1."""
+        x = F.embedding(idx, self.tok_emb.weight)
+        K, V = self.config.prev_tokens, self.config.vocab_size
+        if not K:
+            return x
+        T = idx.shape[1]
+        before = cache.tokens[:, max(0, start - K) : start] if cache is not None else idx[:, :0]
+        pad = torch.full((idx.shape[0], K - before.shape[1]), V - 1, dtype=idx.dtype, device=idx.device)
+        seq = torch.cat((pad, before, idx), dim=1)  # (B, K + T): position t of idx is column K + t
+        if cache is not None:
+            cache.tokens[:, start : start + T] = idx
+        prev = torch.stack([seq[:, K - k : K - k + T] + (k - 1) * V for k in range(1, K + 1)], dim=-1)  # (B, T, K)
+        return x + F.embedding(prev, self.prev_emb.weight).sum(dim=2)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_emb.weight
@@ -374,7 +395,8 @@ class Transformer(nn.Module):
         once, as the head's matmul) plus causal attention, 6 n_layer d_model T (QK^T and AV, 2 d T' FLOPs each
         forward at average context T' = T/2, times 3 for forward + backward; Kaplan et al. / PaLM App. B halved)."""
         c = self.config
-        return 6 * self.num_params() + 6 * c.n_layer * c.n_head * c.head_dim * T
+        lookups = self.prev_emb.weight.numel() if self.prev_emb is not None else 0  # embeddings read, not multiplied
+        return 6 * (self.num_params() - lookups) + 6 * c.n_layer * c.n_head * c.head_dim * T
 
 
 def sample_token(logits, temperature: float, top_k: int | None, generator=None):

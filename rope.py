@@ -339,25 +339,27 @@ def inv_freq(head_dim: int, cfg: RopeConfig, seq_len: int | None = None) -> tupl
 
 
 def cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor):
-    """cos(m theta'_d) * a and sin(m theta'_d) * a for each position m (rows) and pair d (columns), fp32.
-    Angles are formed in float64 from the fp32 frequencies so large positions (1M) lose nothing."""
+    """The tables apply_rope reads, fp32, a row per position m and a column per rotated channel: for the pair
+    (j, j + |D|/2) at angle m theta'_j, cos is a cos(m theta'_j) in both columns and sin is -a sin(m theta'_j) in
+    column j, +a sin(m theta'_j) in column j + |D|/2. Angles are formed in float64 from the fp32 frequencies, so
+    that large positions (1M) lose nothing."""
     angles = positions.to(torch.float64)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float64)[None, :]
-    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+    cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+    return torch.cat((cos, cos), dim=-1).float(), torch.cat((-sin, sin), dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] channels of x (..., T, head_dim) in half-split pairs (j, j + |D|/2);
-    the remaining channels pass through. cos, sin: (T, |D|/2) fp32, broadcast over leading dims.
-    Computed in fp32, returned in x's dtype. With partial rotary, an attention factor folded into cos/sin scales
-    only the rotated channels' share of q.k, as in transformers' partial-rotary models (Phi, GPT-NeoX)."""
-    half, dim = cos.shape[-1], x.shape[-1]
-    rot = x if 2 * half == dim else x[..., : 2 * half]
+    """Rotate the first |D| = cos.shape[-1] channels of x (..., T, head_dim) in half-split pairs (j, j + |D|/2):
+    (x_j, x_{j+|D|/2}) -> (x_j cos - x_{j+|D|/2} sin, x_{j+|D|/2} cos + x_j sin), written as
+    x * cos + roll(x, |D|/2) * sin with cos_sin_table's signed tables (T, |D|), broadcast over leading dims;
+    the remaining channels pass through. Computed in fp32, returned in x's dtype. With partial rotary, an attention
+    factor in the tables scales only the rotated channels' share of q.k, as in transformers' Phi and GPT-NeoX."""
+    rotary, dim = cos.shape[-1], x.shape[-1]
+    rot = x if rotary == dim else x[..., :rotary]
     rot = rot if rot.dtype == torch.float32 else rot.float()
-    # (x1 cos - x2 sin, x2 cos + x1 sin) as rot * (cos, cos) + (x2, x1) * (-sin, sin): the same products and
-    # sums, bit for bit, in 3 elementwise passes over whole rows instead of 6 over strided halves
-    rotated = rot * torch.cat((cos, cos), dim=-1) + rot.roll(half, dims=-1) * torch.cat((-sin, sin), dim=-1)
+    rotated = rot * cos + rot.roll(rotary // 2, dims=-1) * sin
     rotated = rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
-    return rotated if 2 * half == dim else torch.cat((rotated, x[..., 2 * half :]), dim=-1)
+    return rotated if rotary == dim else torch.cat((rotated, x[..., rotary:]), dim=-1)
 
 
 def interleaved_to_half_split(dim: int) -> torch.Tensor:

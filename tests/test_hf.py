@@ -64,9 +64,8 @@ def tiny_model(rope_cfg: RopeConfig, n_kv_head: int = 0, block_size: int = 4 * L
     # the logits by only ~2e-3. With W_q, W_k ten times larger the scores are O(1) and a wrong RoPE moves
     # them by ~30% (test_parity_is_sensitive), far beyond TOL.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("attn.wq.weight", "attn.wk.weight")):
-                p.mul_(10.0)
+        for block in model.blocks:  # the rows of W_q and W_k in the stacked wqkv
+            block.attn.wqkv.weight[: (config.n_head + config.kv_heads) * config.head_dim].mul_(10.0)
     return model
 
 
@@ -577,3 +576,9 @@ def test_interleaved_qk_to_half_split_gives_the_same_scores():
     # and without the permutation the half-split rotation of Meta weights is wrong
     q_wrong = rope.apply_rope(heads(w_q), cos, sin)
     assert not torch.allclose(q_wrong @ rope.apply_rope(heads(w_k), cos, sin).transpose(-1, -2), scores_meta, atol=1e-2)
+
+
+def test_export_refuses_previous_token_embeddings(tmp_path):
+    with pytest.raises(ValueError, match="prev_tokens"):
+        hf.export_hf(tiny_model(RopeConfig(), prev_tokens=2), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -127,12 +127,19 @@ def yarn_inv_t(config: ModelConfig) -> float:
     return (0.1 * math.log(config.rope.factor) + 1.0) ** 2
 
 
+def attention_weights(attn, config: ModelConfig):
+    """W_q, W_k, W_v, W_o of an Attention module in float64 on the CPU (W_q, W_k, W_v are stacked in wqkv)."""
+    sizes = [config.n_head * config.head_dim] + [config.kv_heads * config.head_dim] * 2
+    wq, wk, wv = attn.wqkv.weight.detach().double().cpu().split(sizes)
+    return wq, wk, wv, attn.wo.weight.detach().double().cpu()
+
+
 def reference_attention(attn, x: torch.Tensor, config: ModelConfig, inv_t: float | None = None) -> torch.Tensor:
     """The module's output recomputed from its weights in float64. The temperature multiplies the whole logit, as
     the paper writes it (softmax(q^T k / (t sqrt(|D|))), default 1/t = yarn_inv_t), not folded into the rotation;
     only the frequencies come from rope.py."""
     x = x.detach().double().cpu()
-    wq, wk, wv, wo = (m.weight.detach().double().cpu() for m in (attn.wq, attn.wk, attn.wv, attn.wo))
+    wq, wk, wv, wo = attention_weights(attn, config)
     B, T, _ = x.shape
     H, H_kv, hd = config.n_head, config.kv_heads, config.head_dim
     q = (x @ wq.T).view(B, T, H, hd).transpose(1, 2)
@@ -248,7 +255,7 @@ def test_yarn_temperature_with_partial_rotary_scales_the_rotated_share():
     attn, config = model.blocks[0].attn, model.config
     x = random_input(model)
     xd = x.detach().double()
-    wq, wk, wv, wo = (m.weight.detach().double() for m in (attn.wq, attn.wk, attn.wv, attn.wo))
+    wq, wk, wv, wo = attention_weights(attn, config)
     B, T, _ = x.shape
     H, H_kv, hd = config.n_head, config.kv_heads, config.head_dim
     q = (xd @ wq.T).view(B, T, H, hd).transpose(1, 2)
@@ -281,8 +288,8 @@ def test_attention_factor_of_yarn_is_the_papers_temperature():
         cos, sin = model.rotary(0, 40, 40)
         norm = (cos.double() ** 2 + sin.double() ** 2).sqrt()
         torch.testing.assert_close(norm, torch.full_like(norm, 0.1 * math.log(s) + 1), atol=1e-6, rtol=0)
-    cos, sin = make_model("default").rotary(0, 40, 40)
-    torch.testing.assert_close(cos.double() ** 2 + sin.double() ** 2, torch.ones(40, 4, dtype=torch.float64))
+    cos, sin = make_model("default").rotary(0, 40, 40)  # a column per rotated channel: 8 of head_dim 8
+    torch.testing.assert_close(cos.double() ** 2 + sin.double() ** 2, torch.ones(40, 8, dtype=torch.float64))
 
 
 def test_causal_mask_shape_and_pattern():
@@ -491,7 +498,7 @@ def test_set_rope_keeps_every_parameter_and_changes_logits_past_L(variant):
 def test_set_rope_block_size_and_device():
     model = make_model("default", dtype=torch.float32)
     model.set_rope(rope_config("yarn"), block_size=24)
-    assert model.config.block_size == 24 and model.rotary.cos.shape == (24, 4)
+    assert model.config.block_size == 24 and model.rotary.cos.shape == (24, 8)  # a column per rotated channel
     assert model.rotary.cos.device == model.tok_emb.weight.device
 
 
@@ -534,7 +541,7 @@ def test_tables_stay_fp32_after_casting_the_model(variant, cast):
 def test_tables_grow_on_demand_with_the_same_frequencies(variant):
     model = make_model(variant)
     cos0, sin0 = model.rotary.cos.clone(), model.rotary.sin.clone()
-    assert cos0.shape == (L, 4)  # prebuilt for block_size
+    assert cos0.shape == (L, 8)  # prebuilt for block_size, a column per rotated channel
     idx = tokens(2, 3 * L + 5)
     with torch.no_grad():
         long = model(idx)
@@ -870,10 +877,52 @@ def test_num_params_counts_the_tied_weight_once_and_flops_formula(n_kv_head, ffn
     hd = d // n_head
     kv = (n_kv_head or n_head) * hd
     hidden = ffn_hidden or 128  # 8/3 * 32 = 85.3, rounded up to a multiple of 64
-    per_layer = d + d * d + 2 * d * kv + d * d + d + 3 * d * hidden  # norm, wq, wk+wv, wo, norm, w1 w3 w2
+    per_layer = d + d * d + 2 * d * kv + d * d + d + 3 * d * hidden  # norm, wqkv, wo, norm, w13 w2
     N = vocab * d + n_layer * per_layer + d  # embedding = head (once), blocks, final norm
     assert model.num_params() == N
     unique = {id(p): p.numel() for m in model.modules() for p in m.parameters(recurse=False)}
     assert sum(unique.values()) == N
     for T in (1, 16, 1000):
         assert model.flops_per_token(T) == 6 * N + 6 * n_layer * d * T
+
+
+def test_training_after_decoding_a_dynamic_variant():
+    """Decoding runs under inference_mode; the RoPE tables it rebuilds must still serve a training step."""
+    model = make_model("dynamic_yarn", dtype=torch.float32)
+    list(model.generate(tokens(1, 10), 30, temperature=0))  # l' steps past L: the tables are rebuilt
+    model.train()
+    model(tokens(2, 40), tokens(2, 40, seed=1)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Previous-token embeddings (prev_tokens = K)
+
+
+def test_prev_tokens_embed_exactly_the_k_tokens_before_each_position():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, block_size=L, prev_tokens=3))
+    idx = tokens(2, 9)
+    x = model.embed(idx, None, 0)
+    E, P = model.tok_emb.weight, model.prev_emb.weight
+    for t in range(9):
+        prev = [idx[:, t - k] if t - k >= 0 else torch.full((2,), V - 1) for k in (1, 2, 3)]
+        want = E[idx[:, t]] + sum(P[(k - 1) * V + p] for k, p in zip((1, 2, 3), prev))
+        torch.testing.assert_close(x[:, t], want)
+    assert model.num_params() == (V + 3 * V) * 16 + sum(p.numel() for p in model.blocks.parameters()) + 16
+    assert model.flops_per_token(10) < 6 * model.num_params()  # lookups are not matmuls
+
+
+@pytest.mark.parametrize("variant", ["default", "dynamic_yarn"])
+def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=16, block_size=L, prev_tokens=2,
+                                    rope=rope_config(variant))).double().eval()
+    idx = tokens(2, 5, seed=3)
+    out, logits = decoded_logits(model, idx, 30, "follow")
+    seq = torch.cat((idx, out), dim=1)
+    with torch.no_grad():
+        for i in range(30):
+            n = idx.shape[1] + i
+            full = model(seq[:, :n], rope_length=model.rope_length(n, 35, "follow"))[:, -1]
+            torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)

@@ -274,7 +274,7 @@ def test_position_interpolation_is_plain_rope_at_m_over_s(head, base, s, positio
     m = torch.tensor(positions, dtype=torch.int64)
     cos, sin = cos_sin_table(f, a, m)
     cos0, sin0 = cos_sin_table(f0, a0, m.double() / s)
-    angle = m.double()[:, None] * f.double()[None, :]
+    angle = m.double()[:, None] * f.double().repeat(2)[None, :]  # the tables' columns: pair j twice
     tol = 3e-7 + angle * 2.0**-23
     assert torch.all((cos.double() - cos0.double()).abs() <= tol)
     assert torch.all((sin.double() - sin0.double()).abs() <= tol)
@@ -574,10 +574,12 @@ def test_llama3_band_order_rejected(low, less):
 
 
 def rotate_interleaved(x, cos, sin):
-    """Meta's layout: pair j is channels (2j, 2j+1). float64 reference."""
+    """Meta's layout: pair j is channels (2j, 2j+1). float64 reference; cos, sin as cos_sin_table lays them out
+    (pair j's cos at columns j and j + |D|/2, its sin with the sign of column j + |D|/2)."""
     x = x.double()
     even, odd = x[..., 0::2], x[..., 1::2]
-    c, s = cos.double(), sin.double()
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half].double(), sin[..., half:].double()
     out = torch.empty_like(x)
     out[..., 0::2] = even * c - odd * s
     out[..., 1::2] = odd * c + even * s
@@ -826,12 +828,14 @@ def test_tables_are_fp32_with_float64_angles(setup, positions):
     positions = positions + [10**6]
     cos, sin = cos_sin_table(f, a, torch.tensor(positions))
     assert cos.dtype == sin.dtype == torch.float32
-    assert cos.shape == sin.shape == (len(positions), f.numel())
+    assert cos.shape == sin.shape == (len(positions), 2 * f.numel())  # a column per rotated channel
     freqs = f.tolist()
     want_cos = torch.tensor([[math.cos(m * w) * a for w in freqs] for m in positions], dtype=torch.float64)
     want_sin = torch.tensor([[math.sin(m * w) * a for w in freqs] for m in positions], dtype=torch.float64)
-    assert (cos.double() - want_cos).abs().max() < 1e-6 * max(a, 1.0)
-    assert (sin.double() - want_sin).abs().max() < 1e-6 * max(a, 1.0)
+    half = f.numel()  # pair j is (j, j + half): cos in both columns, -sin then +sin
+    for got, want in ((cos[:, :half], want_cos), (cos[:, half:], want_cos), (sin[:, :half], -want_sin),
+                      (sin[:, half:], want_sin)):
+        assert (got.double() - want).abs().max() < 1e-6 * max(a, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
