@@ -7,12 +7,11 @@ Pretraining and context extension in one script; --init_from chooses the phase:
         --rope.type=yarn --rope.factor=8 --max_steps=200 --batch_size=8 --lr=1e-4   # extend, then fine-tune
     torchrun --standalone --nproc_per_node=8 train.py ...      # DDP on 8 GPUs, the same global batch
 
-Settings: --key=value for the fields of RunConfig, model.ModelConfig and (as --rope.<field>) rope.RopeConfig;
---config FILE.json sets any of them (flags win); --help lists them. An extension keeps the checkpoint's weights
-and architecture, takes the new --block_size and the --rope.* fields given over the checkpoint's (L stays its
-original_context, or its block_size for plain RoPE), and starts a fresh optimizer at step 0. A resume continues
-out_dir/ckpt.pt (model, optimizer, step, RNG) with the saved run config and any flags given on top; the data order
-is a function of (seed, step, micro-batch), so it gives the same losses as an uninterrupted run.
+Settings: --key=value for the fields of config.RunConfig, model.ModelConfig and (as --rope.<field>)
+rope.RopeConfig; --config FILE.json sets any of them (flags win); --help lists them; config.py says how they and
+a checkpoint make a run. An extension keeps the checkpoint's weights and starts a fresh optimizer at step 0. A
+resume continues out_dir/ckpt.pt (model, optimizer, step, RNG); the data order is a function of (seed, step,
+micro-batch), so it gives the same losses as an uninterrupted run.
 Outputs in out_dir: ckpt.pt (and ckpt_<step>.pt for the last keep_checkpoints saves), config.json, metrics.jsonl.
 Exit codes: 0 done; 2 bad input, before training starts (`error: ...`); 1 the loss or weights became non-finite
 (the last good checkpoint is kept as it was); 130 / 143 after SIGINT / SIGTERM, once the step is done and saved.
@@ -26,7 +25,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import flags
+from config import RunConfig, extended_model_config, parse_args, resolve
 from data.loader import load_training_data
-from data.recall import MIXES, mix
-from model import ModelConfig, Transformer, rope_with_overrides
-from rope import RopeConfig
+from data.recall import mix
+from model import ModelConfig, Transformer
 from system import StopOnSignal, dtype_name, pick_device, pick_dtype, provenance, write_json
 
 
@@ -48,162 +47,7 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run config (the model's is model.ModelConfig; the two are kept apart and saved apart)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything about a run that is not the model. The defaults are a toy pretraining run for one H100:
-    64 windows x 512 tokens a step, 2,000 steps = 65M tokens (about 4 passes over the stdlib corpus). AdamW with
-    betas (0.9, 0.95) and weight decay 0.1 as GPT-3 and LLaMA; the cosine ends at lr/10 (Chinchilla)."""
-
-    init_from: str = "scratch"  # scratch, resume (out_dir's latest checkpoint), or a checkpoint/run folder to extend
-    out_dir: str = "out/pretrain"
-    data_dir: str = "data/stdlib"  # written by `python -m data.prepare`
-    data_mix: str = "natural"  # natural, or recall-shaped training windows: induction | recall (data/recall.py)
-    batch_size: int = 64  # windows per micro-step, per process
-    grad_accum: int = 1  # micro-steps per optimizer step over all processes: the global batch is fixed
-    max_steps: int = 2000  # optimizer steps; the cosine reaches min_lr here
-    lr: float = 1e-3  # peak learning rate, after a linear warmup
-    min_lr: float | None = None  # None = lr / 10
-    warmup_steps: int | None = None  # None = 5% of max_steps
-    weight_decay: float = 0.1  # decoupled (AdamW), on 2-D weights only, never on norm gains
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    seed: int = 1337  # model init, data order (with the step) and validation windows
-    eval_interval: int = 250  # validation loss every this many steps, and at the end
-    eval_batches: int = 20  # fixed validation windows: eval_batches x batch_size, the same at every eval
-    log_interval: int = 10
-    ckpt_interval: int = 500  # out_dir/ckpt.pt every this many steps, and at the end
-    keep_checkpoints: int = 2  # also keep ckpt_<step>.pt for this many most recent saves; 0 = only ckpt.pt
-    device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # autocast dtype: bfloat16 | float32; auto = bfloat16 on CUDA, float32 on CPU
-    compile: bool | None = None  # torch.compile; None = on for CUDA, off for CPU
-    peak_tflops: float = 989.0  # per device, for MFU: 989 = H100 SXM bf16 dense
-    stop_at_step: int | None = None  # save and exit 0 at this step; the schedule stays max_steps'
-
-    def __post_init__(self):
-        flags.check_types(self)
-        check_run(self)
-
-    @property
-    def warmup(self) -> int:
-        return round(0.05 * self.max_steps) if self.warmup_steps is None else self.warmup_steps
-
-    @property
-    def final_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
-
-
-INVOCATION_ONLY = ("init_from", "stop_at_step")  # never carried over by --init_from=resume
-
-
-def check_run(c: RunConfig) -> None:
-    def need(ok: bool, message: str):
-        if not ok:
-            raise ValueError(message)
-
-    for name in ("init_from", "out_dir", "data_dir"):
-        need(getattr(c, name).strip() != "", f"--{name} must not be empty")
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval",
-                 "ckpt_interval"):
-        need(getattr(c, name) >= 1, f"--{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("weight_decay", "grad_clip", "keep_checkpoints", "warmup_steps", "min_lr", "stop_at_step"):
-        need(getattr(c, name) is None or getattr(c, name) >= 0, f"--{name} must be >= 0, got {getattr(c, name)}")
-    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
-    need(0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, f"--beta1 and --beta2 must be in [0, 1), got {c.beta1}, {c.beta2}")
-    need(0 <= c.seed < 2**63, f"--seed must be in [0, 2^63), got {c.seed}")
-    need(c.dtype in ("auto", "bfloat16", "float32"), f"--dtype must be auto, bfloat16 or float32, got {c.dtype!r}")
-    need(0 < c.peak_tflops <= 1e5, f"--peak_tflops is in TFLOP/s per device (989 for an H100), got {c.peak_tflops}")
-    need(c.warmup <= c.max_steps, f"--warmup_steps ({c.warmup}) must be <= --max_steps ({c.max_steps})")
-    need(c.final_lr <= c.lr, f"--min_lr ({c.min_lr}) must be <= --lr ({c.lr})")
-    need(c.stop_at_step is None or c.stop_at_step <= c.max_steps,
-         f"--stop_at_step ({c.stop_at_step}) must be <= --max_steps ({c.max_steps})")
-    need(c.data_mix in MIXES, f"--data_mix must be one of {', '.join(MIXES)}, got {c.data_mix!r}")
-    need(c.device in ("auto", "cpu", "cuda") or (c.device.startswith("cuda:") and c.device[5:].isdigit()),
-         f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")  # whether CUDA is there: at setup
-
-
-# ----------------------------------------------------------------------------------------------------------
-# From flags to configs
-
-FLAGS = flags.flag_table((RunConfig, ""), (ModelConfig, ""), (RopeConfig, "rope."))
-RUN_FIELDS = {f.name for f in fields(RunConfig)}
-
-
-def parse_args(argv) -> tuple[dict, dict]:
-    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings given, checked
-    where they are complete: the run values unless resuming (they are merged with the saved ones first), and the
-    model of a run from scratch."""
-    values = flags.parse(argv, FLAGS, "python train.py", __doc__)
-    run = {k: v for k, v in values.items() if k in RUN_FIELDS}
-    model = {k: v for k, v in values.items() if k not in RUN_FIELDS and not k.startswith("rope.")}
-    if any(k.startswith("rope.") for k in values):
-        model["rope"] = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
-    if run.get("init_from", RunConfig.init_from) != "resume":
-        RunConfig(**run)
-    if run.get("init_from", RunConfig.init_from) == "scratch":
-        new_model_config(model)
-    return run, model
-
-
-def new_model_config(given: dict) -> ModelConfig:
-    return ModelConfig(**{k: v for k, v in given.items() if k != "rope"}, rope=RopeConfig(**given.get("rope", {})))
-
-
-def extended_model_config(base: ModelConfig, given: dict) -> ModelConfig:
-    """The pretrained model with a new training context and the RoPE fields given replacing its own."""
-    for key in given.keys() - {"rope", "block_size"}:
-        if given[key] != getattr(base, key):
-            raise ValueError(f"--{key}={given[key]} differs from the pretrained checkpoint's {key}={getattr(base, key)}"
-                             "; extension keeps the architecture (it changes only --block_size and --rope.*)")
-    return replace(base, block_size=given.get("block_size", base.block_size),
-                   rope=rope_with_overrides(base, given.get("rope", {})))
-
-
-def check_same_model(saved: ModelConfig, given: dict) -> None:
-    """A resumed run keeps its model: model flags may only repeat the checkpoint's values."""
-    pairs = [(f"rope.{k}", v, getattr(saved.rope, k)) for k, v in given.get("rope", {}).items()]
-    for name, value, have in pairs + [(k, v, getattr(saved, k)) for k, v in given.items() if k != "rope"]:
-        if value != have:
-            raise ValueError(f"--{name}={value} differs from the checkpoint's {have}; a resumed run keeps its "
-                             "model: start a new run (another --out_dir) to change it")
-
-
-def resumed_run_config(state: dict, given: dict) -> RunConfig:
-    """The run config saved in the checkpoint with the settings given now on top (INVOCATION_ONLY ones excepted)."""
-    saved = state.get("run_config")
-    if not isinstance(saved, dict):
-        raise ValueError("the checkpoint has no run_config to resume from; it was not written by train.py")
-    if set(saved) - RUN_FIELDS:
-        raise ValueError(f"the checkpoint's run_config has keys this train.py does not know: "
-                         f"{sorted(set(saved) - RUN_FIELDS)}")
-    carried = {k: v for k, v in saved.items() if k not in INVOCATION_ONLY}
-    return RunConfig(**{**carried, **given, "init_from": saved.get("init_from", "scratch")})
-
-
-def resolve(run_values: dict, model_values: dict) -> tuple[RunConfig, ModelConfig, dict | None, bool]:
-    """(run config, model config, the checkpoint to start from, whether it is a resume) for the settings given."""
-    init = run_values.get("init_from", RunConfig.init_from)
-    if init == "scratch":
-        return RunConfig(**run_values), new_model_config(model_values), None, False
-    if init != "resume":
-        state = checkpoint.load(init)
-        base = ModelConfig.from_dict(state["model_config"])
-        return RunConfig(**run_values), extended_model_config(base, model_values), state, False
-    path = Path(run_values.get("out_dir", RunConfig.out_dir)) / "ckpt.pt"
-    if not path.exists():
-        raise ValueError(f"--init_from=resume but {path} does not exist; start the run with --init_from=scratch "
-                         "(or a checkpoint to extend), or check --out_dir")
-    state = checkpoint.load(path)
-    saved = ModelConfig.from_dict(state["model_config"])
-    check_same_model(saved, model_values)
-    return resumed_run_config(state, {**run_values, "out_dir": str(path.parent)}), saved, state, True
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Distributed setup (torchrun's environment) and batches
+# Processes (torchrun's environment), batches, learning rate
 
 
 @dataclass(frozen=True)
@@ -211,10 +55,6 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
 
 
 def dist_from_env() -> Dist:
@@ -305,18 +145,8 @@ class Run:
         return Path(self.run.out_dir)
 
     @property
-    def accum(self) -> int:  # micro-steps per optimizer step in this process
-        return self.run.grad_accum // self.d.world
-
-    @property
     def tokens_per_step(self) -> int:
         return self.run.batch_size * self.run.grad_accum * self.raw_model.config.block_size
-
-    @property
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype)
 
 
 def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool, d: Dist, argv=None) -> Run:
@@ -384,21 +214,25 @@ def compiled_and_wrapped(raw_model: Transformer, run: RunConfig, d: Dist, device
 # One training step, evaluation, checkpoints
 
 
+def autocast(r: Run):
+    return nullcontext() if r.dtype == torch.float32 else torch.autocast(r.device.split(":")[0], dtype=r.dtype)
+
+
 def train_step(r: Run, step: int) -> torch.Tensor:
     """One optimizer step; returns the step's mean loss over the global batch (a tensor, not synced)."""
     for group in r.optimizer.param_groups:
         group["lr"] = lr_at(step, r.run)
-    T, tokens = r.raw_model.config.block_size, r.data[0]
+    T, tokens, accum = r.raw_model.config.block_size, r.data[0], r.run.grad_accum // r.d.world
     total = torch.zeros((), device=r.device)
-    for i in range(r.accum):
-        micro = r.d.rank * r.accum + i
+    for i in range(accum):
+        micro = r.d.rank * accum + i
         starts = train_windows(tokens, r.run.seed, step, micro, r.run.batch_size, T)
         mix_seed = stream_seed(r.run.seed, "mix", step, micro)
         x, y = to_device(*windows(tokens, starts, T, r.run.data_mix, mix_seed), r.device)
         # DDP all-reduces gradients in backward; only the last micro-step's backward needs to
-        with nullcontext() if i == r.accum - 1 or r.d.world == 1 else r.train_model.no_sync():
-            with r.autocast:
-                loss = r.train_model(x, y) / r.accum
+        with nullcontext() if i == accum - 1 or r.d.world == 1 else r.train_model.no_sync():
+            with autocast(r):
+                loss = r.train_model(x, y) / accum
             loss.backward()
         total += loss.detach()
     if r.run.grad_clip > 0:
@@ -417,7 +251,7 @@ def evaluate(r: Run) -> float:
     total = torch.zeros((), device=r.device, dtype=torch.float64)
     for i in range(r.d.rank, len(starts), r.d.world):
         x, y = to_device(*windows(tokens, starts[i], T), r.device)
-        with r.autocast:
+        with autocast(r):
             total += r.model(x, y).double()
     r.model.train()
     return all_reduce_sum(total, r.d).item() / len(starts)
@@ -452,12 +286,12 @@ def not_saved(r: Run) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Logs: stdout, out_dir/metrics.jsonl and config.json, from process 0 only
+# Logs (stdout, out_dir/metrics.jsonl and config.json, from process 0 only), speed, signals
 
 
 class Logger:
     def __init__(self, r: Run):
-        self.master, self.path = r.d.master, r.out_dir / "metrics.jsonl"
+        self.master, self.path = r.d.rank == 0, r.out_dir / "metrics.jsonl"
         if not self.master:
             return
         keep = []  # a resume drops what the interrupted run logged after its checkpoint: it logs those steps again
@@ -490,6 +324,29 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
+class Throughput:
+    """Tokens/s and MFU of the training steps alone: mark() after an eval or a save leaves their time out."""
+
+    def __init__(self, r: Run):
+        self.tokens_per_step, self.flops = r.tokens_per_step, r.raw_model.flops_per_token(r.raw_model.config.block_size)
+        self.peak = r.run.peak_tflops * 1e12 * r.d.world if r.device.startswith("cuda") else None  # none for a CPU
+        self.intervals = []  # (steps, seconds) per log line; the first holds start-up and compilation
+        self.mark(r.start_step)
+
+    def mark(self, step: int):
+        self.time, self.step = time.perf_counter(), step
+
+    def rates(self, steps_done: int | None = None) -> tuple[float | None, float | None]:
+        """(tokens/s, mfu) since the mark, which moves to steps_done; with no step, the run's average so far."""
+        if steps_done is not None:
+            self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
+            self.mark(steps_done)
+        counted = self.intervals[-1:] if steps_done is not None else self.intervals[1:] or self.intervals
+        steps, seconds = sum(n for n, _ in counted), sum(t for _, t in counted)
+        tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
+        return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak
+
+
 def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     """The signal every process stops for (0 = none): processes must stop at the same step, or DDP hangs."""
     if r.d.world == 1:
@@ -497,31 +354,6 @@ def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     flag = torch.tensor(float(stopper.signum), device=r.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
-
-
-class Throughput:
-    """Tokens/s and MFU between marks (marking after an eval or a save leaves their time out)."""
-
-    def __init__(self, r: Run):
-        self.tokens_per_step, self.flops = r.tokens_per_step, r.raw_model.flops_per_token(r.raw_model.config.block_size)
-        self.peak = r.run.peak_tflops * 1e12 * r.d.world if r.device.startswith("cuda") else None  # none for a CPU
-        self.intervals = []  # (steps, seconds)
-        self.mark(r.start_step)
-
-    def mark(self, step: int):
-        self.time, self.step = time.perf_counter(), step
-
-    def measure(self, steps_done: int) -> tuple[float | None, float | None]:
-        """(tokens/s, mfu) since the mark, which moves to steps_done."""
-        self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
-        self.mark(steps_done)
-        return self.rates(self.intervals[-1:])
-
-    def rates(self, intervals) -> tuple[float | None, float | None]:
-        """(tokens/s, mfu) over these intervals; the run's average leaves out the first (start-up, compilation)."""
-        steps, seconds = sum(n for n, _ in intervals), sum(t for _, t in intervals)
-        tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
-        return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -534,7 +366,7 @@ def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
     while True:  # at the top of step `step`: the weights after `step` updates; evaluate, save, or stop here
         last = step == run.max_steps
         signum = agreed_signal(stopper, r)
-        if (signum or run.stop_at_step == step) and not last:
+        if signum or (run.stop_at_step == step and not last):  # a signal during the last step still counts
             stopped = signal.Signals(signum).name if signum else "stop_at_step"
         if (step % run.eval_interval == 0 or last) and not (r.phase == "resume" and step == r.start_step):
             check_finite(r, pending)
@@ -548,7 +380,7 @@ def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
             check_finite(r, pending)  # never save weights that a non-finite loss has touched
             if not all(p.isfinite().all() for p in r.raw_model.parameters()):
                 raise TrainingError(f"the weights became NaN/inf by step {step}; {not_saved(r)}. Lower --lr")
-            if r.d.master:
+            if r.d.rank == 0:
                 save_checkpoint(r, step)
             r.saved_step = step
             speed.mark(step)
@@ -557,14 +389,14 @@ def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
         pending.append((step, train_step(r, step)))
         if step % run.log_interval == 0:
             check_finite(r, pending)  # reads the losses back, so the GPU has caught up
-            tokens_per_s, mfu = speed.measure(step + 1)
+            tokens_per_s, mfu = speed.rates(step + 1)
             loss, lr = r.metrics["last_train_loss"], lr_at(step, run)
             log.print(f"step {step}/{run.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
                       f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {time.time() - t_start:.0f}s")
             log.event(event="train", step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
                       elapsed_s=round(time.time() - t_start, 3))
         step += 1
-    tokens_per_s, mfu = speed.rates(speed.intervals[1:] or speed.intervals)
+    tokens_per_s, mfu = speed.rates()
     return {"final_val_loss": r.metrics["last_val_loss"] if last else None, **r.metrics,
             "final_train_loss": r.metrics["last_train_loss"], "steps": step, "max_steps": run.max_steps,
             "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": round(time.time() - t_start, 3),
@@ -583,7 +415,7 @@ def train(run: RunConfig, config: ModelConfig, state: dict | None = None, resume
         log = Logger(r)
         with StopOnSignal() as stopper:
             summary = loop(r, log, stopper)
-        if summary["final_val_loss"] is not None:
+        if summary["stopped"] is None:
             log.print(f"done: val loss {summary['final_val_loss']:.4f} at step {summary['steps']}; "
                       f"checkpoint {summary['checkpoint']}")
         else:
@@ -598,7 +430,7 @@ def train(run: RunConfig, config: ModelConfig, state: dict | None = None, resume
 
 
 def main(argv) -> dict:
-    return train(*resolve(*parse_args(argv)), argv=argv)
+    return train(*resolve(*parse_args(argv, __doc__)), argv=argv)
 
 
 def cli(argv=None) -> int:

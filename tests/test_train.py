@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
+import config
 import train
 from data.prepare import PrepareConfig, prepare
 from data.tokenizer import get_tokenizer
@@ -91,9 +92,9 @@ def test_pretrain_then_extend_with_yarn_then_finetune_then_sample(data_dir, pret
     assert sorted(val) == [0, 15, 30] and summary["final_val_loss"] == val[30]
     assert val[30] < val[0] - 1.5, val  # ~10.8 (uniform over 50k tokens) down to ~7
     assert sum(list(losses.values())[-5:]) / 5 < losses[0] - 2.0, losses
-    config = json.loads((pre / "config.json").read_text())
-    assert config["run"]["max_steps"] == 30 and config["model"]["d_model"] == 64
-    assert config["provenance"]["torch"] == torch.__version__ and config["resolved"]["device"] == "cpu"
+    written = json.loads((pre / "config.json").read_text())
+    assert written["run"]["max_steps"] == 30 and written["model"]["d_model"] == 64
+    assert written["provenance"]["torch"] == torch.__version__ and written["resolved"]["device"] == "cpu"
     assert sorted(p.name for p in pre.glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_15.pt", "ckpt_30.pt"]
 
     # extend: YaRN s = 4 at 4L; stopped at step 0, the checkpoint holds the extended model before any update
@@ -192,9 +193,9 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
 
 
 def test_grad_accum_must_divide_among_processes(data_dir, tmp_path):
-    run, config, state, resume = train.resolve(*train.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
+    run, model_config, state, resume = config.resolve(*config.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
     with pytest.raises(ValueError, match="divisible by the number of processes"):
-        train.setup(run, config, state, resume, train.Dist(rank=0, local_rank=0, world=2))
+        train.setup(run, model_config, state, resume, train.Dist(rank=0, local_rank=0, world=2))
 
 
 def test_global_batch_does_not_depend_on_the_process_count():
@@ -212,12 +213,12 @@ def test_global_batch_does_not_depend_on_the_process_count():
 
 
 def test_flags_are_parsed_by_type():
-    given, model = train.parse_args([
+    given, model = config.parse_args([
         "--lr=3e-4", "--max_steps", "100", "--compile", "--min_lr=none", "--warmup_steps=10", "--device", "cpu",
         "--d_model=256", "--rope.type=yarn", "--rope.factor", "8", "--rope.original_context=512",
         "--rope.truncate=false", "--grad_clip=0",
     ])
-    run = train.RunConfig(**given)
+    run = config.RunConfig(**given)
     assert (run.lr, run.max_steps, run.compile, run.min_lr, run.device) == (3e-4, 100, True, None, "cpu")
     assert run.grad_clip == 0.0 and isinstance(run.grad_clip, float)
     assert run.final_lr == pytest.approx(3e-5) and run.warmup == 10
@@ -225,26 +226,26 @@ def test_flags_are_parsed_by_type():
     assert model == {"d_model": 256, "rope": rope_given}
     assert given == {"lr": 3e-4, "max_steps": 100, "compile": True, "min_lr": None, "warmup_steps": 10,
                      "device": "cpu", "grad_clip": 0.0}
-    assert train.RunConfig(**train.parse_args([])[0]) == train.RunConfig()
-    assert train.RunConfig().warmup == 100  # 5% of the default 2000 steps
+    assert config.RunConfig(**config.parse_args([])[0]) == config.RunConfig()
+    assert config.RunConfig().warmup == 100  # 5% of the default 2000 steps
 
 
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 1e-4, "max_steps": 50, "rope": {"type": "linear", "factor": 2},
                                 "rope.base": 500000, "n_layer": 2, "compile": False}))
-    given, model = train.parse_args(["--max_steps=70", f"--config={path}"])
-    run = train.RunConfig(**given)
+    given, model = config.parse_args(["--max_steps=70", f"--config={path}"])
+    run = config.RunConfig(**given)
     assert (run.lr, run.max_steps, run.compile) == (1e-4, 70, False)  # the flag wins, wherever it is
     assert model == {"n_layer": 2, "rope": {"type": "linear", "factor": 2.0, "base": 500000.0}}
     path.write_text(json.dumps({"max_steps": 1e4}))
     with pytest.raises(ValueError, match="max_steps expects an int"):
-        train.parse_args([f"--config={path}"])
+        config.parse_args([f"--config={path}"])
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
-def test_shipped_configs_parse(config):
-    train.parse_args([f"--config={config}"])
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    config.parse_args([f"--config={path}"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -276,7 +277,7 @@ def test_shipped_configs_parse(config):
 ])
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(ValueError) as e:
-        train.parse_args(argv)
+        config.parse_args(argv)
     assert message in str(e.value)
 
 
@@ -293,7 +294,7 @@ def test_cli_errors_exit_2_without_a_traceback_and_help_lists_the_fields(capsys)
     assert capsys.readouterr().err.startswith("error: --compile expects a bool")
 
 
-KEYS = sorted(train.FLAGS) + ["config", "rope", "help", ""]
+KEYS = sorted(config.FLAGS) + ["config", "rope", "help", ""]
 
 
 def only_value_errors_or_help(parse, argv):
@@ -314,7 +315,7 @@ hostile_text = st.text(max_size=30) | st.sampled_from(["", "-", "--", "=", "none
 @settings(max_examples=300, deadline=None)
 @given(st.lists(hostile_text, max_size=6))
 def test_hostile_argument_lists_raise_only_value_errors(argv):
-    only_value_errors_or_help(train.parse_args, argv)
+    only_value_errors_or_help(config.parse_args, argv)
 
 
 @settings(max_examples=400, deadline=None)
@@ -325,7 +326,7 @@ def test_hostile_values_for_real_keys_raise_only_value_errors(items):
         if key == "config":
             continue  # a random path could name a real file; config files are fuzzed below
         argv += [f"--{key}={value}"] if joined else [f"--{key}", value]
-    parsed = only_value_errors_or_help(train.parse_args, argv)
+    parsed = only_value_errors_or_help(config.parse_args, argv)
     assert parsed is None or all(isinstance(part, dict) for part in parsed)
 
 
@@ -340,34 +341,34 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 def test_hostile_config_files_raise_only_value_errors(tmp_path_factory, obj):
     path = tmp_path_factory.mktemp("cfg") / "c.json"
     path.write_text(json.dumps(obj))
-    only_value_errors_or_help(train.parse_args, [f"--config={path}"])
+    only_value_errors_or_help(config.parse_args, [f"--config={path}"])
 
 
 def test_extension_keeps_how_the_model_was_pretrained_and_changes_only_rope_and_context():
     base = ModelConfig(d_model=64, n_head=2, block_size=L,
                              rope=RopeConfig(base=500000.0, partial_rotary_factor=0.5))
     given = {"d_model": 64, "block_size": 4 * L, "rope": {"type": "yarn", "factor": 4.0}}  # d_model repeats base's
-    ext = train.extended_model_config(base, given)
+    ext = config.extended_model_config(base, given)
     assert (ext.d_model, ext.block_size) == (64, 4 * L)
     assert (ext.rope.type, ext.rope.factor, ext.rope.original_context) == ("yarn", 4.0, L)
     assert (ext.rope.base, ext.rope.partial_rotary_factor) == (500000.0, 0.5)
-    explicit = train.extended_model_config(base, {"rope": {"type": "linear", "factor": 2.0, "original_context": 16}})
+    explicit = config.extended_model_config(base, {"rope": {"type": "linear", "factor": 2.0, "original_context": 16}})
     assert explicit.rope.original_context == 16 and explicit.block_size == L
 
 
 def test_resume_applies_the_flags_given_on_top_of_the_saved_run_config():
-    saved = {"run_config": asdict(train.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5))}
-    run = train.resumed_run_config(saved, {"max_steps": 20, "init_from": "resume"})
+    saved = {"run_config": asdict(config.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5))}
+    run = config.resumed_run_config(saved, {"max_steps": 20, "init_from": "resume"})
     assert (run.max_steps, run.lr, run.init_from) == (20, 1e-3, "scratch")
     assert run.stop_at_step is None  # belongs to one invocation
     with pytest.raises(ValueError, match="warmup_steps"):
-        train.resumed_run_config(saved, {"warmup_steps": 15})
+        config.resumed_run_config(saved, {"warmup_steps": 15})
     with pytest.raises(ValueError, match="does not know"):
-        train.resumed_run_config({"run_config": {**saved["run_config"], "lr_decay": True}}, {})
+        config.resumed_run_config({"run_config": {**saved["run_config"], "lr_decay": True}}, {})
 
 
 def test_lr_schedule_is_warmup_then_cosine():
-    run = train.RunConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    run = config.RunConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert train.lr_at(0, run) == pytest.approx(0.1) and train.lr_at(9, run) == pytest.approx(1.0)
     assert train.lr_at(10, run) == pytest.approx(1.0) and train.lr_at(60, run) == pytest.approx(0.55)
     assert train.lr_at(110, run) == pytest.approx(0.1)
