@@ -58,7 +58,7 @@ PRESETS = {  # preset: (the reproduce.PRESETS entry for the model's shape, cases
                     Case("train_T8192_yarn", 8192, 2, yarn=True, steps=3, rounds=4),
                     Case("train_T32768_yarn", 32768, 1, yarn=True, rounds=1, warmup=1),  # does it fit
                     Case("sample_B1", 512, 1, new_tokens=256, rounds=3, warmup=1))),
-    "cpu": ("cpu", (Case("train_T256", 256, 16, rounds=15),
+    "cpu": ("cpu", (Case("train_T512", 512, 8, rounds=15),  # the cpu preset's pretraining step, T = L, batch 8
                     Case("sample_B1", 128, 1, new_tokens=128, rounds=15, warmup=1))),
     "smoke": ("tiny", (Case("train_T64", 64, 2, rounds=2, warmup=1),
                        Case("train_T128_yarn", 128, 2, yarn=True, rounds=2, warmup=1),

@@ -1,43 +1,24 @@
 """
-Export a model of this repository to a Hugging Face Llama folder, import one back, and translate RoPE configs
-to and from Hugging Face `rope_parameters` (from_hf, to_hf).
+Export a model to a Hugging Face Llama folder, import one back, and translate RoPE configs to and from
+Hugging Face `rope_parameters` (from_hf, to_hf). Only `safetensors` is needed here, not transformers.
 
     python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
     python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
 
-The exported folder loads offline with `transformers.LlamaForCausalLM.from_pretrained(folder)` and computes the
-same logits (tests/test_hf.py checks every variant below, eager and SDPA, beyond the original context). Only
-`safetensors` is needed here; transformers is not. No weight permutation is needed: our half-split rotary pairs
-(channel j with j + head_dim/2) are Hugging Face's `rotate_half`; Meta's original checkpoints pair (2j, 2j+1)
-instead, and `interleaved_qk_to_half_split` converts their W_q / W_k rows.
+`LlamaForCausalLM.from_pretrained(folder)` computes the same logits (tests/test_hf.py, every variant, eager and
+SDPA, past the original context). Our half-split pairs are Hugging Face's `rotate_half`, so no permutation is
+needed; Meta's checkpoints pair (2j, 2j+1), and interleaved_qk_to_half_split converts their W_q / W_k rows.
+RoPE: default, linear, dynamic, yarn, llama3 and longrope export as themselves (dynamic with L as
+max_position_embeddings, where transformers reads it); ntk as default with rope_theta = b s^(|D|/(|D|-2)) (paper
+Eq. 16); ntk_by_parts as yarn with attention_factor 1.0; dynamic_yarn, partial rotary and previous-token
+embeddings are refused. During cached generation transformers' dynamic types keep keys cached under the old
+frequencies when the scale changes; model.py's rules are exact.
 
-    ours           Hugging Face rope_type                                    max_position_embeddings
-    default        default                                                   block_size
-    linear         linear (factor)                                           block_size
-    ntk            default, rope_theta = b * s^(|D|/(|D|-2)) (paper Eq. 16)  block_size
-    dynamic        dynamic (factor)                                          rope.original_context (L)
-    ntk_by_parts   yarn with attention_factor 1.0 (YaRN's ramp, no 1/t)      block_size
-    yarn           yarn (factor, original_max_position_embeddings = L, beta_fast, beta_slow, truncate,
-                   attention_factor written out, so DeepSeek's mscale ratio carries over)   block_size
-    llama3         llama3 (factor, L, low/high_freq_factor)                  block_size
-    longrope       longrope (factor, L, short_factor, long_factor, attention_factor)         block_size
-    dynamic_yarn   refused: transformers has no dynamic YaRN
-
-transformers reads the dynamic type's L from max_position_embeddings (it ignores original_max_position_embeddings
-there), hence L in that column. partial_rotary_factor != 1 is refused: LlamaForCausalLM ignores it for 'default'
-and fails on a shape mismatch for the other types.
-
-Dynamic variants during generation differ by design: a single forward pass agrees, but transformers recomputes
-the frequencies whenever a longer position arrives and keeps the keys already cached under the old ones (dynamic
-NTK; longrope switches its factors at L the same way); model.py's generate rules are exact (see its docstring).
-
-Round trip: config.json also carries our exact ModelConfig under "yarn_from_scratch", since the Llama fields
-cannot say everything (ntk and ntk_by_parts look like default and yarn; mscale vs attention_factor; the block size
-of a dynamic model). Import uses that record only if exporting it reproduces config.json's Llama fields exactly;
-otherwise (a folder from elsewhere, or an edited config) the config is derived from the Llama fields alone, which
-gives the same logits. Import refuses, naming the key, what this model cannot represent: another model_type,
-biases, an activation other than silu, head_dim != hidden_size / heads, an odd head_dim, partial rotary, and an
-untied lm_head unless it equals the embedding. Weights are imported into float32.
+config.json also carries our exact ModelConfig under "yarn_from_scratch" (the Llama fields cannot tell ntk from
+default, for one); import trusts it only if exporting it reproduces config.json's Llama fields exactly, and
+otherwise derives the config from those fields, with the same logits. Import refuses, naming the key, what this
+model cannot represent (another model_type, biases, an activation other than silu, head_dim != hidden_size /
+heads, partial rotary, an untied lm_head unless it equals the embedding). Weights are imported in float32.
 """
 
 import json

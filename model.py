@@ -1,21 +1,18 @@
 """
 A GPT / LLaMA-style decoder in one file: token embedding tied to the output head; pre-norm blocks of RMSNorm ->
 causal self-attention (F.scaled_dot_product_attention, optional grouped-query heads) and RMSNorm -> SwiGLU MLP;
-a KV cache for decoding. The rotary position embedding is any variant of rope.py, chosen by config and swappable
-on a built model without touching its weights (`set_rope`): that is how a model pretrained at context L is
-extended to s*L.
+a KV cache for decoding. The RoPE variant is any of rope.py's, swappable on a built model without touching its
+weights (`set_rope`): that is how a model pretrained at context L is extended to s L.
 
 Dynamic variants and the KV cache. A dynamic variant's frequencies depend on the sequence length l' (Dynamic
 YaRN: s = max(1, l'/L), paper Sec. 3.3); a forward pass takes l' from `rope_length`, by default its own length.
-Keys already in a KV cache cannot follow a new scale: a deeper layer's cached keys and values come from hidden
-states computed under the old one, so even re-rotating pre-RoPE keys (the paper's suggestion) is not exact in a
-multi-layer model. `decode` (and `generate`) therefore offers two rules, each exact:
-  follow    (default) l' follows the sequence, rounded up to the next L * 2^k (L while l' <= L): the scale steps
-            only at powers of two, and at each step the whole prefix is prefilled again under the new scale. Every
-            token equals a full forward pass of its prefix with rope_length = that rounded l', so a prompt shorter
-            than L gets plain RoPE's logits.
-  capacity  l' is the cache's capacity (prompt + new tokens) for the whole generation: one prefill and never
-            another, but a short prompt headed for a long generation runs at the larger scale from its first token.
+Cached keys cannot follow a new scale: a deeper layer's keys and values come from hidden states computed under the
+old one, so even re-rotating pre-RoPE keys (the paper's suggestion) is not exact. `decode` has two exact rules:
+  follow    (default) l' is the length so far rounded up to L * 2^k (L while l' <= L); each time it steps, the whole
+            prefix is prefilled again under the new scale. Every token equals a full forward pass of its prefix at
+            that l', so a prompt shorter than L gets plain RoPE's logits.
+  capacity  l' is prompt + new tokens throughout: one prefill, but a short prompt headed for a long generation
+            runs at the larger scale from its first token.
 """
 
 import math

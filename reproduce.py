@@ -101,7 +101,7 @@ PRESETS = {
     "cpu": Preset(tokenizer="bytes", vocab_size=320, d_model=128, n_layer=4, n_head=2, prev_tokens=3, L=512, s=4,
                   s_long=8, pretrain_steps=800, pretrain_batch=8, lr=3e-3, finetune_steps=20, finetune_batch=2,
                   finetune_lr=3e-4, data_mix="recall", warmup_steps=400, stride=128, max_docs=16, max_windows=1,
-                  trials=12, temp_scales=(2, 4, 8)),
+                  trials=8, temp_scales=(2, 4, 8)),
     # the smoke test: seconds of everything, numbers meaningless
     "tiny": Preset(tokenizer="bytes", vocab_size=320, d_model=32, n_layer=1, n_head=1, prev_tokens=2, L=64, s=2,
                    s_long=4, pretrain_steps=6, pretrain_batch=2, lr=3e-3, finetune_steps=2, finetune_batch=1,
@@ -171,7 +171,7 @@ class Job:
         """train.train under runs/name, resuming a run that was interrupted; its summary in summary.json."""
         out = self.runs / name
         run = replace(run, out_dir=str(out), data_dir=str(self.data_dir), device=self.device,
-                      eval_batches=self.p.train_eval_batches, eval_interval=max(1, run.max_steps // 4))
+                      eval_batches=self.p.train_eval_batches, eval_interval=run.max_steps)
         state = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
         write_json(out / "summary.json", train.train(run, config, state, resume=state is not None))
 

@@ -1,29 +1,18 @@
 """
-Rotary position embeddings (RoPE) and the context-extension methods compared in the YaRN paper
-(Peng, Quesnelle, Fan, Shippole, "YaRN: Efficient Context Window Extension of Large Language Models",
-arXiv 2309.00071), side by side as small pure functions.
-
-Notation (the paper's):
-    |D| rotary dimension (the number of rotated channels; head_dim, or a fraction of it)
-    d   pair index, 0 .. |D|/2 - 1
-    b   base ("rope_theta"), theta_d = b^(-2d/|D|) the per-pair angular frequency
-    lambda_d = 2*pi / theta_d  the wavelength of pair d, in tokens
-    L   the original (pretraining) context length
-    s   the scale factor, L' = s * L the extended context
-    r_d = L / lambda_d  how many full rotations pair d makes inside the original context
-    t   the attention temperature; YaRN multiplies the logits by 1/t with sqrt(1/t) = 0.1 ln(s) + 1
-
-Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor):
-    inv_freq          fp32 tensor of |D|/2 frequencies theta'_d, the angle of pair d at position m is m*theta'_d
-    attention_factor  a multiplier folded into both cos and sin, so q.k is scaled by its square (YaRN's 1/t)
-seq_len is the current total sequence length l'; only the dynamic variants read it.
-
-Pair layout: "half-split" (as Hugging Face / GPT-NeoX), i.e. channel j is paired with channel j + |D|/2,
-not interleaved (2j, 2j+1) as in Meta's llama. `interleaved_to_half_split` is the permutation between them.
-
-The frequencies are computed in float64 and returned as float32; the cos/sin tables are built from those
-float32 frequencies with float64 positions and angles, then stored as float32. Angles are never formed in
-bf16 (bf16 positions collide above 256).
+Rotary position embeddings (RoPE) and the context-extension methods compared in the YaRN paper (Peng, Quesnelle,
+Fan, Shippole, arXiv 2309.00071), side by side as small pure functions. The paper's notation:
+    |D|  rotary dimension (rotated channels: head_dim, or a fraction of it); d = 0 .. |D|/2 - 1 the pair index
+    b    base ("rope_theta"); theta_d = b^(-2d/|D|) pair d's angular frequency, lambda_d = 2 pi / theta_d its
+         wavelength in tokens
+    L    the original (pretraining) context; s the scale factor, L' = s L the extended context
+    r_d  = L / lambda_d, the full rotations pair d makes inside L
+    t    the attention temperature: YaRN multiplies the logits by 1/t, sqrt(1/t) = 0.1 ln(s) + 1
+Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor): fp32 frequencies
+theta'_d (pair d's angle at position m is m theta'_d), and a factor folded into both cos and sin, so that q.k is
+scaled by its square (YaRN's 1/t). seq_len is the current total length l'; only the dynamic variants read it.
+Pairs are half-split, channel j with j + |D|/2, as in Hugging Face and GPT-NeoX (Meta's llama interleaves
+(2j, 2j+1); interleaved_to_half_split converts). Frequencies are computed in float64 and kept in float32; table
+angles are formed in float64 from them; nothing is formed in bf16 (bf16 positions collide above 256).
 """
 
 import math
@@ -45,10 +34,10 @@ class RopeConfig:
 
     type: str = "default"  # one of VARIANTS
     base: float = 10000.0  # b
-    factor: float = 1.0  # s; dynamic_yarn: the smallest s used; dynamic (NTK): Hugging Face's alpha (1 = plain RoPE up to L)
+    factor: float = 1.0  # s; dynamic_yarn: the smallest s; dynamic (NTK): HF's alpha (1 = plain RoPE up to L)
     original_context: int = 0  # L, the pretraining context (0 = not set; required by the variants that read it)
     partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated; the rest passes through
-    # NTK-by-parts / YaRN ramp, in rotations r_d: pairs with r_d > beta_fast keep theta_d, r_d < beta_slow get theta_d/s
+    # NTK-by-parts / YaRN ramp, in rotations r_d: r_d > beta_fast keeps theta_d, r_d < beta_slow gets theta_d / s
     beta_fast: float = 32.0  # the paper's beta
     beta_slow: float = 1.0  # the paper's alpha
     truncate: bool = True  # round the ramp ends to whole pairs (floor/ceil), as the official code and HF do
@@ -90,55 +79,42 @@ def validate(cfg: RopeConfig) -> None:
     """Raise a ValueError naming the field, its value and the allowed range."""
     if cfg.type not in VARIANTS:
         raise ValueError(f"rope type {cfg.type!r} is unknown; known types: {', '.join(VARIANTS)}")
-    numeric = ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
-    for name in numeric:
-        value = getattr(cfg, name)
-        if not _is_number(value):
-            raise ValueError(f"rope {name} must be a finite number, got {value!r}")
-    for name in ("attention_factor", "mscale", "mscale_all_dim"):
-        value = getattr(cfg, name)
-        if value is not None and not _is_number(value):
-            raise ValueError(f"rope {name} must be a finite number or None, got {value!r}")
-    if not isinstance(cfg.original_context, int) or isinstance(cfg.original_context, bool):
-        raise ValueError(f"rope original_context must be an int, got {cfg.original_context!r}")
-    if not isinstance(cfg.truncate, bool):
-        raise ValueError(f"rope truncate must be True or False, got {cfg.truncate!r}")
-    if cfg.base <= 1.0:
-        raise ValueError(f"rope base must be > 1 (typically 10000), got {cfg.base}")
-    if cfg.factor < 1.0:
-        raise ValueError(f"rope factor (the scale s) must be >= 1, got {cfg.factor}; s < 1 would shrink the context")
-    if not 0.0 < cfg.partial_rotary_factor <= 1.0:
-        raise ValueError(f"rope partial_rotary_factor must be in (0, 1], got {cfg.partial_rotary_factor}")
-    if cfg.type in NEEDS_ORIGINAL_CONTEXT and cfg.original_context <= 0:
-        raise ValueError(
-            f"rope type {cfg.type!r} needs original_context (L, the pretraining context length) > 0, "
-            f"got {cfg.original_context}; set it to the block size the model was pretrained at"
-        )
-    if not 0 <= cfg.original_context <= 2**40:
-        raise ValueError(f"rope original_context must be in [0, 2^40], got {cfg.original_context}")
-    if cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"):
-        if cfg.beta_slow <= 0:
-            raise ValueError(f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}")
-        if cfg.beta_fast <= cfg.beta_slow:
-            raise ValueError(
-                f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow ({cfg.beta_slow}): beta_fast bounds the "
-                "high-frequency pairs kept as they are (default 32), beta_slow the fully interpolated ones (default 1)"
-            )
-    if cfg.type == "llama3":
-        if cfg.low_freq_factor <= 0:
-            raise ValueError(f"rope low_freq_factor must be > 0, got {cfg.low_freq_factor}")
-        if cfg.high_freq_factor <= cfg.low_freq_factor:
-            raise ValueError(
-                f"rope high_freq_factor ({cfg.high_freq_factor}) must be > low_freq_factor ({cfg.low_freq_factor})"
-            )
-    if cfg.attention_factor is not None and cfg.attention_factor <= 0:
-        raise ValueError(f"rope attention_factor must be > 0, got {cfg.attention_factor}")
+    for name in ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor",
+                 "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim"):
+        value, optional = getattr(cfg, name), name in ("attention_factor", "mscale", "mscale_all_dim")
+        if not (_is_number(value) or (optional and value is None)):
+            raise ValueError(f"rope {name} must be a finite number{' or None' if optional else ''}, got {value!r}")
+    if type(cfg.original_context) is not int or type(cfg.truncate) is not bool:
+        raise ValueError(f"rope original_context must be an int and truncate True or False, got "
+                         f"{cfg.original_context!r} and {cfg.truncate!r}")
     for name in ("short_factor", "long_factor"):
         value = getattr(cfg, name)
         if value is not None and not (isinstance(value, tuple) and all(_is_number(v) and v > 0 for v in value)):
             raise ValueError(f"rope {name} must be a tuple of numbers > 0 (one per frequency pair), got {value!r}")
-        if cfg.type == "longrope" and not value:
-            raise ValueError(f"rope type 'longrope' needs {name}: |D|/2 numbers, one divisor per frequency pair")
+    by_parts, L = cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"), cfg.original_context
+    checks = [
+        (cfg.base > 1.0, f"rope base must be > 1 (typically 10000), got {cfg.base}"),
+        (cfg.factor >= 1.0, f"rope factor (the scale s) must be >= 1, got {cfg.factor}; s < 1 would shrink the context"),
+        (0.0 < cfg.partial_rotary_factor <= 1.0, f"rope partial_rotary_factor must be in (0, 1], got "
+                                                 f"{cfg.partial_rotary_factor}"),
+        (cfg.type not in NEEDS_ORIGINAL_CONTEXT or L > 0, f"rope type {cfg.type!r} needs original_context (L, the "
+         f"pretraining context length) > 0, got {L}; set it to the block size the model was pretrained at"),
+        (0 <= L <= 2**40, f"rope original_context must be in [0, 2^40], got {L}"),
+        (not by_parts or cfg.beta_slow > 0, f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}"),
+        (not by_parts or cfg.beta_fast > cfg.beta_slow, f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow "
+         f"({cfg.beta_slow}): beta_fast bounds the high-frequency pairs kept as they are (default 32), beta_slow "
+         "the fully interpolated ones (default 1)"),
+        (cfg.type != "llama3" or cfg.low_freq_factor > 0, f"rope low_freq_factor must be > 0, got "
+                                                          f"{cfg.low_freq_factor}"),
+        (cfg.type != "llama3" or cfg.high_freq_factor > cfg.low_freq_factor, f"rope high_freq_factor "
+         f"({cfg.high_freq_factor}) must be > low_freq_factor ({cfg.low_freq_factor})"),
+        (cfg.attention_factor is None or cfg.attention_factor > 0, f"rope attention_factor must be > 0, got "
+                                                                   f"{cfg.attention_factor}"),
+    ] + [(cfg.type != "longrope" or getattr(cfg, name), f"rope type 'longrope' needs {name}: |D|/2 numbers, one "
+          "divisor per frequency pair") for name in ("short_factor", "long_factor")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:

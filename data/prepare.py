@@ -275,32 +275,13 @@ def skipped_warning(corpus):
 
 
 def summary(corpus, meta, out_dir, seconds):
-    splits = meta["splits"]
-    lines = [f"source: {corpus.name} ({corpus.description})"]
     skipped = ", ".join(f"{len(v)} {k}" for k, v in corpus.skipped.items()) or "none"
-    lines.append(f"files: {len(corpus.files)} found, skipped {skipped}")
-    lines.append(f"{'split':<8}{'docs':>8}{'tokens':>14}")
-    for split in SPLITS:
-        lines.append(f"{split:<8}{splits[split]['n_docs']:>8,}{splits[split]['n_tokens']:>14,}")
-    lines.append("")
-    lines.append(f"{'doc length (tokens)':<20}{'train':>8}{'val':>8}")
-    for label in bucket_labels():
-        t, v = (splits[s]["length_histogram"][label] for s in SPLITS)
-        lines.append(f"{label:<20}{t:>8,}{v:>8,}")
-    long_label = HIST_EDGES.index(8192) + 1  # buckets from 8k-16k up
-    n_long = {s: sum(list(splits[s]["length_histogram"].values())[long_label:]) for s in SPLITS}
-    lines.append(f"documents of >= 8192 tokens: train {n_long['train']:,}, val {n_long['val']:,}")
-    lines.append("")
-    lines.append(f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, meta.json to {display_path(out_dir)}"
-                 f" in {seconds:.1f}s")
+    lines = [f"source: {corpus.name} ({corpus.description})", f"files: {len(corpus.files)} found, skipped {skipped}"]
+    for split, m in meta["splits"].items():
+        lengths = ", ".join(f"{label}: {n:,}" for label, n in m["length_histogram"].items())
+        lines.append(f"{split}: {m['n_docs']:,} docs, {m['n_tokens']:,} tokens; docs by doc length (tokens) {lengths}")
+    lines.append(f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, meta.json to {out_dir} in {seconds:.1f}s")
     return "\n".join(lines)
-
-
-def display_path(path):
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 # -----------------------------------------------------------------------------

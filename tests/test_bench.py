@@ -154,7 +154,7 @@ def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
     """The GPU case list is the one scripts/gpu_run.sh runs; the CPU one gives the README's ratios."""
     for preset, shape, names in (
             ("gpu", "gpu", ["train_T1024", "train_T1024_yarn", "train_T8192_yarn", "train_T32768_yarn", "sample_B1"]),
-            ("cpu", "cpu", ["train_T256", "sample_B1"])):
+            ("cpu", "cpu", ["train_T512", "sample_B1"])):
         assert bench.PRESETS[preset][0] == shape and [c.name for c in bench.PRESETS[preset][1]] == names
         p = reproduce.PRESETS[shape]
         for case in bench.PRESETS[preset][1]:
