@@ -8,13 +8,13 @@ and a checkpoint make the run config and the model config that train.train takes
     resume    the checkpoint's model, and its saved run config with the flags given on top
 """
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import checkpoint
 import flags
 from data.recall import MIXES
-from model import ModelConfig, rope_with_overrides
+from model import ModelConfig
 from rope import RopeConfig
 
 
@@ -120,6 +120,16 @@ def parse_args(argv, description: str = "") -> tuple[dict, dict]:
 
 def new_model_config(given: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in given.items() if k != "rope"}, rope=RopeConfig(**given.get("rope", {})))
+
+
+def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
+    """The model's RoPE config with some fields replaced: a RoPE swap at evaluation or sampling time. L
+    (original_context), unless given, stays the model's, or is its block_size where it has none, since a model
+    without scaling was pretrained at its block size. Raises RopeConfig's ValueError for invalid values."""
+    values = {**asdict(config.rope), **overrides}
+    if "original_context" not in overrides and not values["original_context"]:
+        values["original_context"] = config.block_size
+    return RopeConfig(**values)
 
 
 def extended_model_config(base: ModelConfig, given: dict) -> ModelConfig:

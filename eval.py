@@ -38,7 +38,7 @@ import checkpoint
 import flags
 from data.loader import load_split
 from data.tokenizer import get_tokenizer
-from model import rope_with_overrides
+from config import rope_with_overrides
 from rope import RopeConfig
 from system import pick_device, write_json
 

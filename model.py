@@ -4,10 +4,10 @@ causal self-attention (F.scaled_dot_product_attention, optional grouped-query he
 a KV cache for decoding. The RoPE variant is any of rope.py's, swappable on a built model without touching its
 weights (`set_rope`): that is how a model pretrained at context L is extended to s L.
 
-Dynamic variants and the KV cache. A dynamic variant's frequencies depend on the sequence length l' (Dynamic
-YaRN: s = max(1, l'/L), paper Sec. 3.3); a forward pass takes l' from `rope_length`, by default its own length.
-Cached keys cannot follow a new scale: a deeper layer's keys and values come from hidden states computed under the
-old one, so even re-rotating pre-RoPE keys (the paper's suggestion) is not exact. `decode` has two exact rules:
+Dynamic variants and the KV cache. A dynamic variant's frequencies depend on the length l' (`rope_length`, by
+default the forward pass's own; Dynamic YaRN: s = max(1, l'/L), paper Sec. 3.3). Cached keys cannot follow a new
+scale: deeper layers' keys come from hidden states computed under the old one, so even re-rotating pre-RoPE keys
+(the paper's suggestion) is not exact. `decode` has two exact rules:
   follow    (default) l' is the length so far rounded up to L * 2^k (L while l' <= L); each time it steps, the whole
             prefix is prefilled again under the new scale. Every token equals a full forward pass of its prefix at
             that l', so a prompt shorter than L gets plain RoPE's logits.
@@ -91,26 +91,13 @@ class ModelConfig:
         return cls(**{**d, "rope": RopeConfig(**d.get("rope", {}))})
 
 
-def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
-    """The model's RoPE config with some fields replaced: a RoPE swap at evaluation or sampling time. L
-    (original_context), unless given, stays the model's, or is its block_size where it has none, since a model
-    without scaling was pretrained at its block size. Raises RopeConfig's ValueError for invalid values."""
-    values = {**asdict(config.rope), **overrides}
-    if "original_context" not in overrides and not values["original_context"]:
-        values["original_context"] = config.block_size
-    return RopeConfig(**values)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Rotary tables
+# What a forward pass reads besides the weights: the rotary tables, and when decoding the KV cache
 
 
 class Rotary(nn.Module):
-    """Cos/sin tables for one RoPE variant, fp32, built once and indexed by position.
-
-    Static variants: one table, prebuilt for `length` positions, regrown (same frequencies) if a longer
-    sequence comes. Dynamic variants: the table depends on the sequence length l' (rope_length), so it is
-    built when l' changes and kept for as long as it stays the same (a whole generation)."""
+    """Cos/sin tables for one RoPE variant, fp32, built once and indexed by position: for a static variant
+    prebuilt for `length` positions (and regrown for longer sequences), for a dynamic one built for each new l'."""
 
     def __init__(self, head_dim: int, cfg: RopeConfig, length: int):
         super().__init__()
@@ -148,14 +135,9 @@ class Rotary(nn.Module):
         return self
 
 
-# ----------------------------------------------------------------------------------------------------------
-# KV cache
-
-
 class KVCache:
-    """Preallocated rotated keys and values for every layer, (B, n_kv_head, max_len, head_dim), the tokens (for
-    the previous-token embeddings), how many positions are filled, and the l' (rope_length) that dynamic variants
-    take their scale from (see the module docstring)."""
+    """Rotated keys and values of every layer, (B, n_kv_head, max_len, head_dim), the tokens (for the previous-token
+    embeddings), the positions filled, and the l' (rope_length) dynamic variants scale for (module docstring)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, config.kv_heads, max_len, config.head_dim)
@@ -242,8 +224,7 @@ def rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    # A loss whose logits would exceed loss_chunk_threshold elements runs the head and the loss chunk by chunk
-    # (loss.py); below it, one matmul and F.cross_entropy. Instance-settable.
+    # a loss whose logits would exceed loss_chunk_threshold elements runs chunk by chunk (loss.py); instance-settable
     loss_chunk_threshold: int = 2**30
     loss_chunk_elements: int = 2**27  # logits per chunk (rows = this // vocab): 512 MB in fp32
 
@@ -310,10 +291,9 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def embed(self, idx: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
-        """Token embeddings (B, T, d), plus, with prev_tokens = K, an embedding of each of the K tokens before each
-        position: the "smeared" input of the induction-heads study (Olsson et al. 2022). It hands the first layer
-        the previous tokens that a copying circuit otherwise needs a whole attention layer to gather, so that a
-        small model learns to copy within minutes. Positions before the sequence's start read id vocab_size - 1."""
+        """Token embeddings (B, T, d), plus, with prev_tokens = K, embeddings of the K tokens before each position
+        (the "smeared" input of Olsson et al. 2022): the previous tokens a copying circuit otherwise needs a whole
+        attention layer to gather, so a small model learns to copy in minutes. Before the start: id vocab_size - 1."""
         x = F.embedding(idx, self.tok_emb.weight)
         K, V = self.config.prev_tokens, self.config.vocab_size
         if not K:
@@ -346,9 +326,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, idx: torch.Tensor, max_new_tokens: int, choose, rule: str = "follow"):
-        """The decoding loop with a KV cache: choose(logits (B, V) of the last position) gives the next tokens
-        (B,), yielded one step at a time. Before predicting from n tokens, the cache is filled with the whole
-        prefix if it is empty or if the rule's l' for n differs from the one its keys were computed under."""
+        """Decoding with a KV cache: choose(last logits (B, V)) gives the next tokens (B,), yielded step by step. The
+        whole prefix is (re)filled in when the cache is empty or the rule's l' differs from its keys'."""
         B, P = idx.shape
         capacity = P + max_new_tokens
         with torch.inference_mode():  # the cache never leaves this loop: no version counters on its tensors
@@ -370,9 +349,8 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  stop_token: int | None = None, generator: torch.Generator | None = None,
                  vocab_limit: int | None = None, rule: str = "follow"):
-        """Yield new tokens (B,) one step at a time (decode). temperature 0 = greedy. vocab_limit: only ids below
-        it are drawn (the embedding is padded past the tokenizer's vocabulary). Stops early once every row has
-        drawn stop_token (yielded last)."""
+        """Yield new tokens (B,) step by step (decode); temperature 0 = greedy; only ids below vocab_limit are drawn.
+        Stops once every row has drawn stop_token (yielded last)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
 
@@ -388,9 +366,8 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied head counted once
 
     def flops_per_token(self, T: int) -> float:
-        """Training FLOPs per token at context T: 6N for the matmuls of N parameters (the tied embedding counts
-        once, as the head's matmul) plus causal attention, 6 n_layer d_model T (QK^T and AV, 2 d T' FLOPs each
-        forward at average context T' = T/2, times 3 for forward + backward; Kaplan et al. / PaLM App. B halved)."""
+        """Training FLOPs per token at context T: 6N for the matmuls of N parameters (the tied embedding once, as
+        the head) plus causal attention, 6 n_layer d_model T (PaLM App. B, halved for the causal mask)."""
         c = self.config
         lookups = self.prev_emb.weight.numel() if self.prev_emb is not None else 0  # embeddings read, not multiplied
         return 6 * (self.num_params() - lookups) + 6 * c.n_layer * c.n_head * c.head_dim * T

@@ -7,12 +7,11 @@ Fan, Shippole, arXiv 2309.00071), side by side as small pure functions. The pape
     L    the original (pretraining) context; s the scale factor, L' = s L the extended context
     r_d  = L / lambda_d, the full rotations pair d makes inside L
     t    the attention temperature: YaRN multiplies the logits by 1/t, sqrt(1/t) = 0.1 ln(s) + 1
-Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor): fp32 frequencies
-theta'_d (pair d's angle at position m is m theta'_d), and a factor folded into both cos and sin, so that q.k is
-scaled by its square (YaRN's 1/t). seq_len is the current total length l'; only the dynamic variants read it.
-Pairs are half-split, channel j with j + |D|/2, as in Hugging Face and GPT-NeoX (Meta's llama interleaves
-(2j, 2j+1); interleaved_to_half_split converts). Frequencies are computed in float64 and kept in float32; table
-angles are formed in float64 from them; nothing is formed in bf16 (bf16 positions collide above 256).
+Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor): fp32 frequencies theta'_d
+(pair d's angle at position m is m theta'_d) and a factor folded into cos and sin, so q.k gets its square (YaRN's
+1/t); seq_len is the current length l', read by the dynamic variants only. Pairs are half-split, channel j with
+j + |D|/2, as in Hugging Face (interleaved_to_half_split converts Meta's (2j, 2j+1)). Frequencies and angles are
+formed in float64, kept in float32, never in bf16 (whose positions collide above 256).
 """
 
 import math
@@ -67,12 +66,8 @@ class RopeConfig:
 
 
 def _is_number(x) -> bool:
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an int too large for a float
-        return False
+    """A finite int or float, not a bool (an int too large for a float is not one)."""
+    return type(x) in (int, float) and (abs(x) < 2**1023 if type(x) is int else math.isfinite(x))
 
 
 def validate(cfg: RopeConfig) -> None:
@@ -166,9 +161,8 @@ def ntk_rope(dim, cfg, seq_len=None):
 
 
 def dynamic_ntk_rope(dim, cfg, seq_len=None):
-    """Dynamic NTK, Hugging Face's `rope_type: dynamic` formula with alpha = factor:
-    b' = b * (alpha * l'/L - (alpha - 1))^(|D|/(|D|-2)),  l' = max(seq_len, L).
-    Equal to plain RoPE while l' <= L."""
+    """Dynamic NTK, transformers' `dynamic` with alpha = factor: b' = b (alpha l'/L - (alpha - 1))^(|D|/(|D|-2)),
+    l' = max(seq_len, L); plain RoPE while l' <= L."""
     L = cfg.original_context
     length = max(seq_len or L, L)
     alpha = cfg.factor
@@ -185,9 +179,8 @@ def correction_dim(rotations: float, dim: int, base: float, L: int) -> float:
 
 def ramp_bounds(dim: int, cfg: RopeConfig) -> tuple[float, float]:
     """Pair indices (low, high) where the ramp starts and ends: below low r_d > beta_fast, above high r_d < beta_slow.
-    Rounded outward (floor/ceil) when cfg.truncate, and clamped to [0, |D|-1] as the official code and transformers
-    do. Kept for parity, with a known edge: if a bound lands outside that range (beta_fast < 1, or L < 2 pi beta_slow)
-    the clamped ramp can flip or collapse; tests/test_rope.py records those cases as expected failures."""
+    Rounded outward when cfg.truncate and clamped to [0, |D|-1], as the official code and transformers do; a bound
+    outside that range (beta_fast < 1, or L < 2 pi beta_slow) can flip the ramp (tests/test_rope.py's xfails)."""
     low = correction_dim(cfg.beta_fast, dim, cfg.base, cfg.original_context)
     high = correction_dim(cfg.beta_slow, dim, cfg.base, cfg.original_context)
     if cfg.truncate:
@@ -196,10 +189,9 @@ def ramp_bounds(dim: int, cfg: RopeConfig) -> tuple[float, float]:
 
 
 def ramp(dim: int, cfg: RopeConfig) -> torch.Tensor:
-    """The interpolation weight of each pair, 1 - gamma(r_d), in [0, 1], float64:
-    0 for pairs kept as they are (pure extrapolation), 1 for pairs fully interpolated (theta/s).
-    Linear in the pair index between low and high, as the official code and Hugging Face compute it
-    (the paper's Eq. 18 is linear in r_d instead; the endpoints agree)."""
+    """Each pair's interpolation weight 1 - gamma(r_d), float64: 0 keeps theta_d, 1 is theta_d / s. Linear in the
+    pair index between low and high, as the official code and transformers compute it (the paper's Eq. 18 is
+    linear in r_d; the endpoints agree)."""
     low, high = ramp_bounds(dim, cfg)
     if low == high:
         high += 0.001  # the official code's guard against a zero-width ramp
@@ -240,22 +232,16 @@ def yarn_rope(dim, cfg, seq_len=None):
     return by_parts_inv_freq(dim, cfg, cfg.factor).float(), yarn_attention_factor(cfg, cfg.factor)
 
 
-def dynamic_scale(cfg: RopeConfig, seq_len: int | None) -> float:
-    """Dynamic scaling (paper Sec. 3.3): s = max(1, l'/L), and never below the scale a model was fine-tuned at."""
-    length = seq_len or cfg.original_context
-    return max(cfg.factor, length / cfg.original_context)
-
-
 def dynamic_yarn_rope(dim, cfg, seq_len=None):
-    """Dynamic YaRN: YaRN with s recomputed from the current total length l'. Plain RoPE while l' <= L (factor 1)."""
-    scale = dynamic_scale(cfg, seq_len)
+    """Dynamic YaRN (paper Sec. 3.3): YaRN at s = max(1, l'/L), never below `factor` (the s a model was fine-tuned
+    at); plain RoPE while l' <= L with factor 1."""
+    scale = max(cfg.factor, (seq_len or cfg.original_context) / cfg.original_context)
     return by_parts_inv_freq(dim, cfg, scale).float(), yarn_attention_factor(cfg, scale)
 
 
 def llama3_rope(dim, cfg, seq_len=None):
-    """Llama 3.1 scaling: wavelengths shorter than L/high_freq_factor keep theta_d, longer than L/low_freq_factor
-    get theta_d/s, and between them a blend linear in r_d = L/lambda_d:
-    smooth = (r_d - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    """Llama 3.1: wavelengths under L/high_freq_factor keep theta_d, over L/low_freq_factor get theta_d/s, and
+    between them a blend linear in r_d: smooth = (r_d - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
     theta = base_inv_freq(dim, cfg.base)
     L, s = cfg.original_context, cfg.factor
     if s == 1.0:
@@ -305,8 +291,7 @@ assert tuple(ROPE_FUNCTIONS) == VARIANTS
 
 
 def inv_freq(head_dim: int, cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Frequencies (fp32, rotary_dim/2) and attention factor of variant `cfg` for heads of size head_dim,
-    at current total length seq_len (read only by the dynamic variants)."""
+    """Frequencies (fp32, |D|/2) and attention factor of variant cfg for heads of head_dim, at current length l'."""
     return ROPE_FUNCTIONS[cfg.type](rotary_dim(head_dim, cfg), cfg, seq_len)
 
 
@@ -339,8 +324,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def interleaved_to_half_split(dim: int) -> torch.Tensor:
-    """Channel permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1) become (j, j + dim/2).
-    Applied to the output rows of W_q and W_k it converts a Meta-layout checkpoint to this layout."""
+    """The permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1) become (j, j + dim/2)
+    (on the output rows of W_q and W_k it converts a Meta-layout checkpoint)."""
     return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
@@ -348,10 +333,7 @@ def interleaved_to_half_split(dim: int) -> torch.Tensor:
 # Hugging Face `rope_parameters` (the translation lives beside the exporter, in hf.py)
 
 
-def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int,
-                seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention_factor) for a Hugging Face rope_parameters dict: the numbers transformers'
-    ROPE_INIT_FUNCTIONS give for that config, computed by the functions above (hf.from_hf reads the dict)."""
+def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None):
+    """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
     from hf import from_hf  # hf.py imports this module: import it when called
-
     return inv_freq(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)

@@ -4,12 +4,10 @@ Sample from a trained checkpoint, streaming the text as it is generated.
     python sample.py --ckpt out/pretrain --prompt "def fibonacci(n):" --max_new_tokens 200
     python sample.py --ckpt out/pretrain --prompt_file long.txt --max_context 4096 --rope.type=dynamic_yarn
 
-The model and its tokenizer come from the checkpoint; generation uses the KV cache (model.generate) and prints
-only the new text to stdout (UTF-8), a header and any warnings to stderr. Without a prompt it starts a document;
-it stops at end-of-text unless --stop_at_eot=false. --rope.<field>=<value> replaces that field of the
-checkpoint's RoPE config (weights untouched; L defaults to the checkpoint's, or its block_size for plain RoPE),
-and --rope_rule says how a dynamic variant's scale follows the length (model.py). The context policy is
-fit_context's. --seed seeds a generator used only for sampling; temperature 0 is greedy.
+The model and its tokenizer come from the checkpoint; model.generate decodes with the KV cache; the new text goes
+to stdout (UTF-8), a header and warnings to stderr. No prompt starts a document; end-of-text stops a sample
+unless --stop_at_eot=false. --rope.<field>=<value> replaces that field of the checkpoint's RoPE config (weights
+untouched; config.rope_with_overrides), --rope_rule is model.py's. The context policy is fit_context's.
 """
 
 import os
@@ -22,7 +20,8 @@ import torch
 import checkpoint
 import flags
 from data.tokenizer import StreamDecoder, get_tokenizer
-from model import ROPE_RULES, rope_with_overrides
+from config import rope_with_overrides
+from model import ROPE_RULES
 from rope import RopeConfig
 from system import dtype_name, pick_device, pick_dtype
 
@@ -48,15 +47,15 @@ class SampleConfig:
 
     def __post_init__(self):
         flags.check_types(self)
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        for name in ("max_new_tokens", "top_k", "num_samples", "max_context"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.prompt and self.prompt_file is not None:
-            raise ValueError("give --prompt or --prompt_file, not both")
-        if self.rope_rule not in ROPE_RULES:
-            raise ValueError(f"--rope_rule must be one of {', '.join(ROPE_RULES)}, got {self.rope_rule!r}")
+        checks = [(self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+                  (not (self.prompt and self.prompt_file is not None), "give --prompt or --prompt_file, not both"),
+                  (self.rope_rule in ROPE_RULES, f"--rope_rule must be one of {', '.join(ROPE_RULES)}, got "
+                                                 f"{self.rope_rule!r}")]
+        checks += [(getattr(self, name) is None or getattr(self, name) >= 1, f"--{name} must be >= 1, got "
+                    f"{getattr(self, name)}") for name in ("max_new_tokens", "top_k", "num_samples", "max_context")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 class ContextError(ValueError):
@@ -142,13 +141,11 @@ def read_prompt(args: SampleConfig) -> str:
     if args.prompt_file is None:
         return args.prompt
     try:
-        data = Path(args.prompt_file).read_bytes()
+        return Path(args.prompt_file).read_bytes().decode("utf-8")
     except OSError as e:
         raise ValueError(f"cannot read the prompt file {args.prompt_file}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"the prompt file {args.prompt_file} is not UTF-8 text: byte 0x{data[e.start]:02x} at "
+        raise ValueError(f"the prompt file {args.prompt_file} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at "
                          f"offset {e.start} ({e.reason}); convert it, e.g. with iconv -t utf-8") from None
 
 

@@ -1,6 +1,7 @@
 """
 What every script here does the same way: choose the device and the number format, write a file atomically,
-say where a run came from (git commit, versions, hardware), and turn SIGINT / SIGTERM into a flag.
+say where a run came from (git commit, versions, hardware), turn SIGINT / SIGTERM into a flag, find the
+processes torchrun started, and measure training throughput.
 """
 
 import json
@@ -11,9 +12,11 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,3 +123,49 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+
+def dist_from_env() -> Dist:
+    """RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them; one process when absent."""
+    if "RANK" not in os.environ:
+        return Dist()
+    try:
+        d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"RANK is set but the torchrun environment is incomplete ({e}); launch with torchrun") from None
+    return d if d.world > 1 else Dist()
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # SUM, not AVG: gloo has no AVG
+    return x
+
+
+class Throughput:
+    """Tokens/s and MFU of training steps alone: mark() after an eval or a save leaves their time out."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, step: int):
+        self.tokens_per_step, self.flops, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.intervals = []  # (steps, seconds) per measure(); the first holds start-up and compilation
+        self.mark(step)
+
+    def mark(self, step: int):
+        self.time, self.step = time.perf_counter(), step
+
+    def rates(self, steps_done: int | None = None) -> tuple[float | None, float | None]:
+        """(tokens/s, mfu) since the mark, which moves to steps_done; with no step, the run's average so far."""
+        if steps_done is not None:
+            self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
+            self.mark(steps_done)
+        counted = self.intervals[-1:] if steps_done is not None else self.intervals[1:] or self.intervals
+        steps, seconds = sum(n for n, _ in counted), sum(t for _, t in counted)
+        tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
+        return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak

@@ -7,21 +7,18 @@ Pretraining and context extension in one script; --init_from chooses the phase:
         --rope.type=yarn --rope.factor=8 --max_steps=200 --batch_size=8 --lr=1e-4   # extend, then fine-tune
     torchrun --standalone --nproc_per_node=8 train.py ...      # DDP on 8 GPUs, the same global batch
 
-Settings: --key=value for the fields of config.RunConfig, model.ModelConfig and (as --rope.<field>)
-rope.RopeConfig; --config FILE.json sets any of them (flags win); --help lists them; config.py says how they and
-a checkpoint make a run. An extension keeps the checkpoint's weights and starts a fresh optimizer at step 0. A
-resume continues out_dir/ckpt.pt (model, optimizer, step, RNG); the data order is a function of (seed, step,
-micro-batch), so it gives the same losses as an uninterrupted run.
-Outputs in out_dir: ckpt.pt (and ckpt_<step>.pt for the last keep_checkpoints saves), config.json, metrics.jsonl.
-Exit codes: 0 done; 2 bad input, before training starts (`error: ...`); 1 the loss or weights became non-finite
-(the last good checkpoint is kept as it was); 130 / 143 after SIGINT / SIGTERM, once the step is done and saved.
-In-process: train(run, model_config, ...) is the typed entry point; main(argv) parses flags and calls it.
+Settings: --key=value for config.RunConfig, model.ModelConfig and (--rope.<field>) rope.RopeConfig, or
+--config FILE.json; --help lists them; config.py says how they and a checkpoint make a run. An extension starts a
+fresh optimizer at step 0; a resume continues out_dir/ckpt.pt exactly (the data order is a function of (seed,
+step, micro-batch)). Outputs in out_dir: ckpt.pt (and ckpt_<step>.pt), config.json, metrics.jsonl. Exit codes: 0
+done; 2 bad input, found before training (`error: ...`); 1 a non-finite loss or weights (the last good checkpoint
+is kept); 130 / 143 after SIGINT / SIGTERM, once the step is done and saved. train(run, model_config) is the
+typed entry point; main(argv) parses flags and calls it.
 """
 
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -39,7 +36,8 @@ from config import RunConfig, extended_model_config, parse_args, resolve
 from data.loader import load_training_data
 from data.recall import mix
 from model import ModelConfig, Transformer
-from system import StopOnSignal, dtype_name, pick_device, pick_dtype, provenance, write_json
+from system import (Dist, StopOnSignal, Throughput, all_reduce_sum, dist_from_env, dtype_name, pick_device, pick_dtype, provenance,
+                    write_json)
 
 
 class TrainingError(RuntimeError):
@@ -47,31 +45,7 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Processes (torchrun's environment), batches, learning rate
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-
-def dist_from_env() -> Dist:
-    """RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them; one process when absent."""
-    if "RANK" not in os.environ:
-        return Dist()
-    try:
-        d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"RANK is set but the torchrun environment is incomplete ({e}); launch with torchrun") from None
-    return d if d.world > 1 else Dist()
-
-
-def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)  # SUM, not AVG: gloo has no AVG
-    return x
+# Batches and the learning rate
 
 
 # Step `step` consumes grad_accum micro-batches, numbered 0..grad_accum-1 over all processes; process `rank` takes
@@ -160,10 +134,7 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
     if run.grad_accum % d.world:
         raise ValueError(f"--grad_accum ({run.grad_accum}) must be divisible by the number of processes ({d.world}): "
                          "the global batch batch_size x grad_accum is the same whatever the process count")
-    data = load_training_data(run.data_dir, config.block_size, config.vocab_size)
-    if run.data_mix != "natural" and data[2] != "bytes":
-        raise ValueError(f"--data_mix={run.data_mix} writes random bytes into the windows: it needs data prepared "
-                         f"with --tokenizer bytes, and {run.data_dir} holds {data[2]} tokens")
+    data = load_training_data(run.data_dir, config.block_size, config.vocab_size, run.data_mix)
     device = pick_device(run.device)
     if d.world > 1 and device.startswith("cuda"):
         device = f"cuda:{d.local_rank}"  # one GPU per process
@@ -269,8 +240,7 @@ def save_checkpoint(r: Run, step: int) -> None:
 
 
 def check_finite(r: Run, pending: list) -> None:
-    """Raise TrainingError at the first non-finite loss among the steps not yet checked (checked in batches, at
-    each log line and before each save, so that the GPU is not synchronized every step)."""
+    """Raise TrainingError at the first non-finite loss not yet checked (in batches: no GPU sync every step)."""
     values = torch.stack([loss for _, loss in pending]).tolist() if pending else []
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
@@ -286,7 +256,7 @@ def not_saved(r: Run) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Logs (stdout, out_dir/metrics.jsonl and config.json, from process 0 only), speed, signals
+# The loop, and its logs (stdout, out_dir/metrics.jsonl and config.json, from process 0 only)
 
 
 class Logger:
@@ -324,29 +294,6 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
 
 
-class Throughput:
-    """Tokens/s and MFU of the training steps alone: mark() after an eval or a save leaves their time out."""
-
-    def __init__(self, r: Run):
-        self.tokens_per_step, self.flops = r.tokens_per_step, r.raw_model.flops_per_token(r.raw_model.config.block_size)
-        self.peak = r.run.peak_tflops * 1e12 * r.d.world if r.device.startswith("cuda") else None  # none for a CPU
-        self.intervals = []  # (steps, seconds) per log line; the first holds start-up and compilation
-        self.mark(r.start_step)
-
-    def mark(self, step: int):
-        self.time, self.step = time.perf_counter(), step
-
-    def rates(self, steps_done: int | None = None) -> tuple[float | None, float | None]:
-        """(tokens/s, mfu) since the mark, which moves to steps_done; with no step, the run's average so far."""
-        if steps_done is not None:
-            self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
-            self.mark(steps_done)
-        counted = self.intervals[-1:] if steps_done is not None else self.intervals[1:] or self.intervals
-        steps, seconds = sum(n for n, _ in counted), sum(t for _, t in counted)
-        tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
-        return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak
-
-
 def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     """The signal every process stops for (0 = none): processes must stop at the same step, or DDP hangs."""
     if r.d.world == 1:
@@ -356,12 +303,11 @@ def agreed_signal(stopper: StopOnSignal, r: Run) -> int:
     return int(flag.item())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-
 def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
-    run, t_start, speed, pending = r.run, time.time(), Throughput(r), []  # pending: (step, loss) to check
+    peak = r.run.peak_tflops * 1e12 * r.d.world if r.device.startswith("cuda") else None  # none for a CPU
+    speed = Throughput(r.tokens_per_step, r.raw_model.flops_per_token(r.raw_model.config.block_size), peak,
+                       r.start_step)
+    run, t_start, pending = r.run, time.time(), []  # pending: (step, loss) not yet checked
     stopped, step = None, r.start_step
     while True:  # at the top of step `step`: the weights after `step` updates; evaluate, save, or stop here
         last = step == run.max_steps

@@ -83,9 +83,9 @@ def check_block_size(tokens, block_size, split):
         )
 
 
-def load_training_data(data_dir, block_size: int, vocab_size: int):
+def load_training_data(data_dir, block_size: int, vocab_size: int, data_mix: str = "natural"):
     """(train tokens, val tokens, the tokenizer's name) for train.py: both splits, each long enough for a window
-    of block_size + 1 tokens, in a vocabulary the model's embedding covers."""
+    of block_size + 1 tokens, in a vocabulary the model's embedding covers, bytes for a recall mix."""
     train, _, meta = load_split(data_dir, "train")
     val, _, _ = load_split(data_dir, "val")
     for tokens, split in ((train, "train"), (val, "val")):
@@ -93,4 +93,7 @@ def load_training_data(data_dir, block_size: int, vocab_size: int):
     if meta["vocab_size"] > vocab_size:
         raise DataError(f"--vocab_size={vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']} "
                         f"tokens, tokenizer {meta['tokenizer']['name']})")
+    if data_mix != "natural" and meta["tokenizer"]["name"] != "bytes":
+        raise DataError(f"--data_mix={data_mix} writes random bytes into the windows: it needs data prepared with "
+                        f"--tokenizer bytes, and {data_dir} holds {meta['tokenizer']['name']} tokens")
     return train, val, meta["tokenizer"]["name"]

@@ -19,7 +19,8 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
 import checkpoint  # noqa: E402
 import eval as E  # noqa: E402
 import flags  # noqa: E402
-from model import ModelConfig, Transformer, rope_with_overrides  # noqa: E402
+from config import rope_with_overrides  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from rope import RopeConfig  # noqa: E402
 
 VOCAB = 64
