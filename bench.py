@@ -1,33 +1,26 @@
-"""
-Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with the same shape and
+"""Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with the same shape and
 the same weights, side by side in one process and one JSON.
 
     python bench.py --preset=cpu --out=results/bench_cpu.json   # the CPU ratios in the README (~20 s, 2 cores)
     python bench.py --preset=gpu --out=bench.json               # one GPU, ~1 min (scripts/gpu_run.sh runs it)
-    python bench.py --smoke --out=/tmp/smoke.json               # tiny shapes on CPU, every code path, seconds
+    python bench.py --preset=smoke --out=/tmp/s.json            # tiny shapes on CPU, every code path, seconds
 
-Model shapes are the main job's, read from reproduce.PRESETS: cpu = vocab 320, d_model 128, 4 layers, 2 heads;
-gpu = vocab 50304, d_model 512, 8 layers, 4 heads of 128; smoke = the tiny preset. Cases (PRESETS, in order):
-  train_T<T>[_yarn]  whole training steps (forward with loss, backward, AdamW step) on random tokens at batch B:
-                     fp32 on CPU; on CUDA fp32 master weights under bf16 autocast and fused AdamW. YaRN at
-                     s = T / L. HF computes its loss from labels (its standard path) with use_cache=False.
-  sample_B1          greedy generation at batch 1 with a KV cache: ours model.generate, HF generate (its default
-                     DynamicCache); bf16 weights on CUDA. tokens/s counts new tokens; the prefill is in the time.
-Timing: the two models alternate round by round, so a shared, noisy machine slows both alike; a round is `steps`
-training steps or one generation. tokens/s is the median over rounds; ours/HF is the median of per-round ratios.
-On CUDA each round is synchronized; peak memory is torch.cuda.max_memory_allocated from a model's build through
-its warm-up, less what was allocated before; MFU is model.flops_per_token(T) * tokens/s over the matmul peak
-measured at the start (bf16 on CUDA, fp32 on CPU). Every case and every model in it runs in try/except (an OOM is
-recorded and the run goes on), and the JSON is rewritten after every case, so a run cut short keeps what it has.
+The cases (PRESETS) use the main job's model shapes. train_T<T>[_yarn]: training steps (forward with loss,
+backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_B1: greedy generation at
+batch 1 with a KV cache, tokens/s of new tokens with the prefill in the time. The models take turns round by
+round; tokens/s is the median over rounds, ours/HF the median of per-round ratios. A failure (an OOM) is
+recorded and the run goes on; the JSON is rewritten after every case.
 """
 
 import gc
+import importlib.metadata
+import importlib.util
 import os
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -36,7 +29,7 @@ import hf
 import model
 import reproduce
 from rope import RopeConfig
-from system import device_name, dtype_name, git_commit, pick_device, write_json
+from system import dtype_name, pick_device, provenance, write_json
 
 
 @dataclass(frozen=True)
@@ -50,6 +43,7 @@ class Case:
     steps: int = 1  # training steps per timed round
     warmup: int = 2  # untimed steps (or generations) first
     force_chunked: bool = False  # ours takes the chunked head + loss whatever the size (smoke: that code path)
+    rules: bool = False  # Dynamic YaRN: ours decoding under the follow rule against capacity (model.py), not HF
 
 
 PRESETS = {  # preset: (the reproduce.PRESETS entry for the model's shape, cases)
@@ -59,25 +53,25 @@ PRESETS = {  # preset: (the reproduce.PRESETS entry for the model's shape, cases
                     Case("train_T32768_yarn", 32768, 1, yarn=True, rounds=1, warmup=1),  # does it fit
                     Case("sample_B1", 512, 1, new_tokens=256, rounds=3, warmup=1))),
     "cpu": ("cpu", (Case("train_T512", 512, 8, rounds=15),  # the cpu preset's pretraining step, T = L, batch 8
-                    Case("sample_B1", 128, 1, new_tokens=128, rounds=15, warmup=1))),
+                    Case("sample_B1", 128, 1, new_tokens=128, rounds=15, warmup=1),
+                    Case("sample_follow", 100, 1, new_tokens=1948, rules=True, rounds=7, warmup=1))),  # to 4L
     "smoke": ("tiny", (Case("train_T64", 64, 2, rounds=2, warmup=1),
                        Case("train_T128_yarn", 128, 2, yarn=True, rounds=2, warmup=1),
                        Case("train_T256_yarn", 256, 1, yarn=True, rounds=1, warmup=1, force_chunked=True),
-                       Case("sample_B1", 16, 1, new_tokens=8, rounds=2, warmup=1))),
+                       Case("sample_B1", 16, 1, new_tokens=8, rounds=2, warmup=1),
+                       Case("sample_follow", 8, 1, new_tokens=120, rules=True, rounds=1, warmup=1))),
 }
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     preset: str = "auto"  # gpu, cpu or smoke; auto = gpu where CUDA is available, else cpu
-    smoke: bool = False  # the same as --preset=smoke: tiny shapes on CPU, every code path
     out: str = "bench.json"  # the JSON report, rewritten after every case
     cases: str = ""  # comma-separated case names to run; empty = every case of the preset
     device: str = "auto"  # auto = cuda for the gpu preset (an error without CUDA), cpu for cpu and smoke
     hf: bool = True  # false: our model only
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     rounds: int = 0  # timed rounds per case; 0 = the case's own
-    compile: bool = False  # torch.compile both models for training (~30-60 s more per model and shape)
 
     def __post_init__(self):
         flags.check_types(self)
@@ -89,9 +83,7 @@ class BenchConfig:
 
 def resolve(cfg: BenchConfig) -> tuple[str, torch.device, list[Case]]:
     """(preset, device, cases) for a config; a ValueError for an unknown case name or device."""
-    preset = "smoke" if cfg.smoke else cfg.preset
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    preset = cfg.preset if cfg.preset != "auto" else "gpu" if torch.cuda.is_available() else "cpu"
     device = pick_device(cfg.device if cfg.device != "auto" else "cuda" if preset == "gpu" else "cpu")
     known = PRESETS[preset][1]
     wanted = [c for c in cfg.cases.split(",") if c]
@@ -102,12 +94,10 @@ def resolve(cfg: BenchConfig) -> tuple[str, torch.device, list[Case]]:
     return preset, torch.device(device), [c for c in known if not wanted or c.name in wanted]
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Models: ours and Hugging Face's with the same weights
-
-
 def configs(p: reproduce.Preset, case: Case) -> model.ModelConfig:
     rope_cfg = RopeConfig(type="yarn", factor=case.T / p.L, original_context=p.L) if case.yarn else RopeConfig()
+    rope_cfg = RopeConfig(type="dynamic_yarn", original_context=p.L) if case.rules else rope_cfg
     return model.ModelConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, n_head=p.n_head, d_model=p.d_model,
                              block_size=max(p.L, case.T + case.new_tokens), rope=rope_cfg)
 
@@ -132,7 +122,7 @@ def build(which: str, cfg: model.ModelConfig, device, dtype):
     return net.to(device)
 
 
-def train_step(which: str, net, case: Case, device, compile_: bool):
+def train_step(which: str, net, case: Case, device):
     """One training step of `net` as a function: random tokens, forward with loss, backward, AdamW."""
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(0, net.config.vocab_size, (case.B, case.T), generator=g).to(device) for _ in range(2))
@@ -140,11 +130,10 @@ def train_step(which: str, net, case: Case, device, compile_: bool):
         net.loss_chunk_threshold = 0
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
-    forward = torch.compile(net) if compile_ else net
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = forward(x, y) if which == "ours" else forward(input_ids=x, labels=x, use_cache=False).loss
+            loss = net(x, y) if which == "ours" else net(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,8 +148,9 @@ def generation(which: str, net, case: Case, device, outputs: dict):
 
     @torch.no_grad()
     def run():
-        if which == "ours":
-            outputs[which] = torch.stack(list(net.generate(prompt, case.new_tokens, temperature=0)), dim=1)
+        if which != "hf":  # ours, under the rule of that name if it is one
+            rule = which if which in model.ROPE_RULES else "follow"
+            outputs[which] = torch.stack(list(net.generate(prompt, case.new_tokens, temperature=0, rule=rule)), dim=1)
         else:
             out = net.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens, use_cache=True)
@@ -169,10 +159,7 @@ def generation(which: str, net, case: Case, device, outputs: dict):
     return run
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Measuring
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -234,17 +221,19 @@ def matmul_peak(device, n: int) -> dict:
 
 
 def run_case(p: reproduce.Preset, case: Case, cfg: BenchConfig, device, peak: float | None) -> dict:
-    """Both models on one case: build and warm up each, then timed rounds taking turns."""
+    """Two contenders on one case (ours and HF, or ours under two rules): build and warm up each, then timed rounds
+    taking turns."""
     mcfg = configs(p, case)
     sampling = case.new_tokens > 0
     dtype = torch.bfloat16 if sampling and device.type == "cuda" else torch.float32
     outputs, fns, results = {}, {}, {}
-    for which in ("ours", "hf") if cfg.hf else ("ours",):
+    pair = ("follow", "capacity") if case.rules else ("ours", "hf")
+    for which in pair if cfg.hf or case.rules else pair[:1]:
         def make(which=which):
-            net = build(which, mcfg, device, dtype)
+            net = build("hf" if which == "hf" else "ours", mcfg, device, dtype)
             if sampling:
                 return generation(which, net, case, device, outputs)
-            return train_step(which, net, case, device, cfg.compile)
+            return train_step(which, net, case, device)
         fn, results[which] = prepare(make, case, device)
         if fn is not None:
             fns[which] = fn
@@ -266,26 +255,21 @@ def run_case(p: reproduce.Preset, case: Case, cfg: BenchConfig, device, peak: fl
         results["ours"]["chunked_loss"] = case.force_chunked or big
     record = {"T": case.T, "B": case.B, "new_tokens": case.new_tokens or None, "dtype": dtype_name(dtype),
               "rope": asdict(mcfg.rope), "flops_per_token": None if sampling else flops, "results": results}
-    ok = all(isinstance(times.get(w), list) and times[w] for w in ("ours", "hf"))
-    record["ours_over_hf"] = statistics.median(h / o for o, h in zip(times["ours"], times["hf"])) if ok else None
-    if sampling and {"ours", "hf"} <= outputs.keys():
-        record["tokens_match"] = (outputs["ours"].cpu() == outputs["hf"].cpu()).float().mean().item()
+    a, b = pair
+    ok = all(isinstance(times.get(w), list) and times[w] for w in pair)
+    record[f"{a}_over_{b}"] = statistics.median(tb / ta for ta, tb in zip(times[a], times[b])) if ok else None
+    if sampling and set(pair) <= outputs.keys():
+        record["tokens_match"] = (outputs[a].cpu() == outputs[b].cpu()).float().mean().item()
     return record
 
 
-# ----------------------------------------------------------------------------------------------------------
 # The run
-
-
 def header(cfg: BenchConfig, preset: str, device, argv) -> dict:
-    transformers = sys.modules.get("transformers")
-    commit, dirty = git_commit()
-    return {"command": " ".join(["python bench.py", *argv]), "preset": preset, "device": device_name(str(device)),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "hf": cfg.hf,
-            "transformers": transformers.__version__ if transformers else None,
-            "threads": torch.get_num_threads(), "git_commit": commit, "git_dirty": dirty,
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average_start": os.getloadavg(),
-            "model": asdict(reproduce.PRESETS[PRESETS[preset][0]]), "matmul_peak": None, "cases": {}}
+    return {**provenance(str(device), argv), "command": " ".join(["python bench.py", *argv]), "preset": preset,
+            "cuda": torch.version.cuda, "hf": cfg.hf, "threads": torch.get_num_threads(),
+            "transformers": importlib.metadata.version("transformers") if cfg.hf else None,
+            "load_average_start": os.getloadavg(), "model": asdict(reproduce.PRESETS[PRESETS[preset][0]]),
+            "matmul_peak": None, "cases": {}}
 
 
 def table(report: dict) -> str:
@@ -294,11 +278,12 @@ def table(report: dict) -> str:
             "|---|---|---|---|---|---|"]
     for name, c in report["cases"].items():
         r = c.get("results", {})
+        a, b = ("follow", "capacity") if "follow" in r else ("ours", "hf")  # a rules case: follow in ours' columns
         get = lambda w, k, f: format(r[w][k], f) if r.get(w, {}).get(k) is not None else "-"  # noqa: E731
-        ratio = f"{c['ours_over_hf']:.2f}x" if c.get("ours_over_hf") else c.get("error", "-")[:60]
-        rows.append(f"| {name} | {get('ours', 'tokens_per_s', ',.0f')} | {get('hf', 'tokens_per_s', ',.0f')} | "
-                    f"{ratio} | {get('ours', 'peak_mem_gb', '.2f')} / {get('hf', 'peak_mem_gb', '.2f')} | "
-                    f"{get('ours', 'mfu', '.1%')} |")
+        ratio = f"{c[f'{a}_over_{b}']:.2f}x" if c.get(f"{a}_over_{b}") else c.get("error", "-")[:60]
+        rows.append(f"| {name}{' (follow / capacity)' if a == 'follow' else ''} | {get(a, 'tokens_per_s', ',.0f')} | "
+                    f"{get(b, 'tokens_per_s', ',.0f')} | {ratio} | {get(a, 'peak_mem_gb', '.2f')} / "
+                    f"{get(b, 'peak_mem_gb', '.2f')} | {get(a, 'mfu', '.1%')} |")
     return "\n".join(rows)
 
 
@@ -306,7 +291,7 @@ def main(argv) -> dict:
     cfg = flags.build(BenchConfig, flags.parse(argv, flags.flag_table((BenchConfig, "")), "python bench.py",
                                                __doc__))
     preset, device, cases = resolve(cfg)
-    cfg = BenchConfig(**{**asdict(cfg), "hf": cfg.hf and _has_transformers()})
+    cfg = replace(cfg, hf=cfg.hf and importlib.util.find_spec("transformers") is not None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif preset == "smoke":
@@ -325,27 +310,19 @@ def main(argv) -> dict:
     for case in cases:
         t0 = time.perf_counter()
         try:
-            report["cases"][case.name] = {"status": "ok", **run_case(p, case, cfg, device,
-                                                                     report["matmul_peak"].get("flops"))}
+            record = {"status": "ok", **run_case(p, case, cfg, device, report["matmul_peak"].get("flops"))}
         except Exception as e:
-            report["cases"][case.name] = error_record(e)
-        report["cases"][case.name]["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"[{case.name}] {report['cases'][case.name].get('ours_over_hf')} ours/HF, "
-              f"{report['cases'][case.name]['wall_s']} s", flush=True)
+            record = error_record(e)
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+        report["cases"][case.name] = record
+        ratio = record.get("ours_over_hf", record.get("follow_over_capacity"))
+        print(f"[{case.name}] speed ratio {ratio}, {record['wall_s']} s", flush=True)
         write_json(cfg.out, report)
     report["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report["load_average_end"] = os.getloadavg()  # 1, 5, 15 minutes: other work on the machine meanwhile
     write_json(cfg.out, report)
     print(table(report) + f"\nwrote {cfg.out}", flush=True)
     return report
-
-
-def _has_transformers() -> bool:
-    try:
-        import transformers  # noqa: F401  (imported here, read by header from sys.modules)
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -1,14 +1,10 @@
-"""
-Checkpoints: one file per save, written atomically, loaded without running pickled code.
-
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)`
-reads it (a checkpoint is untrusted input: a full unpickle could run arbitrary code). Keys:
+"""Checkpoints: one file per save, written atomically, loaded without running pickled code: a plain dict of tensors,
+numbers, strings, lists and dicts, which `torch.load(weights_only=True)` reads (a full unpickle could run code). Keys:
     format            "yarn-from-scratch" and version  FORMAT_VERSION
     model_config      ModelConfig.to_dict() (rope config included), enough to rebuild the model
     model             the raw module's state_dict (never a compiled or DDP wrapper's)
     tokenizer         the name of the tokenizer the model was trained with (data.tokenizer), "gpt2" if absent
-    and, from train.py: optimizer, run_config, step, data_state, rng, metrics, provenance
-Atomic: a crash at any moment leaves either the old file or the new one, never half of one.
+    and, from train.py: optimizer, run_config, step, data_state, metrics, provenance
 """
 
 import os
@@ -53,20 +49,6 @@ def save_numbered(state: dict, out_dir: Path, step: int, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng(rng: dict) -> None:
-    # nothing in training draws from these (the data order is seeded per step, there is no dropout); restored
-    # anyway, so that a resumed run stays the uninterrupted one if something random is added later
-    if isinstance(rng.get("torch"), torch.Tensor):
-        torch.set_rng_state(rng["torch"])
-    cuda = rng.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read and check a checkpoint; raises CheckpointError naming the problem."""
     path = Path(path)
@@ -82,13 +64,10 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                               "use an earlier checkpoint or retrain") from None
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():  # random bytes inside a valid-looking archive
+    except Exception as e:  # what the weights-only unpickler refuses, or random bytes inside a valid-looking archive
+        if isinstance(e, pickle.UnpicklingError) and "weights only" not in str(e).lower():
             raise CheckpointError(f"checkpoint {path} is corrupt ({str(e).splitlines()[0]}); "
                                   "use an earlier checkpoint or retrain") from None
-        raise CheckpointError(f"checkpoint {path} holds pickled objects that are not plain data (tensors, numbers, "
-                              "strings, lists, dicts); refused, since unpickling them could run code") from None
-    except Exception:  # anything else the weights-only unpickler refuses
         raise CheckpointError(f"checkpoint {path} holds pickled objects that are not plain data (tensors, numbers, "
                               "strings, lists, dicts); refused, since unpickling them could run code") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -1,7 +1,5 @@
-"""
-What a training run is: RunConfig (everything about a run that is not the model), and how command-line settings
-and a checkpoint make the run config and the model config that train.train takes (parse_args, then resolve):
-
+"""What a training run is (RunConfig: all but the model), and how the flags and a checkpoint make the run and model
+configs train.train takes (parse_args, then resolve):
     scratch   the model config from the flags (model.ModelConfig and --rope.* for rope.RopeConfig)
     extend    the checkpoint's architecture, the new --block_size, and the --rope.* fields given replacing the
               checkpoint's (rope.original_context, L, stays the checkpoint's, or is its block_size for plain RoPE)
@@ -18,10 +16,7 @@ from model import ModelConfig
 from rope import RopeConfig
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Run config (the model's is model.ModelConfig; the two are kept apart and saved apart)
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Everything about a run that is not the model. The defaults are a toy pretraining run for one H100:
@@ -95,9 +90,7 @@ def check_run(c: RunConfig) -> None:
         raise ValueError(problems[0])
 
 
-# ----------------------------------------------------------------------------------------------------------
 # From flags to configs
-
 FLAGS = flags.flag_table((RunConfig, ""), (ModelConfig, ""), (RopeConfig, "rope."))
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
@@ -130,6 +123,15 @@ def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
     if "original_context" not in overrides and not values["original_context"]:
         values["original_context"] = config.block_size
     return RopeConfig(**values)
+
+
+def parse_rope_swap(argv, cls, prog: str, description: str) -> tuple:
+    """(cls from the flags, {rope field: value} of the --rope.<field> flags given): the settings of a script that
+    loads a checkpoint and may replace fields of its RoPE config (eval.py, sample.py), as rope_with_overrides."""
+    rope_flags = {f"rope.{k}": (typ, "the checkpoint's") for k, (typ, _) in flags.flag_table((RopeConfig, "")).items()}
+    values = flags.parse(argv, {**flags.flag_table((cls, "")), **rope_flags}, prog, description)
+    overrides = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
+    return flags.build(cls, {k: v for k, v in values.items() if not k.startswith("rope.")}), overrides
 
 
 def extended_model_config(base: ModelConfig, given: dict) -> ModelConfig:

@@ -1,27 +1,15 @@
-"""
-Evaluation against context length: sliding-window perplexity on long held-out documents, and a retrieval probe.
+"""Evaluation against context length: sliding-window perplexity on long held-out documents, and a retrieval probe.
 
     python eval.py --ckpt out/yarn8 --contexts 512,1024,2048,4096 --out yarn8.json    # --rope.<field>=... too
 
-Perplexity. Only tokens that see a long context are scored: a window of T tokens scores its last `stride`
-tokens, so each has at least T - stride tokens of history (the paper's sliding window; averaging over every
-position of a window would mix in tokens that see almost no context and hide what long context does).
-The numbers are comparable across contexts and models because
-  * the documents are the held-out ones with room for a scored window at the longest context of the ladder
-    (at least max_context + stride tokens), the same ones at every context;
-  * windows are anchored at the end of each document and slide back by `stride`, one fixed stride for the whole
-    ladder (it must not exceed the shortest context); a window is kept only if every token it scores sits at
-    least max_context tokens into its document, so at every context the very same tokens are scored.
-Each document's mean NLL is reported too: windows of one document are correlated, documents are the
-independent units the report's statistics pair over. The overall mean is token-weighted.
+Perplexity: a window of T tokens scores only its last `stride` tokens, so each has at least T - stride tokens of
+history (the paper's sliding window); every context of a ladder scores the very same tokens of the same held-out
+documents (select_docs, window_ends), and each document's mean NLL is kept: documents, not their correlated
+windows, are the units the report's statistics pair over.
 
-Retrieval probe (the toy stand-in for the paper's passkey test, which needs an instruction-following model).
-A sequence of exactly T tokens: held-out text with a random needle of n tokens planted at depth d, and at the
-end the needle's first `cue` tokens again; the model is scored, teacher-forced, on predicting the rest of the
-needle (top-1 accuracy over its n - cue tokens). With F = T - 2n tokens of text, the needle starts at d * F, so
-each depth d < 1 leaves (1 - d) F tokens of text between the needle and its cue. Chance is what a guesser scores
-that knows which tokens the rest of the needle holds but not their order, striking out each one as teacher
-forcing reveals it: the mean over scored positions j of (copies of the true token left) / (n - cue - j).
+Retrieval (the toy stand-in for the paper's passkey test, which needs an instruction-following model): exactly T
+tokens of held-out text with a random needle of n tokens planted at depth d and repeated at the end; teacher-forced,
+the model is scored on the last n - cue tokens of the repeat (top-1). Depth d leaves (1 - d)(T - 2n) tokens between.
 """
 
 import math
@@ -36,27 +24,23 @@ import torch.nn.functional as F
 
 import checkpoint
 import flags
+from config import parse_rope_swap, rope_with_overrides
 from data.loader import load_split
 from data.tokenizer import get_tokenizer
-from config import rope_with_overrides
-from rope import RopeConfig
 from system import pick_device, write_json
 
 # Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like plain text
 # (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is lowercase letters.
 NEEDLE_WORDS = (
-    "apple river stone garden window paper orange silver yellow market island winter summer forest doctor "
-    "letter bridge castle engine planet pocket house water table chair music money green black white horse "
-    "train glass heart light night field power story color party family friend school mother father city dog "
-    "cat bird fish tree road car ship king queen sun moon star rain snow fire wind gold iron salt milk bread "
-    "wine coffee tea sugar egg honey ocean lemon"
+    "apple river stone garden window paper orange silver yellow market island winter summer forest doctor letter "
+    "bridge castle engine planet pocket house water table chair music money green black white horse train glass "
+    "heart light night field power story color party family friend school mother father city dog cat bird fish tree "
+    "road car ship king queen sun moon star rain snow fire wind gold iron salt milk bread wine coffee tea sugar egg "
+    "honey ocean lemon"
 ).split()
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Perplexity
-
-
 def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) -> np.ndarray:
     """Indices of up to max_docs documents with at least min_len tokens: a seeded sample, in corpus order, so
     every context and every model sees the same documents."""
@@ -81,12 +65,10 @@ def window_ends(doc_len: int, stride: int, max_context: int, max_windows: int) -
 def perplexity(model, tokens, docs, context: int, stride: int, max_docs: int, device="cpu",
                rope_length: int | None = None, max_context: int | None = None, max_windows: int = 4,
                batch_size: int = 8, seed: int = 0) -> dict:
-    """Sliding-window perplexity at `context`, scoring the last `stride` tokens of each window.
-
-    tokens: 1-D token array; docs: (n, 2) of (start, length). max_context: the longest context of the ladder
-    (default `context`). rope_length: the l' dynamic variants scale for (default the window's length).
-    Returns nll (mean per scored token, nats), ppl, n_tokens, n_windows, docs (the documents' indices) and
-    doc_nll (each document's mean NLL, in that order)."""
+    """Sliding-window perplexity at `context`, scoring the last `stride` tokens of each window. tokens: 1-D; docs:
+    (n, 2) of (start, length); max_context: the ladder's longest (default `context`); rope_length: the l' dynamic
+    variants scale for (default the window's length). Returns nll (nats per scored token), ppl, n_tokens,
+    n_windows, n_docs, docs (their indices) and doc_nll (each one's mean NLL, in that order)."""
     max_context = max_context or context
     if not 0 < stride <= context <= max_context:
         raise ValueError(f"need 0 < stride ({stride}) <= context ({context}) <= max_context ({max_context})")
@@ -112,10 +94,7 @@ def perplexity(model, tokens, docs, context: int, stride: int, max_docs: int, de
             "n_docs": len(chosen), "docs": chosen.tolist(), "doc_nll": (sums / counts).tolist()}
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Retrieval probe
-
-
 def needle_vocab(tokenizer) -> list[int]:
     """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2."""
     if tokenizer.name == "bytes":
@@ -177,10 +156,7 @@ def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: lis
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Both, over a ladder of contexts
-
-
 def evaluate(model, tokens, docs, contexts, stride: int, vocab: list[int], max_docs: int = 8, max_windows: int = 4,
              depths=(0.0, 0.25, 0.5, 0.75), trials: int = 8, needle_len: int = 16, retrieval_contexts=None,
              device="cpu", seed: int = 0, log=print) -> dict:
@@ -194,24 +170,19 @@ def evaluate(model, tokens, docs, contexts, stride: int, vocab: list[int], max_d
     out = {"contexts": contexts, "stride": stride, "ppl": {}, "retrieval": {}, "depths": [float(d) for d in depths]}
     t0 = time.time()
     for T in contexts:
-        r = perplexity(model, tokens, docs, T, stride, max_docs, device, max_context=contexts[-1],
-                       max_windows=max_windows, seed=seed)
-        out["ppl"][str(T)] = r
+        r = out["ppl"][str(T)] = perplexity(model, tokens, docs, T, stride, max_docs, device, max_context=contexts[-1],
+                                            max_windows=max_windows, seed=seed)
         log(f"  ppl @ {T:6d}: {r['ppl']:10.3f}  ({r['n_tokens']} tokens, {r['n_docs']} documents)")
     for T in sorted(int(c) for c in (contexts if retrieval_contexts is None else retrieval_contexts)):
-        r = retrieval(model, tokens, docs, T, depths, trials, vocab, needle_len, cue=needle_len // 4, device=device,
-                      seed=seed)
-        out["retrieval"][str(T)] = r
+        r = out["retrieval"][str(T)] = retrieval(model, tokens, docs, T, depths, trials, vocab, needle_len,
+                                                 cue=needle_len // 4, device=device, seed=seed)
         log(f"  retrieval @ {T:6d}: " + " ".join(f"{d}:{a:.2f}" for d, a in r["acc"].items())
             + f"  (chance {np.mean(r['chance']):.2f})")
     out["seconds"] = time.time() - t0
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Command line
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     ckpt: str  # a checkpoint file, or a run folder holding ckpt.pt
@@ -236,10 +207,7 @@ class EvalConfig:
 
 
 def main(argv) -> dict:
-    table = {**flags.flag_table((EvalConfig, "")), **flags.override_table(RopeConfig, "rope.", "the checkpoint's")}
-    values = flags.parse(argv, table, "python eval.py", __doc__)
-    args = flags.build(EvalConfig, {k: v for k, v in values.items() if not k.startswith("rope.")})
-    overrides = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
+    args, overrides = parse_rope_swap(argv, EvalConfig, "python eval.py", __doc__)
     device = pick_device(args.device)
     model, state = checkpoint.load_model(args.ckpt, device)
     if overrides:

@@ -1,17 +1,8 @@
-"""
-Command-line settings for every script: argparse, built from the fields of the script's dataclasses, with each
-value read as its field's type by parse_value, so a value means the same in every script and a bad one fails
-the same way. cli() runs a script's main and turns the project's errors into `error: ...` and exit code 2.
-
-    int         Python's int(): 512, -3, 1_000; not 1e4 (the error suggests 10000)
-    float       a finite number: 3e-4, 8, 1e3; not nan or inf
-    bool        true / false or 1 / 0, in any case; a bare --flag means true
-    str         the text as given
-    tuple       comma-separated values of the element type: 1.0,1.5,2
-    X | None    none or null (in any case) for None, else as X
-
---config FILE.json sets any of them from one JSON object ({"lr": 3e-4, "rope": {"type": "yarn"}} or
-{"rope.type": "yarn"}); flags given on the command line win over it.
+"""Command-line settings for every script: argparse built from the script's dataclass fields, each value read as its
+field's type by parse_value (an int as int(), so not 1e4; a float finite; a bool true / false / 1 / 0, a bare
+--flag true; a tuple comma-separated; none or null for X | None), the same way in every script. --config FILE.json
+sets any of them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"}); flags win over it. cli() runs a main and
+turns the project's errors into `error: ...` and exit code 2.
 """
 
 import argparse
@@ -50,25 +41,20 @@ def type_name(typ) -> str:
     return name + (" or none" if optional else "")
 
 
-def article(typ) -> str:
-    """'an int', 'a float list', ...: the type with its article."""
-    name = type_name(typ)
-    return ("an " if name[0] in "aeiou" else "a ") + name
-
-
 def parse_value(key: str, raw: str, typ) -> object:
     """The text of flag --key as a value of type typ; a ValueError naming the flag and the type otherwise."""
     base, optional = unwrap_optional(typ)
     text = raw.strip()
     if optional and text.lower() in NONE:
         return None
+    name = type_name(typ)
+    expected = f"--{key} expects {'an' if name[0] in 'aeiou' else 'a'} {name}"
     if typing.get_origin(base) is tuple:
         element = typing.get_args(base)[0]
         try:
             return tuple(parse_value(key, part, element) for part in text.split(",")) if text else ()
         except ValueError:
-            raise ValueError(f"--{key} expects {article(typ)} (comma-separated), got {raw!r}") from None
-    expected = f"--{key} expects {article(typ)}"
+            raise ValueError(f"{expected} (comma-separated), got {raw!r}") from None
     if base is bool:
         if text.lower() in TRUE + FALSE:
             return text.lower() in TRUE
@@ -116,20 +102,16 @@ def check_types(obj) -> None:
             raise ValueError(f"--{name} must be {type_name(typ)}, got {value!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Parsing a command line
-
-
 def flag_table(*groups) -> dict[str, tuple[object, object]]:
     """{flag key: (type, default)} for groups of (dataclass, prefix); a field holding a dataclass is left out
     (it comes as its own group, e.g. (RopeConfig, "rope."))."""
     table = {}
     for cls, prefix in groups:
         for f in fields(cls):
-            if is_dataclass(f.default_factory if f.default_factory is not MISSING else f.default):
-                continue
             default = f.default_factory() if f.default_factory is not MISSING else f.default
-            table[prefix + f.name] = (field_types(cls)[f.name], default)
+            if not is_dataclass(default):
+                table[prefix + f.name] = (field_types(cls)[f.name], default)
     return table
 
 
@@ -232,9 +214,3 @@ def build(cls, values: dict):
     if missing:
         raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     return cls(**values)
-
-
-def override_table(cls, prefix: str, default: str) -> dict[str, tuple[object, object]]:
-    """flag_table((cls, prefix)) for settings that replace fields of another config, whose defaults are that
-    config's (`default` says whose)."""
-    return {key: (typ, default) for key, (typ, _) in flag_table((cls, prefix)).items()}

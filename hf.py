@@ -1,24 +1,13 @@
-"""
-Export a model to a Hugging Face Llama folder, import one back, and translate RoPE configs to and from
+"""Export a model to a Hugging Face Llama folder, import one back, and translate RoPE configs to and from
 Hugging Face `rope_parameters` (from_hf, to_hf). Only `safetensors` is needed here, not transformers.
 
     python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
     python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
 
-`LlamaForCausalLM.from_pretrained(folder)` computes the same logits (tests/test_hf.py, every variant, eager and
-SDPA, past the original context). Our half-split pairs are Hugging Face's `rotate_half`, so no permutation is
-needed; Meta's checkpoints pair (2j, 2j+1), and interleaved_qk_to_half_split converts their W_q / W_k rows.
-RoPE: default, linear, dynamic, yarn, llama3 and longrope export as themselves (dynamic with L as
-max_position_embeddings, where transformers reads it); ntk as default with rope_theta = b s^(|D|/(|D|-2)) (paper
-Eq. 16); ntk_by_parts as yarn with attention_factor 1.0; dynamic_yarn, partial rotary and previous-token
-embeddings are refused. During cached generation transformers' dynamic types keep keys cached under the old
-frequencies when the scale changes; model.py's rules are exact.
-
-config.json also carries our exact ModelConfig under "yarn_from_scratch" (the Llama fields cannot tell ntk from
-default, for one); import trusts it only if exporting it reproduces config.json's Llama fields exactly, and
-otherwise derives the config from those fields, with the same logits. Import refuses, naming the key, what this
-model cannot represent (another model_type, biases, an activation other than silu, head_dim != hidden_size /
-heads, partial rotary, an untied lm_head unless it equals the embedding). Weights are imported in float32.
+`LlamaForCausalLM.from_pretrained(folder)` computes the same logits: our half-split pairs are its `rotate_half`.
+A variant without a Hugging Face type exports as an exact equivalent (to_hf); dynamic_yarn, partial rotary and
+previous-token embeddings are refused. config.json also keeps our ModelConfig (RECORD_KEY), which import trusts
+only if exporting it gives config.json's Llama fields exactly (they cannot tell ntk from default).
 """
 
 import json
@@ -42,15 +31,11 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: {"weight_map
 RECORD_KEY = "yarn_from_scratch"  # our exact ModelConfig, kept in config.json for a lossless round trip
 
 # The config.json keys that define the network; import compares these when it decides to trust the record.
-ARCHITECTURE_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
-    "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_parameters",
-)
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                     "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_parameters")
 
-# ----------------------------------------------------------------------------------------------------------
 # Names: our state_dict <-> Hugging Face Llama
-
 # (our name, the Hugging Face names it holds): a stacked weight of ours is theirs concatenated along the rows
 PER_LAYER_NAMES = (
     ("attn_norm.weight", ("input_layernorm.weight",)),
@@ -86,23 +71,7 @@ def hf_tensors(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def interleaved_qk_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """W_q or W_k (n_heads * head_dim, d_in) of a Meta-layout checkpoint, whose rotary pairs are channels
-    (2j, 2j+1) of each head, with its output rows permuted per head into our half-split pairs (j, j + head_dim/2).
-    The rotated q and k are then the Meta ones permuted the same way, so every q.k (attention score) is equal."""
-    if weight.ndim != 2 or weight.shape[0] % n_heads:
-        raise ValueError(f"expected a (n_heads * head_dim, d_in) matrix with n_heads={n_heads}, "
-                         f"got {tuple(weight.shape)}")
-    head_dim = weight.shape[0] // n_heads
-    perm = rope.interleaved_to_half_split(head_dim)
-    heads = weight.reshape(n_heads, head_dim, weight.shape[1])  # (H, hd, d_in)
-    return heads[:, perm].reshape(weight.shape)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config: ModelConfig -> config.json
-
-
+# RoPE configs, and ModelConfig -> config.json
 HF_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
@@ -134,12 +103,8 @@ def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
     if kind == "llama3":
         cfg.update(low_freq_factor=_number(p, "low_freq_factor"), high_freq_factor=_number(p, "high_freq_factor"))
     if kind in ("yarn", "longrope"):
-        if p.get("factor") is not None:
-            cfg["factor"] = _number(p, "factor")
-        else:
-            cfg["factor"] = max_position_embeddings / L
-            if kind == "longrope":
-                cfg["factor"] = max(cfg["factor"], 1.0)
+        derived = max_position_embeddings / L
+        cfg["factor"] = _number(p, "factor", max(derived, 1.0) if kind == "longrope" else derived)
         cfg["attention_factor"] = _number(p, "attention_factor", None)
     if kind == "yarn":
         cfg.update(beta_fast=_number(p, "beta_fast", None) or 32.0, beta_slow=_number(p, "beta_slow", None) or 1.0,
@@ -177,8 +142,8 @@ def _numbers(p: dict, key: str) -> tuple[float, ...]:
 
 
 def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
-    """The `rope_parameters` under which transformers computes our frequencies and attention factor (the table in
-    the module docstring); a ValueError for dynamic_yarn, which transformers has no type for."""
+    """The `rope_parameters` under which transformers computes our frequencies and attention factor; a ValueError
+    for dynamic_yarn, which transformers has no type for."""
     common = {"rope_theta": cfg.base}
     if cfg.partial_rotary_factor != 1.0:
         common["partial_rotary_factor"] = cfg.partial_rotary_factor
@@ -203,10 +168,8 @@ def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
         attention = rope.longrope_rope(rope.rotary_dim(head_dim, cfg), cfg)[1]
         return {"rope_type": "longrope", **scaled, "short_factor": list(cfg.short_factor),
                 "long_factor": list(cfg.long_factor), "attention_factor": attention, **common}
-    raise ValueError(
-        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); "
-        "extend with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using this repository's model"
-    )
+    raise ValueError(f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); extend "
+                     "with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using this model")
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -222,36 +185,19 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     # transformers takes the dynamic type's L from max_position_embeddings; the others read L from rope_parameters
     max_positions = config.rope.original_context if config.rope.type == "dynamic" else config.block_size
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": config.norm_eps,
-        "hidden_act": "silu",
-        "tie_word_embeddings": True,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "rope_parameters": rope_parameters,
-        "bos_token_id": None,  # the tokenizer's business, not the checkpoint's; LlamaConfig would say 1 and 2
-        "eos_token_id": None,
-        "use_cache": True,
-        "torch_dtype": dtype_name(dtype),  # the name transformers 4.x reads ...
-        "dtype": dtype_name(dtype),  # ... and 5.x
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": max_positions, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "rope_parameters": rope_parameters, "use_cache": True,
+        "bos_token_id": None, "eos_token_id": None,  # the tokenizer's business; LlamaConfig would say 1 and 2
+        "torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype),  # the names transformers 4.x and 5.x read
         RECORD_KEY: {"model_config": config.to_dict()},
     }
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Export
-
-
 def _safetensors():
     try:
         import safetensors.torch
@@ -284,10 +230,7 @@ def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, for
     return config_json
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Import: config.json -> ModelConfig
-
-
 def read_hf_config(hf_dir) -> dict:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -365,14 +308,12 @@ def model_config_from_hf(c: dict) -> ModelConfig:
             n_kv_head=0 if n_kv_head == n_head else n_kv_head, d_model=d_model,
             ffn_hidden=0 if intermediate == 64 * math.ceil(8 * d_model / 3 / 64) else intermediate,  # model.py's rule
             block_size=_key(c, "max_position_embeddings", int, 2048), norm_eps=_key(c, "rms_norm_eps", float, 1e-6),
-            rope=hf_rope_from_config(c),
-        )
+            rope=hf_rope_from_config(c))
     except ValueError as e:
         if str(e).startswith("config.json"):
             raise
         raise ValueError(f"config.json describes a model this repository cannot build: {e}") from None
-    recorded = _recorded_config(c)
-    return recorded if recorded is not None else derived
+    return _recorded_config(c) or derived
 
 
 def _recorded_config(c: dict) -> ModelConfig | None:
@@ -385,14 +326,10 @@ def _recorded_config(c: dict) -> ModelConfig | None:
         expected = json.loads(json.dumps(hf_config(recorded)))  # JSON's view of it: what config.json would hold
     except (TypeError, ValueError):
         return None
-    same = all(expected[k] == c.get(k) for k in ARCHITECTURE_KEYS)
-    return recorded if same else None
+    return recorded if all(expected[k] == c.get(k) for k in ARCHITECTURE_KEYS) else None
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Import: safetensors -> Transformer
-
-
 def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists (the former wins,
     as in transformers)."""
@@ -407,9 +344,8 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{hf_dir / INDEX_FILE} is not a valid shard index ({type(e).__name__}: {e})") from None
     else:
-        hint = ""
-        if any(hf_dir.glob("pytorch_model*.bin")):
-            hint = "; it has pytorch_model*.bin files: load and re-save them with safetensors first"
+        bins = any(hf_dir.glob("pytorch_model*.bin"))
+        hint = "; it has pytorch_model*.bin files: load and re-save them with safetensors first" if bins else ""
         raise ValueError(f"{hf_dir} has no {WEIGHTS_FILE} (nor a sharded {INDEX_FILE}){hint}")
     tensors = {}
     for path in files:
@@ -465,17 +401,13 @@ def import_hf(hf_dir) -> Transformer:
     """A Hugging Face Llama folder (config.json + safetensors) as our Transformer, float32, eval mode."""
     config_json = read_hf_config(hf_dir)
     model = Transformer(model_config_from_hf(config_json))
-    tensors = read_hf_weights(hf_dir)
-    state = state_dict_from_hf(tensors, model.state_dict(), bool(config_json.get("tie_word_embeddings", False)),
-                               model.config)
+    tied = bool(config_json.get("tie_word_embeddings", False))
+    state = state_dict_from_hf(read_hf_weights(hf_dir), model.state_dict(), tied, model.config)
     model.load_state_dict(state)
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Command line
-
-
 @dataclass(frozen=True)
 class ExportConfig:
     ckpt: str  # a checkpoint file, or a run folder holding ckpt.pt

@@ -1,5 +1,4 @@
-"""
-The output head and the cross-entropy loss computed chunk by chunk of rows, so that the full (tokens, vocab)
+"""The output head and the cross-entropy loss computed chunk by chunk of rows, so that the full (tokens, vocab)
 logits never exist: at T = 32768 and a 50k vocabulary they would be 1.6G elements, 3.3 GB in bf16 plus 6.6 GB
 for the fp32 copy the loss reads. model.Transformer uses it for a loss above its loss_chunk_threshold.
 """

@@ -1,5 +1,4 @@
-"""
-A GPT / LLaMA-style decoder in one file: token embedding tied to the output head; pre-norm blocks of RMSNorm ->
+"""A GPT / LLaMA-style decoder in one file: token embedding tied to the output head; pre-norm blocks of RMSNorm ->
 causal self-attention (F.scaled_dot_product_attention, optional grouped-query heads) and RMSNorm -> SwiGLU MLP;
 a KV cache for decoding. The RoPE variant is any of rope.py's, swappable on a built model without touching its
 weights (`set_rope`): that is how a model pretrained at context L is extended to s L.
@@ -28,10 +27,8 @@ from rope import RopeConfig
 
 ROPE_RULES = ("follow", "capacity")
 
-# ----------------------------------------------------------------------------------------------------------
+
 # Config
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
@@ -91,10 +88,7 @@ class ModelConfig:
         return cls(**{**d, "rope": RopeConfig(**d.get("rope", {}))})
 
 
-# ----------------------------------------------------------------------------------------------------------
 # What a forward pass reads besides the weights: the rotary tables, and when decoding the KV cache
-
-
 class Rotary(nn.Module):
     """Cos/sin tables for one RoPE variant, fp32, built once and indexed by position: for a static variant
     prebuilt for `length` positions (and regrown for longer sequences), for a dynamic one built for each new l'."""
@@ -155,10 +149,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-# ----------------------------------------------------------------------------------------------------------
 # The model
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()

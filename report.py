@@ -1,17 +1,7 @@
-"""
-The main job's report: statistics, the paper's claims decided from the numbers, tables, plots and report.md.
-reproduce.py gathers the results (results.json) and calls write(); nothing here trains or evaluates.
-
-Statistics. Perplexity comparisons are paired by document: both models are scored on the same held-out
-documents (eval.py), and a document's scored windows are correlated, so the unit is the document's mean NLL.
-For models fine-tuned with several seeds, each seed is compared with the same seed of the other model. A claim
-"A beats B" is
-    yes           when the 95% t-interval of the mean per-document difference lies on A's side of 0 in every
-                  seed (t critical values for n - 1 degrees of freedom, n documents),
-    no            when it lies on B's side in every seed,
-    within noise  otherwise.
-So an interval covers the choice of documents (evaluation noise), and requiring every seed to agree covers the
-training run's noise. Retrieval is paired the same way by trial (the same needles and text for every model).
+"""The main job's report from the results reproduce.py gathers: the paper's claims decided from the numbers, tables,
+plots and report.md. A claim "A beats B" pairs A and B by document (perplexity) or trial (retrieval), seed by
+seed; it is "yes" when the 95% t-interval of the mean difference lies on A's side of 0 in every seed, "no" when
+on B's side in every seed, and "within noise" otherwise.
 """
 
 import json
@@ -26,10 +16,8 @@ from rope import RopeConfig
 LABELS = {"default": "RoPE", "linear": "PI", "ntk": "NTK-aware", "ntk_by_parts": "NTK-by-parts", "yarn": "YaRN",
           "dynamic": "Dynamic NTK", "dynamic_yarn": "Dynamic YaRN"}
 
-# ----------------------------------------------------------------------------------------------------------
+
 # Statistics
-
-
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile of Student's t with df degrees of freedom (p > 0.5): bisection on its CDF, integrated from
     the density by Simpson's rule, accurate to ~1e-6 (2.776 for df 4, 2.131 for df 15, 1.960 as df grows)."""
@@ -89,16 +77,25 @@ def ppl(runs: list[dict], T: int) -> float:
     return math.exp(np.mean([r["ppl"][str(T)]["nll"] for r in runs]))
 
 
-# ----------------------------------------------------------------------------------------------------------
+def recall(runs: list[dict], T: int) -> float:
+    """Needle recall at T, the mean over depths and seeds."""
+    return float(np.mean([r["retrieval"][str(T)]["mean"] for r in runs]))
+
+
+def method_runs(res: dict) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """(without fine-tuning, fine-tuned), each {method: one run per seed}; the fine-tuned ones include YaRN at
+    s_long and the baseline from scratch at L' where the preset has them."""
+    c, nf = res["config"], {m: [r] for m, r in res["no_finetune"].items()}
+    return nf, {**res["finetuned"], **({f"YaRN s={c['s_long']}": res["short_long"]} if res.get("short_long") else {}),
+                **({"from scratch at L'": res["scratch_long"]} if res.get("scratch_long") else {})}
+
+
 # Claims
-
-
 def claims(res: dict) -> list[dict]:
     """The paper's claims, each decided from the numbers: {"claim", "held", "evidence"}."""
     c, out = res["config"], []
     L, Le, far = c["L"], c["L"] * c["s"], c["L"] * c["s_long"]
-    nf = {m: [r] for m, r in res["no_finetune"].items()}
-    ft = res["finetuned"]
+    nf, ft = method_runs(res)
 
     def add(claim, verdict, text):
         out.append({"claim": claim, "held": verdict, "evidence": text})
@@ -154,16 +151,14 @@ def temperature_claims(temp: dict) -> list[dict]:
 
 def retrieval_claims(res: dict, L: int, Le: int) -> list[dict]:
     out = []
-    for name, runs, T in (("5. Control: the pretrained model (plain RoPE) at its own context L", [res["no_finetune"]
-                                                                                                 ["default"]], L),
-                          (f"5b. Fine-tuned YaRN at L'={Le}", res["finetuned"]["yarn"], Le)):
+    control = ("5. Control: the pretrained model (plain RoPE) at its own context L", [res["no_finetune"]["default"]], L)
+    for name, runs, T in (control, (f"5b. Fine-tuned YaRN at L'={Le}", res["finetuned"]["yarn"], Le)):
         lift = [interval(units(r, T, "retrieval") - np.array(r["retrieval"][str(T)]["chance"])) for r in runs]
         verdict = "yes" if all(lo > 0 for _, lo, _ in lift) else "no" if all(hi < 0 for _, _, hi in lift) \
             else "within noise"
-        recall = np.mean([r["retrieval"][str(T)]["mean"] for r in runs])
         chance = np.mean([np.mean(r["retrieval"][str(T)]["chance"]) for r in runs])
         out.append({"claim": f"{name} recalls the needle beyond chance", "held": verdict,
-                    "evidence": f"recall {recall:.3f}, chance {chance:.3f}; lift 95% CI "
+                    "evidence": f"recall {recall(runs, T):.3f}, chance {chance:.3f}; lift 95% CI "
                                 + ", ".join(f"[{lo:+.3f}, {hi:+.3f}]" for _, lo, hi in lift)})
     result = compare(res["finetuned"]["yarn"], res["finetuned"]["linear"], Le, "retrieval")
     out.append({"claim": f"5c. Fine-tuned, at L'={Le}: YaRN recalls better than PI", "held": result["verdict"],
@@ -179,26 +174,17 @@ def agree(a: list[dict], b: list[dict]) -> list[str]:
             and c["held"] != theirs[c["claim"]]]
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Tables and plots
-
-
-def ppl_table(runs: dict[str, list[dict]], contexts) -> str:
+def table(runs: dict[str, list[dict]], contexts, score=ppl, digits: int = 3) -> str:
+    """One row per method, one column per context: score(the method's runs, T), perplexity by default."""
     lines = ["| method | " + " | ".join(str(T) for T in contexts) + " |", "|---|" + "---|" * len(contexts)]
     for name, rs in runs.items():
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{ppl(rs, T):.3f}" for T in contexts) + " |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{score(rs, T):.{digits}f}" for T in contexts)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
-def recall_table(runs: dict[str, list[dict]], contexts) -> str:
-    lines = ["| method | " + " | ".join(str(T) for T in contexts) + " |", "|---|" + "---|" * len(contexts)]
-    for name, rs in runs.items():
-        cells = [f"{np.mean([r['retrieval'][str(T)]['mean'] for r in rs]):.2f}" for T in contexts]
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str, path: Path):
+def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str):
     """Perplexity against context, one line per method: the mean over seeds, bars from the lowest to the highest
     seed (one seed: no bars)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -217,10 +203,10 @@ def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str, path: Path):
     ax.set_xticks(contexts, [str(T) for T in contexts])
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    save(plt, fig, path)
+    return fig
 
 
-def plot_recall(plt, runs: dict[str, list[dict]], title: str, path: Path):
+def plot_recall(plt, runs: dict[str, list[dict]], title: str):
     """One heat map per method: recall (mean over seeds) by needle depth and context."""
     cols = min(4, len(runs))
     rows = math.ceil(len(runs) / cols)
@@ -240,10 +226,10 @@ def plot_recall(plt, runs: dict[str, list[dict]], title: str, path: Path):
         ax.axis("off")
     chance = np.mean(next(iter(runs.values()))[0]["retrieval"][contexts[0]]["chance"])
     fig.suptitle(f"{title}; chance {chance:.2f}", fontsize=10)
-    save(plt, fig, path)
+    return fig
 
 
-def plot_scaling(plt, c: dict, path: Path):
+def plot_scaling(plt, c: dict):
     """theta'_d / theta_d against wavelength for each method at this preset's head_dim, L and s."""
     head_dim, L, s = c["d_model"] // c["n_head"], c["L"], c["s"]
     theta = rope.base_inv_freq(head_dim, 10000.0)
@@ -260,10 +246,10 @@ def plot_scaling(plt, c: dict, path: Path):
            ylabel="\u03b8'_d / \u03b8_d", title=f"Per-pair frequency scaling: head_dim {head_dim}, L={L}, s={s}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    save(plt, fig, path)
+    return fig
 
 
-def plot_temperature(plt, temp: dict, path: Path):
+def plot_temperature(plt, temp: dict):
     """Per s: each sqrt(1/t)'s mean NLL difference from the best one, with its 95% interval over documents."""
     fig, axes = plt.subplots(1, len(temp), figsize=(3.4 * len(temp), 3.6), squeeze=False)
     for ax, (s, r) in zip(axes[0], temp.items()):
@@ -280,13 +266,7 @@ def plot_temperature(plt, temp: dict, path: Path):
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("\u0394NLL vs the best (nats)")
     fig.suptitle("Temperature sweep: NTK-by-parts with an attention factor, pretrained model", fontsize=10)
-    save(plt, fig, path)
-
-
-def save(plt, fig, path: Path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plots(res: dict, out: Path) -> list[str]:
@@ -295,23 +275,23 @@ def plots(res: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c, nf = res["config"], {m: [r] for m, r in res["no_finetune"].items()}
-    ft = {**res["finetuned"], **({f"YaRN s={c['s_long']}": res["short_long"]} if res.get("short_long") else {}),
-          **({"from scratch at L'": res["scratch_long"]} if res.get("scratch_long") else {})}
-    plot_ppl(plt, nf, c, "Perplexity vs context, no fine-tuning", out / "ppl_no_finetune.png")
-    plot_ppl(plt, ft, c, "Perplexity vs context, fine-tuned at L' (bars: range over seeds)", out / "ppl_finetuned.png")
-    plot_recall(plt, nf, "Needle recall, no fine-tuning", out / "retrieval_no_finetune.png")
-    plot_recall(plt, ft, "Needle recall, fine-tuned (mean over seeds)", out / "retrieval_finetuned.png")
-    plot_scaling(plt, c, out / "scaling_per_dimension.png")
-    plot_temperature(plt, res["temperature"], out / "temperature.png")
-    return ["ppl_no_finetune.png", "ppl_finetuned.png", "retrieval_no_finetune.png", "retrieval_finetuned.png",
-            "scaling_per_dimension.png", "temperature.png"]
+    c, (nf, ft) = res["config"], method_runs(res)
+    figures = {
+        "ppl_no_finetune.png": plot_ppl(plt, nf, c, "Perplexity vs context, no fine-tuning"),
+        "ppl_finetuned.png": plot_ppl(plt, ft, c, "Perplexity vs context, fine-tuned at L' (bars: range over seeds)"),
+        "retrieval_no_finetune.png": plot_recall(plt, nf, "Needle recall, no fine-tuning"),
+        "retrieval_finetuned.png": plot_recall(plt, ft, "Needle recall, fine-tuned (mean over seeds)"),
+        "scaling_per_dimension.png": plot_scaling(plt, c),
+        "temperature.png": plot_temperature(plt, res["temperature"]),
+    }
+    for name, fig in figures.items():
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+    return list(figures)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # report.md
-
-
 def setup_lines(res: dict) -> list[str]:
     c = res["config"]
     head_dim, L, s = c["d_model"] // c["n_head"], c["L"], c["s"]
@@ -337,9 +317,15 @@ def setup_lines(res: dict) -> list[str]:
         f"- Train short, test long: YaRN s = {c['s_long']} fine-tuned at L' = {L * s} (same budget), evaluated up to "
         f"{L * c['s_long']}." + (" Baseline: a model pretrained at L' from scratch on the same total tokens."
                                   if c.get("scratch_long") else ""),
-        f"- Perplexity (per token: per byte for the byte tokenizer): up to {c['max_docs']} held-out documents with room for a scored window at the longest "
-        f"context ({res['contexts'][-1]} + {c['stride']} tokens), the same documents and scored tokens at every "
-        f"context; windows scoring their last {c['stride']} tokens, at most {c['max_windows']} per document.",
+        *([f"- Copying (which the retrieval probe needs) forms within the budget thanks to previous-token "
+           f"embeddings (prev_tokens {c['prev_tokens']}), a warm-up of {c['warmup_steps']} steps x "
+           f"{c['warmup_batch']} windows of {c['warmup_block']} on the induction task at a constant lr, and the "
+           f"'{c['data_mix']}' mix during pretraining (data/recall.py); fine-tuning and evaluation use natural text "
+           "only."] if c["prev_tokens"] else []),
+        f"- Perplexity (per token: per byte for the byte tokenizer): up to {c['max_docs']} held-out documents with "
+        f"room for a scored window at the longest context ({res['contexts'][-1]} + {c['stride']} tokens), the same "
+        f"documents and scored tokens at every context; windows scoring their last {c['stride']} tokens, at most "
+        f"{c['max_windows']} per document.",
         f"- Retrieval: a needle of {c['needle_len']} random {'letters' if c['tokenizer'] == 'bytes' else 'words'} at "
         f"depth d of the text, its first {c['needle_len'] // 4} tokens repeated at the end; top-1 recall of the rest, "
         f"teacher-forced; {c['trials']} trials per cell; chance = a guesser that knows the needle's tokens but not "
@@ -348,9 +334,7 @@ def setup_lines(res: dict) -> list[str]:
 
 
 def markdown(res: dict, plot_files: list[str]) -> str:
-    c, nf = res["config"], {m: [r] for m, r in res["no_finetune"].items()}
-    ft = {**res["finetuned"], **({f"YaRN s={c['s_long']}": res["short_long"]} if res.get("short_long") else {}),
-          **({"from scratch at L'": res["scratch_long"]} if res.get("scratch_long") else {})}
+    c, (nf, ft) = res["config"], method_runs(res)
     lines = [f"# YaRN toy reproduction: preset `{res['preset']}`", "",
              f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit {res['commit']}. "
              "Every number comes from `results.json`; every verdict is computed from those numbers by report.py.",
@@ -363,10 +347,11 @@ def markdown(res: dict, plot_files: list[str]) -> str:
               "documents; agreement across seeds covers the fine-tuning run. Without fine-tuning there is one "
               "pretrained model, so those intervals cover the documents only.", "",
               "## Perplexity, no fine-tuning (the pretrained model, RoPE swapped)", "",
-              ppl_table(nf, res["contexts"]), "## Perplexity, fine-tuned at L' (geometric mean over seeds)", "",
-              ppl_table(ft, res["contexts"]), "## Needle recall (mean over depths), no fine-tuning", "",
-              recall_table(nf, res["retrieval_contexts"]), "## Needle recall (mean over depths and seeds), fine-tuned",
-              "", recall_table(ft, res["retrieval_contexts"]),
+              table(nf, res["contexts"]), "## Perplexity, fine-tuned at L' (geometric mean over seeds)", "",
+              table(ft, res["contexts"]), "## Needle recall (mean over depths), no fine-tuning", "",
+              table(nf, res["retrieval_contexts"], recall, 2),
+              "## Needle recall (mean over depths and seeds), fine-tuned", "",
+              table(ft, res["retrieval_contexts"], recall, 2),
               "## Temperature (NTK-by-parts with an attention factor, pretrained model, perplexity at sL)", "",
               "| s | context | best \u221a(1/t) | ppl at best | ppl at 1.0 | paper 0.1 ln s + 1 | ppl at paper's |",
               "|---|---|---|---|---|---|---|"]

@@ -1,5 +1,4 @@
-"""
-The main job, one command: the YaRN paper's central comparison at toy scale, from data to report.
+"""The main job, one command: the YaRN paper's central comparison at toy scale, from data to report.
 
     python reproduce.py --preset cpu      # 2 CPU cores: byte-level data, a small model (the README's numbers)
     python reproduce.py --preset gpu      # one H100 / H200
@@ -9,17 +8,14 @@ Stages, each skipped when its output exists, so that a re-run resumes where a ru
   data         prepare the corpus (Python's standard library) with the preset's tokenizer, if missing
   warmup       (cpu preset) a short run on the induction task, at a constant learning rate (data/recall.py)
   pretrain     plain RoPE at context L (cpu preset: from the warm-up, on the recall mix)
-  finetune     every method (plain RoPE, PI, NTK-aware, NTK-by-parts, YaRN) extended to L' = s L and fine-tuned
-               at L' with the same budget, once per fine-tuning seed; YaRN at the larger s_long ("train short,
-               test long"); where the preset affords it, a model trained at L' from scratch on the same tokens
-  evaluate     every model on one perplexity ladder and retrieval grid (eval.py): the pretrained model under
-               every method without fine-tuning (the dynamic ones too), and every fine-tuned model
+  finetune     every method extended to L' = s L and fine-tuned at L' with the same budget, once per seed; YaRN at
+               the larger s_long ("train short, test long"); where affordable, a model trained at L' from scratch
+  evaluate     perplexity and needle recall (eval.py): the pretrained model under every method, every fine-tuned one
   temperature  sqrt(1/t) swept for NTK-by-parts on the pretrained model at several s (paper Sec. 3.4)
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
-Checkpoints and stage outputs go to --runs (default runs/<preset>, git-ignored), the report to --out (default
-results/<preset>). --seed shifts every training seed, to check that verdicts do not hang on one seed.
 """
 
+import functools
 import json
 import math
 import sys
@@ -90,10 +86,12 @@ class Preset:
 
 PRESETS = {
     # train.py's default model shape at head_dim 128 and L = 512: pairs 0..6 make more than 32 rotations in L.
-    # About 16M tokens of pretraining (~1 minute at the ~400k tokens/s such a model trains at on an H100).
+    # Sized for ~5 minutes on one H100 (an estimate: no GPU has run it): 13M tokens of pretraining (~35 s at the
+    # ~400k tokens/s such a model trains at), 19 fine-tunes of 0.5M tokens (~5 s each with their start-up), the
+    # from-scratch baseline at L' (~60 s), 26 evaluations (~2.5 s each).
     "gpu": Preset(tokenizer="gpt2", vocab_size=50304, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
-                  s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
-                  finetune_lr=1e-4, scratch_long=True, stride=256, max_docs=24, max_windows=2, trials=16),
+                  s_long=16, pretrain_steps=800, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
+                  finetune_lr=1e-4, scratch_long=True, stride=256, max_docs=16, max_windows=1, trials=8),
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
     # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
@@ -115,11 +113,11 @@ PRESETS = {
 class ReproduceConfig:
     preset: str = "auto"  # gpu, cpu or tiny; auto = gpu where CUDA is available, else cpu
     out: str | None = None  # the report's folder; default results/<preset>
-    runs: str | None = None  # checkpoints and stage outputs; default runs/<preset>
+    runs: str | None = None  # checkpoints and stage outputs; default runs/<preset> (git-ignored)
     data_dir: str | None = None  # default data/<source>, with _bytes for the byte tokenizer
     data_source: str | None = None  # another corpus for data.prepare (a folder); default the preset's
     device: str = "auto"
-    seed: int = 0  # added to every training seed
+    seed: int = 0  # added to every training seed, to check that verdicts do not hang on one seed
 
     def __post_init__(self):
         flags.check_types(self)
@@ -127,10 +125,7 @@ class ReproduceConfig:
             raise ValueError(f"--preset must be auto, {', '.join(PRESETS)}, got {self.preset!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Stages
-
-
 class Stages:
     """Runs named stages once: a stage whose output exists is skipped; wall times are kept in stages.json."""
 
@@ -207,13 +202,10 @@ def without_finetuning(job: Job, method: str):
 
 def evaluate(job: Job, model, out: Path, val):
     p = job.p
-    result = evaluation.evaluate(model, *val, p.contexts, p.stride, needle_vocab(job), p.max_docs, p.max_windows,
-                                 p.depths, p.trials, p.needle_len, retrieval_contexts(p), job.device)
+    vocab = evaluation.needle_vocab(get_tokenizer(p.tokenizer))
+    result = evaluation.evaluate(model, *val, p.contexts, p.stride, vocab, p.max_docs, p.max_windows, p.depths,
+                                 p.trials, p.needle_len, retrieval_contexts(p), job.device)
     write_json(out, {**result, "rope": asdict(model.config.rope)})
-
-
-def needle_vocab(job: Job) -> list[int]:
-    return evaluation.needle_vocab(get_tokenizer(job.p.tokenizer))
 
 
 def retrieval_contexts(p: Preset) -> list[int]:
@@ -236,10 +228,7 @@ def temperature_sweep(job: Job, val, out: Path):
     write_json(out, result)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # The whole job
-
-
 def training_stages(job: Job, stages: Stages):
     p, runs = job.p, job.runs
     prepare_cfg = PrepareConfig(source=p.data_source, out=str(job.data_dir), val_fraction=p.val_fraction,
@@ -268,12 +257,10 @@ def training_stages(job: Job, stages: Stages):
 
 def evaluation_stages(job: Job, stages: Stages):
     p, ev = job.p, job.runs / "eval"
-    val = []  # the validation split, opened once, when first needed
 
-    def data():
-        if not val:
-            val.extend(load_split(job.data_dir, "val")[:2])
-        return val
+    @functools.cache
+    def data():  # the validation split, opened once, when first needed
+        return load_split(job.data_dir, "val")[:2]
 
     models = [(f"nft_{m}", lambda m=m: without_finetuning(job, m)) for m in NO_FINETUNE]
     models += [(name, lambda name=name: load_model(job, name)) for name in
@@ -304,7 +291,8 @@ def results(job: Job, stages: Stages) -> dict:
         "short_long": [read(ev / f"short_long_{seed}.json") for seed in seeds],
         "scratch_long": [read(ev / "scratch_long.json")] if p.scratch_long else None,
         "temperature": read(job.runs / "temperature.json"),
-        "train": {d.name: read(d / "summary.json") for d in sorted(job.runs.iterdir()) if (d / "summary.json").exists()},
+        "train": {d.name: read(d / "summary.json") for d in sorted(job.runs.iterdir())
+                  if (d / "summary.json").exists()},
         "stage_seconds": stages.times,
     }
 

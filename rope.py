@@ -1,5 +1,4 @@
-"""
-Rotary position embeddings (RoPE) and the context-extension methods compared in the YaRN paper (Peng, Quesnelle,
+"""Rotary position embeddings (RoPE) and the context-extension methods compared in the YaRN paper (Peng, Quesnelle,
 Fan, Shippole, arXiv 2309.00071), side by side as small pure functions. The paper's notation:
     |D|  rotary dimension (rotated channels: head_dim, or a fraction of it); d = 0 .. |D|/2 - 1 the pair index
     b    base ("rope_theta"); theta_d = b^(-2d/|D|) pair d's angular frequency, lambda_d = 2 pi / theta_d its
@@ -19,9 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# ----------------------------------------------------------------------------------------------------------
 # Config
-
 VARIANTS = ("default", "linear", "ntk", "dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "longrope")
 DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn", "longrope")  # frequencies depend on the current length l'
 NEEDS_ORIGINAL_CONTEXT = ("dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "longrope")
@@ -89,7 +86,7 @@ def validate(cfg: RopeConfig) -> None:
     by_parts, L = cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"), cfg.original_context
     checks = [
         (cfg.base > 1.0, f"rope base must be > 1 (typically 10000), got {cfg.base}"),
-        (cfg.factor >= 1.0, f"rope factor (the scale s) must be >= 1, got {cfg.factor}; s < 1 would shrink the context"),
+        (cfg.factor >= 1.0, f"rope factor (the scale s) must be >= 1 (< 1 shrinks the context), got {cfg.factor}"),
         (0.0 < cfg.partial_rotary_factor <= 1.0, f"rope partial_rotary_factor must be in (0, 1], got "
                                                  f"{cfg.partial_rotary_factor}"),
         (cfg.type not in NEEDS_ORIGINAL_CONTEXT or L > 0, f"rope type {cfg.type!r} needs original_context (L, the "
@@ -129,10 +126,7 @@ def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
     return dim
 
 
-# ----------------------------------------------------------------------------------------------------------
 # The variants: (rotary_dim, cfg, seq_len) -> (inv_freq fp32 [dim/2], attention_factor)
-
-
 def base_inv_freq(dim: int, base: float) -> torch.Tensor:
     """theta_d = b^(-2d/|D|), d = 0 .. |D|/2 - 1, in float64."""
     return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -295,10 +289,7 @@ def inv_freq(head_dim: int, cfg: RopeConfig, seq_len: int | None = None) -> tupl
     return ROPE_FUNCTIONS[cfg.type](rotary_dim(head_dim, cfg), cfg, seq_len)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Tables and application
-
-
 def cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor):
     """The tables apply_rope reads, fp32, a row per position m and a column per rotated channel: for the pair
     (j, j + |D|/2) at angle m theta'_j, cos is a cos(m theta'_j) in both columns and sin is -a sin(m theta'_j) in
@@ -329,10 +320,7 @@ def interleaved_to_half_split(dim: int) -> torch.Tensor:
     return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Hugging Face `rope_parameters` (the translation lives beside the exporter, in hf.py)
-
-
 def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None):
     """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
     from hf import from_hf  # hf.py imports this module: import it when called

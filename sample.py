@@ -1,5 +1,4 @@
-"""
-Sample from a trained checkpoint, streaming the text as it is generated.
+"""Sample from a trained checkpoint, streaming the text as it is generated.
 
     python sample.py --ckpt out/pretrain --prompt "def fibonacci(n):" --max_new_tokens 200
     python sample.py --ckpt out/pretrain --prompt_file long.txt --max_context 4096 --rope.type=dynamic_yarn
@@ -19,8 +18,8 @@ import torch
 
 import checkpoint
 import flags
+from config import parse_rope_swap, rope_with_overrides
 from data.tokenizer import StreamDecoder, get_tokenizer
-from config import rope_with_overrides
 from model import ROPE_RULES
 from rope import RopeConfig
 from system import dtype_name, pick_device, pick_dtype
@@ -150,14 +149,11 @@ def read_prompt(args: SampleConfig) -> str:
 
 
 def main(argv) -> None:
-    table = {**flags.flag_table((SampleConfig, "")), **flags.override_table(RopeConfig, "rope.", "the checkpoint's")}
-    values = flags.parse(argv, table, "python sample.py", __doc__)
-    args = flags.build(SampleConfig, {k: v for k, v in values.items() if not k.startswith("rope.")})
+    args, overrides = parse_rope_swap(argv, SampleConfig, "python sample.py", __doc__)
     prompt, device = read_prompt(args), pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model, state = checkpoint.load_model(args.ckpt, device)
     rope_text = rope_summary(model.config.rope)
-    overrides = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
     if overrides:
         model.set_rope(rope_with_overrides(model.config, overrides))  # weights untouched
         rope_text += f", overridden to {rope_summary(model.config.rope)}"

@@ -1,8 +1,5 @@
-"""
-What every script here does the same way: choose the device and the number format, write a file atomically,
-say where a run came from (git commit, versions, hardware), turn SIGINT / SIGTERM into a flag, find the
-processes torchrun started, and measure training throughput.
-"""
+"""What every script does the same way: the device and number format, atomic writes, where a run came from (git,
+versions, hardware), SIGINT / SIGTERM as a flag, torchrun's processes, and training throughput."""
 
 import json
 import os
@@ -64,14 +61,12 @@ def atomic_write(path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # the rename itself is durable only once the folder is synced; not possible on every platform
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    if hasattr(os, "O_DIRECTORY"):  # the rename is durable once the folder is synced (POSIX only)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def write_json(path, obj) -> None:
@@ -139,7 +134,8 @@ def dist_from_env() -> Dist:
     try:
         d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
     except (KeyError, ValueError) as e:
-        raise ValueError(f"RANK is set but the torchrun environment is incomplete ({e}); launch with torchrun") from None
+        raise ValueError(f"RANK is set but the torchrun environment is incomplete ({e}); "
+                         "launch with torchrun") from None
     return d if d.world > 1 else Dist()
 
 

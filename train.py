@@ -1,5 +1,4 @@
-"""
-Pretraining and context extension in one script; --init_from chooses the phase:
+"""Pretraining and context extension in one script; --init_from chooses the phase:
 
     python train.py                                            # pretrain the default toy model from scratch
     python train.py --init_from=resume --out_dir=out/pretrain  # continue a run from its latest checkpoint
@@ -7,13 +6,11 @@ Pretraining and context extension in one script; --init_from chooses the phase:
         --rope.type=yarn --rope.factor=8 --max_steps=200 --batch_size=8 --lr=1e-4   # extend, then fine-tune
     torchrun --standalone --nproc_per_node=8 train.py ...      # DDP on 8 GPUs, the same global batch
 
-Settings: --key=value for config.RunConfig, model.ModelConfig and (--rope.<field>) rope.RopeConfig, or
---config FILE.json; --help lists them; config.py says how they and a checkpoint make a run. An extension starts a
-fresh optimizer at step 0; a resume continues out_dir/ckpt.pt exactly (the data order is a function of (seed,
-step, micro-batch)). Outputs in out_dir: ckpt.pt (and ckpt_<step>.pt), config.json, metrics.jsonl. Exit codes: 0
-done; 2 bad input, found before training (`error: ...`); 1 a non-finite loss or weights (the last good checkpoint
-is kept); 130 / 143 after SIGINT / SIGTERM, once the step is done and saved. train(run, model_config) is the
-typed entry point; main(argv) parses flags and calls it.
+Settings (--help): config.RunConfig, model.ModelConfig and --rope.<field> of rope.RopeConfig, or --config FILE.json.
+An extension starts a fresh optimizer at step 0; a resume continues out_dir/ckpt.pt exactly. Outputs in out_dir:
+ckpt.pt (and ckpt_<step>.pt), config.json, metrics.jsonl. Exit codes: 0 done; 2 bad input (`error: ...`); 1 a
+non-finite loss or weights (the last good checkpoint is kept); 130 / 143 after SIGINT / SIGTERM, once the step is
+saved. train(run, model_config) is the typed entry point; main(argv) parses the flags and calls it.
 """
 
 import hashlib
@@ -36,24 +33,19 @@ from config import RunConfig, extended_model_config, parse_args, resolve
 from data.loader import load_training_data
 from data.recall import mix
 from model import ModelConfig, Transformer
-from system import (Dist, StopOnSignal, Throughput, all_reduce_sum, dist_from_env, dtype_name, pick_device, pick_dtype, provenance,
-                    write_json)
+from system import (Dist, StopOnSignal, Throughput, all_reduce_sum, dist_from_env, dtype_name, pick_device,
+                    pick_dtype, provenance, write_json)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or weights): `error: ...`, exit code 1."""
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Batches and the learning rate
-
-
 # Step `step` consumes grad_accum micro-batches, numbered 0..grad_accum-1 over all processes; process `rank` takes
 # numbers rank*A .. rank*A + A - 1 (A = grad_accum / world). Each micro-batch's windows of block_size + 1 tokens
 # come from a generator seeded by a hash of (seed, step, number): the global batch is the same for any world size,
 # a resumed run needs no sampler state, and no two processes draw the same windows.
-
-
 def stream_seed(seed: int, *key) -> int:
     digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
@@ -92,10 +84,7 @@ def lr_at(step: int, run: RunConfig) -> float:
     return run.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (run.lr - run.final_lr)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Setup: the model, the optimizer, the data, everything checked before the first step
-
-
 @dataclass
 class Run:
     run: RunConfig
@@ -151,7 +140,6 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
         if start_step > run.max_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, past --max_steps={run.max_steps}")
         metrics.update(state.get("metrics", {}))
-        checkpoint.restore_rng(state.get("rng", {}))
     model, train_model = compiled_and_wrapped(raw_model, run, d, device)
     extended_from = None if state is None else state.get("extended_from") if phase == "resume" else \
         str(Path(run.init_from) / "ckpt.pt" if Path(run.init_from).is_dir() else run.init_from)
@@ -181,10 +169,7 @@ def compiled_and_wrapped(raw_model: Transformer, run: RunConfig, d: Dist, device
     return model, DDP(model, device_ids=[d.local_rank] if on_cuda else None)  # broadcasts rank 0's weights
 
 
-# ----------------------------------------------------------------------------------------------------------
 # One training step, evaluation, checkpoints
-
-
 def autocast(r: Run):
     return nullcontext() if r.dtype == torch.float32 else torch.autocast(r.device.split(":")[0], dtype=r.dtype)
 
@@ -234,7 +219,7 @@ def save_checkpoint(r: Run, step: int) -> None:
         "model": r.raw_model.state_dict(),  # the raw module: no `_orig_mod.` or `module.` prefixes
         "optimizer": r.optimizer.state_dict(), "run_config": asdict(r.run), "step": step,
         "data_state": {"order": "windows seeded by (seed, step, micro-batch)", "seed": r.run.seed, "step": step},
-        "rng": checkpoint.rng_state(), "metrics": dict(r.metrics), "extended_from": r.extended_from,
+        "metrics": dict(r.metrics), "extended_from": r.extended_from,
         "provenance": r.provenance,
     }, r.out_dir, step, r.run.keep_checkpoints)
 
@@ -255,10 +240,7 @@ def not_saved(r: Run) -> str:
     return f"stopped without saving: {r.out_dir / 'ckpt.pt'} keeps the last good weights, step {r.saved_step}"
 
 
-# ----------------------------------------------------------------------------------------------------------
 # The loop, and its logs (stdout, out_dir/metrics.jsonl and config.json, from process 0 only)
-
-
 class Logger:
     def __init__(self, r: Run):
         self.master, self.path = r.d.rank == 0, r.out_dir / "metrics.jsonl"

@@ -1,11 +1,8 @@
-"""
-Open the token files written by `python -m data.prepare`, checking they are whole and match this tokenizer.
+"""Open the token files written by `python -m data.prepare`, checking they are whole and match this tokenizer.
 
     tokens, docs, meta = load_split("data/stdlib", "train")
-    check_block_size(tokens, block_size, "train")
 
-tokens is a read-only np.memmap of uint16 ids (EOT after every document); docs[i] = (start, length)
-of document i in tokens, its EOT not counted. Batch sampling is left to the caller.
+tokens: a read-only np.memmap of uint16 ids, EOT after every document; docs[i] = (start, length) of document i.
 """
 
 import json
@@ -35,11 +32,9 @@ def read_meta(data_dir):
     name = meta.get("tokenizer", {}).get("name") if isinstance(meta.get("tokenizer"), dict) else None
     enc = get_tokenizer(name) if name in ("gpt2", "bytes") else None
     if enc is None or meta.get("vocab_size") != enc.n_vocab or meta.get("eot") != enc.eot_token:
-        raise DataError(
-            f"{data_dir} was prepared with tokenizer {name!r}, vocab_size {meta.get('vocab_size')} and eot "
-            f"{meta.get('eot')}, which is not one of this code's tokenizers (gpt2: 50257 / 50256, bytes: 257 / 256); "
-            f"{rerun}"
-        )
+        raise DataError(f"{data_dir} was prepared with tokenizer {name!r}, vocab_size {meta.get('vocab_size')} and "
+                        f"eot {meta.get('eot')}, which is not one of this code's tokenizers (gpt2: 50257 / 50256, "
+                        f"bytes: 257 / 256); {rerun}")
     return meta
 
 
@@ -77,10 +72,8 @@ def load_split(data_dir, split):
 def check_block_size(tokens, block_size, split):
     """Training samples block_size + 1 consecutive tokens (inputs and shifted targets), so a split needs that many."""
     if len(tokens) < block_size + 1:
-        raise DataError(
-            f"{split} split has {len(tokens)} tokens, too few for block size {block_size} "
-            f"(needs at least {block_size + 1}); prepare a larger corpus or lower the block size"
-        )
+        raise DataError(f"{split} split has {len(tokens)} tokens, too few for block size {block_size} "
+                        f"(needs at least {block_size + 1}); prepare a larger corpus or lower the block size")
 
 
 def load_training_data(data_dir, block_size: int, vocab_size: int, data_mix: str = "natural"):

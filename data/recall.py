@@ -1,16 +1,8 @@
-"""
-Recall-shaped training data, for a small model that must learn to copy within CPU minutes (the CPU preset of
-the main job). A mix rewrites each batch of training windows (B, T + 1) as train.py draws them, seeded like the
-windows themselves by (seed, step, micro-batch), so a resumed run sees the same data:
-
-    natural    the windows as they are
-    induction  every window one random string of 8-24 printable ASCII symbols, tiled: the classic task on which
-               a copy (induction) circuit forms within a few hundred steps
-    recall     60% natural; 25% natural with 2-6 random strings (8-32 symbols) each planted twice, up to a window
-               apart; 15% tiled strings of 8-48 symbols
-
-Random strings are lowercase letters (like the retrieval probe's needles) or printable ASCII, half and half in
-`recall`; they are bytes, so a mix other than natural needs the byte tokenizer.
+"""Recall-shaped training data, so that a small model learns to copy within CPU minutes (the main job's cpu preset).
+A mix rewrites the windows train.py draws, seeded by (seed, step, micro-batch) like them, so a resume sees the same
+data. `induction` tiles a random string over each window, the task on which a copy (induction) circuit forms in a
+few hundred steps; `recall` mixes natural windows, natural ones with random strings planted twice, and tiled
+strings. The strings are bytes (lowercase, as the probe's needles, or printable ASCII): the byte tokenizer only.
 """
 
 import numpy as np
@@ -51,7 +43,7 @@ def mix(windows: np.ndarray, kind: str, seed: int) -> np.ndarray:
         u = rng.random()
         if kind == "induction":
             w[:] = tiled(rng, len(w), 8, 24, PRINTABLE)
-        elif u < 0.15:
+        elif u < 0.15:  # recall: 15% tiled, 25% with 2-6 planted pairs, 60% natural
             w[:] = tiled(rng, len(w), 8, 48, (LOWERCASE, PRINTABLE)[rng.integers(2)])
         elif u < 0.40:
             plant_pairs(w, rng, int(rng.integers(2, 7)))

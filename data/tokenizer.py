@@ -1,13 +1,8 @@
-"""
-The two tokenizers, by name (get_tokenizer):
-
+"""The two tokenizers, by name (get_tokenizer), both with as much of tiktoken's interface as this project uses:
     gpt2   GPT-2's BPE (50,257 ids, EOT 50256), built from the ranks file committed next to this module:
            tiktoken.get_encoding("gpt2") would download its files on first use, which fails offline.
     bytes  UTF-8 bytes as ids 0..255 and EOT 256: no vocabulary to learn, so on a CPU the output head is
            cheap and the budget goes to the layers and to long contexts (as nanoGPT's character-level data).
-
-Both have tiktoken's interface as far as this project uses it: encode_ordinary (text, never special tokens),
-encode_ordinary_batch, decode, decode_bytes, n_vocab, eot_token, name.
 """
 
 import base64
@@ -29,20 +24,12 @@ VOCAB_SIZE = 50257  # 50256 merged byte sequences + EOT
 
 
 class DataError(ValueError):
-    """A problem with input or prepared data, meant to be shown to the user without a traceback.
-
-    Lives here, in the lowest module of the package, so that tokenizer, prepare and loader
-    all raise the same type without importing each other in a circle.
-    """
+    """A problem with input or prepared data, shown to the user without a traceback (tokenizer, prepare, loader)."""
 
 
 def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
-    """Read a .tiktoken ranks file ("<base64 token> <rank>" per line) after checking its hash.
-
-    We parse it ourselves rather than with tiktoken.load.load_tiktoken_bpe because that one
-    keeps a copy in a temp-dir cache keyed by path and returns the cached copy when present,
-    so a corrupted file next to this module could go unnoticed.
-    """
+    """Read a .tiktoken ranks file ("<base64 token> <rank>" per line) after checking its hash. Not with tiktoken's
+    load_tiktoken_bpe, which returns a cached copy when one is present, so a corrupt file here could go unnoticed."""
     path = Path(path)
     restore = f"restore it with `git checkout data/{path.name}`"
     try:
@@ -51,10 +38,8 @@ def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
         raise DataError(f"cannot read the GPT-2 BPE ranks file {path} ({e.strerror}); {restore}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
-        raise DataError(
-            f"the GPT-2 BPE ranks file {path} is corrupt (sha256 {digest[:12]}..., "
-            f"expected {expected_sha256[:12]}...); {restore}"
-        )
+        raise DataError(f"the GPT-2 BPE ranks file {path} is corrupt (sha256 {digest[:12]}..., "
+                        f"expected {expected_sha256[:12]}...); {restore}")
     ranks = {}
     for line in data.splitlines():
         if line:
@@ -92,21 +77,15 @@ def get_tokenizer(name: str = "gpt2"):
         return ByteTokenizer()
     if name != "gpt2":
         raise DataError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
-    enc = tiktoken.Encoding(
-        name="gpt2",
-        pat_str=GPT2_PAT_STR,
-        mergeable_ranks=load_ranks(),
-        special_tokens={"<|endoftext|>": EOT},
-    )
+    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
+                            special_tokens={"<|endoftext|>": EOT})
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT
     return enc
 
 
 class StreamDecoder:
-    """Token ids in, complete characters out. A byte-level or BPE token often holds part of a multi-byte UTF-8
-    character ("日" is three bytes), so the tokens' bytes go through Python's incremental UTF-8 decoder, which
-    holds back an incomplete tail until the bytes that finish it arrive. Bytes that can never be valid UTF-8,
-    and ids the tokenizer does not know (the padding rows of the model's vocabulary), become U+FFFD."""
+    """Token ids in, complete characters out: a token may hold part of a UTF-8 character ("日" is three bytes), so
+    the bytes go through an incremental UTF-8 decoder. Invalid bytes and unknown ids (padding rows) become U+FFFD."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

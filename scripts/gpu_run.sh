@@ -16,7 +16,7 @@
 #   reproduce.tar.gz  results/gpu/ (report.md, results.json, plots) and runs/gpu/ without checkpoints (*.pt)
 #   bench.json        python bench.py --preset=gpu, rewritten after every case
 #   bench.log         its output, ending with a markdown table
-# Stage limits in seconds, GPU (tiny): env 15 (30), tests 45 (60), reproduce 330 (150), bench 140 (90), each
+# Stage limits in seconds, GPU (tiny): env 15 (30), tests 45 (60), reproduce 380 (150), bench 110 (90), each
 # also capped by what is left of GPU_RUN_BUDGET (520; tiny 300), and SIGKILL follows SIGTERM 15 s (5 s) later: the
 # whole run ends within 9 minutes. GPU_RUN_LIMITS="reproduce=100 bench=60" overrides the limits.
 # Python: $YARN_PYTHON if set, else `python` where it already has the project's modules (the GPU box), else
@@ -40,7 +40,7 @@ if [ "$TINY" = 1 ]; then
     GRACE=5
     WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
 else
-    BUDGET="${GPU_RUN_BUDGET:-520}"; LIMITS="env=15 tests=45 reproduce=330 bench=140"; PRESET=gpu; DEVICE=cuda
+    BUDGET="${GPU_RUN_BUDGET:-520}"; LIMITS="env=15 tests=45 reproduce=380 bench=110"; PRESET=gpu; DEVICE=cuda
     GRACE=15
     WORK="$ROOT"
 fi
@@ -130,7 +130,7 @@ case "$STAGES" in *" reproduce "*)
 esac
 
 case "$STAGES" in *" bench "*)
-    if [ "$TINY" = 1 ]; then bench=(--smoke); else bench=(--preset=gpu --device=cuda); fi
+    if [ "$TINY" = 1 ]; then bench=(--preset=smoke); else bench=(--preset=gpu --device=cuda); fi
     stage bench bench.log "$PY" bench.py "${bench[@]}" --out="$OUT/bench.json";; esac
 
 echo "gpu_run: end $(date -u +%FT%TZ), $(( $(date +%s) - START ))s, $([ $FAILED = 0 ] && echo ok || echo FAILED)" |

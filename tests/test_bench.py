@@ -1,5 +1,6 @@
-"""bench.py --smoke (every case, tiny shapes, CPU) and model.py's chunked head + loss, which the T=32768 case needs."""
+"""bench.py --preset=smoke (every case, tiny shapes, CPU) and model.py's chunked head + loss, which the T=32768 case needs."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -96,14 +97,14 @@ def test_chunking_threshold_default():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# bench.py --smoke
+# bench.py --preset=smoke
 
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "bench.py", "--preset=smoke", "--out", str(out)], cwd=ROOT,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=180)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -112,12 +113,12 @@ def smoke_report(tmp_path_factory):
 
 def test_smoke_runs_quickly_and_prints_the_table(smoke_report):
     report, stdout, elapsed = smoke_report
-    assert elapsed < 60, f"bench.py --smoke took {elapsed:.0f}s (about 5s alone on 2 cores)"
+    assert elapsed < 60, f"bench.py --preset=smoke took {elapsed:.0f}s (about 5s alone on 2 cores)"
     assert "| case | ours tokens/s | HF tokens/s |" in stdout and "wrote" in stdout
     for key in ("command", "preset", "device", "torch", "transformers", "git_commit", "model", "matmul_peak",
                 "finished_utc"):
         assert key in report, key
-    assert report["preset"] == "smoke" and "--smoke" in report["command"]
+    assert report["preset"] == "smoke" and "--preset=smoke" in report["command"]
     assert report["model"] == json.loads(json.dumps(asdict(reproduce.PRESETS["tiny"])))  # tuples as JSON lists
     assert report["matmul_peak"]["tflops"] > 0 and len(report["load_average_end"]) == 3
 
@@ -128,10 +129,14 @@ def test_smoke_runs_every_case_of_both_models(smoke_report):
     hf = report["transformers"] is not None
     for name, case in report["cases"].items():
         assert case["status"] == "ok", (name, case)
-        for impl in ("ours", "hf") if hf else ("ours",):
+        rules = name == "sample_follow"  # ours under the follow rule against ours under capacity
+        for impl in ("follow", "capacity") if rules else ("ours", "hf") if hf else ("ours",):
             r = case["results"][impl]
             assert r["status"] == "ok" and r["tokens_per_s"] > 0 and len(r["round_s"]) >= 1, (name, impl, r)
-        assert (case["ours_over_hf"] > 0) if hf else case["ours_over_hf"] is None, name
+        if rules:
+            assert case["follow_over_capacity"] > 0 and case["rope"]["type"] == "dynamic_yarn"
+        else:
+            assert (case["ours_over_hf"] > 0) if hf else case["ours_over_hf"] is None, name
 
 
 def test_smoke_training_and_sampling_fields(smoke_report):
@@ -154,17 +159,17 @@ def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
     """The GPU case list is the one scripts/gpu_run.sh runs; the CPU one gives the README's ratios."""
     for preset, shape, names in (
             ("gpu", "gpu", ["train_T1024", "train_T1024_yarn", "train_T8192_yarn", "train_T32768_yarn", "sample_B1"]),
-            ("cpu", "cpu", ["train_T512", "sample_B1"])):
+            ("cpu", "cpu", ["train_T512", "sample_B1", "sample_follow"])):
         assert bench.PRESETS[preset][0] == shape and [c.name for c in bench.PRESETS[preset][1]] == names
         p = reproduce.PRESETS[shape]
         for case in bench.PRESETS[preset][1]:
             cfg = bench.configs(p, case)
             assert (cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head) == (p.vocab_size, p.d_model, p.n_layer,
                                                                               p.n_head)
-            assert cfg.rope.type == ("yarn" if case.yarn else "default")
+            assert cfg.rope.type == ("dynamic_yarn" if case.rules else "yarn" if case.yarn else "default")
             if case.yarn:
                 assert cfg.rope.factor * cfg.rope.original_context == case.T
-    for case in bench.PRESETS["gpu"][1] if bench._has_transformers() else ():  # both build at the GPU shapes
+    for case in bench.PRESETS["gpu"][1] if importlib.util.find_spec("transformers") else ():  # both build at the GPU shapes
         cfg = bench.configs(reproduce.PRESETS["gpu"], case)
         ours, theirs = (bench.build(w, cfg, torch.device("meta"), torch.bfloat16) for w in ("ours", "hf"))  # no memory
         assert ours.num_params() == theirs.num_parameters() == 51_454_464, case.name
@@ -194,7 +199,7 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     out = tmp_path / "b.json"
     threads = torch.get_num_threads()
     try:
-        bench.main(["--smoke", "--cases=train_T64,train_T128_yarn,sample_B1", "--rounds=1", f"--out={out}"])
+        bench.main(["--preset=smoke", "--cases=train_T64,train_T128_yarn,sample_B1", "--rounds=1", f"--out={out}"])
     finally:
         torch.set_num_threads(threads)  # --smoke sets 1 for its process
     report = json.loads(out.read_text())
@@ -211,7 +216,7 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_ours_only(tmp_path):
     threads = torch.get_num_threads()
     try:
-        report = bench.main(["--smoke", "--hf=false", "--cases=sample_B1", f"--out={tmp_path / 'b.json'}"])
+        report = bench.main(["--preset=smoke", "--hf=false", "--cases=sample_B1", f"--out={tmp_path / 'b.json'}"])
     finally:
         torch.set_num_threads(threads)
     assert report["hf"] is False and list(report["cases"]["sample_B1"]["results"]) == ["ours"]
@@ -223,8 +228,8 @@ def test_ours_only(tmp_path):
     (["--threads=-1"], "must be >= 0"),
     (["--rounds=two"], "--rounds expects an int"),
     (["--no_such_flag=1"], "unknown option"),
-    *([] if torch.cuda.is_available() else [(["--preset=gpu", "--smoke=false"], "CUDA is not available")]),
+    *([] if torch.cuda.is_available() else [(["--preset=gpu"], "CUDA is not available")]),
 ])
 def test_bad_input_is_an_error_with_exit_2(args, message, capsys):
-    assert flags.cli(bench.main, ["--smoke", *args]) == 2
+    assert flags.cli(bench.main, ["--preset=smoke", *args]) == 2
     assert message in capsys.readouterr().err

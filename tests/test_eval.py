@@ -18,10 +18,8 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
 
 import checkpoint  # noqa: E402
 import eval as E  # noqa: E402
-import flags  # noqa: E402
-from config import rope_with_overrides  # noqa: E402
+from config import parse_rope_swap, rope_with_overrides  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from rope import RopeConfig  # noqa: E402
 
 VOCAB = 64
 
@@ -233,14 +231,14 @@ def test_chance_is_what_a_guesser_knowing_the_needles_tokens_scores():
 
 
 def test_rope_overrides_are_typed_like_the_config_and_unknown_ones_refused():
-    table = flags.override_table(RopeConfig, "rope.", "the checkpoint's")
-    got = flags.parse(["--rope.type=yarn", "--rope.factor=8", "--rope.original_context=512", "--rope.truncate=false",
-                       "--rope.attention_factor=none"], table, "eval.py")
-    assert got == {"rope.type": "yarn", "rope.factor": 8.0, "rope.original_context": 512, "rope.truncate": False,
-                   "rope.attention_factor": None}
-    assert isinstance(got["rope.factor"], float) and isinstance(got["rope.original_context"], int)
+    args, got = parse_rope_swap(["--ckpt=run", "--contexts=8,16", "--rope.type=yarn", "--rope.factor=8",
+                                 "--rope.original_context=512", "--rope.truncate=false", "--rope.attention_factor=none"],
+                                E.EvalConfig, "eval.py", "")
+    assert (args.ckpt, args.contexts) == ("run", (8, 16))
+    assert got == {"type": "yarn", "factor": 8.0, "original_context": 512, "truncate": False, "attention_factor": None}
+    assert isinstance(got["factor"], float) and isinstance(got["original_context"], int)
     with pytest.raises(ValueError, match="bogus"):
-        flags.parse(["--rope.bogus=1"], table, "eval.py")
+        parse_rope_swap(["--ckpt=run", "--contexts=8", "--rope.bogus=1"], E.EvalConfig, "eval.py", "")
 
 
 def test_extended_rope_defaults_original_context_to_the_training_context():

@@ -551,10 +551,10 @@ def interleaved_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.T
     return torch.view_as_real(pairs * rotation).flatten(-2)
 
 
-def test_interleaved_qk_to_half_split_gives_the_same_scores():
-    """A Meta-layout W_q / W_k with its rows permuted per head (hf.interleaved_qk_to_half_split) and rotated
-    in half-split pairs (rope.apply_rope) gives the same q.k scores as the interleaved rotation of the
-    original weights, and the rotated vectors are the interleaved ones permuted."""
+def test_interleaved_to_half_split_gives_meta_weights_the_same_scores():
+    """A Meta-layout W_q / W_k with each head's output rows permuted by rope.interleaved_to_half_split and rotated
+    in half-split pairs (rope.apply_rope) gives the same q.k scores as the interleaved rotation of the original
+    weights, and the rotated vectors are the interleaved ones permuted."""
     torch.manual_seed(0)
     n_heads, head_dim, d_in, n = 4, 16, 32, 40
     w_q, w_k = torch.randn(n_heads * head_dim, d_in), torch.randn(n_heads * head_dim, d_in)
@@ -566,10 +566,13 @@ def test_interleaved_qk_to_half_split_gives_the_same_scores():
     def heads(w):  # (n, H*hd) -> (H, n, hd)
         return (x.double() @ w.double().T).reshape(n, n_heads, head_dim).transpose(0, 1)
 
-    q_meta, k_meta = interleaved_rope(heads(w_q), freqs, positions), interleaved_rope(heads(w_k), freqs, positions)
-    q_ours = rope.apply_rope(heads(hf.interleaved_qk_to_half_split(w_q, n_heads)), cos, sin)
-    k_ours = rope.apply_rope(heads(hf.interleaved_qk_to_half_split(w_k, n_heads)), cos, sin)
     perm = rope.interleaved_to_half_split(head_dim)
+
+    def half_split(w):  # each head's rows of W (H*hd, d_in) permuted
+        return w.view(n_heads, head_dim, d_in)[:, perm].reshape(w.shape)
+
+    q_meta, k_meta = interleaved_rope(heads(w_q), freqs, positions), interleaved_rope(heads(w_k), freqs, positions)
+    q_ours, k_ours = rope.apply_rope(heads(half_split(w_q)), cos, sin), rope.apply_rope(heads(half_split(w_k)), cos, sin)
     assert torch.allclose(q_ours, q_meta[..., perm], atol=1e-5)
     scores_meta, scores_ours = q_meta @ k_meta.transpose(-1, -2), q_ours @ k_ours.transpose(-1, -2)
     assert torch.allclose(scores_ours, scores_meta, atol=1e-4, rtol=1e-5)

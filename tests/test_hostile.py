@@ -4,10 +4,10 @@ and sample.py read (token files, checkpoints). The only acceptable failures are 
 DataError, ConfigError are ValueErrors), or, from a CLI, exit code 2 with an `error:` line and no traceback."""
 
 import io
-import random
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import sysconfig

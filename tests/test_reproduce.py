@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
     sys.path.insert(0, str(REPO))
 
 import report  # noqa: E402
+
 PLOTS = ["ppl_finetuned.png", "ppl_no_finetune.png", "retrieval_finetuned.png", "retrieval_no_finetune.png",
          "scaling_per_dimension.png", "temperature.png"]
 
