@@ -118,12 +118,7 @@ def test_rope_config_takes_any_values_or_raises_value_error(kwargs):
        .map(lambda d: {"type": "yarn", **d}) | rope_kwargs,
        st.sampled_from(HEAD_DIMS), st.none() | st.integers(-5, 10**7))
 def test_a_valid_rope_config_gives_finite_frequencies_or_value_error(kwargs, head_dim, seq_len):
-    try:
-        cfg = rope.RopeConfig(**kwargs)
-        result = rope.inv_freq(head_dim, cfg, seq_len)
-    except ValueError:
-        return
-    check_frequencies(result)
+    frequencies_or_value_error(kwargs, head_dim, seq_len)
 
 
 @FAST
@@ -133,6 +128,11 @@ def test_a_valid_rope_config_gives_finite_frequencies_or_value_error(kwargs, hea
          None)  # found: ZeroDivisionError, ln L = 0 in the attention factor
 def test_a_longrope_config_gives_finite_frequencies_or_value_error(case, seq_len):
     kwargs, head_dim = case
+    frequencies_or_value_error(kwargs, head_dim, seq_len)
+
+
+def frequencies_or_value_error(kwargs, head_dim, seq_len):
+    """A RopeConfig from kwargs and its frequencies are finite and checked, or a ValueError is raised on the way."""
     try:
         cfg = rope.RopeConfig(**kwargs)
         result = rope.inv_freq(head_dim, cfg, seq_len)
