@@ -59,3 +59,21 @@ def test_agree_ignores_within_noise_and_reports_opposite_verdicts():
     a = [{"claim": "x", "held": "yes"}, {"claim": "y", "held": "within noise"}, {"claim": "z", "held": "no"}]
     b = [{"claim": "x", "held": "yes"}, {"claim": "y", "held": "no"}, {"claim": "z", "held": "yes"}]
     assert report.agree(a, b) == ["z"]
+
+
+def test_temperature_claims_keep_their_names_when_the_best_factor_moves():
+    """Two runs whose sweeps pick different best factors still compare claim by claim (agree matches names)."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(3.0, 0.5, 16)
+
+    def sweep(best):
+        nll = {a: base + (0.0 if a == best else 0.05) + rng.normal(0, 0.001, 16) for a in ("1.0", "1.1", "1.2")}
+        return {"4": {"paper": "1.1", "factors": {a: {"doc_nll": list(x), "nll": float(x.mean())}
+                                                  for a, x in nll.items()}}}
+
+    one, other = report.temperature_claims(sweep("1.1")), report.temperature_claims(sweep("1.2"))
+    assert [c["claim"] for c in one] == [c["claim"] for c in other]
+    assert "best 1.100" in one[0]["evidence"] and "best 1.200" in other[0]["evidence"]
+    assert [c["held"] for c in one] == ["yes", "yes"] and other[0]["held"] == "no"  # the paper's 1.1 lost by 0.05
+    assert report.agree(one, other) == ["4. Temperature, s=4: the paper's \u221a(1/t) = 1.100 is as good as the "
+                                        "sweep's best, A = the paper's, B = the best"]
