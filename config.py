@@ -48,6 +48,8 @@ class RunConfig:
     compile: bool | None = None  # torch.compile; None = on for CUDA, off for CPU
     peak_tflops: float = 989.0  # per device, for MFU: 989 = H100 SXM bf16 dense
     stop_at_step: int | None = None  # save and exit 0 at this step; the schedule stays max_steps'
+    final_optimizer: bool = True  # false: the last checkpoint leaves out the optimizer state (a third of the size;
+    # the run can still be extended, not continued)
 
     def __post_init__(self):
         flags.check_types(self)

@@ -1,18 +1,27 @@
-"""The main job's report from the results reproduce.py gathers: the paper's claims decided from the numbers, tables,
-plots and report.md. A claim "A beats B" pairs A and B by document (perplexity) or trial (retrieval), seed by
-seed; it is "yes" when the 95% t-interval of the mean difference lies on A's side of 0 in every seed, "no" when
-on B's side in every seed, and "within noise" otherwise.
+"""The main job's report from the stage outputs reproduce.py leaves in its runs folder: the paper's claims decided
+from the numbers, tables, plots and report.md. A claim "A beats B" pairs A and B by document (perplexity) or trial
+(retrieval), seed by seed; it is "yes" when the 95% t-interval of the mean difference lies on A's side of 0 in every
+seed, "no" when on B's side in every seed, "within noise" otherwise, and "not run" when a stage it needs did not
+finish (a run cut part-way still reports what it has).
+
+    python report.py --runs runs/gpu                  # rewrite results/gpu/ from whatever stages finished
+    python report.py --runs runs/cpu --out somewhere/
 """
 
 import json
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+import flags
 import rope
 from rope import RopeConfig
 
+NOT_RUN = "not run"
+CONTROL_FAILED = "not decided (control failed)"
 LABELS = {"default": "RoPE", "linear": "PI", "ntk": "NTK-aware", "ntk_by_parts": "NTK-by-parts", "yarn": "YaRN",
           "dynamic": "Dynamic NTK", "dynamic_yarn": "Dynamic YaRN"}
 
@@ -51,43 +60,54 @@ def units(run: dict, T: int, key: str) -> np.ndarray:
     return np.mean([acc for acc in run["retrieval"][str(T)]["trial_acc"].values()], axis=0)
 
 
-def compare(a: list[dict], b: list[dict], T: int, key: str = "ppl") -> dict:
-    """Does A do better than B at T (lower NLL, or higher recall)? a, b: one run per seed (a single run stands
-    for every seed of the other side). The verdict rule of the module docstring, and the numbers behind it: the
-    intervals of A - B per seed."""
+def compare(a: list, b: list, T: int, key: str = "ppl") -> dict:
+    """Does A do better than B at T (lower NLL, or higher recall)? a, b: one run per seed, None for a seed that did
+    not run (a single run stands for every seed of the other side). The verdict rule of the module docstring, and
+    the numbers behind it: the intervals of A - B per seed that both sides ran."""
     pairs = list(zip(a, b)) if len(a) == len(b) else [(x, y) for x in a for y in b]
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+    seeds = max(len(a), len(b))
+    if not pairs:
+        return {"verdict": NOT_RUN, "mean": math.nan, "intervals": [], "n": 0, "seeds": 0, "of": seeds}
     rows = [interval(units(x, T, key) - units(y, T, key)) for x, y in pairs]
     below, above = all(hi < 0 for _, _, hi in rows), all(lo > 0 for _, lo, _ in rows)
     better, worse = (below, above) if key == "ppl" else (above, below)
     verdict = "yes" if better else "no" if worse else "within noise"
-    n = len(units(a[0], T, key))
-    return {"verdict": verdict, "mean": float(np.mean([m for m, _, _ in rows])), "intervals": rows, "n": n,
-            "seeds": len(rows)}
+    return {"verdict": verdict, "mean": float(np.mean([m for m, _, _ in rows])), "intervals": rows,
+            "n": len(units(pairs[0][0], T, key)), "seeds": len(rows), "of": seeds}
 
 
 def evidence(c: dict, key: str = "ppl") -> str:
+    if c["verdict"] == NOT_RUN:
+        return "its stages did not finish"
     what = "\u0394NLL (nats, A - B)" if key == "ppl" else "\u0394recall (A - B)"
     spans = ", ".join(f"[{lo:+.4f}, {hi:+.4f}]" for _, lo, hi in c["intervals"])
     unit = "documents" if key == "ppl" else "trials"
-    return f"{what} {c['mean']:+.4f}; 95% CI {spans} ({c['n']} {unit}{', per seed' if c['seeds'] > 1 else ''})"
+    seeds = "" if c["of"] <= 1 else ", per seed" if c["seeds"] == c["of"] else f", {c['seeds']} of {c['of']} seeds"
+    return f"{what} {c['mean']:+.4f}; 95% CI {spans} ({c['n']} {unit}{seeds})"
 
 
-def ppl(runs: list[dict], T: int) -> float:
-    """Perplexity at T, the geometric mean over seeds (exp of the mean NLL)."""
-    return math.exp(np.mean([r["ppl"][str(T)]["nll"] for r in runs]))
+def present(runs: list) -> list[dict]:
+    """The runs that finished (None marks a seed whose stage did not)."""
+    return [r for r in runs if r is not None]
 
 
-def recall(runs: list[dict], T: int) -> float:
-    """Needle recall at T, the mean over depths and seeds."""
-    return float(np.mean([r["retrieval"][str(T)]["mean"] for r in runs]))
+def ppl(runs: list, T: int) -> float:
+    """Perplexity at T, the geometric mean over the seeds that ran (exp of the mean NLL)."""
+    return math.exp(np.mean([r["ppl"][str(T)]["nll"] for r in present(runs)]))
 
 
-def method_runs(res: dict) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """(without fine-tuning, fine-tuned), each {method: one run per seed}; the fine-tuned ones include YaRN at
-    s_long and the baseline from scratch at L' where the preset has them."""
+def recall(runs: list, T: int) -> float:
+    """Needle recall at T, the mean over depths and the seeds that ran."""
+    return float(np.mean([r["retrieval"][str(T)]["mean"] for r in present(runs)]))
+
+
+def method_runs(res: dict) -> tuple[dict[str, list], dict[str, list]]:
+    """(without fine-tuning, fine-tuned), each {method: one run per seed, None where it did not run}; the
+    fine-tuned ones include YaRN at s_long and the baseline from scratch at L' where the preset has them."""
     c, nf = res["config"], {m: [r] for m, r in res["no_finetune"].items()}
-    return nf, {**res["finetuned"], **({f"YaRN s={c['s_long']}": res["short_long"]} if res.get("short_long") else {}),
-                **({"from scratch at L'": res["scratch_long"]} if res.get("scratch_long") else {})}
+    return nf, {**res["finetuned"], f"YaRN s={c['s_long']}": res["short_long"],
+                **({"from scratch at L'": res["scratch_long"]} if c.get("scratch_long") else {})}
 
 
 # Claims
@@ -105,11 +125,13 @@ def claims(res: dict) -> list[dict]:
         add(claim, result["verdict"], evidence(result, key))
         return result["verdict"]
 
-    static = [m for m in ("linear", "ntk", "ntk_by_parts", "default") if m in nf]
+    static = ("linear", "ntk", "ntk_by_parts", "default")
     verdicts = [vs(f"1. No fine-tuning, at L'={Le}: YaRN beats {LABELS[m]}", nf["yarn"], nf[m], Le) for m in static]
-    add(f"1. No fine-tuning, at L'={Le}: YaRN degrades least of the static methods",
-        "yes" if all(v == "yes" for v in verdicts) else "no" if "no" in verdicts else "within noise",
-        ", ".join(f"{LABELS[m]} {ppl(nf[m], Le):.3f}" for m in ["yarn"] + static))
+    least = NOT_RUN if NOT_RUN in verdicts else "yes" if all(v == "yes" for v in verdicts) else \
+        "no" if "no" in verdicts else "within noise"
+    add(f"1. No fine-tuning, at L'={Le}: YaRN degrades least of the static methods", least,
+        "its stages did not finish" if least == NOT_RUN else
+        ", ".join(f"{LABELS[m]} {ppl(nf[m], Le):.3f}" for m in ("yarn", *static)))
     vs(f"1b. No fine-tuning, beyond L' (at {2 * Le}): YaRN beats plain RoPE", nf["yarn"], nf["default"], 2 * Le)
     # at l' = L' a dynamic variant is its static one at s (tested); past it they part
     vs(f"1c. No fine-tuning, at {2 * Le}: Dynamic YaRN beats Dynamic NTK", nf["dynamic_yarn"], nf["dynamic"], 2 * Le)
@@ -118,36 +140,40 @@ def claims(res: dict) -> list[dict]:
         vs(f"2. Fine-tuned with equal budgets, at L'={Le}: YaRN beats {LABELS[m]}", ft["yarn"], ft[m], Le)
     vs(f"2b. Fine-tuned, beyond L' (at {2 * Le}): YaRN beats PI", ft["yarn"], ft["linear"], 2 * Le)
     vs(f"2c. Baseline: fine-tuned YaRN beats plain RoPE fine-tuned at L'={Le}", ft["yarn"], ft["default"], Le)
-    if res.get("scratch_long"):
+    if c.get("scratch_long"):
         vs(f"2d. Baseline: fine-tuned YaRN beats a model trained at L'={Le} from scratch on the same tokens",
            ft["yarn"], res["scratch_long"], Le)
     vs(f"2e. Short-context check, at L={L}: the pretrained model beats fine-tuned YaRN (extending costs there)",
        nf["default"], ft["yarn"], L)
-    if res.get("short_long"):
-        vs(f"3. Train short, test long: YaRN s={c['s_long']} fine-tuned at {Le} beats YaRN s={c['s']} at {far}",
-           res["short_long"], ft["yarn"], far)
-    out += temperature_claims(res["temperature"])
+    vs(f"3. Train short, test long: YaRN s={c['s_long']} fine-tuned at {Le} beats YaRN s={c['s']} at {far}",
+       res["short_long"], ft["yarn"], far)
+    out += temperature_claims(res["temperature"] or {}, c["temp_scales"])
     out += retrieval_claims(res, L, Le)
     return out
 
 
-def temperature_claims(temp: dict) -> list[dict]:
+def temperature_claims(temp: dict, scales=None) -> list[dict]:
     """Per s: is the paper's sqrt(1/t) = 0.1 ln s + 1 as good as the sweep's best, and does a temperature beat
-    none (1.0)? Paired by document against the best factor of the sweep."""
+    none (1.0)? Paired by document against the best factor of the sweep; "not run" for an s the sweep lacks."""
     out = []
-    for s, r in temp.items():
-        runs = {a: {"ppl": {"T": x}} for a, x in r["factors"].items()}
+    for s in [str(s) for s in scales] if scales is not None else list(temp):
+        paper_factor = temp[s]["paper"] if s in temp else str(round(rope.yarn_mscale(float(s)), 4))
+        # The names do not carry the best factor, which may differ between runs: agree() matches claims by name.
+        claim_4 = (f"4. Temperature, s={s}: the paper's \u221a(1/t) = {float(paper_factor):.3f} is as good as the "
+                   "sweep's best, A = the paper's, B = the best")
+        claim_4b = f"4b. Temperature, s={s}: the sweep's best \u221a(1/t) beats none (1.0)"
+        if s not in temp:
+            out += [{"claim": claim, "held": NOT_RUN, "evidence": "its stage did not finish"}
+                    for claim in (claim_4, claim_4b)]
+            continue
+        runs = {a: {"ppl": {"T": x}} for a, x in temp[s]["factors"].items()}
         best = min(runs, key=lambda a: runs[a]["ppl"]["T"]["nll"])
-        paper = compare([runs[r["paper"]]], [runs[best]], "T")
+        paper = compare([runs[paper_factor]], [runs[best]], "T")
         some = compare([runs[best]], [runs["1.0"]], "T")
         named = f"best {float(best):.3f}; "
-        # The names do not carry the best factor, which may differ between runs: agree() matches claims by name.
-        out.append({"claim": f"4. Temperature, s={s}: the paper's \u221a(1/t) = {float(r['paper']):.3f} is as good as "
-                             "the sweep's best, A = the paper's, B = the best",
-                    "held": "no" if paper["verdict"] == "no" else "yes",
+        out.append({"claim": claim_4, "held": "no" if paper["verdict"] == "no" else "yes",
                     "evidence": named + evidence(paper)})
-        out.append({"claim": f"4b. Temperature, s={s}: the sweep's best \u221a(1/t) beats none (1.0)",
-                    "held": "no" if best == "1.0" else some["verdict"],
+        out.append({"claim": claim_4b, "held": "no" if best == "1.0" else some["verdict"],
                     "evidence": "1.0 is the sweep's best" if best == "1.0" else named + evidence(some)})
     return out
 
@@ -156,35 +182,49 @@ def retrieval_claims(res: dict, L: int, Le: int) -> list[dict]:
     out = []
     control = ("5. Control: the pretrained model (plain RoPE) at its own context L", [res["no_finetune"]["default"]], L)
     for name, runs, T in (control, (f"5b. Fine-tuned YaRN at L'={Le}", res["finetuned"]["yarn"], Le)):
-        lift = [interval(units(r, T, "retrieval") - np.array(r["retrieval"][str(T)]["chance"])) for r in runs]
+        claim, ran = f"{name} recalls the needle beyond chance", present(runs)
+        if not ran:
+            out.append({"claim": claim, "held": NOT_RUN, "evidence": "its stages did not finish"})
+            continue
+        lift = [interval(units(r, T, "retrieval") - np.array(r["retrieval"][str(T)]["chance"])) for r in ran]
         verdict = "yes" if all(lo > 0 for _, lo, _ in lift) else "no" if all(hi < 0 for _, _, hi in lift) \
             else "within noise"
-        chance = np.mean([np.mean(r["retrieval"][str(T)]["chance"]) for r in runs])
-        out.append({"claim": f"{name} recalls the needle beyond chance", "held": verdict,
-                    "evidence": f"recall {recall(runs, T):.3f}, chance {chance:.3f}; lift 95% CI "
-                                + ", ".join(f"[{lo:+.3f}, {hi:+.3f}]" for _, lo, hi in lift)})
+        chance = np.mean([np.mean(r["retrieval"][str(T)]["chance"]) for r in ran])
+        seeds = f" ({len(ran)} of {len(runs)} seeds)" if len(ran) < len(runs) else ""
+        out.append({"claim": claim, "held": verdict,
+                    "evidence": f"recall {recall(ran, T):.3f}, chance {chance:.3f}; lift 95% CI "
+                                + ", ".join(f"[{lo:+.3f}, {hi:+.3f}]" for _, lo, hi in lift) + seeds})
     result = compare(res["finetuned"]["yarn"], res["finetuned"]["linear"], Le, "retrieval")
     out.append({"claim": f"5c. Fine-tuned, at L'={Le}: YaRN recalls better than PI", "held": result["verdict"],
                 "evidence": evidence(result, "retrieval")})
+    if out[0]["held"] not in ("yes", NOT_RUN):  # a model that cannot copy at L: the probe measures nothing past it
+        for c in out[1:]:
+            c.update(held=CONTROL_FAILED, evidence="the control (claim 5) does not recall beyond chance, so the probe "
+                     f"cannot tell the methods apart; the numbers, for the record: {c['evidence']}")
     return out
 
 
 def agree(a: list[dict], b: list[dict]) -> list[str]:
-    """The claims on which two reports disagree, other than where either says 'within noise' (two runs with
-    different seeds must agree on every other verdict)."""
-    theirs = {c["claim"]: c["held"] for c in b}
-    return [c["claim"] for c in a if c["claim"] in theirs and "within noise" not in (c["held"], theirs[c["claim"]])
+    """The claims on which two reports disagree, other than where either reached no verdict ('within noise', 'not
+    run', a failed control): two runs with different seeds must agree on every other verdict."""
+    theirs, undecided = {c["claim"]: c["held"] for c in b}, {"within noise", NOT_RUN, CONTROL_FAILED}
+    return [c["claim"] for c in a if c["claim"] in theirs and not undecided & {c["held"], theirs[c["claim"]]}
             and c["held"] != theirs[c["claim"]]]
 
 
 # Tables and plots
-def table(runs: dict[str, list[dict]], contexts, score=ppl, digits: int = 3) -> str:
+def table(runs: dict[str, list], contexts, score=ppl, digits: int = 3) -> str:
     """One row per method, one column per context: score(the method's runs, T), perplexity by default."""
     lines = ["| method | " + " | ".join(str(T) for T in contexts) + " |", "|---|" + "---|" * len(contexts)]
     for name, rs in runs.items():
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{score(rs, T):.{digits}f}" for T in contexts)
-                     + " |")
+        cells = [f"{score(rs, T):.{digits}f}" if present(rs) else NOT_RUN for T in contexts]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def finished(runs: dict[str, list]) -> dict[str, list[dict]]:
+    """{method: its runs that finished}, for the methods with any."""
+    return {name: present(rs) for name, rs in runs.items() if present(rs)}
 
 
 def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str):
@@ -273,20 +313,23 @@ def plot_temperature(plt, temp: dict):
 
 
 def plots(res: dict, out: Path) -> list[str]:
+    """The figures of whatever finished, as PNG files in out; returns their names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c, (nf, ft) = res["config"], method_runs(res)
-    figures = {
-        "ppl_no_finetune.png": plot_ppl(plt, nf, c, "Perplexity vs context, no fine-tuning"),
-        "ppl_finetuned.png": plot_ppl(plt, ft, c, "Perplexity vs context, fine-tuned at L' (bars: range over seeds)"),
-        "retrieval_no_finetune.png": plot_recall(plt, nf, "Needle recall, no fine-tuning"),
-        "retrieval_finetuned.png": plot_recall(plt, ft, "Needle recall, fine-tuned (mean over seeds)"),
-        "scaling_per_dimension.png": plot_scaling(plt, c),
-        "temperature.png": plot_temperature(plt, res["temperature"]),
-    }
+    c, (nf, ft) = res["config"], (finished(runs) for runs in method_runs(res))
+    figures = {"scaling_per_dimension.png": plot_scaling(plt, c)}
+    if nf:
+        figures["ppl_no_finetune.png"] = plot_ppl(plt, nf, c, "Perplexity vs context, no fine-tuning")
+        figures["retrieval_no_finetune.png"] = plot_recall(plt, nf, "Needle recall, no fine-tuning")
+    if ft:
+        figures["ppl_finetuned.png"] = plot_ppl(plt, ft, c, "Perplexity vs context, fine-tuned at L' (bars: range "
+                                                "over seeds)")
+        figures["retrieval_finetuned.png"] = plot_recall(plt, ft, "Needle recall, fine-tuned (mean over seeds)")
+    if res["temperature"]:
+        figures["temperature.png"] = plot_temperature(plt, res["temperature"])
     for name, fig in figures.items():
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -338,37 +381,73 @@ def setup_lines(res: dict) -> list[str]:
 
 def markdown(res: dict, plot_files: list[str]) -> str:
     c, (nf, ft) = res["config"], method_runs(res)
+    missing = sum(x["held"] == NOT_RUN for x in res["claims"])
     lines = [f"# YaRN toy reproduction: preset `{res['preset']}`", "",
              f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit {res['commit']}. "
              "Every number comes from `results.json`; every verdict is computed from those numbers by report.py.",
+             *(["", f"**This run did not finish:** {missing} of {len(res['claims'])} claims are 'not run', because "
+                "stages they need did not finish (see the wall times below)."] if missing else []),
              "", "## Set-up", "", *setup_lines(res), "", "## Claims, decided from the numbers", "",
              "| claim | held | numbers |", "|---|---|---|"]
     lines += [f"| {x['claim']} | {x['held']} | {x['evidence']} |" for x in res["claims"]]
     lines += ["", "How to read it: 'yes' means the 95% t-interval of the per-document difference (per trial for "
               "recall) lies on the claim's side of zero for every fine-tuning seed; 'no' that it lies on the other "
-              "side for every seed; 'within noise' anything else. An interval covers the choice of evaluation "
-              "documents; agreement across seeds covers the fine-tuning run. Without fine-tuning there is one "
-              "pretrained model, so those intervals cover the documents only.", "",
+              "side for every seed; 'within noise' anything else; 'not run' that a stage it needs did not finish; "
+              "'not decided (control failed)' that the pretrained model does not recall the needle at its own "
+              "context, so the retrieval probe cannot compare methods. "
+              "An interval covers the choice of evaluation documents; agreement across seeds covers the "
+              "fine-tuning run. Without fine-tuning there is one pretrained model, so those intervals cover the "
+              "documents only.", "",
               "## Perplexity, no fine-tuning (the pretrained model, RoPE swapped)", "",
               table(nf, res["contexts"]), "## Perplexity, fine-tuned at L' (geometric mean over seeds)", "",
               table(ft, res["contexts"]), "## Needle recall (mean over depths), no fine-tuning", "",
               table(nf, res["retrieval_contexts"], recall, 2),
               "## Needle recall (mean over depths and seeds), fine-tuned", "",
               table(ft, res["retrieval_contexts"], recall, 2),
-              "## Temperature (NTK-by-parts with an attention factor, pretrained model, perplexity at sL)", "",
-              "| s | context | best \u221a(1/t) | ppl at best | ppl at 1.0 | paper 0.1 ln s + 1 | ppl at paper's |",
-              "|---|---|---|---|---|---|---|"]
-    for s, r in res["temperature"].items():
+              "## Temperature (NTK-by-parts with an attention factor, pretrained model, perplexity at sL)", ""]
+    if res["temperature"]:
+        lines += ["| s | context | best \u221a(1/t) | ppl at best | ppl at 1.0 | paper 0.1 ln s + 1 | ppl at paper's |",
+                  "|---|---|---|---|---|---|---|"]
+    for s, r in (res["temperature"] or {}).items():
         best = min(r["factors"], key=lambda a: r["factors"][a]["nll"])
         lines.append(f"| {s} | {r['context']} | {float(best):.3f} | {r['factors'][best]['ppl']:.3f} | "
                      f"{r['factors']['1.0']['ppl']:.3f} | {float(r['paper']):.3f} | "
                      f"{r['factors'][r['paper']]['ppl']:.3f} |")
+    lines += [] if res["temperature"] else [NOT_RUN]
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in res["stage_seconds"].items()]
-    lines += [f"| total | {sum(res['stage_seconds'].values()):.1f} |", "", "## Plots", ""]
-    lines += [f"![{f}]({f})" for f in plot_files]
+    lines += [f"| total | {sum(res['stage_seconds'].values()):.1f} |", "", "## Training runs", "",
+              "| run | steps | tokens/s | MFU | seconds |", "|---|---|---|---|---|"]
+    for name, t in res["train"].items():
+        mfu = "n/a" if t.get("mfu") is None else f"{100 * t['mfu']:.1f}%"
+        lines.append(f"| {name} | {t['steps']} | {t['tokens_per_s']:,.0f} | {mfu} | {t['elapsed_s']:.1f} |")
+    lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in plot_files]
     lines += ["", "## Config", "", "```json", json.dumps(c, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+# Inputs and outputs
+def gather(runs: Path) -> dict:
+    """Every stage output under a reproduce.py runs folder, in one dict (report.py's input, and results.json):
+    what a stage did not produce is None (a method's run) or absent from the lists of seeds."""
+    runs, ev = Path(runs), Path(runs) / "eval"
+    if not (runs / "job.json").is_file():
+        raise ValueError(f"{runs} holds no job.json: it is not a runs folder of reproduce.py; give --runs the folder "
+                         "`python reproduce.py --runs` wrote")
+
+    def read(path: Path):
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    job = read(runs / "job.json")
+    c, seeds = job["config"], job["config"]["finetune_seeds"]
+    return {**{k: v for k, v in job.items() if k not in ("methods", "no_finetune_methods")},
+            "no_finetune": {m: read(ev / f"nft_{m}.json") for m in job["no_finetune_methods"]},
+            "finetuned": {m: [read(ev / f"ft_{m}_{seed}.json") for seed in seeds] for m in job["methods"]},
+            "short_long": [read(ev / f"short_long_{seed}.json") for seed in seeds],
+            "scratch_long": [read(ev / "scratch_long.json")] if c.get("scratch_long") else None,
+            "temperature": read(runs / "temperature.json"),
+            "train": {d.name: read(d / "summary.json") for d in sorted(runs.iterdir()) if (d / "summary.json").is_file()},
+            "stage_seconds": read(runs / "stages.json") or {}}
 
 
 def write(res: dict, out: Path) -> list[dict]:
@@ -381,3 +460,27 @@ def write(res: dict, out: Path) -> list[dict]:
     write_json(out / "results.json", res)
     atomic_write(out / "report.md", markdown(res, files))
     return res["claims"]
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: str  # the runs folder of a reproduce.py invocation, finished or not (it holds job.json)
+    out: str | None = None  # the report's folder; default results/<preset>
+
+    def __post_init__(self):
+        flags.check_types(self)
+
+
+def main(argv) -> list[dict]:
+    args = flags.build(ReportConfig, flags.parse(argv, flags.flag_table((ReportConfig, "")), "python report.py",
+                                                 __doc__))
+    res = gather(Path(args.runs))
+    out = Path(args.out or f"results/{res['preset']}")
+    found = write(res, out)
+    done = sum(x["held"] != NOT_RUN for x in found)
+    print(f"report: {out / 'report.md'}; {done} of {len(found)} claims decided from the stages that finished")
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(flags.cli(main))

@@ -4,14 +4,16 @@
     python reproduce.py --preset gpu      # one H100 / H200
     python reproduce.py --preset tiny     # seconds: the smoke test (tests/test_reproduce.py)
 
-Stages, each skipped when its output exists, so that a re-run resumes where a run stopped:
+Stages, each skipped when its output exists, so that a re-run resumes where a run stopped; in this order, so that
+a run cut part-way has the inputs of the primary claims (`python report.py --runs DIR` reports what finished):
   data         prepare the corpus (Python's standard library) with the preset's tokenizer, if missing
-  warmup       (cpu preset) a short run on the induction task, at a constant learning rate (data/recall.py)
-  pretrain     plain RoPE at context L (cpu preset: from the warm-up, on the recall mix)
-  finetune     every method extended to L' = s L and fine-tuned at L' with the same budget, once per seed; YaRN at
-               the larger s_long ("train short, test long"); where affordable, a model trained at L' from scratch
-  evaluate     perplexity and needle recall (eval.py): the pretrained model under every method, every fine-tuned one
-  temperature  sqrt(1/t) swept for NTK-by-parts on the pretrained model at several s (paper Sec. 3.4)
+  warmup       (cpu, gpu) a short run on the induction task, at a constant learning rate (data/recall.py)
+  pretrain     plain RoPE at context L (cpu, gpu: from the warm-up, on the recall mix)
+  evaluate     perplexity and needle recall (eval.py) of the pretrained model under every method, no training
+  finetune     per seed: every method extended to L' = s L and fine-tuned at L' with the same budget, YaRN first;
+               YaRN at the larger s_long ("train short, test long"); each evaluated as soon as it is trained
+  temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
+  scratch_long (gpu) a model trained at L' from scratch on the same tokens
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
 """
 
@@ -85,13 +87,29 @@ class Preset:
 
 
 PRESETS = {
-    # train.py's default model shape at head_dim 128 and L = 512: pairs 0..6 make more than 32 rotations in L.
-    # Sized for ~5 minutes on one H100 (an estimate: no GPU has run it): 13M tokens of pretraining (~35 s at the
-    # ~400k tokens/s such a model trains at), 19 fine-tunes of 0.5M tokens (~5 s each with their start-up), the
-    # from-scratch baseline at L' (~60 s), 26 evaluations (~2.5 s each).
-    "gpu": Preset(tokenizer="gpt2", vocab_size=50304, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
-                  s_long=16, pretrain_steps=800, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
-                  finetune_lr=1e-4, scratch_long=True, stride=256, max_docs=16, max_windows=1, trials=8),
+    # One H100 / H200. The cpu preset's design at 25.9M parameters (d_model 512, 8 layers, head_dim 128: pairs
+    # 0..6 make more than 32 rotations in L = 512), without previous-token embeddings: a plain LLaMA-style model,
+    # so that this report is also the ablation without them. Copying must then form from the induction warm-up and
+    # the recall mix alone (the CPU-side evidence, and how far it carries, is in PERF_NOTES.md); if it does not, the
+    # report says the control failed instead of deciding claims 5b and 5c.
+    # Sized from arithmetic for at most 60% of gpu_run.sh's 330 s limit (no GPU has timed it yet; each stage's
+    # measured seconds come back in stages.json): training FLOPs = tokens x flops_per_token (158 / 168 / 256 MFLOP
+    # at T = 128 / 512 / 4096) at 131 TFLOP/s, what a 45M model of this width achieved eager in bf16 on an H100
+    # (PERF_NOTES.md; 17% of the ~790 TFLOP/s measured on an H200), and never under ~8 ms a step for launching eager
+    # PyTorch's ~1,000 kernels; evaluation in TF32 at ~100 TFLOP/s.
+    #   start-up (imports, CUDA), data (30 MB of bytes)                           ~15 s
+    #   warm-up 1,500 x 32 x 128 (6.1M tokens, 0.97 PFLOP): launch-bound          ~12 s
+    #   pretraining 1,000 x 32 x 512 (16.4M tokens, 2.7 PFLOP)                    ~21 s
+    #   18 fine-tunes of 30 x 4 x 4,096 (0.5M tokens, 0.13 PFLOP, ~1 s each), each with a 100 MB checkpoint read
+    #   and one written (no optimizer state) and 2 validation passes: ~3 s each   ~54 s
+    #   the from-scratch baseline, 1,030 x 4 x 4,096 (16.9M tokens, 4.3 PFLOP)    ~33 s
+    #   26 evaluations (16 documents at 512..8192, 128 probes at 512..4096, 43 TFLOP): ~1.5 s each  ~39 s
+    #   temperature sweep: 28 perplexities at sL, 7 TFLOP                         ~6 s
+    #   total ~180 s = 55% of 330 s
+    "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
+                  s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
+                  finetune_lr=1e-4, data_mix="recall", warmup_steps=1500, warmup_block=128, warmup_batch=32,
+                  scratch_long=True, stride=256, max_docs=16, max_windows=1, trials=8),
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
     # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
@@ -104,8 +122,8 @@ PRESETS = {
     "tiny": Preset(tokenizer="bytes", vocab_size=320, d_model=32, n_layer=1, n_head=1, prev_tokens=2, L=64, s=2,
                    s_long=4, pretrain_steps=6, pretrain_batch=2, lr=3e-3, finetune_steps=2, finetune_batch=1,
                    finetune_lr=1e-3, data_mix="recall", warmup_steps=3, warmup_block=32, warmup_batch=2,
-                   finetune_seeds=(0, 1), stride=32, max_docs=4, max_windows=1, trials=2, needle_len=8,
-                   depths=(0.0, 0.5), temp_scales=(2,), temp_factors=(1.0, 1.2), train_eval_batches=1),
+                   finetune_seeds=(0, 1), scratch_long=True, stride=32, max_docs=4, max_windows=1, trials=2,
+                   needle_len=8, depths=(0.0, 0.5), temp_scales=(2,), temp_factors=(1.0, 1.2), train_eval_batches=1),
 }
 
 
@@ -166,7 +184,8 @@ class Job:
         """train.train under runs/name, resuming a run that was interrupted; its summary in summary.json."""
         out = self.runs / name
         run = replace(run, out_dir=str(out), data_dir=str(self.data_dir), device=self.device,
-                      eval_batches=self.p.train_eval_batches, eval_interval=run.max_steps)
+                      eval_batches=self.p.train_eval_batches, eval_interval=run.max_steps,
+                      final_optimizer=False)  # nothing continues a finished run here: 3x less to write
         state = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
         write_json(out / "summary.json", train.train(run, config, state, resume=state is not None))
 
@@ -229,9 +248,25 @@ def temperature_sweep(job: Job, val, out: Path):
     write_json(out, result)
 
 
-# The whole job
-def training_stages(job: Job, stages: Stages):
-    p, runs = job.p, job.runs
+# The whole job, in the order the claims need their inputs: a run cut part-way still decides the primary claims
+# (report.py marks the rest "not run"). Each model is evaluated as soon as it is trained.
+FINETUNE_ORDER = ("yarn", "linear", "ntk", "default", "ntk_by_parts")  # claims 2, 2b, 2c, 5b, 5c need the first four
+
+
+def stages_in_order(job: Job, stages: Stages):
+    p, runs, ev = job.p, job.runs, job.runs / "eval"
+
+    @functools.cache
+    def val():  # the validation split, opened once, when first needed
+        return load_split(job.data_dir, "val")[:2]
+
+    def evaluated(name: str, build):
+        stages.run(f"evaluate {name}", ev / f"{name}.json", lambda: evaluate(job, build(), ev / f"{name}.json", val()))
+
+    def trained_and_evaluated(title: str, name: str, train_it):
+        stages.run(title, runs / name / "summary.json", train_it)
+        evaluated(name, lambda: load_model(job, name))
+
     prepare_cfg = PrepareConfig(source=p.data_source, out=str(job.data_dir), val_fraction=p.val_fraction,
                                 block_size=p.L, tokenizer=p.tokenizer)
     stages.run("data", job.data_dir / "meta.json", lambda: prepare(prepare_cfg))
@@ -242,60 +277,33 @@ def training_stages(job: Job, stages: Stages):
         if p.warmup_steps else {}
     stages.run("pretrain", runs / "pretrain" / "summary.json", lambda: job.pretrain(
         "pretrain", p.L, p.pretrain_steps, p.pretrain_batch, data_mix=p.data_mix, **after_warmup))
-    for seed in p.finetune_seeds:
-        for m in METHODS:
-            stages.run(f"finetune {m} s={p.s} at {p.s * p.L}, seed {seed}", runs / f"ft_{m}_{seed}" / "summary.json",
-                       lambda m=m, seed=seed: job.finetune(f"ft_{m}_{seed}", m, p.s, seed))
-        stages.run(f"short_long: yarn s={p.s_long} at {p.s * p.L}, seed {seed}",
-                   runs / f"short_long_{seed}" / "summary.json",
-                   lambda seed=seed: job.finetune(f"short_long_{seed}", "yarn", p.s_long, seed))
-    if p.scratch_long:  # the same tokens as pretraining plus one fine-tune, all at L'
+    for m in NO_FINETUNE:  # claims 1, 1b-1d and the retrieval control
+        evaluated(f"nft_{m}", lambda m=m: without_finetuning(job, m))
+    for i, seed in enumerate(p.finetune_seeds):
+        for m in FINETUNE_ORDER:
+            trained_and_evaluated(f"finetune {m} s={p.s} at {p.s * p.L}, seed {seed}", f"ft_{m}_{seed}",
+                                  lambda m=m, seed=seed: job.finetune(f"ft_{m}_{seed}", m, p.s, seed))
+        trained_and_evaluated(f"short_long: yarn s={p.s_long} at {p.s * p.L}, seed {seed}", f"short_long_{seed}",
+                              lambda seed=seed: job.finetune(f"short_long_{seed}", "yarn", p.s_long, seed))
+        if i == 0:  # claim 4, cheap, once the first seed has decided claims 2-3
+            stages.run("temperature", runs / "temperature.json",
+                       lambda: temperature_sweep(job, val(), runs / "temperature.json"))
+    if p.scratch_long:  # the same tokens as pretraining plus one fine-tune, all at L'; last: it costs the most
         tokens = p.L * p.pretrain_steps * p.pretrain_batch + p.s * p.L * p.finetune_steps * p.finetune_batch
         batch = max(1, p.pretrain_batch // p.s)
-        stages.run(f"scratch_long: plain RoPE from scratch at {p.s * p.L}", runs / "scratch_long" / "summary.json",
-                   lambda: job.pretrain("scratch_long", p.s * p.L, math.ceil(tokens / (batch * p.s * p.L)), batch))
+        steps = math.ceil(tokens / (batch * p.s * p.L))
+        trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {p.s * p.L}", "scratch_long",
+                              lambda: job.pretrain("scratch_long", p.s * p.L, steps, batch))
 
 
-def evaluation_stages(job: Job, stages: Stages):
-    p, ev = job.p, job.runs / "eval"
-
-    @functools.cache
-    def data():  # the validation split, opened once, when first needed
-        return load_split(job.data_dir, "val")[:2]
-
-    models = [(f"nft_{m}", lambda m=m: without_finetuning(job, m)) for m in NO_FINETUNE]
-    models += [(name, lambda name=name: load_model(job, name)) for name in
-               [f"ft_{m}_{seed}" for seed in p.finetune_seeds for m in METHODS]
-               + [f"short_long_{seed}" for seed in p.finetune_seeds] + (["scratch_long"] if p.scratch_long else [])]
-    for name, build in models:
-        stages.run(f"evaluate {name}", ev / f"{name}.json",
-                   lambda name=name, build=build: evaluate(job, build(), ev / f"{name}.json", data()))
-    stages.run("temperature", job.runs / "temperature.json",
-               lambda: temperature_sweep(job, data(), job.runs / "temperature.json"))
-
-
-def results(job: Job, stages: Stages) -> dict:
-    """Every stage's output in one dict: report.py's input, and results.json."""
-    p, ev = job.p, job.runs / "eval"
-
-    def read(path: Path):
-        return json.loads(path.read_text())
-
-    seeds = p.finetune_seeds
+def job_record(job: Job) -> dict:
+    """What report.py needs besides the stage outputs, written to <runs>/job.json before any stage runs."""
+    p = job.p
     commit, dirty = git_commit()
-    return {
-        "preset": job.name, "command": job.command, "config": {**asdict(p), "contexts": p.contexts},
-        "contexts": p.contexts, "retrieval_contexts": retrieval_contexts(p), "device": device_name(job.device),
-        "torch": torch.__version__, "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else ""),
-        "no_finetune": {m: read(ev / f"nft_{m}.json") for m in NO_FINETUNE},
-        "finetuned": {m: [read(ev / f"ft_{m}_{seed}.json") for seed in seeds] for m in METHODS},
-        "short_long": [read(ev / f"short_long_{seed}.json") for seed in seeds],
-        "scratch_long": [read(ev / "scratch_long.json")] if p.scratch_long else None,
-        "temperature": read(job.runs / "temperature.json"),
-        "train": {d.name: read(d / "summary.json") for d in sorted(job.runs.iterdir())
-                  if (d / "summary.json").exists()},
-        "stage_seconds": stages.times,
-    }
+    return {"preset": job.name, "command": job.command, "config": {**asdict(p), "contexts": p.contexts},
+            "contexts": p.contexts, "retrieval_contexts": retrieval_contexts(p), "device": device_name(job.device),
+            "torch": torch.__version__, "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else ""),
+            "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE)}
 
 
 def main(argv) -> list[dict]:
@@ -315,10 +323,9 @@ def main(argv) -> list[dict]:
           f"runs -> {job.runs}, report -> {job.out}", flush=True)
     t0 = time.time()
     job.runs.mkdir(parents=True, exist_ok=True)
-    stages = Stages(job.runs)
-    training_stages(job, stages)
-    evaluation_stages(job, stages)
-    claims = report.write(results(job, stages), job.out)  # always rewritten: cheap, and every stage may have re-run
+    write_json(job.runs / "job.json", job_record(job))
+    stages_in_order(job, Stages(job.runs))
+    claims = report.write(report.gather(job.runs), job.out)  # always rewritten: cheap, and a stage may have re-run
     for c in claims:
         print(f"  [{c['held']}] {c['claim']}: {c['evidence']}")
     print(f"report: {job.out / 'report.md'}\nall stages done; this invocation took {time.time() - t0:.1f}s", flush=True)

@@ -135,10 +135,14 @@ def setup(run: RunConfig, config: ModelConfig, state: dict | None, resume: bool,
     optimizer = make_optimizer(raw_model, run, device.startswith("cuda"))
     start_step, metrics = 0, {"best_val_loss": None, "last_val_loss": None, "last_train_loss": None}
     if phase == "resume":
-        optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         if start_step > run.max_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, past --max_steps={run.max_steps}")
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        elif start_step < run.max_steps:
+            raise ValueError(f"the checkpoint in {run.out_dir} has no optimizer state (saved with "
+                             "--final_optimizer=false), so it cannot be continued; extend from it with --init_from")
         metrics.update(state.get("metrics", {}))
     model, train_model = compiled_and_wrapped(raw_model, run, d, device)
     extended_from = None if state is None else state.get("extended_from") if phase == "resume" else \
@@ -214,10 +218,12 @@ def evaluate(r: Run) -> float:
 
 
 def save_checkpoint(r: Run, step: int) -> None:
+    optimizer = {} if step == r.run.max_steps and not r.run.final_optimizer else \
+        {"optimizer": r.optimizer.state_dict()}
     checkpoint.save_numbered({
         "model_config": r.raw_model.config.to_dict(), "tokenizer": r.data[2],
         "model": r.raw_model.state_dict(),  # the raw module: no `_orig_mod.` or `module.` prefixes
-        "optimizer": r.optimizer.state_dict(), "run_config": asdict(r.run), "step": step,
+        **optimizer, "run_config": asdict(r.run), "step": step,
         "data_state": {"order": "windows seeded by (seed, step, micro-batch)", "seed": r.run.seed, "step": step},
         "metrics": dict(r.metrics), "extended_from": r.extended_from,
         "provenance": r.provenance,

@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# The whole GPU run as one command, within 9 minutes (a GPU window: ~15 minutes with the machine's start, at most
+# The whole GPU run as one command, within 9.5 minutes (a GPU window: ~15 minutes with the machine's start, at most
 # 10 a command, results only from $OUT): versions, the CUDA-only tests, the GPU main job and the benchmark. Each
 # stage runs under its own timeout and leaves what it made in $OUT as soon as it ends, so a late failure or a cut
-# never loses an earlier stage.
+# never loses an earlier stage; a cut main job still returns its report, from the stages that finished.
 #
 #   OUT=DIR scripts/gpu_run.sh                  # every stage: env tests reproduce bench (default runs/gpu_out)
 #   OUT=DIR scripts/gpu_run.sh bench            # some of them, in this order whatever the order given
 #   GPU_RUN_TINY=1 OUT=DIR scripts/gpu_run.sh   # the rehearsal: every stage on CPU at toy sizes (tests/test_gpu_run.py)
 #
-# What lands in $OUT (7 files, flat; the limit is 8 files of 16 MiB):
+# What lands in $OUT (at most 8 files, flat; the limit is 8 files of 16 MiB):
 #   gpu_run.log       one line per stage: name, exit status (124 / 137: cut by its timeout), seconds, limit
 #   env.txt           the commit, Python, torch, CUDA, transformers, nvidia-smi, CPUs, memory
 #   tests.log         python -m pytest tests/test_model.py -k cuda (SDPA parity on CUDA, fp32 and bf16, 6 tests)
 #   reproduce.log     reproduce.py --preset gpu, written as it runs
-#   reproduce.tar.gz  results/gpu/ (report.md, results.json, plots) and runs/gpu/ without checkpoints (*.pt)
+#   report.log        only when reproduce did not finish: report.py on the stages that did (the rest "not run")
+#   reproduce.tar.gz  results/gpu/ (report.md, results.json, plots) and runs/gpu/ without checkpoints (*.pt): every
+#                     stage's seconds (stages.json) and every training run's tokens/s and MFU (summary.json)
 #   bench.json        python bench.py --preset=gpu, rewritten after every case
 #   bench.log         its output, ending with a markdown table
-# Stage limits in seconds, GPU (tiny): env 15 (30), tests 45 (60), reproduce 380 (150), bench 110 (90), each
-# also capped by what is left of GPU_RUN_BUDGET (520; tiny 300), and SIGKILL follows SIGTERM 15 s (5 s) later: the
-# whole run ends within 9 minutes. GPU_RUN_LIMITS="reproduce=100 bench=60" overrides the limits.
+# Stage limits in seconds, GPU (tiny): env 15 (30), tests 60 (60), reproduce 330 (150), report 40 (60), bench 80
+# (90), each also capped by what is left of GPU_RUN_BUDGET (540; tiny 360), and SIGKILL follows SIGTERM 15 s (5 s)
+# later: the whole run ends within 9.5 minutes. GPU_RUN_LIMITS="reproduce=100 bench=60" overrides the limits.
 # Python: $YARN_PYTHON if set, else `python` where it already has the project's modules (the GPU box), else
 # scripts/env.sh's choice. Exit status: 0 when every stage ran and succeeded, 1 otherwise, 2 for bad arguments.
 set -uo pipefail
@@ -36,11 +38,13 @@ OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_run.log"
 START=$(date +%s)
 if [ "$TINY" = 1 ]; then
-    BUDGET="${GPU_RUN_BUDGET:-300}"; LIMITS="env=30 tests=60 reproduce=150 bench=90"; PRESET=tiny; DEVICE=cpu
+    BUDGET="${GPU_RUN_BUDGET:-360}"; LIMITS="env=30 tests=60 reproduce=150 report=60 bench=90"
+    PRESET=tiny; DEVICE=cpu
     GRACE=5
     WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
 else
-    BUDGET="${GPU_RUN_BUDGET:-520}"; LIMITS="env=15 tests=45 reproduce=380 bench=110"; PRESET=gpu; DEVICE=cuda
+    BUDGET="${GPU_RUN_BUDGET:-540}"; LIMITS="env=15 tests=60 reproduce=330 report=40 bench=80"
+    PRESET=gpu; DEVICE=cuda
     GRACE=15
     WORK="$ROOT"
 fi
@@ -65,9 +69,10 @@ limit_of() {  # the stage's limit: the last NAME=SECONDS in $LIMITS, capped by w
 }
 
 stage() {  # stage NAME LOGFILE COMMAND...: the command under its limit, its output in $OUT/LOGFILE and on stdout
-    local name="$1" file="$2" limit t0 rc
+    local name="$1" file="$2" limit t0
     shift 2
     limit="$(limit_of "$name")"
+    rc=skipped
     if [ "$limit" -lt 5 ]; then
         echo "stage $name rc=skipped seconds=0 limit=$limit (out of budget)" | tee -a "$LOG"; FAILED=1; return
     fi
@@ -77,7 +82,7 @@ stage() {  # stage NAME LOGFILE COMMAND...: the command under its limit, its out
     rc=${PIPESTATUS[0]}
     echo "stage $name rc=$rc seconds=$(( $(date +%s) - t0 )) limit=$limit" | tee -a "$LOG"
     [ "$rc" = 0 ] || FAILED=1
-}
+}  # leaves the command's exit status in $rc
 
 env_report() {
     echo "date: $(date -u +%FT%TZ)"
@@ -118,9 +123,12 @@ case "$STAGES" in *" reproduce "*)
         ls -S "$stdlib"/*.py | head -16 | xargs -I{} cp {} "$WORK/corpus/"
         args+=(--data_source "$WORK/corpus" --data_dir "$WORK/data")
     else
-        args+=(--data_dir data/stdlib)
+        args+=(--data_dir data/stdlib_bytes)
     fi
     stage reproduce reproduce.log "$PY" reproduce.py "${args[@]}"
+    if [ "$rc" != 0 ] && [ "$rc" != skipped ]; then  # cut or failed: a report of what finished, the rest "not run"
+        stage report report.log "$PY" report.py --runs "$WORK/runs/$PRESET" --out "$WORK/results/$PRESET"
+    fi
     parts=()
     for part in "results/$PRESET" "runs/$PRESET"; do [ -e "$WORK/$part" ] && parts+=("$part"); done
     if [ "${#parts[@]}" -gt 0 ]; then  # whatever it made, finished or not

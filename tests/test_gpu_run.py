@@ -1,13 +1,14 @@
 """scripts/gpu_run.sh, rehearsed on CPU (GPU_RUN_TINY=1): every stage runs at toy sizes and lands its output in
 $OUT within what a GPU window hands back (at most 8 files, 16 MiB each, 2 folders deep), so the one GPU command
-cannot break unseen. About 45 s on 2 cores (the tiny main job is most of it)."""
+cannot break unseen; a main job cut by its timeout still returns a report. No outcome here depends on how fast the
+machine is: the stage that must be cut is one that blocks. About 45 s on 2 cores (the tiny main job is most of it)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,10 @@ SCRIPT = ROOT / "scripts" / "gpu_run.sh"
 FILES = {"gpu_run.log", "env.txt", "tests.log", "reproduce.log", "reproduce.tar.gz", "bench.json", "bench.log"}
 
 
-def gpu_run(out: Path, *stages: str, timeout: int = 240, **env):
-    t0 = time.perf_counter()
-    proc = subprocess.run(["bash", str(SCRIPT), *stages], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OUT": str(out), "GPU_RUN_TINY": "1", "YARN_PYTHON": sys.executable,
-                               **env})
-    return proc, time.perf_counter() - t0
+def gpu_run(out: Path, *stages: str, timeout: int = 300, **env):
+    env = {**os.environ, "OUT": str(out), "GPU_RUN_TINY": "1", "YARN_PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SCRIPT), *stages], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def stage_lines(out: Path) -> dict[str, str]:
@@ -42,15 +41,14 @@ def within_the_return_limits(out: Path):
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_out")
-    proc, elapsed = gpu_run(out)
+    proc = gpu_run(out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-    return out, proc.stdout, elapsed
+    return out, proc.stdout
 
 
 def test_every_stage_lands_in_out_within_the_limits(rehearsal):
-    out, stdout, elapsed = rehearsal
-    assert elapsed < 90, f"the rehearsal took {elapsed:.0f}s"
-    assert {p.name for p in out.iterdir()} == FILES
+    out, stdout = rehearsal
+    assert {p.name for p in out.iterdir()} == FILES  # no report.log: the main job wrote its own report
     within_the_return_limits(out)
     stages = stage_lines(out)
     assert list(stages) == ["env", "tests", "reproduce", "bench"]
@@ -60,7 +58,7 @@ def test_every_stage_lands_in_out_within_the_limits(rehearsal):
 
 
 def test_each_stage_output(rehearsal):
-    out, _, _ = rehearsal
+    out, _ = rehearsal
     env = (out / "env.txt").read_text()
     assert "torch " in env and "transformers " in env and "nvidia-smi" in env
     assert "6 skipped" in (out / "tests.log").read_text()  # the CUDA-only tests were selected (and skip on CPU)
@@ -76,19 +74,59 @@ def test_each_stage_output(rehearsal):
     assert "wrote" in (out / "bench.log").read_text()
 
 
-def test_a_stage_cut_by_its_timeout_keeps_what_it_made_and_the_next_stage_runs(tmp_path):
-    proc, _ = gpu_run(tmp_path, "reproduce", "bench", GPU_RUN_LIMITS="reproduce=6")
+def blocking_python(tmp_path: Path, runs_template: Path) -> Path:
+    """A Python for gpu_run.sh whose reproduce.py lays down runs_template as the stages it finished, then blocks
+    until killed: its stage is always cut, part-way, whatever the machine's speed. Everything else runs for real."""
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/bin/sh
+if [ "$1" = reproduce.py ]; then
+    while [ $# -gt 0 ]; do [ "$1" = --runs ] && mkdir -p "$(dirname "$2")" && cp -r "{runs_template}" "$2"; shift; done
+    exec sleep 600
+fi
+exec "{sys.executable}" "$@"
+""")
+    stub.chmod(0o755)
+    return stub
+
+
+def test_a_cut_main_job_returns_a_report_of_what_finished_and_the_next_stage_runs(rehearsal, tmp_path):
+    """The main job cut after pretraining and its evaluations: the claims those decide are decided, the rest are
+    'not run', the report and the stage outputs come back, and the benchmark still runs."""
+    template = tmp_path / "finished"
+    with tarfile.open(rehearsal[0] / "reproduce.tar.gz") as tar:
+        tar.extractall(template, filter="data")
+    runs = template / "runs" / "tiny"
+    for unfinished in [*runs.glob("eval/ft_*"), *runs.glob("eval/short_long_*"), runs / "eval/scratch_long.json",
+                       runs / "temperature.json"]:
+        unfinished.unlink()
+    shutil.rmtree(template / "results")
+    out = tmp_path / "out"
+    proc = gpu_run(out, "reproduce", "bench", GPU_RUN_LIMITS="reproduce=6",
+                   YARN_PYTHON=str(blocking_python(tmp_path, runs)))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
-    stages = stage_lines(tmp_path)
-    # 124: it stopped on SIGTERM; 137: SIGKILL 5 s later (a SIGTERM in a training run's last step is not acted on)
-    assert stages["reproduce"].split()[0] in ("rc=124", "rc=137") and stages["bench"].startswith("rc=0 "), stages
-    assert "FAILED" in (tmp_path / "gpu_run.log").read_text().splitlines()[-1]
-    assert (tmp_path / "reproduce.log").stat().st_size > 0 and (tmp_path / "reproduce.tar.gz").is_file()
-    assert json.loads((tmp_path / "bench.json").read_text())["cases"]
-    within_the_return_limits(tmp_path)
+    stages = stage_lines(out)
+    # 124: it stopped on SIGTERM; 137: SIGKILL 5 s later
+    assert stages["reproduce"].split()[0] in ("rc=124", "rc=137"), stages
+    assert stages["report"].startswith("rc=0 ") and stages["bench"].startswith("rc=0 "), stages
+    assert "FAILED" in (out / "gpu_run.log").read_text().splitlines()[-1]
+    with tarfile.open(out / "reproduce.tar.gz") as tar:
+        report = tar.extractfile("results/tiny/report.md").read().decode()
+        results = json.loads(tar.extractfile("results/tiny/results.json").read())
+        assert "runs/tiny/stages.json" in tar.getnames()
+    held = {}  # claim number -> the verdicts of the claims under it
+    for c in results["claims"]:
+        held.setdefault(c["claim"].split(".")[0], set()).add(c["held"])
+    decided = {"1", "1b", "1c", "1d", "5"}  # what the pretrained model alone decides
+    assert all(held[k] <= {"yes", "no", "within noise"} for k in decided), held
+    assert all(held[k] == {"not run"} for k in set(held) - decided), held
+    assert "This run did not finish" in report and "| not run |" in report
+    assert "9 of 20 claims decided" in (out / "report.log").read_text()
+    assert json.loads((out / "bench.json").read_text())["cases"]
+    assert {p.name for p in out.iterdir()} == FILES - {"env.txt", "tests.log"} | {"report.log"}
+    within_the_return_limits(out)
 
 
 def test_an_unknown_stage_is_an_error(tmp_path):
-    proc, _ = gpu_run(tmp_path, "bench", "train", timeout=30)
+    proc = gpu_run(tmp_path, "bench", "train", timeout=30)
     assert proc.returncode == 2 and "unknown stage 'train'" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran

@@ -77,3 +77,30 @@ def test_temperature_claims_keep_their_names_when_the_best_factor_moves():
     assert [c["held"] for c in one] == ["yes", "yes"] and other[0]["held"] == "no"  # the paper's 1.1 lost by 0.05
     assert report.agree(one, other) == ["4. Temperature, s=4: the paper's \u221a(1/t) = 1.100 is as good as the "
                                         "sweep's best, A = the paper's, B = the best"]
+
+
+def test_a_seed_that_did_not_run_is_left_out_and_no_seed_at_all_is_not_run():
+    rng = np.random.default_rng(2)
+    base = rng.normal(3.0, 0.5, 16)
+    better = [run(base - 0.1 + rng.normal(0, 0.01, 16)) for _ in range(3)]
+    same = [run(base + rng.normal(0, 0.01, 16)), None, None]
+    partial = report.compare(better, same, 8)
+    assert partial["verdict"] == "yes" and partial["seeds"] == 1 and partial["of"] == 3
+    assert "1 of 3 seeds" in report.evidence(partial)
+    nothing = report.compare(better, [None, None, None], 8)
+    assert nothing["verdict"] == report.NOT_RUN and report.evidence(nothing) == "its stages did not finish"
+    assert report.compare([None], better, 8)["verdict"] == report.NOT_RUN  # the pretrained side missing
+
+
+def test_retrieval_claims_past_a_failed_control_are_not_decided():
+    def recall_run(acc):
+        return {"retrieval": {str(T): {"trial_acc": {"0.0": list(acc)}, "chance": [0.25] * 4,
+                                       "mean": float(np.mean(acc))} for T in (8, 16)}}
+
+    copies, guesses = recall_run([1.0, 0.9, 0.95, 1.0]), recall_run([0.2, 0.3, 0.25, 0.2])
+    good = {"no_finetune": {"default": copies}, "finetuned": {"yarn": [copies], "linear": [guesses]}}
+    assert [c["held"] for c in report.retrieval_claims(good, 8, 16)] == ["yes", "yes", "yes"]
+    bad = {"no_finetune": {"default": guesses}, "finetuned": {"yarn": [copies], "linear": [guesses]}}
+    held = [c["held"] for c in report.retrieval_claims(bad, 8, 16)]
+    assert held == ["within noise", report.CONTROL_FAILED, report.CONTROL_FAILED]
+    assert report.agree([{"claim": "5b", "held": report.CONTROL_FAILED}], [{"claim": "5b", "held": "yes"}]) == []

@@ -147,6 +147,19 @@ def test_extension_and_resume_refuse_a_different_architecture(data_dir, pretrain
         train.main(flags(tmp_path / "no_data", tmp_path / "y"))
 
 
+def test_a_final_checkpoint_without_the_optimizer_extends_but_does_not_continue(data_dir, pretrained, tmp_path):
+    pre, _ = pretrained
+    lean = tmp_path / "lean"
+    train.main(flags(data_dir, lean, init_from=pre, max_steps=2, final_optimizer="false"))
+    state = checkpoint.load(lean)
+    assert "optimizer" not in state and state["step"] == 2
+    assert "optimizer" in checkpoint.load(pre)  # the default keeps it
+    assert train.main(["--init_from=resume", f"--out_dir={lean}"])["steps"] == 2  # finished: nothing to do
+    with pytest.raises(ValueError, match="no optimizer state"):
+        train.main(["--init_from=resume", f"--out_dir={lean}", "--max_steps=4"])
+    assert train.main(flags(data_dir, tmp_path / "next", init_from=lean, max_steps=1))["steps"] == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. Resume: stopped at step k and resumed = uninterrupted, exactly (CPU, float32)
 
