@@ -184,7 +184,7 @@ class Job:
         """train.train under runs/name, resuming a run that was interrupted; its summary in summary.json."""
         out = self.runs / name
         run = replace(run, out_dir=str(out), data_dir=str(self.data_dir), device=self.device,
-                      eval_batches=self.p.train_eval_batches, eval_interval=run.max_steps,
+                      eval_batches=self.p.train_eval_batches,
                       final_optimizer=False)  # nothing continues a finished run here: 3x less to write
         state = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
         write_json(out / "summary.json", train.train(run, config, state, resume=state is not None))
@@ -192,7 +192,7 @@ class Job:
     def pretrain(self, name: str, block_size: int, steps: int, batch: int, **run_fields):
         """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager, as every run here."""
         run = train.RunConfig(max_steps=steps, batch_size=batch, lr=self.p.lr, seed=1337 + self.seed, compile=False,
-                              **run_fields)
+                              eval_interval=steps, **run_fields)
         self.train(name, run, self.model_config(block_size))
 
     def finetune(self, name: str, method: str, scale: int, seed: int):
@@ -201,7 +201,8 @@ class Job:
         p = self.p
         run = train.RunConfig(init_from=str(self.runs / "pretrain"), max_steps=p.finetune_steps, lr=p.finetune_lr,
                               batch_size=p.finetune_batch, seed=seed + self.seed, compile=False, weight_decay=0.0,
-                              warmup_steps=max(1, p.finetune_steps // 10))  # the paper: no weight decay
+                              warmup_steps=max(1, p.finetune_steps // 10),  # the paper: no weight decay
+                              log_interval=1, eval_interval=max(1, p.finetune_steps // 3))  # the adaptation curve
         extended = RopeConfig(type=method, factor=float(scale), original_context=p.L)
         self.train(name, run, self.model_config(p.s * p.L, extended))
 
