@@ -222,7 +222,9 @@ def test_attention_equals_float64_reference_with_yarn_temperature(device, dtype,
     without_temperature = reference_attention(attn, x, model.config, inv_t=1.0)
     assert max_diff(expected, without_temperature) > 20 * tol  # the temperature matters for these weights
     outputs = attention_outputs(model, x)
-    if device == "cuda":
+    if device == "cuda" and (dtype == torch.bfloat16 or n_kv_head == model.config.n_head):
+        # measured on an H200, torch 2.11: fp32 with grouped-query heads has only the math kernel (flash and cuDNN
+        # take half precision, the efficient kernel no enable_gqa); every other case has a fused one
         assert set(outputs) - {"MATH"}, "on CUDA a fused kernel (flash, efficient or cuDNN) should run"
     for name, out in outputs.items():
         assert out.dtype == dtype and out.shape == expected.shape
