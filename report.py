@@ -198,7 +198,7 @@ def retrieval_claims(res: dict, L: int, Le: int) -> list[dict]:
     out.append({"claim": f"5c. Fine-tuned, at L'={Le}: YaRN recalls better than PI", "held": result["verdict"],
                 "evidence": evidence(result, "retrieval")})
     if out[0]["held"] not in ("yes", NOT_RUN):  # a model that cannot copy at L: the probe measures nothing past it
-        for c in out[1:]:
+        for c in (c for c in out[1:] if c["held"] != NOT_RUN):
             c.update(held=CONTROL_FAILED, evidence="the control (claim 5) does not recall beyond chance, so the probe "
                      f"cannot tell the methods apart; the numbers, for the record: {c['evidence']}")
     return out
@@ -446,7 +446,8 @@ def gather(runs: Path) -> dict:
             "short_long": [read(ev / f"short_long_{seed}.json") for seed in seeds],
             "scratch_long": [read(ev / "scratch_long.json")] if c.get("scratch_long") else None,
             "temperature": read(runs / "temperature.json"),
-            "train": {d.name: read(d / "summary.json") for d in sorted(runs.iterdir()) if (d / "summary.json").is_file()},
+            "train": {d.name: read(d / "summary.json") for d in sorted(runs.iterdir())
+                      if (d / "summary.json").is_file()},
             "stage_seconds": read(runs / "stages.json") or {}}
 
 

@@ -90,25 +90,23 @@ PRESETS = {
     # One H100 / H200. The cpu preset's design at 25.9M parameters (d_model 512, 8 layers, head_dim 128: pairs
     # 0..6 make more than 32 rotations in L = 512), without previous-token embeddings: a plain LLaMA-style model,
     # so that this report is also the ablation without them. Copying must then form from the induction warm-up and
-    # the recall mix alone (the CPU-side evidence, and how far it carries, is in PERF_NOTES.md); if it does not, the
-    # report says the control failed instead of deciding claims 5b and 5c.
-    # Sized from arithmetic for at most 60% of gpu_run.sh's 330 s limit (no GPU has timed it yet; each stage's
-    # measured seconds come back in stages.json): training FLOPs = tokens x flops_per_token (158 / 168 / 256 MFLOP
-    # at T = 128 / 512 / 4096) at 131 TFLOP/s, what a 45M model of this width achieved eager in bf16 on an H100
-    # (PERF_NOTES.md; 17% of the ~790 TFLOP/s measured on an H200), and never under ~8 ms a step for launching eager
-    # PyTorch's ~1,000 kernels; evaluation in TF32 at ~100 TFLOP/s.
-    #   start-up (imports, CUDA), data (30 MB of bytes)                           ~15 s
-    #   warm-up 1,500 x 32 x 128 (6.1M tokens, 0.97 PFLOP): launch-bound          ~12 s
-    #   pretraining 1,000 x 32 x 512 (16.4M tokens, 2.7 PFLOP)                    ~21 s
-    #   18 fine-tunes of 30 x 4 x 4,096 (0.5M tokens, 0.13 PFLOP, ~1 s each), each with a 100 MB checkpoint read
-    #   and one written (no optimizer state) and 2 validation passes: ~3 s each   ~54 s
-    #   the from-scratch baseline, 1,030 x 4 x 4,096 (16.9M tokens, 4.3 PFLOP)    ~33 s
-    #   26 evaluations (16 documents at 512..8192, 128 probes at 512..4096, 43 TFLOP): ~1.5 s each  ~39 s
-    #   temperature sweep: 28 perplexities at sL, 7 TFLOP                         ~6 s
-    #   total ~180 s = 55% of 330 s
+    # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had not (control
+    # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step ~500, and the
+    # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c.
+    # Sized for at most 60% of gpu_run.sh's 400 s limit from the stage times of the first H200 run (results/gpu):
+    # every training step here is launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k
+    # tokens a step), so time is steps, not tokens:
+    #   start-up, data                                              ~8 s (measured 7 + 0.7)
+    #   warm-up 5,000 x 32 x 128 at 24 ms a step                    ~120 s (1,500 steps took 36.1 s)
+    #   pretraining 1,000 x 32 x 512                                ~24 s (measured 23.7)
+    #   18 fine-tunes of 30 x 4 x 4,096 (no optimizer state saved) ~27 s (measured 1.0-1.9 s each)
+    #   26 evaluations                                              ~30 s (measured 1.0-1.4 s each)
+    #   temperature sweep                                           ~3 s (measured 3.2)
+    #   the from-scratch baseline, 1,030 x 4 x 4,096                ~27 s (measured 27.0)
+    #   total ~240 s = 60% of 400 s (the first run: 156 s with the 1,500-step warm-up)
     "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
                   s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
-                  finetune_lr=1e-4, data_mix="recall", warmup_steps=1500, warmup_block=128, warmup_batch=32,
+                  finetune_lr=1e-4, data_mix="recall", warmup_steps=5000, warmup_block=128, warmup_batch=32,
                   scratch_long=True, stride=256, max_docs=16, max_windows=1, trials=8),
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
@@ -289,12 +287,12 @@ def stages_in_order(job: Job, stages: Stages):
         if i == 0:  # claim 4, cheap, once the first seed has decided claims 2-3
             stages.run("temperature", runs / "temperature.json",
                        lambda: temperature_sweep(job, val(), runs / "temperature.json"))
-    if p.scratch_long:  # the same tokens as pretraining plus one fine-tune, all at L'; last: it costs the most
+    if p.scratch_long:  # as many tokens as pretraining plus one fine-tune, of the same mix, all at L'; last
         tokens = p.L * p.pretrain_steps * p.pretrain_batch + p.s * p.L * p.finetune_steps * p.finetune_batch
         batch = max(1, p.pretrain_batch // p.s)
         steps = math.ceil(tokens / (batch * p.s * p.L))
         trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {p.s * p.L}", "scratch_long",
-                              lambda: job.pretrain("scratch_long", p.s * p.L, steps, batch))
+                              lambda: job.pretrain("scratch_long", p.s * p.L, steps, batch, data_mix=p.data_mix))
 
 
 def job_record(job: Job) -> dict:

@@ -168,7 +168,7 @@ def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
     for case in bench.PRESETS["gpu"][1] if importlib.util.find_spec("transformers") else ():  # both build at the GPU shapes
         cfg = bench.configs(reproduce.PRESETS["gpu"], case)
         ours, theirs = (bench.build(w, cfg, torch.device("meta"), torch.bfloat16) for w in ("ours", "hf"))  # no memory
-        assert ours.num_params() == theirs.num_parameters() == 51_454_464, case.name
+        assert ours.num_params() == theirs.num_parameters() == 25_862_656, case.name
         assert theirs.config.max_position_embeddings == cfg.block_size >= case.T + case.new_tokens
     cpu_train = bench.PRESETS["cpu"][1][0]
     assert (cpu_train.T, cpu_train.B) == (reproduce.PRESETS["cpu"].L, reproduce.PRESETS["cpu"].pretrain_batch)
