@@ -2,14 +2,17 @@
 
     python eval.py --ckpt out/yarn8 --contexts 512,1024,2048,4096 --out yarn8.json    # --rope.<field>=... too
 
-Perplexity: a window of T tokens scores only its last `stride` tokens, so each has at least T - stride tokens of
-history (the paper's sliding window); every context of a ladder scores the very same tokens of the same held-out
-documents (select_docs, window_ends), and each document's mean NLL is kept: documents, not their correlated
-windows, are the units the report's statistics pair over.
+Perplexity: each chosen held-out document scores `score` consecutive tokens from its body (not its ending, which
+is boilerplate), the very same tokens at every context of a ladder (scored_regions). At context T a window scores
+its last S = min(T/2, score) tokens, so every scored token sees between T - S + 1 and T tokens of history (at
+least T/2, the paper's sliding window with stride S). Each document's mean NLL is kept: documents, not their
+correlated windows, are the units the report's statistics pair over.
 
 Retrieval (the toy stand-in for the paper's passkey test, which needs an instruction-following model): exactly T
 tokens of held-out text with a random needle of n tokens planted at depth d and repeated at the end; teacher-forced,
-the model is scored on the last n - cue tokens of the repeat (top-1). Depth d leaves (1 - d)(T - 2n) tokens between.
+the model is scored on the last n - cue tokens of the repeat (top-1; a trial whose every token is right is an exact
+match: greedy decoding from the cue would write the whole needle). Depth d leaves (1 - d)(T - 2n) tokens between.
+The same trials with no needle planted (only its repeat at the end) are the control that must sit at chance.
 """
 
 import math
@@ -46,52 +49,55 @@ def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) ->
     every context and every model sees the same documents."""
     eligible = np.flatnonzero(docs[:, 1] >= min_len)
     if len(eligible) == 0:
-        raise ValueError(f"no held-out document has {min_len} tokens; shorten the context ladder or the stride")
+        raise ValueError(f"no held-out document has {min_len} tokens; shorten the context ladder or --score")
     chosen = np.random.default_rng(seed).choice(eligible, size=min(max_docs, len(eligible)), replace=False)
     return np.sort(chosen)
 
 
-def window_ends(doc_len: int, stride: int, max_context: int, max_windows: int) -> list[int]:
-    """End offsets (exclusive) of the scored spans [end - stride, end): from the document's end back by stride,
-    each scored token at least max_context tokens into the document."""
-    ends, end = [], doc_len
-    while end - stride >= max_context and len(ends) < max_windows:
-        ends.append(end)
-        end -= stride
-    return ends
+def scored_regions(docs: np.ndarray, max_context: int, score: int, max_docs: int, seed: int = 0):
+    """(chosen document indices, each one's first scored offset a): `score` tokens [a, a + score) from the body of
+    each document, a drawn uniformly from [max_context, length - score] by (seed, document), so that every context
+    up to max_context has the history it needs and every model sees the same tokens."""
+    chosen = select_docs(docs, max_context + score, max_docs, seed)
+    starts = [int(np.random.default_rng([seed, int(i)]).integers(max_context, docs[i, 1] - score + 1)) for i in chosen]
+    return chosen, starts
 
 
 @torch.no_grad()
-def perplexity(model, tokens, docs, context: int, stride: int, max_docs: int, device="cpu",
-               rope_length: int | None = None, max_context: int | None = None, max_windows: int = 4,
-               batch_size: int = 8, seed: int = 0) -> dict:
-    """Sliding-window perplexity at `context`, scoring the last `stride` tokens of each window. tokens: 1-D; docs:
-    (n, 2) of (start, length); max_context: the ladder's longest (default `context`); rope_length: the l' dynamic
-    variants scale for (default the window's length). Returns nll (nats per scored token), ppl, n_tokens,
-    n_windows, n_docs, docs (their indices) and doc_nll (each one's mean NLL, in that order)."""
+def perplexity(model, tokens, docs, context: int, score: int, max_docs: int, device="cpu",
+               rope_length: int | None = None, max_context: int | None = None, batch_size: int = 8,
+               seed: int = 0) -> dict:
+    """Perplexity at `context` on the scored regions (module docstring). tokens: 1-D; docs: (n, 2) of (start,
+    length); max_context: the ladder's longest (default `context`); rope_length: the l' dynamic variants scale for
+    (default the window's length). Returns nll (nats per scored token), ppl, n_tokens, n_windows, n_docs, docs
+    (their indices), doc_nll (each one's mean NLL, in that order), regions ([start, end) in the token stream) and
+    history (the fewest and most tokens a scored token sees)."""
     max_context = max_context or context
-    if not 0 < stride <= context <= max_context:
-        raise ValueError(f"need 0 < stride ({stride}) <= context ({context}) <= max_context ({max_context})")
-    chosen = select_docs(docs, max_context + stride, max_docs, seed)
+    span = min(context // 2, score)  # S: tokens scored per window
+    if not (0 < span and context <= max_context and score % span == 0):
+        raise ValueError(f"need 2 <= context ({context}) <= max_context ({max_context}) and a score ({score}) that "
+                         f"is a multiple of min(context / 2, score)")
+    chosen, firsts = scored_regions(docs, max_context, score, max_docs, seed)
     windows, owner = [], []  # (inputs, targets) per window, and the document it came from
-    for j, i in enumerate(chosen):
-        start, length = int(docs[i, 0]), int(docs[i, 1])
-        doc = np.asarray(tokens[start : start + length], dtype=np.int64)
-        for end in window_ends(length, stride, max_context, max_windows):
-            # inputs doc[end-1-context : end-1] predict doc[end-context : end]; the last stride targets are scored
-            windows.append((doc[end - 1 - context : end - 1], doc[end - stride : end]))
+    for j, (i, a) in enumerate(zip(chosen, firsts)):
+        start = int(docs[i, 0])
+        doc = np.asarray(tokens[start : start + a + score], dtype=np.int64)
+        for end in range(a + span, a + score + 1, span):
+            # inputs doc[end-1-context : end-1] predict doc[end-context : end]; the last `span` targets are scored
+            windows.append((doc[end - 1 - context : end - 1], doc[end - span : end]))
             owner.append(j)
     sums = np.zeros(len(chosen))
     for b in range(0, len(windows), batch_size):
         x = torch.from_numpy(np.stack([w[0] for w in windows[b : b + batch_size]])).to(device)  # (B, context)
-        y = torch.from_numpy(np.stack([w[1] for w in windows[b : b + batch_size]])).to(device)  # (B, stride)
-        logits = model(x, rope_length=rope_length, last_n=stride).float()  # (B, stride, V)
+        y = torch.from_numpy(np.stack([w[1] for w in windows[b : b + batch_size]])).to(device)  # (B, span)
+        logits = model(x, rope_length=rope_length, last_n=span).float()  # (B, span, V)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
         np.add.at(sums, owner[b : b + batch_size], nll.sum(dim=1).double().cpu().numpy())
-    counts = np.bincount(owner, minlength=len(chosen)) * stride
-    nll = float(sums.sum() / counts.sum())
-    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_tokens": int(counts.sum()), "n_windows": len(windows),
-            "n_docs": len(chosen), "docs": chosen.tolist(), "doc_nll": (sums / counts).tolist()}
+    nll = float(sums.sum() / (score * len(chosen)))
+    return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "n_tokens": score * len(chosen), "n_windows": len(windows),
+            "n_docs": len(chosen), "docs": chosen.tolist(), "doc_nll": (sums / score).tolist(),
+            "regions": [[int(docs[i, 0]) + a, int(docs[i, 0]) + a + score] for i, a in zip(chosen, firsts)],
+            "history": [context - span + 1, context]}
 
 
 # Retrieval probe
@@ -121,63 +127,70 @@ def chance(answer) -> float:
 
 @torch.no_grad()
 def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: list[int], needle_len: int = 16,
-              cue: int = 4, device="cpu", rope_length: int | None = None, seed: int = 0, batch_size: int = 8) -> dict:
+              cue: int = 4, device="cpu", rope_length: int | None = None, seed: int = 0, batch_size: int = 8,
+              control: bool = True) -> dict:
     """Recall of a planted needle at each depth, in sequences of exactly `context` tokens. Trial t uses the same
     needle and filler for every model and depth (seeded by seed and t). Returns acc {depth: mean}, trial_acc
-    {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per trial), mean."""
+    {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per trial), mean, and
+    with `control` no_needle (per-trial accuracy with no needle planted)."""
     n_fill = context - 2 * needle_len
     if n_fill < 1 or not 0 < cue < needle_len or (depths and max(depths) >= 1):
         raise ValueError(f"context {context} too short for two needles of {needle_len}, or cue {cue} not in "
                          f"(0, {needle_len}), or a depth >= 1 (which would leave no text between needle and cue)")
-    eligible = np.flatnonzero(docs[:, 1] >= n_fill)
+    fillers, needles, offsets = [], [], []
+    eligible = np.flatnonzero(docs[:, 1] >= n_fill + needle_len)  # room for the control's longer filler too
     if len(eligible) == 0:
-        raise ValueError(f"no held-out document has the {n_fill} tokens of text context {context} needs")
-    fillers, needles = [], []
+        raise ValueError(f"no held-out document has the {n_fill + needle_len} tokens of text context {context} needs")
     for t in range(trials):
         rng = np.random.default_rng([seed, t])
         start, length = (int(v) for v in docs[eligible[rng.integers(len(eligible))]])
-        off = start + int(rng.integers(length - n_fill + 1))
-        fillers.append(np.asarray(tokens[off : off + n_fill], dtype=np.int64))
+        offsets.append(start + int(rng.integers(length - n_fill - needle_len + 1)))
+        fillers.append(np.asarray(tokens[offsets[-1] : offsets[-1] + n_fill], dtype=np.int64))
         needles.append(rng.choice(vocab, size=needle_len, replace=needle_len > len(vocab)))
     n_scored = needle_len - cue
-    out = {"acc": {}, "trial_acc": {}, "distance": {}, "chance": [chance(n[cue:]) for n in needles]}
-    for depth in depths:
-        x_all = torch.from_numpy(np.stack([probe_sequence(f, n, depth) for f, n in zip(fillers, needles)]))
-        hits = []
+
+    def hits(sequences) -> list[float]:  # each trial's share of the n_scored targets predicted top-1
+        x_all, out = torch.from_numpy(np.stack(sequences)), []
         for b in range(0, trials, batch_size):
             x = x_all[b : b + batch_size].to(device)  # (B, context)
             # position p predicts token p+1: the last n_scored targets come from positions -n_scored-1 .. -2
             logits = model(x, rope_length=rope_length, last_n=n_scored + 1)[:, :-1]  # (B, n_scored, V)
-            hits += (logits.argmax(-1) == x[:, -n_scored:]).float().mean(dim=1).tolist()
-        out["trial_acc"][str(depth)] = hits
-        out["acc"][str(depth)] = float(np.mean(hits))
+            out += (logits.argmax(-1) == x[:, -n_scored:]).float().mean(dim=1).tolist()
+        return out
+
+    out = {"acc": {}, "trial_acc": {}, "distance": {}, "chance": [chance(n[cue:]) for n in needles]}
+    for depth in depths:
+        out["trial_acc"][str(depth)] = hits([probe_sequence(f, n, depth) for f, n in zip(fillers, needles)])
+        out["acc"][str(depth)] = float(np.mean(out["trial_acc"][str(depth)]))
         out["distance"][str(depth)] = n_fill - int(round(depth * n_fill))
     out["mean"] = float(np.mean(list(out["acc"].values())))
+    if control:  # no needle planted: the filler runs on where it stood, and only the repeat at the end remains
+        longer = [np.asarray(tokens[o : o + n_fill + needle_len], dtype=np.int64) for o in offsets]
+        out["no_needle"] = hits([np.concatenate([f, n]) for f, n in zip(longer, needles)])
     return out
 
 
 # Both, over a ladder of contexts
-def evaluate(model, tokens, docs, contexts, stride: int, vocab: list[int], max_docs: int = 8, max_windows: int = 4,
+def evaluate(model, tokens, docs, contexts, score: int, vocab: list[int], max_docs: int = 8,
              depths=(0.0, 0.25, 0.5, 0.75), trials: int = 8, needle_len: int = 16, retrieval_contexts=None,
-             device="cpu", seed: int = 0, log=print) -> dict:
-    """Perplexity at every context of the ladder (the same documents and scored tokens at each) and the retrieval
-    grid over retrieval_contexts (default the same ladder) x depths. JSON-able."""
+             device="cpu", seed: int = 0, log=print, max_context: int | None = None) -> dict:
+    """Perplexity at every context of the ladder (the same documents and scored tokens at each, placed after
+    max_context tokens, default the longest context) and the retrieval grid over retrieval_contexts (default the
+    same ladder) x depths, with its no-needle control. JSON-able."""
     contexts = sorted(int(c) for c in contexts)
-    if stride > contexts[0]:
-        raise ValueError(f"the stride ({stride}) must not exceed the shortest context ({contexts[0]}), or that "
-                         "context would score other tokens than the rest of the ladder")
+    max_context = max(max_context or 0, contexts[-1])
     model.eval()
-    out = {"contexts": contexts, "stride": stride, "ppl": {}, "retrieval": {}, "depths": [float(d) for d in depths]}
+    out = {"contexts": contexts, "score": score, "ppl": {}, "retrieval": {}, "depths": [float(d) for d in depths]}
     t0 = time.time()
     for T in contexts:
-        r = out["ppl"][str(T)] = perplexity(model, tokens, docs, T, stride, max_docs, device, max_context=contexts[-1],
-                                            max_windows=max_windows, seed=seed)
+        r = out["ppl"][str(T)] = perplexity(model, tokens, docs, T, score, max_docs, device, max_context=max_context,
+                                            seed=seed)
         log(f"  ppl @ {T:6d}: {r['ppl']:10.3f}  ({r['n_tokens']} tokens, {r['n_docs']} documents)")
     for T in sorted(int(c) for c in (contexts if retrieval_contexts is None else retrieval_contexts)):
         r = out["retrieval"][str(T)] = retrieval(model, tokens, docs, T, depths, trials, vocab, needle_len,
                                                  cue=needle_len // 4, device=device, seed=seed)
         log(f"  retrieval @ {T:6d}: " + " ".join(f"{d}:{a:.2f}" for d, a in r["acc"].items())
-            + f"  (chance {np.mean(r['chance']):.2f})")
+            + f"  (no needle {np.mean(r['no_needle']):.2f}, chance {np.mean(r['chance']):.2f})")
     out["seconds"] = time.time() - t0
     return out
 
@@ -189,9 +202,8 @@ class EvalConfig:
     contexts: tuple[int, ...]  # the context ladder, e.g. 512,1024,2048
     data_dir: str = "data/stdlib"
     retrieval_contexts: tuple[int, ...] | None = None  # default: the ladder
-    stride: int = 256  # scored tokens per window; at most the shortest context
+    score: int = 512  # tokens scored per document, the same at every context (a window scores its last T/2 at most)
     max_docs: int = 8
-    max_windows: int = 4  # windows per document
     trials: int = 8  # retrieval trials per (context, depth) cell
     needle_len: int = 16
     device: str = "auto"
@@ -201,7 +213,7 @@ class EvalConfig:
         flags.check_types(self)
         if not self.contexts or min(self.contexts) < 1:
             raise ValueError(f"--contexts must be positive lengths, e.g. 512,1024, got {self.contexts}")
-        for name in ("stride", "max_docs", "max_windows", "trials", "needle_len"):
+        for name in ("score", "max_docs", "trials", "needle_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -218,8 +230,8 @@ def main(argv) -> dict:
         raise ValueError(f"{args.data_dir} holds {meta['tokenizer']['name']} tokens but the checkpoint was trained "
                          f"with the {tokenizer.name} tokenizer; pass a --data_dir prepared with it")
     print(f"evaluating {args.ckpt} with rope {asdict(model.config.rope)}", flush=True)
-    result = evaluate(model, tokens, docs, args.contexts, args.stride, needle_vocab(tokenizer), args.max_docs,
-                      args.max_windows, trials=args.trials, needle_len=args.needle_len,
+    result = evaluate(model, tokens, docs, args.contexts, args.score, needle_vocab(tokenizer), args.max_docs,
+                      trials=args.trials, needle_len=args.needle_len,
                       retrieval_contexts=args.retrieval_contexts, device=device)
     result.update(rope=asdict(model.config.rope), ckpt=str(args.ckpt))
     if args.out:

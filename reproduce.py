@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import checkpoint
@@ -33,7 +34,7 @@ import flags
 import report
 import rope
 import train
-from data.loader import load_split
+from data.loader import load_seen, load_split, read_meta
 from data.prepare import PrepareConfig, prepare
 from data.tokenizer import get_tokenizer
 from model import ModelConfig
@@ -54,7 +55,7 @@ class Preset:
     prev_tokens: int  # previous-token embeddings (model.Transformer.embed); 0 = a plain LLaMA-style model
     L: int  # pretraining context
     s: int  # the extension: fine-tune at L' = s L
-    s_long: int  # train short, test long: YaRN at this scale, fine-tuned at L' (s_long L > L')
+    s_long: int  # train short, test long: YaRN, PI and NTK-aware at this scale, fine-tuned at L' (s_long L > L')
     pretrain_steps: int
     pretrain_batch: int
     lr: float
@@ -67,14 +68,13 @@ class Preset:
     warmup_batch: int = 16
     finetune_seeds: tuple = (0, 1, 2)
     scratch_long: bool = False  # also train a model at L' from scratch on the same total tokens
-    stride: int = 64
+    score: int = 1024  # tokens scored per held-out document, from its body, the same at every context (eval.py)
     max_docs: int = 16
-    max_windows: int = 2
-    trials: int = 16
+    trials: int = 12  # retrieval trials per (context, depth) cell
     needle_len: int = 16
     depths: tuple = (0.0, 0.25, 0.5, 0.75)
     temp_scales: tuple = (2, 4, 8, 16)
-    temp_factors: tuple = (1.0, 1.1, 1.2, 1.3, 1.45, 1.6)  # plus each s's 0.1 ln s + 1
+    temp_a: tuple = (0.0, 0.04, 0.07, 0.1, 0.13, 0.16, 0.2, 0.3)  # sqrt(1/t) = a ln s + 1; the paper's a = 0.1
     data_source: str = "stdlib"
     val_fraction: float = 0.05
     train_eval_batches: int = 4  # train.py's own validation loss, batches per evaluation
@@ -107,21 +107,21 @@ PRESETS = {
     "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
                   s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
                   finetune_lr=1e-4, data_mix="recall", warmup_steps=5000, warmup_block=128, warmup_batch=32,
-                  scratch_long=True, stride=256, max_docs=16, max_windows=1, trials=8),
+                  scratch_long=True, score=2048, max_docs=16),
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
     # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
     # few hundred steps (3 of 3 seeds tried). About 4M tokens of pretraining, 82k (2%) per fine-tune.
     "cpu": Preset(tokenizer="bytes", vocab_size=320, d_model=128, n_layer=4, n_head=2, prev_tokens=3, L=512, s=4,
                   s_long=8, pretrain_steps=800, pretrain_batch=8, lr=3e-3, finetune_steps=20, finetune_batch=2,
-                  finetune_lr=3e-4, data_mix="recall", warmup_steps=400, stride=128, max_docs=16, max_windows=1,
-                  trials=8, temp_scales=(2, 4, 8)),
+                  finetune_lr=3e-4, data_mix="recall", warmup_steps=400, score=1024, max_docs=16,
+                  temp_scales=(2, 4, 8)),
     # the smoke test: seconds of everything, numbers meaningless
     "tiny": Preset(tokenizer="bytes", vocab_size=320, d_model=32, n_layer=1, n_head=1, prev_tokens=2, L=64, s=2,
                    s_long=4, pretrain_steps=6, pretrain_batch=2, lr=3e-3, finetune_steps=2, finetune_batch=1,
                    finetune_lr=1e-3, data_mix="recall", warmup_steps=3, warmup_block=32, warmup_batch=2,
-                   finetune_seeds=(0, 1), scratch_long=True, stride=32, max_docs=4, max_windows=1, trials=2,
-                   needle_len=8, depths=(0.0, 0.5), temp_scales=(2,), temp_factors=(1.0, 1.2), train_eval_batches=1),
+                   finetune_seeds=(0, 1), scratch_long=True, score=32, max_docs=4, trials=2, needle_len=8,
+                   depths=(0.0, 0.5), temp_scales=(2, 4), temp_a=(0.0, 0.1, 0.2), train_eval_batches=1),
 }
 
 
@@ -182,7 +182,6 @@ class Job:
         """train.train under runs/name, resuming a run that was interrupted; its summary in summary.json."""
         out = self.runs / name
         run = replace(run, out_dir=str(out), data_dir=str(self.data_dir), device=self.device,
-                      eval_batches=self.p.train_eval_batches,
                       final_optimizer=False)  # nothing continues a finished run here: 3x less to write
         state = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
         write_json(out / "summary.json", train.train(run, config, state, resume=state is not None))
@@ -190,7 +189,7 @@ class Job:
     def pretrain(self, name: str, block_size: int, steps: int, batch: int, **run_fields):
         """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager, as every run here."""
         run = train.RunConfig(max_steps=steps, batch_size=batch, lr=self.p.lr, seed=1337 + self.seed, compile=False,
-                              eval_interval=steps, **run_fields)
+                              eval_interval=steps, eval_batches=self.p.train_eval_batches, **run_fields)
         self.train(name, run, self.model_config(block_size))
 
     def finetune(self, name: str, method: str, scale: int, seed: int):
@@ -200,7 +199,8 @@ class Job:
         run = train.RunConfig(init_from=str(self.runs / "pretrain"), max_steps=p.finetune_steps, lr=p.finetune_lr,
                               batch_size=p.finetune_batch, seed=seed + self.seed, compile=False, weight_decay=0.0,
                               warmup_steps=max(1, p.finetune_steps // 10),  # the paper: no weight decay
-                              log_interval=1, eval_interval=max(1, p.finetune_steps // 3))  # the adaptation curve
+                              log_interval=1, eval_interval=p.finetune_steps, eval_batches=1,  # the loss curve
+                              ckpt_interval=max(1, p.finetune_steps // 2), keep_checkpoints=2)  # and its midpoint
         extended = RopeConfig(type=method, factor=float(scale), original_context=p.L)
         self.train(name, run, self.model_config(p.s * p.L, extended))
 
@@ -218,57 +218,76 @@ def without_finetuning(job: Job, method: str):
     return model
 
 
-def evaluate(job: Job, model, out: Path, val):
+def evaluate(job: Job, model, out: Path, val, contexts: list[int], retrieval_at: list[int]):
+    """Perplexity at `contexts` and needle recall at `retrieval_at`, written to out (JSON)."""
     p = job.p
     vocab = evaluation.needle_vocab(get_tokenizer(p.tokenizer))
-    result = evaluation.evaluate(model, *val, p.contexts, p.stride, vocab, p.max_docs, p.max_windows, p.depths,
-                                 p.trials, p.needle_len, retrieval_contexts(p), job.device)
+    # every context scores the same regions: they are placed after the whole ladder's longest history
+    result = evaluation.evaluate(model, *val, contexts, p.score, vocab, p.max_docs, p.depths, p.trials, p.needle_len,
+                                 retrieval_at, job.device, max_context=p.contexts[-1])
     write_json(out, {**result, "rope": asdict(model.config.rope)})
 
 
-def retrieval_contexts(p: Preset) -> list[int]:
-    """L .. L': the claims need L and L'; at 2 L' it cost half of the CPU evaluation, with every method at chance."""
-    return [T for T in p.contexts if T <= p.s * p.L]
-
-
 def temperature_sweep(job: Job, val, out: Path):
-    """Paper Sec. 3.4 / App. A.2: on the pretrained model, NTK-by-parts at scale s with sqrt(1/t) set by hand
-    (rope type yarn with an explicit attention_factor is exactly that), perplexity at s L per document."""
+    """Paper Sec. 3.4 / App. A.2: on the pretrained model, NTK-by-parts at scale s with sqrt(1/t) = a ln s + 1 set
+    by hand for each a of the grid (rope type yarn with an explicit attention_factor is exactly that), perplexity
+    at s L per document."""
     p, model, result = job.p, load_model(job, "pretrain"), {}
     for s in p.temp_scales:
-        paper = round(rope.yarn_mscale(s), 4)
-        factors = {}
-        for a in sorted(set(p.temp_factors) | {paper}):
-            model.set_rope(RopeConfig(type="yarn", factor=float(s), original_context=p.L, attention_factor=a))
-            r = evaluation.perplexity(model, *val, s * p.L, p.stride, p.max_docs, job.device, max_windows=p.max_windows)
-            factors[str(a)] = r
-            print(f"  s={s:3d} @ {s * p.L:6d}  sqrt(1/t)={a:.4f}: ppl {r['ppl']:.3f}", flush=True)
-        result[str(s)] = {"context": s * p.L, "paper": str(paper), "factors": factors}
+        by_a = {}
+        for a in p.temp_a:
+            factor = a * math.log(s) + 1.0
+            model.set_rope(RopeConfig(type="yarn", factor=float(s), original_context=p.L, attention_factor=factor))
+            r = evaluation.perplexity(model, *val, s * p.L, p.score, p.max_docs, job.device)
+            by_a[str(a)] = {**r, "factor": factor}
+            print(f"  s={s:3d} @ {s * p.L:6d}  a={a:.3f}  sqrt(1/t)={factor:.4f}: ppl {r['ppl']:.3f}", flush=True)
+        result[str(s)] = {"context": s * p.L, "a": by_a}
     write_json(out, result)
+
+
+def leakage(job: Job, out: Path):
+    """How held out the scored tokens are: the share whose PIECE-token piece (ending at them) occurs in train."""
+    seen, meta = load_seen(job.data_dir), read_meta(job.data_dir)
+    regions = json.loads((job.runs / "eval" / "nft_default.json").read_text())["ppl"][str(job.p.L)]["regions"]
+    scored = np.concatenate([seen[a:b] for a, b in regions])
+    write_json(out, {**meta["near_copies"], "scored_tokens": int(scored.size),
+                     "scored_pieces_seen_in_train": float(scored.mean())})
 
 
 # The whole job, in the order the claims need their inputs: a run cut part-way still decides the primary claims
 # (report.py marks the rest "not run"). Each model is evaluated as soon as it is trained.
 FINETUNE_ORDER = ("yarn", "linear", "ntk", "default", "ntk_by_parts")  # claims 2, 2b, 2c, 5b, 5c need the first four
+LONG_METHODS = ("yarn", "linear", "ntk")  # claim 3: fine-tuned at L' with s_long, evaluated at s_long L
+
+
+def long_run(method: str, seed: int) -> str:
+    """The run folder of `method` at s_long (YaRN's keeps its first name, short_long_<seed>)."""
+    return f"short_long_{seed}" if method == "yarn" else f"short_long_{method}_{seed}"
 
 
 def stages_in_order(job: Job, stages: Stages):
     p, runs, ev = job.p, job.runs, job.runs / "eval"
+    L, Le, far = p.L, p.s * p.L, p.s_long * p.L
 
     @functools.cache
     def val():  # the validation split, opened once, when first needed
         return load_split(job.data_dir, "val")[:2]
 
-    def evaluated(name: str, build):
-        stages.run(f"evaluate {name}", ev / f"{name}.json", lambda: evaluate(job, build(), ev / f"{name}.json", val()))
+    def evaluated(name: str, build, contexts=p.contexts, retrieval_at=(Le,)):
+        out = ev / f"{name}.json"
+        stages.run(f"evaluate {name}", out, lambda: evaluate(job, build(), out, val(), contexts, list(retrieval_at)))
 
-    def trained_and_evaluated(title: str, name: str, train_it):
+    def trained_and_evaluated(title: str, name: str, train_it, **evaluation):
         stages.run(title, runs / name / "summary.json", train_it)
-        evaluated(name, lambda: load_model(job, name))
+        evaluated(name, lambda: load_model(job, name), **evaluation)
+
+    def adaptation_curve(name: str):  # the fine-tune's midpoint at L', scored as every evaluation (eval.py)
+        half = runs / name / f"ckpt_{p.finetune_steps // 2}.pt"
+        evaluated(f"{name}_half", lambda: checkpoint.load_model(half, job.device)[0], (Le,), ())
 
     prepare_cfg = PrepareConfig(source=p.data_source, out=str(job.data_dir), val_fraction=p.val_fraction,
                                 block_size=p.L, tokenizer=p.tokenizer)
-    stages.run("data", job.data_dir / "meta.json", lambda: prepare(prepare_cfg))
+    stages.run("data", job.data_dir / "val_seen.npy", lambda: prepare(prepare_cfg))  # older folders lack it
     if p.warmup_steps:  # at a constant lr: a decaying one delays the copy circuit's phase change
         stages.run("warmup", runs / "warmup" / "summary.json", lambda: job.pretrain(
             "warmup", p.warmup_block, p.warmup_steps, p.warmup_batch, data_mix="induction", min_lr=p.lr))
@@ -276,15 +295,22 @@ def stages_in_order(job: Job, stages: Stages):
         if p.warmup_steps else {}
     stages.run("pretrain", runs / "pretrain" / "summary.json", lambda: job.pretrain(
         "pretrain", p.L, p.pretrain_steps, p.pretrain_batch, data_mix=p.data_mix, **after_warmup))
-    for m in NO_FINETUNE:  # claims 1, 1b-1d and the retrieval control
-        evaluated(f"nft_{m}", lambda m=m: without_finetuning(job, m))
+    for m in NO_FINETUNE:  # claims 1, 1b-1d and the retrieval control (at L)
+        evaluated(f"nft_{m}", lambda m=m: without_finetuning(job, m), retrieval_at=(L, Le))
+    stages.run("leakage", runs / "leakage.json", lambda: leakage(job, runs / "leakage.json"))
     for i, seed in enumerate(p.finetune_seeds):
         for m in FINETUNE_ORDER:
-            trained_and_evaluated(f"finetune {m} s={p.s} at {p.s * p.L}, seed {seed}", f"ft_{m}_{seed}",
-                                  lambda m=m, seed=seed: job.finetune(f"ft_{m}_{seed}", m, p.s, seed))
-        trained_and_evaluated(f"short_long: yarn s={p.s_long} at {p.s * p.L}, seed {seed}", f"short_long_{seed}",
-                              lambda seed=seed: job.finetune(f"short_long_{seed}", "yarn", p.s_long, seed))
-        if i == 0:  # claim 4, cheap, once the first seed has decided claims 2-3
+            name = f"ft_{m}_{seed}"
+            trained_and_evaluated(f"finetune {m} s={p.s} at {Le}, seed {seed}", name,  # at L, L', 2L': the claims'
+                                  lambda m=m, name=name, seed=seed: job.finetune(name, m, p.s, seed),
+                                  contexts=sorted({L, Le, 2 * Le}))
+            adaptation_curve(name)
+        for m in LONG_METHODS:  # claim 3: perplexity at L' and s_long L only
+            name = long_run(m, seed)
+            trained_and_evaluated(f"short_long: {m} s={p.s_long} at {Le}, seed {seed}", name,
+                                  lambda m=m, name=name, seed=seed: job.finetune(name, m, p.s_long, seed),
+                                  contexts=(Le, far), retrieval_at=())
+        if i == 0:  # claim 4, once the first seed has decided claims 2-3
             stages.run("temperature", runs / "temperature.json",
                        lambda: temperature_sweep(job, val(), runs / "temperature.json"))
     if p.scratch_long:  # as many tokens as pretraining plus one fine-tune, of the same mix, all at L'; last
@@ -300,9 +326,9 @@ def job_record(job: Job) -> dict:
     p = job.p
     commit, dirty = git_commit()
     return {"preset": job.name, "command": job.command, "config": {**asdict(p), "contexts": p.contexts},
-            "contexts": p.contexts, "retrieval_contexts": retrieval_contexts(p), "device": device_name(job.device),
+            "contexts": p.contexts, "retrieval_contexts": [p.L, p.s * p.L], "device": device_name(job.device),
             "torch": torch.__version__, "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else ""),
-            "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE)}
+            "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS)}
 
 
 def main(argv) -> list[dict]:

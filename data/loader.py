@@ -69,6 +69,16 @@ def load_split(data_dir, split):
     return tokens, docs, meta
 
 
+def load_seen(data_dir) -> np.ndarray:
+    """One bool per val token: whether the piece of tokens ending there occurs in train (data.prepare)."""
+    path = Path(data_dir) / "val_seen.npy"
+    read_meta(data_dir)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable {path} ({e}); run `python -m data.prepare --out {data_dir}` again") from None
+
+
 def check_block_size(tokens, block_size, split):
     """Training samples block_size + 1 consecutive tokens (inputs and shifted targets), so a split needs that many."""
     if len(tokens) < block_size + 1:

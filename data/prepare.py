@@ -8,9 +8,12 @@
 Writes, into --out (default data/<source-name>/, with _bytes appended for the byte tokenizer):
     train.bin, val.bin            raw little-endian uint16 tokens; every document is followed by EOT
     train_docs.npy, val_docs.npy  int64 (n_docs, 2): start offset and length (without the EOT) of each document
+    val_seen.npy                  bool, one per val token: whether the PIECE tokens ending there occur in train
     meta.json                     provenance, counts, length histograms, document names; written last
 Each file is a document, taken in order of its relative path; whether it goes to val is decided by a hash of that
 path alone, so the same input gives byte-identical output and adding a file never moves another across the split.
+Held out means held out: a val document that shares more than MAX_SEEN of its PIECE-token pieces with train (a
+generated codec table beside its siblings, a copied module) is dropped from val and listed in meta.json.
 """
 
 import hashlib
@@ -34,6 +37,8 @@ DATA_DIR = Path(__file__).parent
 SPLITS = ("train", "val")
 PROGRESS_EVERY = 100  # files per progress line; also the batch handed to the tokenizer at once
 HIST_EDGES = [512 * 2**i for i in range(8)]  # document lengths in tokens: <512, 512-1k, ..., 32k-64k, >=64k
+PIECE = 64  # tokens: longer than a common line of code shared by any two files, shorter than anything copied
+MAX_SEEN = 0.2  # a val document with more of its pieces in train than this is a near-copy and leaves val
 
 
 @dataclass
@@ -159,6 +164,49 @@ def tokenize_documents(texts, enc):
     return tokens
 
 
+def piece_hashes(tokens: np.ndarray, n: int = PIECE) -> np.ndarray:
+    """A 64-bit hash of every run of n consecutive tokens (uint16), one per start: h = sum_k w_k P^(K-1-k) over the
+    K = n/4 little-endian 8-byte words w_k of the run, read in place (no copy of the windows)."""
+    raw = np.ascontiguousarray(tokens, dtype="<u2")
+    count = len(raw) - n + 1
+    if count <= 0 or n % 4:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.zeros(count, dtype=np.uint64)
+    for k in range(n // 4):  # word k of the run starting at token i: bytes 2i + 8k .. 2i + 8k + 7
+        word = np.ndarray((count,), dtype="<u8", buffer=raw, offset=8 * k, strides=(2,))
+        h = h * np.uint64(0x100000001B3) + word  # wraps mod 2^64
+    return h
+
+
+def seen_in(train_tokens: list[np.ndarray], doc_tokens: list[np.ndarray], n: int = PIECE) -> list[np.ndarray]:
+    """For each document, a bool per token: does the n-token piece ending at that token occur in a train document?
+    (False for the first n - 1 tokens, which end no whole piece.)"""
+    known = np.sort(np.concatenate([piece_hashes(t, n) for t in train_tokens] or [np.zeros(0, np.uint64)]))
+    out = []
+    for t in doc_tokens:
+        seen = np.zeros(len(t), dtype=bool)
+        if len(t) >= n:
+            h = piece_hashes(t, n)
+            at = np.minimum(np.searchsorted(known, h), len(known) - 1)
+            seen[n - 1:] = known[at] == h if len(known) else False
+        out.append(seen)
+    return out
+
+
+def drop_near_copies(splits, names, tokens):
+    """Drop from val the near-copies of train documents (module docstring); train is unchanged. Returns (splits,
+    those marked "dropped"; {dropped name: share of its pieces seen}; the kept val documents' seen flags)."""
+    train = [tokens[i] for i, s in enumerate(splits) if s == "train"]
+    val = [i for i, s in enumerate(splits) if s == "val"]
+    seen = dict(zip(val, seen_in(train, [tokens[i] for i in val])))
+    share = {i: float(seen[i][PIECE - 1:].mean()) if len(tokens[i]) >= PIECE else 0.0 for i in val}
+    dropped = {names[i]: round(share[i], 4) for i in val if share[i] > MAX_SEEN}
+    if len(dropped) == len(val):  # keep the least copied one: val must not be empty
+        dropped.pop(names[min(val, key=share.get)])
+    splits = ["dropped" if names[i] in dropped else s for i, s in enumerate(splits)]
+    return splits, dropped, [seen[i] for i in val if names[i] not in dropped]
+
+
 def pack_split(doc_tokens, eot):
     """One token stream with EOT after each document, and the (start, length) index into it."""
     lengths = np.array([len(t) for t in doc_tokens], dtype=np.int64)
@@ -200,8 +248,8 @@ def prepare(cfg):
         raise DataError(f"no usable text files in {corpus.root}: all {len(corpus.files)} files were skipped "
                         f"({', '.join(f'{len(v)} {k}' for k, v in corpus.skipped.items())})")
     names = [name for name, _ in docs]
-    splits = assign_splits(names, cfg.val_fraction)
     tokens = tokenize_documents([text for _, text in docs], enc)
+    splits, dropped, val_seen = drop_near_copies(assign_splits(names, cfg.val_fraction), names, tokens)
     packed, split_meta = {}, {}
     for split in SPLITS:
         idx = [i for i, s in enumerate(splits) if s == split]
@@ -213,15 +261,18 @@ def prepare(cfg):
             raise DataError(f"corpus too small for block size {cfg.block_size}: {split} has {len(stream)} tokens "
                             f"(needs at least {cfg.block_size + 1}); add text or {advice} / --block_size")
     gpt2 = {"file": RANKS_PATH.name, "sha256": RANKS_SHA256} if enc.name == "gpt2" else {}
+    seen = np.concatenate([np.append(f, False) for f in val_seen])  # aligned with val.bin (EOTs: False)
     meta = {"source": corpus.name, "description": corpus.description, "tokenizer": {"name": enc.name, **gpt2},
             "vocab_size": enc.n_vocab, "eot": enc.eot_token, "dtype": "uint16", "val_fraction": cfg.val_fraction,
-            "skipped": corpus.skipped, "splits": split_meta}
-    write_outputs(out_dir, packed, meta)
+            "skipped": corpus.skipped, "splits": split_meta,
+            "near_copies": {"piece_tokens": PIECE, "max_seen": MAX_SEEN, "dropped_from_val": dropped,
+                            "val_pieces_seen_in_train": round(float(seen.mean()), 4)}}
+    write_outputs(out_dir, packed, seen, meta)
     print(summary(corpus, meta, out_dir, time.time() - t0))
     return meta
 
 
-def write_outputs(out_dir, packed, meta):
+def write_outputs(out_dir, packed, val_seen, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json marks a folder as complete: drop the old one first, so that a run dying halfway leaves a folder
     # the loader rejects rather than new .bin files next to old metadata
@@ -229,6 +280,7 @@ def write_outputs(out_dir, packed, meta):
     for split, (stream, docs) in packed.items():
         atomic_write(out_dir / f"{split}.bin", stream.astype("<u2").tobytes())
         atomic_write(out_dir / f"{split}_docs.npy", lambda f, docs=docs: np.save(f, docs))
+    atomic_write(out_dir / "val_seen.npy", lambda f: np.save(f, val_seen))
     atomic_write(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
@@ -238,7 +290,12 @@ def summary(corpus, meta, out_dir, seconds):
     for split, m in meta["splits"].items():
         lengths = ", ".join(f"{label}: {n:,}" for label, n in m["length_histogram"].items())
         lines.append(f"{split}: {m['n_docs']:,} docs, {m['n_tokens']:,} tokens; docs by doc length (tokens) {lengths}")
-    lines.append(f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, meta.json to {out_dir} in {seconds:.1f}s")
+    near = meta["near_copies"]
+    lines.append(f"held out: {len(near['dropped_from_val'])} near-copies of train documents dropped from val; "
+                 f"{100 * near['val_pieces_seen_in_train']:.1f}% of val's {near['piece_tokens']}-token pieces "
+                 "occur in train")
+    lines.append(f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, val_seen.npy, meta.json to {out_dir} in "
+                 f"{seconds:.1f}s")
     return "\n".join(lines)
 
 

@@ -15,11 +15,11 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
     sys.path.insert(0, str(REPO))
 
 from data import prepare as prep  # noqa: E402
-from data.loader import check_block_size, load_split  # noqa: E402
+from data.loader import check_block_size, load_seen, load_split  # noqa: E402
 from data.prepare import DataError, PrepareConfig, prepare  # noqa: E402
 from data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer, load_ranks  # noqa: E402
 
-OUTPUTS = ["train.bin", "val.bin", "train_docs.npy", "val_docs.npy", "meta.json"]
+OUTPUTS = ["train.bin", "val.bin", "train_docs.npy", "val_docs.npy", "val_seen.npy", "meta.json"]
 
 TEXTS = {
     "alpha.txt": "The quick brown fox jumps over the lazy dog. " * 8,
@@ -155,6 +155,43 @@ def test_split_depends_only_on_names():
     # adding documents does not move existing ones across the split
     more = prep.assign_splits(names + [f"extra{i}.txt" for i in range(50)], 0.25)
     assert more[:len(names)] == splits
+
+
+def test_piece_hashes_match_exactly_when_the_pieces_do():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50257, 2000).astype(np.uint16)
+    tokens[1500:1564] = tokens[100:164]  # one 64-token piece occurs twice
+    h = prep.piece_hashes(tokens, 64)
+    assert len(h) == 2000 - 63 and h[1500] == h[100]
+    assert len(np.unique(h)) == len(h) - 1  # every other piece differs, and so does its hash
+    assert len(prep.piece_hashes(tokens[:10], 64)) == 0
+
+
+def test_near_copies_leave_val_and_the_rest_say_what_they_share(tmp_path):
+    """A val document that mostly repeats a train document is dropped from val; val_seen marks, per val token,
+    whether the 64-token piece ending there occurs in train."""
+    rng = np.random.default_rng(1)
+    words = ["".join(rng.choice(list("abcdefghij"), 6)) for _ in range(3000)]
+    texts = {f"doc{i}.txt": " ".join(words[i * 300 : (i + 1) * 300]) for i in range(10)}
+    splits = prep.assign_splits(list(texts), 0.3)
+    val = [n for n, s in zip(texts, splits) if s == "val"]
+    train = [n for n, s in zip(texts, splits) if s == "train"]
+    assert len(val) >= 2 and train
+    texts[val[0]] = texts[train[0]][:1500] + " " + texts[val[0]][:300]  # mostly a copy
+    texts[val[1]] = texts[val[1]][:1200] + " " + texts[train[0]][:200]  # shares one paragraph
+    meta = prep.prepare(PrepareConfig(source=str(make_corpus(tmp_path / "c", texts)), out=str(tmp_path / "o"),
+                                      block_size=8, val_fraction=0.3, tokenizer="bytes"))
+    near = meta["near_copies"]
+    assert list(near["dropped_from_val"]) == [val[0]] and near["dropped_from_val"][val[0]] > 0.5
+    assert val[0] not in meta["splits"]["val"]["docs"] and val[0] not in meta["splits"]["train"]["docs"]
+    seen = load_seen(tmp_path / "o")
+    tokens, docs, _ = load_split(tmp_path / "o", "val")
+    assert seen.shape == tokens.shape and seen.dtype == bool
+    i = meta["splits"]["val"]["docs"].index(val[1])
+    start, n = docs[i]
+    shared = seen[start : start + n]
+    assert shared[-130:].all() and not shared[:1200].any()  # the copied paragraph (its pieces), nothing before
+    assert near["val_pieces_seen_in_train"] == pytest.approx(seen.mean(), abs=1e-4)
 
 
 def test_both_splits_always_non_empty():

@@ -94,60 +94,52 @@ LENGTHS = [10, 40, 100, 70, 33, 65, 200]
 
 def test_uniform_model_nll_is_log_vocab_and_token_count_is_exact():
     tokens, docs = corpus(LENGTHS)
-    max_context, stride, max_windows = 32, 8, 4
-    # only documents with room for a scored window: 33 tokens are longer than the longest context, but their
-    # last 8 sit less than 32 tokens in, so the document scores nothing and must not be counted (nor take a slot)
-    eligible = [n for n in LENGTHS if n >= max_context + stride]
-    # windows per document: scored spans end at n, n - stride, ... while the span starts >= max_context
-    expected = sum(min(max_windows, (n - max_context) // stride) for n in eligible) * stride
+    max_context, score = 32, 16
+    # only documents with room for the scored region after the longest context's history: 40 and 33 are too short
+    eligible = [n for n in LENGTHS if n >= max_context + score]
     for context in (8, 16, 32):
-        r = E.perplexity(Uniform(), tokens, docs, context, stride, max_docs=100, max_context=max_context,
-                         max_windows=max_windows)
+        r = E.perplexity(Uniform(), tokens, docs, context, score, max_docs=100, max_context=max_context)
         assert r["nll"] == pytest.approx(math.log(VOCAB), abs=1e-6)
-        assert r["n_tokens"] == expected  # the same tokens at every context
-        assert r["n_docs"] == len(eligible) == len(r["doc_nll"])
+        assert r["n_tokens"] == score * len(eligible)  # the same tokens at every context
+        assert r["n_docs"] == len(eligible) == len(r["doc_nll"]) == len(r["regions"])
         assert r["doc_nll"] == pytest.approx([math.log(VOCAB)] * len(eligible), abs=1e-6)
+        span = min(context // 2, score)
+        assert r["n_windows"] == len(eligible) * score // span and r["history"] == [context - span + 1, context]
 
 
-def test_only_documents_with_room_for_a_window_and_the_same_ones_each_time():
-    _, docs = corpus(LENGTHS)
-    chosen = E.select_docs(docs, 64, max_docs=3, seed=1)
-    assert all(docs[i, 1] >= 64 for i in chosen) and len(chosen) == 3
-    assert list(chosen) == list(E.select_docs(docs, 64, max_docs=3, seed=1))
+def test_scored_regions_are_in_the_body_the_same_each_time_and_spread_over_documents():
+    tokens, docs = corpus([300] * 12)
+    chosen, firsts = E.scored_regions(docs, 64, 32, max_docs=12, seed=1)
+    assert all(64 <= a <= 300 - 32 for a in firsts)  # after the longest context's history, before the end
+    assert len(set(firsts)) > 6  # not all at one offset (the ending, say)
+    again = E.scored_regions(docs, 64, 32, max_docs=12, seed=1)
+    assert list(again[0]) == list(chosen) and again[1] == firsts
+    r = E.perplexity(Uniform(), tokens, docs, 16, 32, max_docs=12, max_context=64, seed=1)
+    assert r["regions"] == [[int(docs[i, 0]) + a, int(docs[i, 0]) + a + 32] for i, a in zip(chosen, firsts)]
     with pytest.raises(ValueError):
         E.select_docs(docs, 10_000, max_docs=3)
-    # max_docs = 1 must pick a document that scores: only 40 (of 33 and 40) has room at max_context 32, stride 8
-    tokens, docs = corpus([33, 40])
-    r = E.perplexity(Uniform(), tokens, docs, 16, 8, max_docs=1, max_context=32)
-    assert r["docs"] == [1] and r["n_tokens"] == 8
+    with pytest.raises(ValueError, match="multiple"):  # a window at 16 scores 8: 12 tokens do not tile
+        E.perplexity(Uniform(), tokens, docs, 16, 12, max_docs=3, max_context=64)
 
 
-def test_one_stride_for_the_whole_ladder():
-    """A context shorter than the stride would score other tokens than the rest of the ladder: refused, and
-    every context of an accepted ladder scores the same number of tokens."""
-    tokens, docs = corpus(LENGTHS)
-    with pytest.raises(ValueError, match="stride"):
-        E.evaluate(Uniform(), tokens, docs, (8, 16, 32), stride=16, vocab=[1, 2], retrieval_contexts=(),
-                   log=lambda *a: None)
-    out = E.evaluate(Uniform(), tokens, docs, (8, 16, 32), stride=8, vocab=[1, 2], retrieval_contexts=(),
-                   log=lambda *a: None)
-    assert len({r["n_tokens"] for r in out["ppl"].values()}) == 1
+def scored_windows(tokens, docs, context, score, max_context):
+    """(stream offset of each window's end, tokens it scores), as perplexity lays them out."""
+    chosen, firsts = E.scored_regions(docs, max_context, score, 100)
+    span = min(context // 2, score)
+    return [(int(docs[i, 0]) + end, span) for i, a in zip(chosen, firsts) for end in range(a + span, a + score + 1,
+                                                                                           span)]
 
 
 def test_windows_are_contiguous_slices_with_full_history():
     tokens, docs = corpus(LENGTHS)
-    context, stride, max_context = 16, 4, 32
+    context, score, max_context = 16, 16, 32
     rec = Recorder()
-    E.perplexity(rec, tokens, docs, context, stride, max_docs=100, max_context=max_context, max_windows=3,
-                 batch_size=1)
+    E.perplexity(rec, tokens, docs, context, score, max_docs=100, max_context=max_context, batch_size=1)
     stream = tokens.astype(np.int64)
-    ends = []
-    for i in E.select_docs(docs, max_context + stride, 100):
-        start, n = docs[i]
-        ends += [start + e for e in E.window_ends(n, stride, max_context, 3)]
-    assert len(rec.seen) == len(ends)
-    for x, end in zip(rec.seen, ends):
-        # inputs are the context tokens just before the last target; the scored targets are [end-stride, end)
+    ends = scored_windows(tokens, docs, context, score, max_context)
+    assert len(rec.seen) == len(ends) == 2 * len([n for n in LENGTHS if n >= 48])  # two windows of 8 per region
+    for x, (end, _) in zip(rec.seen, ends):
+        # inputs are the context tokens just before the last target; the scored targets are [end - span, end)
         assert x.shape == (1, context)
         assert np.array_equal(x[0].numpy(), stream[end - 1 - context : end - 1])
 
@@ -156,19 +148,16 @@ def test_perplexity_equals_direct_computation_on_a_real_model():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layer=1, n_head=2, block_size=16)).eval()
     tokens, docs = corpus(LENGTHS, seed=3)
-    context, stride, max_context = 16, 8, 32
-    r = E.perplexity(model, tokens, docs, context, stride, max_docs=100, max_context=max_context, max_windows=2)
+    context, score, max_context = 16, 16, 32
+    r = E.perplexity(model, tokens, docs, context, score, max_docs=100, max_context=max_context)
+    stream = torch.from_numpy(tokens.astype(np.int64))
     losses, per_doc = [], []
     with torch.no_grad():
-        for i in E.select_docs(docs, max_context + stride, 100):
-            start, n = docs[i]
-            doc = torch.from_numpy(tokens[start : start + n].astype(np.int64))
-            mine = []
-            for end in E.window_ends(n, stride, max_context, 2):
-                logits = model(doc[None, end - 1 - context : end - 1])[0]  # the whole window's logits
-                mine.append(F.cross_entropy(logits[-stride:], doc[end - stride : end], reduction="none"))
-            losses += mine
-            per_doc.append(torch.cat(mine).mean().item())
+        for k, (end, span) in enumerate(scored_windows(tokens, docs, context, score, max_context)):
+            logits = model(stream[None, end - 1 - context : end - 1])[0]  # the whole window's logits
+            losses.append(F.cross_entropy(logits[-span:], stream[end - span : end], reduction="none"))
+            if k % 2:  # two windows per document
+                per_doc.append(torch.cat(losses[-2:]).mean().item())
     direct = torch.cat(losses)
     assert r["n_tokens"] == direct.numel()
     assert r["nll"] == pytest.approx(direct.mean().item(), rel=1e-5)
@@ -207,6 +196,7 @@ def test_retrieval_perfect_copier_scores_100_and_random_model_about_0():
         r = E.retrieval(PerfectCopier(200), tokens, docs, context, depths, trials=4, vocab=vocab)
         assert all(a == 1.0 for a in r["acc"].values()), r
         assert all(d > 0 for d in r["distance"].values())  # text between needle and cue in every cell
+        assert max(r["no_needle"]) < 0.2, r  # nothing planted, nothing to copy: the control sits near 0
         r = E.retrieval(RandomModel(200), tokens, docs, context, depths, trials=4, vocab=vocab)
         assert r["mean"] < 0.05, r
     with pytest.raises(ValueError, match="depth"):  # depth 1 would put the needle right before its cue

@@ -17,7 +17,7 @@ import report  # noqa: E402
 import torch  # noqa: E402
 
 PLOTS = ["ppl_finetuned.png", "ppl_no_finetune.png", "retrieval_finetuned.png", "retrieval_no_finetune.png",
-         "scaling_per_dimension.png", "temperature.png"]
+         "scaling_per_dimension.png", "temperature.png", "loss_curves.png"]
 
 
 def small_corpus(folder: Path, n_files: int = 16) -> Path:
@@ -49,22 +49,34 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
     res = json.loads((results / "results.json").read_text())
     assert set(res["no_finetune"]) == {"default", "linear", "ntk", "ntk_by_parts", "yarn", "dynamic", "dynamic_yarn"}
     assert set(res["finetuned"]) == {"default", "linear", "ntk", "ntk_by_parts", "yarn"}
-    assert all(len(runs) == 2 for runs in res["finetuned"].values()) and len(res["short_long"]) == 2  # seeds
+    assert all(len(runs) == 2 for runs in res["finetuned"].values())  # seeds
+    assert {m: len(runs) for m, runs in res["long"].items()} == {"yarn": 2, "linear": 2, "ntk": 2}
     assert len(res["scratch_long"]) == 1 and res["scratch_long"][0]["ppl"]
-    assert list(res["train"]) == sorted(["warmup", "pretrain", "scratch_long", *(f"ft_{m}_{seed}" for seed in (0, 1)
-                                         for m in res["finetuned"]), "short_long_0", "short_long_1"])
+    long_runs = [f"short_long_{seed}" for seed in (0, 1)] + [f"short_long_{m}_{s}" for m in ("linear", "ntk")
+                                                             for s in (0, 1)]
+    assert list(res["train"]) == sorted(["warmup", "pretrain", "scratch_long", *long_runs,
+                                         *(f"ft_{m}_{seed}" for seed in (0, 1) for m in res["finetuned"])])
     # the primary claims' inputs first: pretraining, its evaluations, then seed 0's fine-tunes, YaRN's first
     stages = list(res["stage_seconds"])
     assert stages[:4] == ["data", "warmup", "pretrain", "evaluate nft_default"], stages
-    order = ["evaluate ft_yarn_0", "finetune linear s=2 at 128, seed 0", "temperature",
-             "finetune yarn s=2 at 128, seed 1", "scratch_long: plain RoPE from scratch at 128"]
+    order = ["evaluate ft_yarn_0", "evaluate ft_yarn_0_half", "finetune linear s=2 at 128, seed 0",
+             "short_long: ntk s=4 at 128, seed 0", "temperature", "finetune yarn s=2 at 128, seed 1",
+             "scratch_long: plain RoPE from scratch at 128"]
     assert [stages.index(name) for name in order] == sorted(stages.index(name) for name in order), stages
     state = torch.load(tmp_path / "runs" / "ft_yarn_0" / "ckpt.pt", weights_only=True)
     assert "optimizer" not in state and state["step"] == 2  # nothing continues a finished fine-tune: 3x less to write
-    for r in [*res["no_finetune"].values(), *sum(res["finetuned"].values(), []), *res["short_long"]]:
-        assert [int(c) for c in r["ppl"]] == res["contexts"]
-        # the same scored tokens at every context
+    for r in [*res["no_finetune"].values(), *sum(res["finetuned"].values(), [])]:
+        # the same scored tokens at every context (fine-tuned models at L, L' and 2L' only)
         assert len({x["n_tokens"] for x in r["ppl"].values()}) == 1
+        assert len({tuple(map(tuple, x["regions"])) for x in r["ppl"].values()}) == 1
+    assert all([int(c) for c in r["ppl"]] == [128, 256] for r in sum(res["long"].values(), []))
+    # the loss curves: a training loss at every step, and the held-out NLL at L' at the start, midpoint and end
+    for m, per_seed in res["curves"].items():
+        assert all(len(x["train"]) == 2 and list(x["val"]) == ["0", "1", "2"] for x in per_seed), m
+    events = [json.loads(line) for line in (tmp_path / "runs" / "ft_ntk_1" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == [0, 1]
+    assert res["leakage"]["scored_tokens"] == res["no_finetune"]["default"]["ppl"]["64"]["n_tokens"]
+    assert 0 <= res["leakage"]["scored_pieces_seen_in_train"] <= 1
     # every stage ran, so every claim is decided (the tiny model cannot copy: its retrieval claims say so)
     assert res["claims"] and all(c["held"] in ("yes", "no", "within noise", report.CONTROL_FAILED)
                                  for c in res["claims"])
