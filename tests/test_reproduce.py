@@ -71,8 +71,9 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
         assert len({tuple(map(tuple, x["regions"])) for x in r["ppl"].values()}) == 1
     assert all([int(c) for c in r["ppl"]] == [128, 256] for r in sum(res["long"].values(), []))
     # the loss curves: a training loss at every step, and the held-out NLL at L' at the start, midpoint and end
-    for m, per_seed in res["curves"].items():
-        assert all(len(x["train"]) == 2 and list(x["val"]) == ["0", "1", "2"] for x in per_seed), m
+    for m, per_seed in res["curves"].items():  # a midpoint for the methods the claims name
+        points = ["0", "1", "2"] if m in ("yarn", "linear", "ntk") else ["0", "2"]
+        assert all(len(x["train"]) == 2 and list(x["val"]) == points for x in per_seed), m
     events = [json.loads(line) for line in (tmp_path / "runs" / "ft_ntk_1" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "train"] == [0, 1]
     assert res["leakage"]["scored_tokens"] == res["no_finetune"]["default"]["ppl"]["64"]["n_tokens"]
