@@ -1,7 +1,8 @@
 """The codebase stays as small as the models it is compared with: the reading core (rope.py, model.py, train.py,
-sample.py) within 1,300 lines, everything outside tests/ within 4,800 (4,200, plus what each issue added: reports
-of a run cut part-way ~100; claims that can fail, held-out checks, loss curves and figures.py ~500), no function
-over 60 lines, no line over 120 characters, and no docstring pointing to a file the repository does not have."""
+sample.py) within 1,300 lines, everything outside tests/ within 5,130 (4,200, plus what each issue added: reports
+of a run cut part-way ~100; claims that can fail, held-out checks, loss curves and figures.py ~500; the RoPE
+conformance checker rope_check.py ~330), no function over 60 lines, no line over 120 characters, and no docstring
+pointing to a file the repository does not have."""
 
 import ast
 import re
@@ -33,9 +34,9 @@ def test_the_reading_core_is_at_most_1300_lines():
     assert sum(sizes.values()) <= 1300, sizes
 
 
-def test_everything_outside_tests_is_at_most_4800_lines():
+def test_everything_outside_tests_is_at_most_5130_lines():
     sizes = {str(p.relative_to(REPO)): len(lines(p)) for p in sources()}
-    assert sum(sizes.values()) <= 4800, sorted(sizes.items(), key=lambda kv: -kv[1])
+    assert sum(sizes.values()) <= 5130, sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
