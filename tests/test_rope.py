@@ -11,7 +11,6 @@ contexts 64..16384, LongRoPE divisors 0.05..100 and positions up to 1,000,000. T
                                           10 LongRoPE
 """
 
-import contextlib
 import math
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf  # noqa: E402
 import rope  # noqa: E402
+import rope_check  # noqa: E402
 from rope import VARIANTS, RopeConfig, apply_rope, cos_sin_table, inv_freq  # noqa: E402
 
 DYNAMIC = rope.DYNAMIC_VARIANTS  # dynamic, dynamic_yarn, longrope: seq_len matters
@@ -318,14 +318,13 @@ def test_zero_width_ramp_guard_matches_transformers(truncate):
     """L = 64 <= 2 pi beta_slow (beta_slow = 11): truncated, both ramp ends land on pair 0 and the official code's
     high += 0.001 guard decides the ramp; untruncated, the high end is below 0 (the clamped-ramp edge recorded
     as expected failures below). Either way rope.py computes what transformers does."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
               "beta_fast": 32.0, "beta_slow": 11.0, "truncate": truncate}
     cfg = hf.from_hf(params, max_position_embeddings=256)
     if truncate:
         assert rope.ramp_bounds(64, cfg) == (0, 0)
-    with quiet_transformers(transformers):
-        theirs, their_factor = hf_oracle(transformers, params, 64, 256, None)
+    theirs, their_factor = hf_oracle(params, 64, 256, None)
     ours, our_factor = rope.hf_inv_freq(dict(params), 64, 256, None)
     assert torch.allclose(ours.double(), theirs.double(), rtol=1e-6, atol=0)
     assert our_factor == pytest.approx(float(their_factor), rel=1e-12)
@@ -604,17 +603,6 @@ def test_interleaved_layout_is_a_permutation_of_half_split(setup, positions, see
 # 7. Hugging Face parity
 
 
-@contextlib.contextmanager
-def quiet_transformers(transformers):
-    """transformers warns about, e.g., yarn's factor vs max_position_embeddings; none of it matters here."""
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(level)
-
-
 ABSENT = object()
 
 
@@ -679,23 +667,12 @@ def hf_parameters(draw, rope_type):
     return params, head_dim, mp, seq_len
 
 
-def hf_oracle(transformers, params, head_dim, mp, seq_len):
-    """transformers' own frequencies for the config, on a LlamaConfig built from it."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    params = dict(params)
-    default = params["rope_type"] == "default"
-    if default and params.get("partial_rotary_factor", 1.0) != 1.0:
-        # transformers v5 has no ROPE_INIT_FUNCTIONS['default']; LlamaRotaryEmbedding's default ignores
-        # partial_rotary_factor (Llama has no partial rotary). Linear with factor 1 is plain RoPE that honours it.
-        params.update(rope_type="linear", factor=1.0)
-        default = False
-    config = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
-                                      max_position_embeddings=mp, rope_parameters=params)
-    if default:
-        return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
-    return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu", seq_len=seq_len)
+def hf_oracle(params, head_dim, mp, seq_len):
+    """transformers' own frequencies for the config (rope_check's adapter). Its 'default' ignores
+    partial_rotary_factor (Llama has no partial rotary); linear with factor 1 is plain RoPE that honours it."""
+    if params["rope_type"] == "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
+        params = dict(params, rope_type="linear", factor=1.0)
+    return rope_check.transformers_impl(params, head_dim, mp, seq_len)
 
 
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -757,15 +734,14 @@ HF_WORST = {}  # rope_type -> largest |ours - theirs| / tolerance seen (for the 
 
 @pytest.mark.parametrize("rope_type", hf.HF_TYPES)
 def test_hugging_face_parity(rope_type):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     compared = []
 
     @settings(max_examples=HF_EXAMPLES, deadline=None)
     @given(case=hf_parameters(rope_type))
     def check(case):
         params, head_dim, mp, seq_len = case
-        with quiet_transformers(transformers):
-            theirs, their_factor = hf_oracle(transformers, params, head_dim, mp, seq_len)
+        theirs, their_factor = hf_oracle(params, head_dim, mp, seq_len)
         ours, our_factor = rope.hf_inv_freq(dict(params), head_dim, mp, seq_len)
         assert ours.dtype == torch.float32 and ours.shape == theirs.shape
         error = (ours.double() - theirs.double()).abs()
