@@ -253,8 +253,10 @@ def run_invariant(check, strategy, examples: int) -> tuple[bool, str]:
     largest = [-1.0, "no example"]
 
     def example(drawn):
-        largest[:] = max(largest, list(check(drawn)), key=lambda r: r[0])
-        assert largest[0] <= 1, largest[1]
+        ratio, detail = check(drawn)
+        largest[:] = max(largest, [ratio, detail], key=lambda r: r[0])
+        if not ratio <= 1:  # hypothesis then shrinks to the simplest example that fails
+            raise AssertionError(detail)
 
     runner = settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     try:
@@ -276,12 +278,15 @@ class CheckConfig:
 
 
 def read_golden(path) -> dict:
+    keys = ("tolerance", "positions", "bug_classes", "cases")
     try:
         golden = json.loads(Path(path).read_text())
-        assert all(key in golden for key in ("tolerance", "positions", "bug_classes", "cases"))
-    except (OSError, ValueError, AssertionError) as e:
-        raise ValueError(f"--golden {path}: not a golden cases file ({type(e).__name__} {e}); this repository's is "
-                         f"{GOLDEN.relative_to(REPO)}") from None
+        problem = None if isinstance(golden, dict) and all(k in golden for k in keys) else f"it lacks one of {keys}"
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise ValueError(f"--golden {path} is not a golden cases file ({problem}); this repository's is "
+                         f"{GOLDEN.relative_to(REPO)}")
     return golden
 
 
@@ -295,7 +300,8 @@ def check(impl, table, golden: dict, examples: int) -> list[tuple[str, str, bool
 
 
 def main(argv) -> None:
-    args = flags.build(CheckConfig, flags.parse(argv, flags.flag_table((CheckConfig, "")), "python rope_check.py"))
+    args = flags.build(CheckConfig, flags.parse(argv, flags.flag_table((CheckConfig, "")), "python rope_check.py",
+                                                __doc__))
     if args.examples < 0:
         raise ValueError(f"--examples must be >= 0, got {args.examples}")
     sys.path.append(str(Path.cwd()))  # --impl's module may live where the command runs
