@@ -15,6 +15,7 @@ a run cut part-way has the inputs of the primary claims (`python report.py --run
   temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
   scratch_long (gpu) a model trained at L' from scratch on the same tokens
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
+Exit codes: 0 done; 2 bad input (`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
 """
 
 import functools
@@ -39,7 +40,7 @@ from data.prepare import PrepareConfig, prepare
 from data.tokenizer import get_tokenizer
 from model import ModelConfig
 from rope import RopeConfig
-from system import device_name, git_commit, pick_device, write_json
+from system import IN_USE_EXIT, FolderInUse, device_name, git_commit, lock_folder, pick_device, write_json
 
 METHODS = ("default", "linear", "ntk", "ntk_by_parts", "yarn")  # extended by fine-tuning, in this order
 NO_FINETUNE = METHODS + ("dynamic", "dynamic_yarn")  # the pretrained model under each, no training
@@ -348,10 +349,10 @@ def main(argv) -> list[dict]:
     print(f"preset {name}: {p}\ndevice {device_name(device)}, torch {torch.__version__}\n"
           f"runs -> {job.runs}, report -> {job.out}", flush=True)
     t0 = time.time()
-    job.runs.mkdir(parents=True, exist_ok=True)
-    write_json(job.runs / "job.json", job_record(job))
-    stages_in_order(job, Stages(job.runs))
-    claims = report.write(report.gather(job.runs), job.out)  # always rewritten: cheap, and a stage may have re-run
+    with lock_folder(job.runs, "--runs"):  # one job per runs folder, until the report is written
+        write_json(job.runs / "job.json", job_record(job))
+        stages_in_order(job, Stages(job.runs))
+        claims = report.write(report.gather(job.runs), job.out)  # always rewritten: cheap, a stage may have re-run
     for c in claims:
         print(f"  [{c['held']}] {c['claim']}: {c['evidence']}")
     print(f"report: {job.out / 'report.md'}\nall stages done; this invocation took {time.time() - t0:.1f}s", flush=True)
@@ -359,4 +360,4 @@ def main(argv) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(flags.cli(main))
+    sys.exit(flags.cli(main, errors={FolderInUse: IN_USE_EXIT, **flags.ERRORS}))

@@ -1,6 +1,7 @@
-"""What every script does the same way: the device and number format, atomic writes, where a run came from (git,
-versions, hardware), SIGINT / SIGTERM as a flag, torchrun's processes, and training throughput."""
+"""What every script does the same way: the device and number format, atomic writes, one run per folder, where a
+run came from (git, versions, hardware), SIGINT / SIGTERM as a flag, torchrun's processes, and training throughput."""
 
+import fcntl
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ def pick_device(name: str = "auto") -> str:
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={name} but CUDA is not available here; use --device=cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA devices from 0")
     return name
 
 
@@ -71,6 +75,34 @@ def atomic_write(path, data) -> None:
 
 def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+IN_USE_EXIT = 75  # a folder in use: EX_TEMPFAIL in sysexits.h (try again later), not 2, since no input was wrong
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+@contextmanager
+def lock_folder(folder, flag: str):
+    """Hold an exclusive lock on folder (created if missing) while the run writes to it: flock on folder/.lock,
+    which the operating system releases when the process ends, however it ends, so a SIGKILL leaves no stale lock.
+    A second process raises FolderInUse at once, naming the holder's pid and `flag`, the way to choose another."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "unknown"  # empty while it starts
+            raise FolderInUse(f"{folder} is in use by another run (pid {pid}); wait for it, or choose another {flag}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def git_commit() -> tuple[str | None, bool]:

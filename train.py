@@ -9,8 +9,9 @@
 Settings (--help): config.RunConfig, model.ModelConfig and --rope.<field> of rope.RopeConfig, or --config FILE.json.
 An extension starts a fresh optimizer at step 0; a resume continues out_dir/ckpt.pt exactly. Outputs in out_dir:
 ckpt.pt (and ckpt_<step>.pt), config.json, metrics.jsonl. Exit codes: 0 done; 2 bad input (`error: ...`); 1 a
-non-finite loss or weights (the last good checkpoint is kept); 130 / 143 after SIGINT / SIGTERM, once the step is
-saved. train(run, model_config) is the typed entry point; main(argv) parses the flags and calls it.
+non-finite loss or weights (the last good checkpoint is kept); 75 out_dir is in use by another run (its lock,
+out_dir/.lock); 130 / 143 after SIGINT / SIGTERM, once the step is saved. train(run, model_config) is the typed
+entry point; main(argv) parses the flags and calls it.
 """
 
 import hashlib
@@ -33,8 +34,8 @@ from config import RunConfig, extended_model_config, parse_args, resolve
 from data.loader import load_training_data
 from data.recall import mix
 from model import ModelConfig, Transformer
-from system import (Dist, StopOnSignal, Throughput, all_reduce_sum, dist_from_env, dtype_name, pick_device,
-                    pick_dtype, provenance, write_json)
+from system import (IN_USE_EXIT, Dist, FolderInUse, StopOnSignal, Throughput, all_reduce_sum, dist_from_env,
+                    dtype_name, lock_folder, pick_device, pick_dtype, provenance, write_json)
 
 
 class TrainingError(RuntimeError):
@@ -341,14 +342,16 @@ def loop(r: Run, log: Logger, stopper: StopOnSignal) -> dict:
 def train(run: RunConfig, config: ModelConfig, state: dict | None = None, resume: bool = False, argv=None) -> dict:
     """Train as `run` says the model `config` describes (for an extension: the checkpoint's architecture with its
     new block_size and RoPE); `state` is the checkpoint to start from (loaded here for an extension if None), and
-    `resume` says to continue it. Returns the summary; raises ValueError for bad input, TrainingError, or
-    SystemExit(128 + n) after saving on signal n."""
+    `resume` says to continue it. Returns the summary; raises ValueError for bad input, FolderInUse while another
+    process holds out_dir, TrainingError, or SystemExit(128 + n) after saving on signal n."""
+    d = dist_from_env()
     try:
-        r = setup(run, config, state, resume, dist_from_env(), argv)  # joins the process group under torchrun
-        del state
-        log = Logger(r)
-        with StopOnSignal() as stopper:
-            summary = loop(r, log, stopper)
+        with lock_folder(run.out_dir, "--out_dir") if d.rank == 0 else nullcontext():  # the process that writes
+            r = setup(run, config, state, resume, d, argv)  # joins the process group under torchrun
+            del state
+            log = Logger(r)
+            with StopOnSignal() as stopper:
+                summary = loop(r, log, stopper)
         if summary["stopped"] is None:
             log.print(f"done: val loss {summary['final_val_loss']:.4f} at step {summary['steps']}; "
                       f"checkpoint {summary['checkpoint']}")
@@ -368,7 +371,7 @@ def main(argv) -> dict:
 
 
 def cli(argv=None) -> int:
-    return flags.cli(main, argv, errors={TrainingError: 1, **flags.ERRORS})
+    return flags.cli(main, argv, errors={TrainingError: 1, FolderInUse: IN_USE_EXIT, **flags.ERRORS})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import checkpoint  # noqa: E402
+import system  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
 
 BLOCK = 16
@@ -333,3 +334,53 @@ def test_sigint_saves_and_exits_130(launcher, data_dir, tmp_path):
     child = launcher.start(flags(data_dir, out, init_from="resume", max_steps=state["step"] + 2), tmp_path / "r.txt")
     assert child.wait() == 0, child.output()[-3000:]
     assert checkpoint.load(out / "ckpt.pt")["step"] == state["step"] + 2
+
+
+# One run per folder: a lock on out_dir (system.lock_folder), which the operating system drops with its holder
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharmed(launcher, data_dir, tmp_path):
+    out, endless = tmp_path / "busy", dict(max_steps=100000, ckpt_interval=100000, eval_interval=100000)
+    first = launcher.start(flags(data_dir, out, **endless), tmp_path / "first.txt")
+    assert wait_for(first, lambda: "step 3/" in first.output()), first.output()
+    # a second `python train.py` on the same folder (the launcher runs one child at a time); the timeout is a hang
+    # guard: a refused run must not wait for the lock
+    second = subprocess.run([sys.executable, "train.py", *flags(data_dir, out, **endless)], cwd=REPO, timeout=300,
+                            capture_output=True, text=True)
+    assert second.returncode == 75, second.stderr[-3000:]
+    assert f"error: {out} is in use by another run (pid {first.pid}); wait for it, or choose another --out_dir" \
+        in second.stderr and "Traceback" not in second.stderr, second.stderr
+    assert first.poll() is None  # refused while the first still held the folder, not after it ended
+    first.kill(signal.SIGINT)
+    assert first.wait() == 130, first.output()[-3000:]
+    stopped = checkpoint.load(out / "ckpt.pt")
+    # unharmed: the same weights, optimizer state and metrics as the run alone, stopped at the same step
+    ref = tmp_path / "alone"
+    child = launcher.start(flags(data_dir, ref, stop_at_step=stopped["step"], **endless), tmp_path / "ref.txt")
+    assert child.wait() == 0, child.output()[-3000:]
+    alone = checkpoint.load(ref / "ckpt.pt")
+    for key in ("step", "model", "optimizer", "metrics"):
+        same(stopped[key], alone[key], key)
+
+
+def test_a_sigkilled_run_leaves_an_out_dir_the_next_run_can_take(launcher, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    child = launcher.start(flags(data_dir, out, max_steps=100000, ckpt_interval=2), tmp_path / "a.txt")
+    assert wait_for(child, lambda: "step 5/" in child.output()), child.output()
+    child.kill()
+    assert child.wait() == -signal.SIGKILL
+    assert (out / ".lock").read_text().split() == [str(child.pid)]  # the file stays; its lock went with the process
+    child = launcher.start(flags(data_dir, out, init_from="resume", max_steps=8), tmp_path / "b.txt")
+    assert child.wait() == 0, child.output()[-3000:]
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 8
+
+
+def test_reproduce_on_a_busy_runs_folder_exits_75_before_writing(tmp_path):
+    runs = tmp_path / "runs"
+    with system.lock_folder(runs, "--runs"):  # this process holds the folder, as a running main job would
+        proc = subprocess.run([sys.executable, "reproduce.py", "--preset", "tiny", "--device", "cpu", "--runs", runs,
+                               "--out", tmp_path / "report", "--data_dir", tmp_path / "data", "--data_source",
+                               Path(sysconfig.get_paths()["stdlib"]) / "json"],
+                              cwd=REPO, timeout=300, capture_output=True, text=True)  # the timeout: a hang guard
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert f"error: {runs} is in use by another run (pid {os.getpid()}); wait for it, or choose another --runs" \
+        in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert [p.name for p in runs.iterdir()] == [".lock"] and not (tmp_path / "data").exists()
