@@ -15,12 +15,14 @@ a run cut part-way has the inputs of the primary claims (`python report.py --run
   temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
   scratch_long (gpu) a model trained at L' from scratch on the same tokens
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
-Exit codes: 0 done; 2 bad input (`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
+Every value the stages will read is checked before the first one runs. Exit codes: 0 done; 2 bad input
+(`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
 """
 
 import functools
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,8 +37,8 @@ import flags
 import report
 import rope
 import train
-from data.loader import load_seen, load_split, read_meta
-from data.prepare import PrepareConfig, prepare
+from data.loader import load_seen, load_split, load_training_data, read_meta
+from data.prepare import SOURCES, PrepareConfig, folder_corpus, prepare
 from data.tokenizer import get_tokenizer
 from model import ModelConfig
 from rope import RopeConfig
@@ -287,7 +289,7 @@ def stages_in_order(job: Job, stages: Stages):
         evaluated(f"{name}_half", lambda: checkpoint.load_model(half, job.device)[0], (Le,), ())
 
     prepare_cfg = PrepareConfig(source=p.data_source, out=str(job.data_dir), val_fraction=p.val_fraction,
-                                block_size=p.L, tokenizer=p.tokenizer)
+                                block_size=p.s * p.L, tokenizer=p.tokenizer)  # the longest training context
     stages.run("data", job.data_dir / "val_seen.npy", lambda: prepare(prepare_cfg))  # older folders lack it
     if p.warmup_steps:  # at a constant lr: a decaying one delays the copy circuit's phase change
         stages.run("warmup", runs / "warmup" / "summary.json", lambda: job.pretrain(
@@ -333,6 +335,38 @@ def job_record(job: Job) -> dict:
             "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS)}
 
 
+# Checked before any work: the stages rehearsed by a job that builds each training run's configs and trains nothing
+class ConfigCheck(Job):
+    """Builds each run's RunConfig and ModelConfig (they check themselves); loads prepared data as train.py will."""
+
+    def train(self, name: str, run: train.RunConfig, config: ModelConfig):
+        if (self.data_dir / "val_seen.npy").exists():  # the data stage's output: it will not run again
+            load_training_data(self.data_dir, config.block_size, config.vocab_size, run.data_mix)
+
+
+class TrainingStagesOnly:
+    """ConfigCheck's stage runner: the training stages (output summary.json) only; the others need their models."""
+
+    def run(self, name: str, output: Path, fn):
+        if output.name == "summary.json":
+            try:
+                fn()
+            except ValueError as e:
+                raise ValueError(f"stage {name!r}: {e}") from None
+
+
+def check_before_work(job: Job) -> None:
+    """Every value a stage reads, checked before the first stage runs (--seed=-1 once failed at the first fine-tune,
+    after 4 minutes of pretraining): each training run's configs, the data source, and the report's folder."""
+    existing = next(folder for folder in (job.out, *job.out.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out={job.out}: {existing} is not a folder this process can write; choose another --out")
+    if not (job.data_dir / "val_seen.npy").exists():  # the data stage will prepare it from the source
+        source = job.p.data_source
+        SOURCES[source]() if source in SOURCES else folder_corpus(source)
+    stages_in_order(ConfigCheck(**vars(job)), TrainingStagesOnly())
+
+
 def main(argv) -> list[dict]:
     args = flags.build(ReproduceConfig, flags.parse(argv, flags.flag_table((ReproduceConfig, "")),
                                                     "python reproduce.py", __doc__))
@@ -344,6 +378,7 @@ def main(argv) -> list[dict]:
     data_dir = Path(args.data_dir or f"data/{p.data_source}" + ("_bytes" if p.tokenizer == "bytes" else ""))
     job = Job(p, name, Path(args.runs or f"runs/{name}"), Path(args.out or f"results/{name}"), data_dir, device,
               args.seed, "python reproduce.py " + " ".join(argv))
+    check_before_work(job)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 evaluation's matmuls, as train.py
     print(f"preset {name}: {p}\ndevice {device_name(device)}, torch {torch.__version__}\n"

@@ -28,6 +28,7 @@ import checkpoint  # noqa: E402
 import config  # noqa: E402
 import flags  # noqa: E402
 import hf  # noqa: E402
+import reproduce  # noqa: E402
 import rope  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -334,6 +335,36 @@ def test_sample_random_hostile_flags_never_give_a_traceback(ckpt, capsys, items)
     assert code in (0, 2), (args, code, err)
     if code == 2:
         assert "error:" in err and "Traceback" not in err, (args, err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reproduce.py: a value that only a later stage reads is refused before the first stage runs
+
+
+LATE_VALUES = {  # flags on top of a valid tiny job -> a word of the error
+    "a fine-tune's seed": (["--seed=-1"], "--seed must be in [0, 2^63), got -1"),  # fine-tunes: seed 0 + --seed
+    "the pretraining seed": (["--seed=-1338"], "'warmup': --seed"),  # 1337 + --seed
+    "a seed past 2^63": ([f"--seed={2**63 - 1000}"], "--seed"),
+    "the report's folder": (["--out", "file/report"], "--out"),  # written last, after every stage
+    "the data source": (["--data_source", "missing"], "missing"),
+    "a CUDA device": (["--device=cuda:99"], "cuda:99"),
+    "prepared data of another tokenizer": (["--data_dir", "GPT2_DATA"], "vocabulary"),  # the tiny preset is bytes
+}
+
+
+@pytest.mark.parametrize("case", list(LATE_VALUES))
+def test_reproduce_checks_every_value_before_the_first_stage(case, data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    args, words = LATE_VALUES[case]
+    args = [str(data_dir) if a == "GPT2_DATA" else str(tmp_path / a) if "/" in a or a == "missing" else a
+            for a in args]
+    valid = ["--preset", "tiny", "--device", "cpu", "--data_source", data_dir.parent / "corpus", "--data_dir",
+             tmp_path / "data", "--runs", tmp_path / "runs", "--out", tmp_path / "results"]
+    capsys.readouterr()
+    code = flags.cli(reproduce.main, [str(a) for a in valid + args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and words in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no stage output, no runs folder, no data
 
 
 # ----------------------------------------------------------------------------------------------------------
