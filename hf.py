@@ -1,5 +1,5 @@
 """Export a model to a Hugging Face Llama folder, import one back, and translate RoPE configs to and from
-Hugging Face `rope_parameters` (from_hf, to_hf). Only `safetensors` is needed here, not transformers.
+Hugging Face `rope_parameters` (from_hf, to_hf, hf_inv_freq). Only `safetensors` is needed here, not transformers.
 
     python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
     python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
@@ -124,7 +124,7 @@ def _number(p: dict, key: str, default=_REQUIRED):
         if default is _REQUIRED:
             raise ValueError(f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}")
         return default
-    if not rope._is_number(p[key]):
+    if not rope.is_number(p[key]):
         raise ValueError(f"rope_parameters[{key!r}] must be a finite number, got {p[key]!r}")
     return float(p[key])
 
@@ -136,9 +136,20 @@ def _numbers(p: dict, key: str) -> tuple[float, ...]:
         raise ValueError(f"rope_parameters of type 'longrope' needs {key!r}: a list of numbers, one per frequency "
                          f"pair, got {values!r}")
     for i, v in enumerate(values):
-        if not rope._is_number(v):
+        if not rope.is_number(v):
             raise ValueError(f"rope_parameters[{key!r}][{i}] must be a finite number, got {v!r}")
     return tuple(float(v) for v in values)
+
+
+def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None):
+    """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
+    return rope.inv_freq(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
+
+
+def interleaved_to_half_split(dim: int) -> torch.Tensor:
+    """The permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1) become (j, j + dim/2)
+    (on the output rows of W_q and W_k it converts a Meta-layout checkpoint to ours)."""
+    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
 def to_hf(cfg: RopeConfig, head_dim: int) -> dict:

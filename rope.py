@@ -9,44 +9,37 @@ Fan, Shippole, arXiv 2309.00071), side by side as small pure functions. The pape
 Every variant is a function (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor): fp32 frequencies theta'_d
 (pair d's angle at position m is m theta'_d) and a factor folded into cos and sin, so q.k gets its square (YaRN's
 1/t); seq_len is the current length l', read by the dynamic variants only. Pairs are half-split, channel j with
-j + |D|/2, as in Hugging Face (interleaved_to_half_split converts Meta's (2j, 2j+1)). Frequencies and angles are
+j + |D|/2, as in Hugging Face (hf.interleaved_to_half_split converts Meta's (2j, 2j+1)). Frequencies and angles are
 formed in float64, kept in float32, never in bf16 (whose positions collide above 256).
 """
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
+
 # Config
-VARIANTS = ("default", "linear", "ntk", "dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "longrope")
-DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn", "longrope")  # frequencies depend on the current length l'
-NEEDS_ORIGINAL_CONTEXT = ("dynamic", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "longrope")
-
-
 @dataclass(frozen=True)
 class RopeConfig:
     """One RoPE variant and its parameters. Field names follow Hugging Face's rope_parameters where they exist."""
 
-    type: str = "default"  # one of VARIANTS
+    type: str = "default"  # the variant: default linear ntk dynamic ntk_by_parts yarn dynamic_yarn llama3 longrope
     base: float = 10000.0  # b
     factor: float = 1.0  # s; dynamic_yarn: the smallest s; dynamic (NTK): HF's alpha (1 = plain RoPE up to L)
     original_context: int = 0  # L, the pretraining context (0 = not set; required by the variants that read it)
     partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated; the rest passes through
-    # NTK-by-parts / YaRN ramp, in rotations r_d: r_d > beta_fast keeps theta_d, r_d < beta_slow gets theta_d / s
-    beta_fast: float = 32.0  # the paper's beta
-    beta_slow: float = 1.0  # the paper's alpha
+    beta_fast: float = 32.0  # the paper's beta: pairs with more rotations r_d in L keep theta_d (NTK-by-parts, YaRN)
+    beta_slow: float = 1.0  # the paper's alpha: pairs with fewer rotations r_d in L get theta_d / s; a ramp between
     truncate: bool = True  # round the ramp ends to whole pairs (floor/ceil), as the official code and HF do
-    # YaRN temperature: explicit attention_factor wins; else DeepSeek's mscale ratio if both set; else 0.1 ln s + 1
-    attention_factor: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    # Llama-3 smoothing band, in rotations: wavelengths between L/high_freq_factor and L/low_freq_factor blend
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    # LongRoPE: a divisor per pair, short_factor while l' <= L and long_factor past it (|D|/2 numbers each)
-    short_factor: tuple[float, ...] | None = None
-    long_factor: tuple[float, ...] | None = None
+    attention_factor: float | None = None  # YaRN's sqrt(1/t), folded into cos/sin; None = DeepSeek's or 0.1 ln s + 1
+    mscale: float | None = None  # DeepSeek-V2: with mscale_all_dim set too, sqrt(1/t) = m(s, mscale) / m(s, all_dim)
+    mscale_all_dim: float | None = None  # DeepSeek-V2, as mscale; m(s, c) = 0.1 c ln s + 1
+    low_freq_factor: float = 1.0  # Llama 3: wavelengths over L / low_freq_factor get theta_d / s
+    high_freq_factor: float = 4.0  # Llama 3: wavelengths under L / high_freq_factor keep theta_d; a blend between
+    short_factor: tuple[float, ...] | None = None  # LongRoPE: a divisor per pair (|D|/2 numbers) while l' <= L
+    long_factor: tuple[float, ...] | None = None  # LongRoPE: a divisor per pair (|D|/2 numbers) once l' > L
 
     def __post_init__(self):
         for name in ("short_factor", "long_factor"):  # JSON gives lists; a frozen config holds tuples
@@ -62,71 +55,7 @@ class RopeConfig:
         return self.type in DYNAMIC_VARIANTS
 
 
-def _is_number(x) -> bool:
-    """A finite int or float, not a bool (an int too large for a float is not one)."""
-    return type(x) in (int, float) and (abs(x) < 2**1023 if type(x) is int else math.isfinite(x))
-
-
-def validate(cfg: RopeConfig) -> None:
-    """Raise a ValueError naming the field, its value and the allowed range."""
-    if cfg.type not in VARIANTS:
-        raise ValueError(f"rope type {cfg.type!r} is unknown; known types: {', '.join(VARIANTS)}")
-    for name in ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor",
-                 "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim"):
-        value, optional = getattr(cfg, name), name in ("attention_factor", "mscale", "mscale_all_dim")
-        if not (_is_number(value) or (optional and value is None)):
-            raise ValueError(f"rope {name} must be a finite number{' or None' if optional else ''}, got {value!r}")
-    if type(cfg.original_context) is not int or type(cfg.truncate) is not bool:
-        raise ValueError(f"rope original_context must be an int and truncate True or False, got "
-                         f"{cfg.original_context!r} and {cfg.truncate!r}")
-    for name in ("short_factor", "long_factor"):
-        value = getattr(cfg, name)
-        if value is not None and not (isinstance(value, tuple) and all(_is_number(v) and v > 0 for v in value)):
-            raise ValueError(f"rope {name} must be a tuple of numbers > 0 (one per frequency pair), got {value!r}")
-    by_parts, L = cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"), cfg.original_context
-    checks = [
-        (cfg.base > 1.0, f"rope base must be > 1 (typically 10000), got {cfg.base}"),
-        (cfg.factor >= 1.0, f"rope factor (the scale s) must be >= 1 (< 1 shrinks the context), got {cfg.factor}"),
-        (0.0 < cfg.partial_rotary_factor <= 1.0, f"rope partial_rotary_factor must be in (0, 1], got "
-                                                 f"{cfg.partial_rotary_factor}"),
-        (cfg.type not in NEEDS_ORIGINAL_CONTEXT or L > 0, f"rope type {cfg.type!r} needs original_context (L, the "
-         f"pretraining context length) > 0, got {L}; set it to the block size the model was pretrained at"),
-        (0 <= L <= 2**40, f"rope original_context must be in [0, 2^40], got {L}"),
-        (not by_parts or cfg.beta_slow > 0, f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}"),
-        (not by_parts or cfg.beta_fast > cfg.beta_slow, f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow "
-         f"({cfg.beta_slow}): beta_fast bounds the high-frequency pairs kept as they are (default 32), beta_slow "
-         "the fully interpolated ones (default 1)"),
-        (cfg.type != "llama3" or cfg.low_freq_factor > 0, f"rope low_freq_factor must be > 0, got "
-                                                          f"{cfg.low_freq_factor}"),
-        (cfg.type != "llama3" or cfg.high_freq_factor > cfg.low_freq_factor, f"rope high_freq_factor "
-         f"({cfg.high_freq_factor}) must be > low_freq_factor ({cfg.low_freq_factor})"),
-        (cfg.attention_factor is None or cfg.attention_factor > 0, f"rope attention_factor must be > 0, got "
-                                                                   f"{cfg.attention_factor}"),
-    ] + [(cfg.type != "longrope" or getattr(cfg, name), f"rope type 'longrope' needs {name}: |D|/2 numbers, one "
-          "divisor per frequency pair") for name in ("short_factor", "long_factor")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
-    """|D|: the number of rotated channels of a head; must be even (channels rotate in pairs)."""
-    if not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    dim = int(head_dim * cfg.partial_rotary_factor)
-    if dim < 2 or dim % 2:
-        raise ValueError(
-            f"rotary dim = int(head_dim {head_dim} * partial_rotary_factor {cfg.partial_rotary_factor}) = {dim} "
-            "must be even and >= 2; change head_dim or partial_rotary_factor"
-        )
-    for name in ("short_factor", "long_factor"):
-        if cfg.type == "longrope" and len(getattr(cfg, name)) != dim // 2:
-            raise ValueError(f"rope {name} has {len(getattr(cfg, name))} numbers; rotary dim {dim} has {dim // 2} "
-                             "frequency pairs, and LongRoPE needs one divisor per pair")
-    return dim
-
-
-# The variants: (rotary_dim, cfg, seq_len) -> (inv_freq fp32 [dim/2], attention_factor)
+# The variants: (rotary_dim, cfg, seq_len) -> (inv_freq fp32 [|D|/2], attention_factor)
 def base_inv_freq(dim: int, base: float) -> torch.Tensor:
     """theta_d = b^(-2d/|D|), d = 0 .. |D|/2 - 1, in float64."""
     return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -270,26 +199,52 @@ def longrope_rope(dim, cfg, seq_len=None):
     return inv_freq, math.sqrt(1 + math.log(s) / math.log(L))
 
 
-ROPE_FUNCTIONS = {
-    "default": default_rope,
-    "linear": linear_rope,
-    "ntk": ntk_rope,
-    "dynamic": dynamic_ntk_rope,
-    "ntk_by_parts": ntk_by_parts_rope,
-    "yarn": yarn_rope,
-    "dynamic_yarn": dynamic_yarn_rope,
-    "llama3": llama3_rope,
-    "longrope": longrope_rope,
+# The dispatch: each variant's function and what it reads; the lists of variants below are derived from it
+class Variant(NamedTuple):
+    frequencies: Callable  # (rotary_dim, cfg, seq_len) -> (inv_freq, attention_factor)
+    dynamic: bool = False  # its frequencies depend on the current length l'
+    needs_L: bool = False  # it reads original_context, L
+
+
+ROPE_VARIANTS = {
+    "default": Variant(default_rope),
+    "linear": Variant(linear_rope),
+    "ntk": Variant(ntk_rope),
+    "dynamic": Variant(dynamic_ntk_rope, dynamic=True, needs_L=True),
+    "ntk_by_parts": Variant(ntk_by_parts_rope, needs_L=True),
+    "yarn": Variant(yarn_rope, needs_L=True),
+    "dynamic_yarn": Variant(dynamic_yarn_rope, dynamic=True, needs_L=True),
+    "llama3": Variant(llama3_rope, needs_L=True),
+    "longrope": Variant(longrope_rope, dynamic=True, needs_L=True),  # short or long factors by l'
 }
-assert tuple(ROPE_FUNCTIONS) == VARIANTS
+VARIANTS = tuple(ROPE_VARIANTS)
+DYNAMIC_VARIANTS = tuple(name for name, v in ROPE_VARIANTS.items() if v.dynamic)
+NEEDS_ORIGINAL_CONTEXT = tuple(name for name, v in ROPE_VARIANTS.items() if v.needs_L)
+
+
+# A head's frequencies, the tables, and applying them
+def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
+    """|D|: the number of rotated channels of a head; must be even (channels rotate in pairs)."""
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    dim = int(head_dim * cfg.partial_rotary_factor)
+    if dim < 2 or dim % 2:
+        raise ValueError(
+            f"rotary dim = int(head_dim {head_dim} * partial_rotary_factor {cfg.partial_rotary_factor}) = {dim} "
+            "must be even and >= 2; change head_dim or partial_rotary_factor"
+        )
+    for name in ("short_factor", "long_factor"):
+        if cfg.type == "longrope" and len(getattr(cfg, name)) != dim // 2:
+            raise ValueError(f"rope {name} has {len(getattr(cfg, name))} numbers; rotary dim {dim} has {dim // 2} "
+                             "frequency pairs, and LongRoPE needs one divisor per pair")
+    return dim
 
 
 def inv_freq(head_dim: int, cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Frequencies (fp32, |D|/2) and attention factor of variant cfg for heads of head_dim, at current length l'."""
-    return ROPE_FUNCTIONS[cfg.type](rotary_dim(head_dim, cfg), cfg, seq_len)
+    return ROPE_VARIANTS[cfg.type].frequencies(rotary_dim(head_dim, cfg), cfg, seq_len)
 
 
-# Tables and application
 def cos_sin_table(inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor):
     """The tables apply_rope reads, fp32, a row per position m and a column per rotated channel: for the pair
     (j, j + |D|/2) at angle m theta'_j, cos is a cos(m theta'_j) in both columns and sin is -a sin(m theta'_j) in
@@ -314,14 +269,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated if rotary == dim else torch.cat((rotated, x[..., rotary:]), dim=-1)
 
 
-def interleaved_to_half_split(dim: int) -> torch.Tensor:
-    """The permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1) become (j, j + dim/2)
-    (on the output rows of W_q and W_k it converts a Meta-layout checkpoint)."""
-    return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
+# Validation
+def is_number(x) -> bool:
+    """A finite int or float, not a bool (an int too large for a float is not one)."""
+    return type(x) in (int, float) and (abs(x) < 2**1023 if type(x) is int else math.isfinite(x))
 
 
-# Hugging Face `rope_parameters` (the translation lives beside the exporter, in hf.py)
-def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None):
-    """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
-    from hf import from_hf  # hf.py imports this module: import it when called
-    return inv_freq(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
+def validate(cfg: RopeConfig) -> None:
+    """Raise a ValueError naming the field, its value and the allowed range."""
+    if cfg.type not in VARIANTS:
+        raise ValueError(f"rope type {cfg.type!r} is unknown; known types: {', '.join(VARIANTS)}")
+    for name in ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor",
+                 "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim"):
+        value, optional = getattr(cfg, name), name in ("attention_factor", "mscale", "mscale_all_dim")
+        if not (is_number(value) or (optional and value is None)):
+            raise ValueError(f"rope {name} must be a finite number{' or None' if optional else ''}, got {value!r}")
+    if type(cfg.original_context) is not int or type(cfg.truncate) is not bool:
+        raise ValueError(f"rope original_context must be an int and truncate True or False, got "
+                         f"{cfg.original_context!r} and {cfg.truncate!r}")
+    for name in ("short_factor", "long_factor"):
+        value = getattr(cfg, name)
+        if value is not None and not (isinstance(value, tuple) and all(is_number(v) and v > 0 for v in value)):
+            raise ValueError(f"rope {name} must be a tuple of numbers > 0 (one per frequency pair), got {value!r}")
+    by_parts, L = cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"), cfg.original_context
+    checks = [
+        (cfg.base > 1.0, f"rope base must be > 1 (typically 10000), got {cfg.base}"),
+        (cfg.factor >= 1.0, f"rope factor (the scale s) must be >= 1 (< 1 shrinks the context), got {cfg.factor}"),
+        (0.0 < cfg.partial_rotary_factor <= 1.0, f"rope partial_rotary_factor must be in (0, 1], got "
+                                                 f"{cfg.partial_rotary_factor}"),
+        (cfg.type not in NEEDS_ORIGINAL_CONTEXT or L > 0, f"rope type {cfg.type!r} needs original_context (L, the "
+         f"pretraining context length) > 0, got {L}; set it to the block size the model was pretrained at"),
+        (0 <= L <= 2**40, f"rope original_context must be in [0, 2^40], got {L}"),
+        (not by_parts or cfg.beta_slow > 0, f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}"),
+        (not by_parts or cfg.beta_fast > cfg.beta_slow, f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow "
+         f"({cfg.beta_slow}): beta_fast bounds the high-frequency pairs kept as they are (default 32), beta_slow "
+         "the fully interpolated ones (default 1)"),
+        (cfg.type != "llama3" or cfg.low_freq_factor > 0, f"rope low_freq_factor must be > 0, got "
+                                                          f"{cfg.low_freq_factor}"),
+        (cfg.type != "llama3" or cfg.high_freq_factor > cfg.low_freq_factor, f"rope high_freq_factor "
+         f"({cfg.high_freq_factor}) must be > low_freq_factor ({cfg.low_freq_factor})"),
+        (cfg.attention_factor is None or cfg.attention_factor > 0, f"rope attention_factor must be > 0, got "
+                                                                   f"{cfg.attention_factor}"),
+    ] + [(cfg.type != "longrope" or getattr(cfg, name), f"rope type 'longrope' needs {name}: |D|/2 numbers, one "
+          "divisor per frequency pair") for name in ("short_factor", "long_factor")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flags
+import hf
 import rope
 from system import REPO, atomic_write
 
@@ -71,7 +72,7 @@ def transformers_table(inv_freq, attention_factor, positions):
     return cos[0, :, :half], sin[0, :, :half]
 
 
-ADAPTERS = {"rope": (rope.hf_inv_freq, rope_table), "transformers": (transformers_impl, transformers_table)}
+ADAPTERS = {"rope": (hf.hf_inv_freq, rope_table), "transformers": (transformers_impl, transformers_table)}
 
 
 def load_function(spec: str, flag: str):
@@ -99,7 +100,7 @@ def write_golden(path) -> None:
     float32 number as the shortest decimal that reads back as it."""
     golden = read_golden(path)
     for case in golden["cases"]:
-        inv_freq, factor = call(rope.hf_inv_freq, case)
+        inv_freq, factor = call(hf.hf_inv_freq, case)
         cos, sin = rope_table(inv_freq, factor, torch.tensor(golden["positions"]))
         float32 = [t.float().numpy().astype(str).astype(float).tolist() for t in (inv_freq, cos, sin)]
         case.update(zip(("inv_freq", "cos", "sin"), float32), attention_factor=factor)

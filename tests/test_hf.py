@@ -552,7 +552,7 @@ def interleaved_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.T
 
 
 def test_interleaved_to_half_split_gives_meta_weights_the_same_scores():
-    """A Meta-layout W_q / W_k with each head's output rows permuted by rope.interleaved_to_half_split and rotated
+    """A Meta-layout W_q / W_k with each head's output rows permuted by hf.interleaved_to_half_split and rotated
     in half-split pairs (rope.apply_rope) gives the same q.k scores as the interleaved rotation of the original
     weights, and the rotated vectors are the interleaved ones permuted."""
     torch.manual_seed(0)
@@ -566,7 +566,7 @@ def test_interleaved_to_half_split_gives_meta_weights_the_same_scores():
     def heads(w):  # (n, H*hd) -> (H, n, hd)
         return (x.double() @ w.double().T).reshape(n, n_heads, head_dim).transpose(0, 1)
 
-    perm = rope.interleaved_to_half_split(head_dim)
+    perm = hf.interleaved_to_half_split(head_dim)
 
     def half_split(w):  # each head's rows of W (H*hd, d_in) permuted
         return w.view(n_heads, head_dim, d_in)[:, perm].reshape(w.shape)

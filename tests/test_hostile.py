@@ -1,5 +1,5 @@
 """Every bad input gets a clear error: hypothesis throws random and hostile values at the parsers (RopeConfig,
-hf.from_hf / rope.hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's flags) and at the files train.py
+hf.from_hf / hf.hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's flags) and at the files train.py
 and sample.py read (token files, checkpoints). The only acceptable failures are ValueErrors (CheckpointError,
 DataError, ConfigError are ValueErrors), or, from a CLI, exit code 2 with an `error:` line and no traceback."""
 
@@ -104,7 +104,7 @@ rope_kwargs = st.dictionaries(
 
 @FAST
 @given(rope_kwargs)
-@example({"base": 10**400})  # found: OverflowError from math.isfinite in rope._is_number
+@example({"base": 10**400})  # found: OverflowError from math.isfinite in rope.is_number
 def test_rope_config_takes_any_values_or_raises_value_error(kwargs):
     try:
         cfg = rope.RopeConfig(**kwargs)
@@ -143,7 +143,7 @@ def frequencies_or_value_error(kwargs, head_dim, seq_len):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# hf.from_hf, rope.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded config.json)
+# hf.from_hf, hf.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded config.json)
 
 
 hf_dicts = st.dictionaries(
@@ -170,7 +170,7 @@ def test_from_hf_gives_a_config_or_value_error(d, max_position_embeddings):
 @example({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1e308}, 64, 16, None)  # ValueError, but "math domain error"
 def test_hf_inv_freq_gives_finite_frequencies_or_value_error(d, head_dim, max_position_embeddings, seq_len):
     try:
-        result = rope.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
+        result = hf.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
     except ValueError:
         return
     check_frequencies(result)
@@ -188,7 +188,7 @@ def test_hf_inv_freq_gives_finite_frequencies_or_value_error(d, head_dim, max_po
 def test_longrope_hf_inv_freq_gives_finite_frequencies_or_value_error(case, max_position_embeddings, seq_len):
     d, head_dim = case
     try:
-        result = rope.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
+        result = hf.hf_inv_freq(d, head_dim, max_position_embeddings, seq_len)
     except ValueError:
         return
     check_frequencies(result)

@@ -325,7 +325,7 @@ def test_zero_width_ramp_guard_matches_transformers(truncate):
     if truncate:
         assert rope.ramp_bounds(64, cfg) == (0, 0)
     theirs, their_factor = hf_oracle(params, 64, 256, None)
-    ours, our_factor = rope.hf_inv_freq(dict(params), 64, 256, None)
+    ours, our_factor = hf.hf_inv_freq(dict(params), 64, 256, None)
     assert torch.allclose(ours.double(), theirs.double(), rtol=1e-6, atol=0)
     assert our_factor == pytest.approx(float(their_factor), rel=1e-12)
 
@@ -590,7 +590,7 @@ def rotate_interleaved(x, cos, sin):
        seed=SEEDS)
 def test_interleaved_layout_is_a_permutation_of_half_split(setup, positions, seed):
     head_dim, cfg, seq_len = setup
-    perm = rope.interleaved_to_half_split(head_dim)
+    perm = hf.interleaved_to_half_split(head_dim)
     assert torch.equal(perm.sort().values, torch.arange(head_dim))
     f, a = inv_freq(head_dim, cfg, seq_len)
     cos, sin = cos_sin_table(f, a, torch.tensor(positions))
@@ -742,7 +742,7 @@ def test_hugging_face_parity(rope_type):
     def check(case):
         params, head_dim, mp, seq_len = case
         theirs, their_factor = hf_oracle(params, head_dim, mp, seq_len)
-        ours, our_factor = rope.hf_inv_freq(dict(params), head_dim, mp, seq_len)
+        ours, our_factor = hf.hf_inv_freq(dict(params), head_dim, mp, seq_len)
         assert ours.dtype == torch.float32 and ours.shape == theirs.shape
         error = (ours.double() - theirs.double()).abs()
         tol = hf_tolerance(params, head_dim, mp, seq_len, ours)
@@ -767,7 +767,7 @@ EXPRESSED_AS = {"ntk": "default", "ntk_by_parts": "yarn"}  # hf.to_hf's rope_typ
 @given(setup=setups(types=tuple(v for v in VARIANTS if v != "dynamic_yarn"), temperature=True),
        mp=st.integers(1, 10**6))
 def test_to_hf_round_trip_is_exact(setup, mp):
-    """hf.to_hf then rope.hf_inv_freq gives the same frequencies and attention factor, bit for bit, for every
+    """hf.to_hf then hf.hf_inv_freq gives the same frequencies and attention factor, bit for bit, for every
     variant transformers can express: ntk as default with base b * s^(|D|/(|D|-2)), ntk_by_parts as yarn with
     attention_factor 1, the others as themselves. max_position_embeddings does not matter (the factor and L are
     written out), except for dynamic, where transformers reads L from it."""
@@ -776,7 +776,7 @@ def test_to_hf_round_trip_is_exact(setup, mp):
         mp = cfg.original_context
     params = hf.to_hf(cfg, head_dim)
     assert params["rope_type"] == EXPRESSED_AS.get(cfg.type, cfg.type)
-    assert same(rope.hf_inv_freq(params, head_dim, mp, seq_len), inv_freq(head_dim, cfg, seq_len))
+    assert same(hf.hf_inv_freq(params, head_dim, mp, seq_len), inv_freq(head_dim, cfg, seq_len))
 
 
 @settings(max_examples=30, deadline=None)

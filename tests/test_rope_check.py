@@ -98,20 +98,20 @@ def without(p: dict, *keys) -> dict:
 
 def attention_factor_as_input(p, head_dim, mp, seq_len):
     """A given attention_factor run through 0.1 ln s + 1 again, instead of used as the final multiplier."""
-    inv_freq, a = rope.hf_inv_freq(p, head_dim, mp, seq_len)
+    inv_freq, a = hf.hf_inv_freq(p, head_dim, mp, seq_len)
     return inv_freq, a * rope.yarn_mscale(p["factor"]) if "attention_factor" in p and p["rope_type"] == "yarn" else a
 
 
 def mscale_ignored(p, head_dim, mp, seq_len):
-    return rope.hf_inv_freq(without(p, "mscale", "mscale_all_dim"), head_dim, mp, seq_len)
+    return hf.hf_inv_freq(without(p, "mscale", "mscale_all_dim"), head_dim, mp, seq_len)
 
 
 def truncate_ignored(p, head_dim, mp, seq_len):
-    return rope.hf_inv_freq(without(p, "truncate"), head_dim, mp, seq_len)
+    return hf.hf_inv_freq(without(p, "truncate"), head_dim, mp, seq_len)
 
 
 def L_from_max_position_embeddings(p, head_dim, mp, seq_len):  # noqa: N802
-    return rope.hf_inv_freq(dict(p, original_max_position_embeddings=mp), head_dim, mp, seq_len)
+    return hf.hf_inv_freq(dict(p, original_max_position_embeddings=mp), head_dim, mp, seq_len)
 
 
 def dynamic_scale_never_shrinks():
@@ -122,7 +122,7 @@ def dynamic_scale_never_shrinks():
         if p["rope_type"] == "dynamic":
             longest[0] = max(longest[0], seq_len or 0)
             seq_len = longest[0] or None
-        return rope.hf_inv_freq(p, head_dim, mp, seq_len)
+        return hf.hf_inv_freq(p, head_dim, mp, seq_len)
 
     return impl
 
@@ -130,11 +130,11 @@ def dynamic_scale_never_shrinks():
 def longrope_switch_at_L(p, head_dim, mp, seq_len):  # noqa: N802
     """long_factor from l' >= L instead of l' > L."""
     L = p.get("original_max_position_embeddings") or mp
-    return rope.hf_inv_freq(p, head_dim, mp, seq_len + 1 if p["rope_type"] == "longrope" and seq_len == L else seq_len)
+    return hf.hf_inv_freq(p, head_dim, mp, seq_len + 1 if p["rope_type"] == "longrope" and seq_len == L else seq_len)
 
 
 def inv_freq_in_bf16(p, head_dim, mp, seq_len):
-    inv_freq, a = rope.hf_inv_freq(p, head_dim, mp, seq_len)
+    inv_freq, a = hf.hf_inv_freq(p, head_dim, mp, seq_len)
     return inv_freq.bfloat16().float(), a
 
 
@@ -155,8 +155,8 @@ PLANTED = {  # name: (bug class, impl, table)
     "dynamic_scale_never_shrinks": ("dynamic", dynamic_scale_never_shrinks, rope_check.rope_table),
     "longrope_switch_at_L": ("longrope_switch", longrope_switch_at_L, rope_check.rope_table),
     "inv_freq_in_bf16": ("bf16", inv_freq_in_bf16, rope_check.rope_table),
-    "positions_in_bf16": ("bf16", rope.hf_inv_freq, positions_in_bf16),
-    "tables_in_bf16": ("bf16", rope.hf_inv_freq, tables_in_bf16),
+    "positions_in_bf16": ("bf16", hf.hf_inv_freq, positions_in_bf16),
+    "tables_in_bf16": ("bf16", hf.hf_inv_freq, tables_in_bf16),
 }
 
 
@@ -198,8 +198,8 @@ def test_cli_user_module_fails_and_names_the_class(tmp_path):
     """A module where the command runs, given as module:function: exit status 1, the failing rows, and what
     the class means; tables unchecked without --table."""
     (tmp_path / "my_engine.py").write_text(
-        "import rope\n\n\ndef init(p, head_dim, mp, seq_len):\n    p.pop('truncate', None)\n"
-        "    return rope.hf_inv_freq(p, head_dim, mp, seq_len)\n")
+        "import hf\n\n\ndef init(p, head_dim, mp, seq_len):\n    p.pop('truncate', None)\n"
+        "    return hf.hf_inv_freq(p, head_dim, mp, seq_len)\n")
     out = run_cli("--impl", "my_engine:init", "--examples", "5", cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "gpt_oss_truncate_false" in out.stdout
