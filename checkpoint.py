@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+import flags
 from model import ModelConfig, Transformer
+from rope import RopeConfig
 from system import atomic_write
 
 FORMAT = "yarn-from-scratch"
@@ -100,3 +102,22 @@ def load_model(path, device="cpu") -> tuple[Transformer, dict]:
     """(model on device in eval mode, the checkpoint dict)."""
     state = load(path)
     return model_from_state(state).to(device).eval(), state
+
+
+# A checkpoint's model under another RoPE config: eval.py and sample.py swap it (--rope.<field>), train.py extends it
+def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
+    """The model's RoPE config with some fields replaced, for model.set_rope. L (original_context), unless given,
+    stays the model's, or is its block_size where it has none, since a model without scaling was pretrained at its
+    block size. Raises RopeConfig's ValueError for invalid values."""
+    L = overrides.get("original_context", config.rope.original_context or config.block_size)
+    return config.rope.replace(**{**overrides, "original_context": L})
+
+
+def parse_rope_swap(argv, cls, prog: str, description: str) -> tuple:
+    """(cls from the flags, {rope field: value} of the --rope.<field> flags given): the settings of a script that
+    loads a checkpoint and may replace fields of its RoPE config (eval.py, sample.py), as rope_with_overrides."""
+    rope_flags = {f"rope.{key}": (typ, "the checkpoint's", meaning)
+                  for key, (typ, _, meaning) in flags.flag_table((RopeConfig, "")).items()}
+    values = flags.parse(argv, {**flags.flag_table((cls, "")), **rope_flags}, prog, description)
+    overrides = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
+    return flags.build(cls, {k: v for k, v in values.items() if not k.startswith("rope.")}), overrides

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import flags
-from config import parse_rope_swap, rope_with_overrides
+from checkpoint import parse_rope_swap, rope_with_overrides
 from data.loader import load_split
 from data.tokenizer import get_tokenizer
 from system import pick_device, write_json

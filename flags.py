@@ -1,14 +1,16 @@
 """Command-line settings for every script: argparse built from the script's dataclass fields, each value read as its
 field's type by parse_value (an int as int(), so not 1e4; a float finite; a bool true / false / 1 / 0, a bare
---flag true; a tuple comma-separated; none or null for X | None), the same way in every script. --config FILE.json
-sets any of them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"}); flags win over it. cli() runs a main and
-turns the project's errors into `error: ...` and exit code 2.
+--flag true; a tuple comma-separated; none or null for X | None), the same way in every script; --help says what
+each means (field_help). --config FILE.json sets any of them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"});
+flags win over it. cli() runs a main and turns the project's errors into `error: ...` and exit code 2.
 """
 
 import argparse
 import difflib
+import inspect
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -103,16 +105,26 @@ def check_types(obj) -> None:
 
 
 # Parsing a command line
-def flag_table(*groups) -> dict[str, tuple[object, object]]:
-    """{flag key: (type, default)} for groups of (dataclass, prefix); a field holding a dataclass is left out
-    (it comes as its own group, e.g. (RopeConfig, "rope."))."""
+def flag_table(*groups) -> dict[str, tuple[object, object, str]]:
+    """{flag key: (type, default, what it means)} for groups of (dataclass, prefix); a field holding a dataclass is
+    left out (it comes as its own group, e.g. (RopeConfig, "rope."))."""
     table = {}
     for cls, prefix in groups:
+        meanings = field_help(cls)  # what each field means: the comment beside it in the class
         for f in fields(cls):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if not is_dataclass(default):
-                table[prefix + f.name] = (field_types(cls)[f.name], default)
+                table[prefix + f.name] = (field_types(cls)[f.name], default, meanings.get(f.name, ""))
     return table
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: the comment beside it in the class's source (`name: type = default  # meaning`)}: written once."""
+    try:
+        found = [re.match(r"\s+(\w+): .*?  # (.*)", line) for line in inspect.getsource(cls).splitlines()]
+    except (OSError, TypeError):  # no source file (a class made at run time): --help gives the defaults only
+        return {}
+    return {m[1]: m[2] for m in found if m}
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,11 +138,12 @@ def parse(argv, table: dict, prog: str, description: str = "") -> dict[str, obje
     """{key: typed value} of the settings given, from --config FILE.json and then the flags; absent keys absent."""
     parser = Parser(prog=prog, usage=f"{prog} [--key=value ...]", description=description, allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, (typ, default) in table.items():
+    for key, (typ, default, meaning) in table.items():
         bare = {"nargs": "?", "const": "true"} if unwrap_optional(typ)[0] is bool else {}  # a bare --flag is true
+        given = "required" if default is MISSING else f"default {default!r}"
         parser.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, **bare,
                             metavar=type_name(typ).upper().replace(" ", "_"),
-                            help="required" if default is MISSING else f"default {default!r}".replace("%", "%%"))
+                            help=f"{meaning} ({given})".strip().replace("%", "%%"))
     parser.add_argument("--config", metavar="FILE.json", help="a JSON object of any of these; flags override it")
     given, rest = parser.parse_known_args([str(a) for a in argv])
     if rest:

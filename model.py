@@ -32,13 +32,13 @@ ROPE_RULES = ("follow", "capacity")
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
-    n_layer: int = 8
-    n_head: int = 4
+    n_layer: int = 8  # transformer blocks
+    n_head: int = 4  # query heads per layer (head_dim = d_model / n_head)
     n_kv_head: int = 0  # 0 = n_head (multi-head); fewer = grouped-query attention
-    d_model: int = 512
+    d_model: int = 512  # the residual stream's width
     ffn_hidden: int = 0  # 0 = the LLaMA rule: 8/3 d_model rounded up to a multiple of 64
     block_size: int = 512  # the context the model trains at; RoPE tables are prebuilt for it (and grow on demand)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
     prev_tokens: int = 0  # K > 0: each position also embeds the K tokens before it (Transformer.embed)
     rope: RopeConfig = field(default_factory=RopeConfig)
 

@@ -42,7 +42,7 @@ from data.prepare import SOURCES, PrepareConfig, folder_corpus, prepare
 from data.tokenizer import get_tokenizer
 from model import ModelConfig
 from rope import RopeConfig
-from system import IN_USE_EXIT, FolderInUse, device_name, git_commit, lock_folder, pick_device, write_json
+from system import FolderInUse, device_name, git_commit, lock_folder, pick_device, write_json
 
 METHODS = ("default", "linear", "ntk", "ntk_by_parts", "yarn")  # extended by fine-tuning, in this order
 NO_FINETUNE = METHODS + ("dynamic", "dynamic_yarn")  # the pretrained model under each, no training
@@ -335,24 +335,21 @@ def job_record(job: Job) -> dict:
             "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS)}
 
 
-# Checked before any work: the stages rehearsed by a job that builds each training run's configs and trains nothing
-class ConfigCheck(Job):
-    """Builds each run's RunConfig and ModelConfig (they check themselves); loads prepared data as train.py will."""
+class Rehearsal(Job):
+    """Job and stage runner at once, for checks before work: only the training stages run (the others need models),
+    building each run's RunConfig and ModelConfig (they check themselves), training nothing, loading prepared data."""
 
     def train(self, name: str, run: train.RunConfig, config: ModelConfig):
         if (self.data_dir / "val_seen.npy").exists():  # the data stage's output: it will not run again
             load_training_data(self.data_dir, config.block_size, config.vocab_size, run.data_mix)
 
-
-class TrainingStagesOnly:
-    """ConfigCheck's stage runner: the training stages (output summary.json) only; the others need their models."""
-
     def run(self, name: str, output: Path, fn):
-        if output.name == "summary.json":
-            try:
-                fn()
-            except ValueError as e:
-                raise ValueError(f"stage {name!r}: {e}") from None
+        if output.name != "summary.json":
+            return
+        try:
+            fn()
+        except ValueError as e:
+            raise ValueError(f"stage {name!r}: {e}") from None
 
 
 def check_before_work(job: Job) -> None:
@@ -364,7 +361,8 @@ def check_before_work(job: Job) -> None:
     if not (job.data_dir / "val_seen.npy").exists():  # the data stage will prepare it from the source
         source = job.p.data_source
         SOURCES[source]() if source in SOURCES else folder_corpus(source)
-    stages_in_order(ConfigCheck(**vars(job)), TrainingStagesOnly())
+    rehearsal = Rehearsal(**vars(job))
+    stages_in_order(rehearsal, rehearsal)
 
 
 def main(argv) -> list[dict]:
@@ -395,4 +393,4 @@ def main(argv) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(flags.cli(main, errors={FolderInUse: IN_USE_EXIT, **flags.ERRORS}))
+    sys.exit(flags.cli(main, errors={FolderInUse: FolderInUse.exit_code, **flags.ERRORS}))

@@ -6,7 +6,7 @@
 The model and its tokenizer come from the checkpoint; model.generate decodes with the KV cache; the new text goes
 to stdout (UTF-8), a header and warnings to stderr. No prompt starts a document; end-of-text stops a sample
 unless --stop_at_eot=false. --rope.<field>=<value> replaces that field of the checkpoint's RoPE config (weights
-untouched; config.rope_with_overrides), --rope_rule is model.py's. The context policy is fit_context's.
+untouched; checkpoint.rope_with_overrides), --rope_rule is model.py's. The context policy is fit_context's.
 """
 
 import os
@@ -18,7 +18,7 @@ import torch
 
 import checkpoint
 import flags
-from config import parse_rope_swap, rope_with_overrides
+from checkpoint import parse_rope_swap, rope_with_overrides
 from data.tokenizer import StreamDecoder, get_tokenizer
 from model import ROPE_RULES
 from rope import RopeConfig

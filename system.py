@@ -77,21 +77,19 @@ def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-IN_USE_EXIT = 75  # a folder in use: EX_TEMPFAIL in sysexits.h (try again later), not 2, since no input was wrong
-
-
 class FolderInUse(RuntimeError):
-    """Another process holds the run folder's lock."""
+    """Another process holds the run folder's lock: exit 75 (EX_TEMPFAIL, try later), not 2: no input was wrong."""
+    exit_code = 75
 
 
 @contextmanager
 def lock_folder(folder, flag: str):
-    """Hold an exclusive lock on folder (created if missing) while the run writes to it: flock on folder/.lock,
-    which the operating system releases when the process ends, however it ends, so a SIGKILL leaves no stale lock.
-    A second process raises FolderInUse at once, naming the holder's pid and `flag`, the way to choose another."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold folder (made if missing) while a run writes to it: flock on folder/.lock, dropped by the OS with the
+    process however it ends (no stale lock after a SIGKILL). A second process gets FolderInUse at once."""
+    if not str(folder).strip():
+        raise ValueError(f"{flag} must not be empty")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,6 +148,14 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def agreed(self, d: "Dist", device: str) -> int:
+        """The signal every process stops for (0 = none): under DDP they must stop at the same step, or hang."""
+        if d.world == 1:
+            return self.signum
+        flag = torch.tensor(float(self.signum), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,19 @@
-"""Open the token files written by `python -m data.prepare`, checking they are whole and match this tokenizer.
+"""Open the token files of `python -m data.prepare`, checking they are whole and fit this tokenizer; draw batches.
 
     tokens, docs, meta = load_split("data/stdlib", "train")
 
 tokens: a read-only np.memmap of uint16 ids, EOT after every document; docs[i] = (start, length) of document i.
 """
 
+import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
+from data.recall import mix
 from data.tokenizer import DataError, get_tokenizer
 
 SPLITS = ("train", "val")
@@ -86,9 +90,15 @@ def check_block_size(tokens, block_size, split):
                         f"(needs at least {block_size + 1}); prepare a larger corpus or lower the block size")
 
 
-def load_training_data(data_dir, block_size: int, vocab_size: int, data_mix: str = "natural"):
-    """(train tokens, val tokens, the tokenizer's name) for train.py: both splits, each long enough for a window
-    of block_size + 1 tokens, in a vocabulary the model's embedding covers, bytes for a recall mix."""
+class TrainingData(NamedTuple):
+    train: np.ndarray  # token ids (read-only memmaps)
+    val: np.ndarray
+    tokenizer: str  # its name, saved with the model
+
+
+def load_training_data(data_dir, block_size: int, vocab_size: int, data_mix: str = "natural") -> TrainingData:
+    """Both splits for train.py, each long enough for a window of block_size + 1 tokens, in a vocabulary the
+    model's embedding covers, bytes for a recall mix."""
     train, _, meta = load_split(data_dir, "train")
     val, _, _ = load_split(data_dir, "val")
     for tokens, split in ((train, "train"), (val, "val")):
@@ -99,4 +109,29 @@ def load_training_data(data_dir, block_size: int, vocab_size: int, data_mix: str
     if data_mix != "natural" and meta["tokenizer"]["name"] != "bytes":
         raise DataError(f"--data_mix={data_mix} writes random bytes into the windows: it needs data prepared with "
                         f"--tokenizer bytes, and {data_dir} holds {meta['tokenizer']['name']} tokens")
-    return train, val, meta["tokenizer"]["name"]
+    return TrainingData(train, val, meta["tokenizer"]["name"])
+
+
+# Batches. Training step `step` takes grad_accum micro-batches, numbered 0..grad_accum-1 over all processes, their
+# windows of block_size + 1 tokens drawn by a generator seeded by a hash of (seed, step, number): the global batch is
+# the same for any world size, a resume needs no sampler state, and no two processes draw the same windows.
+def stream_seed(seed: int, *key) -> int:
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def window_starts(tokens: np.ndarray, T: int, shape: tuple, seed: int, *key) -> np.ndarray:
+    """Starts 0 .. len - T - 1 drawn by a generator seeded by (seed, *key): key ("train", step, micro-batch) for
+    training, ("val",) for the fixed validation windows (the same at every eval, so a run's curve is comparable)."""
+    g = torch.Generator().manual_seed(stream_seed(seed, *key))
+    return torch.randint(len(tokens) - T, shape, generator=g).numpy()
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, T: int, data_mix: str = "natural", seed: int = 0, device="cpu"):
+    """Inputs and next-token targets on device, (B, T) int64 each, of windows tokens[s : s + T + 1] as the data
+    mix (seeded by seed) rewrites them."""
+    w = torch.from_numpy(mix(tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64), data_mix, seed))
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T) each
+    if device.startswith("cuda"):  # pinned host memory lets the copy overlap the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y

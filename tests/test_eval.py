@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
 
 import checkpoint  # noqa: E402
 import eval as E  # noqa: E402
-from config import parse_rope_swap, rope_with_overrides  # noqa: E402
+from checkpoint import parse_rope_swap, rope_with_overrides  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 VOCAB = 64

@@ -1,8 +1,9 @@
 """The codebase stays as small as the models it is compared with: the reading core (rope.py, model.py, train.py,
 sample.py) within 1,300 lines, everything outside tests/ within 5,130 (4,200, plus what each issue added: reports
 of a run cut part-way ~100; claims that can fail, held-out checks, loss curves and figures.py ~500; the RoPE
-conformance checker rope_check.py ~330), no function over 60 lines, no line over 120 characters, and no docstring
-pointing to a file the repository does not have."""
+conformance checker rope_check.py ~330), no function over 60 lines, no line over 120 characters, no docstring
+pointing to a file the repository does not have, and imports that only go down the floors: rope.py at the bottom
+imports nothing of ours, so it can be read alone."""
 
 import ast
 import re
@@ -55,3 +56,46 @@ def test_comments_stand_on_their_own(path):
     """A docstring or comment never sends the reader to a document outside the repository."""
     outside = re.findall(r"EXPERIMENT\.md|YARN_SPEC|STYLE(?:\.md| #)|shared/", path.read_text(encoding="utf-8"))
     assert not outside, outside
+
+
+# Floors, bottom up: a module imports only modules on floors below its own. A module not listed is a script on a
+# floor above them all (another developer's new file starts there), which no listed module may import.
+FLOORS = [
+    ("rope.py", "flags.py", "system.py", "loss.py", "data/__init__.py", "data/tokenizer.py", "data/recall.py"),
+    ("model.py", "figures.py", "data/loader.py", "data/prepare.py"),
+    ("checkpoint.py", "config.py"),
+    ("train.py", "eval.py", "sample.py", "hf.py", "report.py"),
+    ("reproduce.py",),
+    ("bench.py",),
+]
+
+
+def our_imports(path: Path, ours: set[str]) -> set[str]:
+    """The project modules a file imports, as paths (data/loader.py), at any depth (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # `from data import loader`
+        found |= {name.replace(".", "/") + ".py" for name in names} & ours
+    return found
+
+
+def test_imports_go_down_the_floors_and_rope_imports_nothing_of_ours():
+    ours = {str(p.relative_to(REPO)) for p in sources()}
+    floor = {name: level for level, names in enumerate(FLOORS) for name in names}
+    assert our_imports(REPO / "rope.py", ours) == set()
+    upward = {}
+    for name in sorted(ours):
+        level = floor.get(name, len(FLOORS))
+        wrong = sorted(other for other in our_imports(REPO / name, ours) if floor.get(other, len(FLOORS)) >= level)
+        if wrong:
+            upward[name] = wrong
+    assert not upward, f"imports on the module's own floor or above (tests/test_layout.FLOORS): {upward}"
+
+
+def test_rope_py_reaches_its_first_variant_within_80_lines():
+    """Config first, then the math: the first variant function (a `*_rope`) starts within the first 80 lines."""
+    tree = ast.parse((REPO / "rope.py").read_text(encoding="utf-8"))
+    first = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.endswith("_rope"))
+    assert first.lineno <= 80, (first.name, first.lineno)

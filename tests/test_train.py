@@ -206,19 +206,19 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
 
 
 def test_grad_accum_must_divide_among_processes(data_dir, tmp_path):
-    run, model_config, state, resume = config.resolve(*config.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
+    start = train.decide_start(*config.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
     with pytest.raises(ValueError, match="divisible by the number of processes"):
-        train.setup(run, model_config, state, resume, train.Dist(rank=0, local_rank=0, world=2))
+        train.setup(start, train.Dist(rank=0, local_rank=0, world=2))
 
 
 def test_global_batch_does_not_depend_on_the_process_count():
     # process r of W takes micro-batches r*A .. r*A + A - 1 of the step; their windows depend on the number only
     tokens = torch.arange(10_000).numpy()
-    one = [train.train_windows(tokens, 7, step=3, micro=m, B=4, T=16) for m in range(4)]
-    again = [train.train_windows(tokens, 7, step=3, micro=m, B=4, T=16) for m in range(4)]
+    one = [train.window_starts(tokens, 16, (4,), 7, "train", 3, m) for m in range(4)]  # step 3, micro-batch m
+    again = [train.window_starts(tokens, 16, (4,), 7, "train", 3, m) for m in range(4)]
     assert all((a == b).all() for a, b in zip(one, again))
     assert len({tuple(w) for w in one}) == 4  # different micro-batches, different windows
-    assert not (train.train_windows(tokens, 7, 4, 0, 4, 16) == one[0]).all()  # and different steps
+    assert not (train.window_starts(tokens, 16, (4,), 7, "train", 4, 0) == one[0]).all()  # and different steps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,6 +303,10 @@ def test_cli_errors_exit_2_without_a_traceback_and_help_lists_the_fields(capsys)
     assert e.value.code == 0 and train.cli(["--help"]) == 0
     text = capsys.readouterr().out
     assert all(f"--{key}" in text for key in ("lr", "init_from", "d_model", "rope.factor", "rope.original_context"))
+    # what each field means, from the comment beside it in its class
+    assert all(meaning for _, _, meaning in config.FLAGS.values()), [k for k, v in config.FLAGS.items() if not v[2]]
+    assert "peak learning rate, after a linear warmup (default 0.001)" in " ".join(text.split())
+    assert "the paper's beta" in text and "L, the pretraining context" in " ".join(text.split())
     assert train.cli(["--compile=maybe"]) == 2
     assert capsys.readouterr().err.startswith("error: --compile expects a bool")
 
@@ -361,23 +365,31 @@ def test_extension_keeps_how_the_model_was_pretrained_and_changes_only_rope_and_
     base = ModelConfig(d_model=64, n_head=2, block_size=L,
                              rope=RopeConfig(base=500000.0, partial_rotary_factor=0.5))
     given = {"d_model": 64, "block_size": 4 * L, "rope": {"type": "yarn", "factor": 4.0}}  # d_model repeats base's
-    ext = config.extended_model_config(base, given)
+    ext = train.extended_model_config(base, given)
     assert (ext.d_model, ext.block_size) == (64, 4 * L)
     assert (ext.rope.type, ext.rope.factor, ext.rope.original_context) == ("yarn", 4.0, L)
     assert (ext.rope.base, ext.rope.partial_rotary_factor) == (500000.0, 0.5)
-    explicit = config.extended_model_config(base, {"rope": {"type": "linear", "factor": 2.0, "original_context": 16}})
+    explicit = train.extended_model_config(base, {"rope": {"type": "linear", "factor": 2.0, "original_context": 16}})
     assert explicit.rope.original_context == 16 and explicit.block_size == L
 
 
-def test_resume_applies_the_flags_given_on_top_of_the_saved_run_config():
-    saved = {"run_config": asdict(config.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5))}
-    run = config.resumed_run_config(saved, {"max_steps": 20, "init_from": "resume"})
-    assert (run.max_steps, run.lr, run.init_from) == (20, 1e-3, "scratch")
-    assert run.stop_at_step is None  # belongs to one invocation
+def test_resume_applies_the_flags_given_on_top_of_the_saved_run_config(tmp_path):
+    saved = {"model_config": ModelConfig(d_model=64, n_head=2, block_size=L).to_dict(), "step": 5, "optimizer": {},
+             "run_config": asdict(config.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5))}
+
+    def resume(state, **given):  # out_dir's checkpoint as already loaded (decide_start loads it otherwise)
+        return train.decide_start({"init_from": "resume", "out_dir": str(tmp_path), **given}, {}, state)
+
+    start = resume(saved, max_steps=20)
+    assert start.phase == "resume" and start.model_config.d_model == 64
+    assert (start.cfg.max_steps, start.cfg.lr, start.cfg.init_from) == (20, 1e-3, "scratch")
+    assert start.cfg.stop_at_step is None  # belongs to one invocation
     with pytest.raises(ValueError, match="warmup_steps"):
-        config.resumed_run_config(saved, {"warmup_steps": 15})
+        resume(saved, warmup_steps=15)
     with pytest.raises(ValueError, match="does not know"):
-        config.resumed_run_config({"run_config": {**saved["run_config"], "lr_decay": True}}, {})
+        resume({**saved, "run_config": {**saved["run_config"], "lr_decay": True}})
+    with pytest.raises(ValueError, match="past --max_steps"):
+        resume(saved, max_steps=4)
 
 
 def test_lr_schedule_is_warmup_then_cosine():
