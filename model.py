@@ -39,7 +39,7 @@ class ModelConfig:
     ffn_hidden: int = 0  # 0 = the LLaMA rule: 8/3 d_model rounded up to a multiple of 64
     block_size: int = 512  # the context the model trains at; RoPE tables are prebuilt for it (and grow on demand)
     norm_eps: float = 1e-5  # RMSNorm's epsilon
-    prev_tokens: int = 0  # K > 0: each position also embeds the K tokens before it (Transformer.embed)
+    prev_tokens: int = 0  # K > 0: each position also embeds the K tokens before it (optional; end of model.py)
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
@@ -223,7 +223,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        # prev_tokens = K: one table for each of the K tokens before a position, stacked (row k V + id)
+        # optional (the end of this file), prev_tokens = K: a table for each of the K tokens before a position, stacked
         self.prev_emb = nn.Embedding(config.prev_tokens * config.vocab_size, config.d_model) if config.prev_tokens \
             else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -282,21 +282,10 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def embed(self, idx: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
-        """Token embeddings (B, T, d), plus, with prev_tokens = K, embeddings of the K tokens before each position
-        (the "smeared" input of Olsson et al. 2022): the previous tokens a copying circuit otherwise needs a whole
-        attention layer to gather, so a small model learns to copy in minutes. Before the start: id vocab_size - 1."""
-        x = F.embedding(idx, self.tok_emb.weight)
-        K, V = self.config.prev_tokens, self.config.vocab_size
-        if not K:
-            return x
-        T = idx.shape[1]
-        before = cache.tokens[:, max(0, start - K) : start] if cache is not None else idx[:, :0]
-        pad = torch.full((idx.shape[0], K - before.shape[1]), V - 1, dtype=idx.dtype, device=idx.device)
-        seq = torch.cat((pad, before, idx), dim=1)  # (B, K + T): position t of idx is column K + t
-        if cache is not None:
-            cache.tokens[:, start : start + T] = idx
-        prev = torch.stack([seq[:, K - k : K - k + T] + (k - 1) * V for k in range(1, K + 1)], dim=-1)  # (B, T, K)
-        return x + F.embedding(prev, self.prev_emb.weight).sum(dim=2)
+        x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
+        if self.prev_emb is not None:  # optional, a CPU-preset aid: previous-token embeddings (the end of this file)
+            x = x + previous_token_embeddings(self, idx, cache, start)
+        return x
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_emb.weight
@@ -373,3 +362,21 @@ def sample_token(logits, temperature: float, top_k: int | None, generator=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# === Optional, a reader may skip it: previous-token embeddings (prev_tokens = K > 0), a CPU-preset aid, neither
+# LLaMA's nor the paper's. Its table is Transformer.prev_emb, its tokens KVCache.tokens; it joins the core path in
+# Transformer.embed, and a model with prev_tokens = 0 never runs it.
+def previous_token_embeddings(model: Transformer, idx: torch.Tensor, cache: KVCache | None, start: int):
+    """The summed embeddings (B, T, d) of the K tokens before each position (the "smeared" input of Olsson et al.
+    2022): the previous tokens a copying circuit otherwise needs a whole attention layer to gather, so a small model
+    learns to copy in minutes. The k-th token back (k = 1..K) reads row (k - 1) V + id; before the start, id V - 1."""
+    K, V = model.config.prev_tokens, model.config.vocab_size
+    T = idx.shape[1]
+    before = cache.tokens[:, max(0, start - K) : start] if cache is not None else idx[:, :0]
+    pad = torch.full((idx.shape[0], K - before.shape[1]), V - 1, dtype=idx.dtype, device=idx.device)
+    seq = torch.cat((pad, before, idx), dim=1)  # (B, K + T): position t of idx is column K + t
+    if cache is not None:
+        cache.tokens[:, start : start + T] = idx
+    prev = torch.stack([seq[:, K - k : K - k + T] + (k - 1) * V for k in range(1, K + 1)], dim=-1)  # (B, T, K)
+    return F.embedding(prev, model.prev_emb.weight).sum(dim=2)
