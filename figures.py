@@ -28,8 +28,8 @@ def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str):
         contexts = sorted(int(T) for T in rs[0]["ppl"])
         per_seed = np.array([[r["ppl"][str(T)]["ppl"] for T in contexts] for r in rs])
         mid = np.exp(np.mean([[r["ppl"][str(T)]["nll"] for T in contexts] for r in rs], axis=0))
-        ax.errorbar(contexts, mid, yerr=[mid - per_seed.min(0), per_seed.max(0) - mid], fmt="o-", ms=3, capsize=3,
-                    color=f"C{i}", label=LABELS.get(name, name))
+        spread = [np.maximum(mid - per_seed.min(0), 0), np.maximum(per_seed.max(0) - mid, 0)]  # rounding: >= 0
+        ax.errorbar(contexts, mid, yerr=spread, fmt="o-", ms=3, capsize=3, color=f"C{i}", label=LABELS.get(name, name))
     mark_lengths(ax, c)
     ax.set(xscale="log", xlabel="evaluation context T (tokens)", title=title,
            ylabel=f"perplexity ({c['score']} tokens per document, history >= T/2)")

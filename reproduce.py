@@ -96,17 +96,17 @@ PRESETS = {
     # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had not (control
     # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step ~500, and the
     # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c.
-    # Sized for at most 60% of gpu_run.sh's 400 s limit from the stage times of the first H200 run (results/gpu):
+    # Sized for at most 60% of gpu_run.sh's 450 s limit from the stage times of the first H200 run (results/gpu):
     # every training step here is launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k
     # tokens a step), so time is steps, not tokens:
-    #   start-up, data                                              ~8 s (measured 7 + 0.7)
+    #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before the check)
     #   warm-up 5,000 x 32 x 128 at 24 ms a step                    ~120 s (1,500 steps took 36.1 s)
     #   pretraining 1,000 x 32 x 512                                ~24 s (measured 23.7)
-    #   18 fine-tunes of 30 x 4 x 4,096 (no optimizer state saved) ~27 s (measured 1.0-1.9 s each)
-    #   26 evaluations                                              ~30 s (measured 1.0-1.4 s each)
-    #   temperature sweep                                           ~3 s (measured 3.2)
+    #   24 fine-tunes of 30 x 4 x 4,096 (no optimizer state saved) ~36 s (measured 1.0-1.9 s each)
+    #   26 evaluations, 9 midpoints, 9 at s_long L and L' only     ~40 s (measured 1.0-1.4 s for a full one)
+    #   temperature sweep, 8 a x 4 s                                ~8 s (measured 3.2 for 28 perplexities)
     #   the from-scratch baseline, 1,030 x 4 x 4,096                ~27 s (measured 27.0)
-    #   total ~240 s = 60% of 400 s (the first run: 156 s with the 1,500-step warm-up)
+    #   total ~270 s = 60% of 450 s (the first run: 156 s with the 1,500-step warm-up and fewer stages)
     "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
                   s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
                   finetune_lr=1e-4, data_mix="recall", warmup_steps=5000, warmup_block=128, warmup_batch=32,
