@@ -171,6 +171,10 @@ def claims(res: dict) -> list[dict]:
            ft["yarn"], res["scratch_long"], Le)
     vs(f"2e. Short-context check, at L={L}: the pretrained model beats fine-tuned YaRN (extending costs there)",
        nf["default"], ft["yarn"], L)
+    for steps, runs in (res.get("budgets") or {}).items():
+        for m in ("linear", "ntk"):
+            vs(f"2f. Fine-tuned for {steps} steps instead of {c['finetune_steps']}, at L'={Le}: YaRN beats "
+               f"{LABELS[m]}", runs["yarn"], runs[m], Le)
     for m in ("linear", "ntk"):
         vs(f"3. Train short, test long: at {far}, YaRN s={c['s_long']} fine-tuned at {Le} beats {LABELS[m]} "
            f"s={c['s_long']} fine-tuned alike", long["yarn"], long.get(m, [None]), far, True)
@@ -480,8 +484,12 @@ def limitations(res: dict) -> list[str]:
                      "that copying forms in a small budget; fine-tuning and evaluation are natural text only.")
     if not c.get("scratch_long"):
         lines.append("- No model trained at L' from scratch (too costly on this preset).")
-    lines.append("- Not run here: an ablation with neither previous-token embeddings nor the recall mix; claim 2 at "
-                 "other fine-tuning budgets.")
+    missing = ["an ablation with neither previous-token embeddings nor the recall mix"] \
+        if c["prev_tokens"] or c["data_mix"] != "natural" else []
+    if not c.get("budgets"):
+        missing.append("claim 2 at other fine-tuning budgets (the gpu preset runs them: claims 2f)")
+    if missing:
+        lines.append("- Not run here: " + "; ".join(missing) + ".")
     return lines
 
 
@@ -608,6 +616,8 @@ def gather(runs: Path) -> dict:
             "finetuned": {m: [read(ev / f"ft_{m}_{seed}.json") for seed in seeds] for m in job["methods"]},
             "long": {m: [read(ev / f"{name(seed)}.json") for seed in seeds] for m, name in long_name.items()},
             "scratch_long": [read(ev / "scratch_long.json")] if c.get("scratch_long") else None,
+            "budgets": {str(steps): {m: [read(ev / f"ft_{m}_{seed}_{steps}steps.json") for seed in seeds]
+                                     for m in job.get("budget_methods", ())} for steps in c.get("budgets", ())},
             "temperature": read(runs / "temperature.json"),
             "curves": {m: [curve(runs, m, f"ft_{m}_{seed}", c["finetune_steps"], Le) for seed in seeds]
                        for m in job["methods"]},

@@ -14,6 +14,7 @@ a run cut part-way has the inputs of the primary claims (`python report.py --run
                YaRN at the larger s_long ("train short, test long"); each evaluated as soon as it is trained
   temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
   scratch_long (gpu) a model trained at L' from scratch on the same tokens
+  budgets      (gpu) claim 2 again at other fine-tuning budgets: YaRN, PI and NTK-aware, every seed
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
 Every value the stages will read is checked before the first one runs. Exit codes: 0 done; 2 bad input
 (`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
@@ -71,6 +72,7 @@ class Preset:
     warmup_batch: int = 16
     finetune_seeds: tuple = (0, 1, 2)
     scratch_long: bool = False  # also train a model at L' from scratch on the same total tokens
+    budgets: tuple = ()  # claim 2 again with these fine-tuning steps (e.g. half and twice finetune_steps)
     score: int = 1024  # tokens scored per held-out document, from its body, the same at every context (eval.py)
     max_docs: int = 16
     trials: int = 10  # retrieval trials per (context, depth) cell
@@ -96,7 +98,7 @@ PRESETS = {
     # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had not (control
     # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step ~500, and the
     # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c.
-    # Sized for at most 60% of gpu_run.sh's 450 s limit from the stage times of the first H200 run (results/gpu):
+    # Sized for about 70% of gpu_run.sh's 450 s limit from the stage times of the first H200 run (results/gpu):
     # every training step here is launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k
     # tokens a step), so time is steps, not tokens:
     #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before the check)
@@ -106,11 +108,13 @@ PRESETS = {
     #   26 evaluations, 9 midpoints, 9 at s_long L and L' only     ~40 s (measured 1.0-1.4 s for a full one)
     #   temperature sweep, 8 a x 4 s                                ~8 s (measured 3.2 for 28 perplexities)
     #   the from-scratch baseline, 1,030 x 4 x 4,096                ~27 s (measured 27.0)
-    #   total ~270 s = 60% of 450 s (the first run: 156 s with the 1,500-step warm-up and fewer stages)
+    #   budgets: 18 fine-tunes of 15 and 60 steps, scored at L' only ~50 s (37 ms a step, ~1 s to load and write)
+    #   total ~320 s = 71% of 450 s (the first run: 156 s with the 1,500-step warm-up and fewer stages); the budget
+    #   sweep runs last, so a cut there costs only claims 2f
     "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
                   s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
                   finetune_lr=1e-4, data_mix="recall", warmup_steps=5000, warmup_block=128, warmup_batch=32,
-                  scratch_long=True, score=2048, max_docs=16),
+                  scratch_long=True, score=2048, max_docs=16, budgets=(15, 60)),
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
     # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
@@ -123,7 +127,7 @@ PRESETS = {
     "tiny": Preset(tokenizer="bytes", vocab_size=320, d_model=32, n_layer=1, n_head=1, prev_tokens=2, L=64, s=2,
                    s_long=4, pretrain_steps=6, pretrain_batch=2, lr=3e-3, finetune_steps=2, finetune_batch=1,
                    finetune_lr=1e-3, data_mix="recall", warmup_steps=3, warmup_block=32, warmup_batch=2,
-                   finetune_seeds=(0, 1), scratch_long=True, score=32, max_docs=4, trials=2, needle_len=8,
+                   finetune_seeds=(0, 1), scratch_long=True, budgets=(4,), score=32, max_docs=4, trials=2, needle_len=8,
                    depths=(0.0, 0.5), temp_scales=(2, 4), temp_a=(0.0, 0.1, 0.2), train_eval_batches=1),
 }
 
@@ -195,15 +199,16 @@ class Job:
                               eval_interval=steps, eval_batches=self.p.train_eval_batches, **run_fields)
         self.train(name, run, self.model_config(block_size))
 
-    def finetune(self, name: str, method: str, scale: int, seed: int):
+    def finetune(self, name: str, method: str, scale: int, seed: int, steps: int | None = None):
         """The pretrained model extended with `method` at scale s to L' = s L, fine-tuned at L' (the same budget
-        for every method); eager, since a few short steps do not repay torch.compile's start-up."""
-        p = self.p
-        run = train.RunConfig(init_from=str(self.runs / "pretrain"), max_steps=p.finetune_steps, lr=p.finetune_lr,
+        for every method: the preset's steps unless given); eager, since a few short steps do not repay
+        torch.compile's start-up."""
+        p, steps = self.p, steps or self.p.finetune_steps
+        run = train.RunConfig(init_from=str(self.runs / "pretrain"), max_steps=steps, lr=p.finetune_lr,
                               batch_size=p.finetune_batch, seed=seed + self.seed, compile=False, weight_decay=0.0,
-                              warmup_steps=max(1, p.finetune_steps // 10),  # the paper: no weight decay
-                              log_interval=1, eval_interval=p.finetune_steps, eval_batches=1,  # the loss curve
-                              ckpt_interval=max(1, p.finetune_steps // 2), keep_checkpoints=2)  # and its midpoint
+                              warmup_steps=max(1, steps // 10),  # the paper: no weight decay
+                              log_interval=1, eval_interval=steps, eval_batches=1,  # the loss curve
+                              ckpt_interval=max(1, steps // 2), keep_checkpoints=2)  # and its midpoint
         extended = RopeConfig(type=method, factor=float(scale), original_context=p.L)
         self.train(name, run, self.model_config(p.s * p.L, extended))
 
@@ -261,11 +266,17 @@ def leakage(job: Job, out: Path):
 # (report.py marks the rest "not run"). Each model is evaluated as soon as it is trained.
 FINETUNE_ORDER = ("yarn", "linear", "ntk", "default", "ntk_by_parts")  # claims 2, 2b, 2c, 5b, 5c need the first four
 LONG_METHODS = ("yarn", "linear", "ntk")  # claim 3: fine-tuned at L' with s_long, evaluated at s_long L
+BUDGET_METHODS = ("yarn", "linear", "ntk")  # claim 2 at the preset's other budgets, evaluated at L'
 
 
 def long_run(method: str, seed: int) -> str:
     """The run folder of `method` at s_long (YaRN's keeps its first name, short_long_<seed>)."""
     return f"short_long_{seed}" if method == "yarn" else f"short_long_{method}_{seed}"
+
+
+def budget_run(method: str, seed: int, steps: int) -> str:
+    """The run folder of `method` fine-tuned for `steps` instead of the preset's finetune_steps."""
+    return f"ft_{method}_{seed}_{steps}steps"
 
 
 def stages_in_order(job: Job, stages: Stages):
@@ -323,6 +334,14 @@ def stages_in_order(job: Job, stages: Stages):
         steps = math.ceil(tokens / (batch * p.s * p.L))
         trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {p.s * p.L}", "scratch_long",
                               lambda: job.pretrain("scratch_long", p.s * p.L, steps, batch, data_mix=p.data_mix))
+    for steps in p.budgets:  # exploratory, so last: a run cut here has decided everything else
+        for seed in p.finetune_seeds:
+            for m in BUDGET_METHODS:
+                name = budget_run(m, seed, steps)
+                trained_and_evaluated(f"budget: {m} s={p.s} at {Le} for {steps} steps, seed {seed}", name,
+                                      lambda m=m, name=name, seed=seed, steps=steps: job.finetune(name, m, p.s, seed,
+                                                                                                 steps),
+                                      contexts=(Le,), retrieval_at=())
 
 
 def job_record(job: Job) -> dict:
@@ -332,7 +351,8 @@ def job_record(job: Job) -> dict:
     return {"preset": job.name, "command": job.command, "config": {**asdict(p), "contexts": p.contexts},
             "contexts": p.contexts, "retrieval_contexts": [p.L, p.s * p.L], "device": device_name(job.device),
             "torch": torch.__version__, "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else ""),
-            "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS)}
+            "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS),
+            "budget_methods": list(BUDGET_METHODS)}
 
 
 class Rehearsal(Job):

@@ -21,7 +21,7 @@
 # Stage limits in seconds, GPU (tiny): env 15 (30), tests 30 (60), reproduce 450 (150), report 40 (60), bench 80
 # (90), each also capped by what is left of GPU_RUN_BUDGET (570; tiny 360), and SIGKILL follows SIGTERM 15 s (5 s)
 # later: the whole run ends within 9 min 45 s. The first H200 run took env 6 s, tests 9, reproduce 156 (with a
-# 1,500-step warm-up; ~270 expected now), bench 64; the running budget caps the sum.
+# 1,500-step warm-up; ~320 expected now), bench 64; the running budget caps the sum.
 # GPU_RUN_LIMITS="reproduce=100 bench=60" overrides the limits.
 # Python: $YARN_PYTHON if set, else `python` where it already has the project's modules (the GPU box), else
 # scripts/env.sh's choice. Exit status: 0 when every stage ran and succeeded, 1 otherwise, 2 for bad arguments.
