@@ -616,7 +616,7 @@ def gather(runs: Path) -> dict:
             "finetuned": {m: [read(ev / f"ft_{m}_{seed}.json") for seed in seeds] for m in job["methods"]},
             "long": {m: [read(ev / f"{name(seed)}.json") for seed in seeds] for m, name in long_name.items()},
             "scratch_long": [read(ev / "scratch_long.json")] if c.get("scratch_long") else None,
-            "budgets": {str(steps): {m: [read(ev / f"ft_{m}_{seed}_{steps}steps.json") for seed in seeds]
+            "budgets": {str(steps): {m: [read(ev / f"ft_{m}_{seed}_{steps}steps.json") for seed in seeds[:1]]
                                      for m in job.get("budget_methods", ())} for steps in c.get("budgets", ())},
             "temperature": read(runs / "temperature.json"),
             "curves": {m: [curve(runs, m, f"ft_{m}_{seed}", c["finetune_steps"], Le) for seed in seeds]

@@ -14,7 +14,7 @@ a run cut part-way has the inputs of the primary claims (`python report.py --run
                YaRN at the larger s_long ("train short, test long"); each evaluated as soon as it is trained
   temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
   scratch_long (gpu) a model trained at L' from scratch on the same tokens
-  budgets      (gpu) claim 2 again at other fine-tuning budgets: YaRN, PI and NTK-aware, every seed
+  budgets      (gpu) claim 2 again at other fine-tuning budgets: YaRN, PI and NTK-aware, the first seed
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
 Every value the stages will read is checked before the first one runs. Exit codes: 0 done; 2 bad input
 (`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
@@ -72,7 +72,7 @@ class Preset:
     warmup_batch: int = 16
     finetune_seeds: tuple = (0, 1, 2)
     scratch_long: bool = False  # also train a model at L' from scratch on the same total tokens
-    budgets: tuple = ()  # claim 2 again with these fine-tuning steps (e.g. half and twice finetune_steps)
+    budgets: tuple = ()  # claim 2 again with these fine-tuning steps (e.g. half and twice finetune_steps), 1 seed
     score: int = 1024  # tokens scored per held-out document, from its body, the same at every context (eval.py)
     max_docs: int = 16
     trials: int = 10  # retrieval trials per (context, depth) cell
@@ -98,7 +98,7 @@ PRESETS = {
     # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had not (control
     # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step ~500, and the
     # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c.
-    # Sized for about 70% of gpu_run.sh's 450 s limit from the stage times of the first H200 run (results/gpu):
+    # Sized for at most 60% of gpu_run.sh's 480 s limit from the stage times of the first H200 run (results/gpu):
     # every training step here is launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k
     # tokens a step), so time is steps, not tokens:
     #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before the check)
@@ -108,8 +108,8 @@ PRESETS = {
     #   26 evaluations, 9 midpoints, 9 at s_long L and L' only     ~40 s (measured 1.0-1.4 s for a full one)
     #   temperature sweep, 8 a x 4 s                                ~8 s (measured 3.2 for 28 perplexities)
     #   the from-scratch baseline, 1,030 x 4 x 4,096                ~27 s (measured 27.0)
-    #   budgets: 18 fine-tunes of 15 and 60 steps, scored at L' only ~50 s (37 ms a step, ~1 s to load and write)
-    #   total ~320 s = 71% of 450 s (the first run: 156 s with the 1,500-step warm-up and fewer stages); the budget
+    #   budgets: 6 fine-tunes of 15 and 60 steps, scored at L' only  ~17 s (37 ms a step, ~1 s to load and write)
+    #   total ~287 s = 60% of 480 s (the first run: 156 s with the 1,500-step warm-up and fewer stages); the budget
     #   sweep runs last, so a cut there costs only claims 2f
     "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
                   s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
@@ -335,7 +335,7 @@ def stages_in_order(job: Job, stages: Stages):
         trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {p.s * p.L}", "scratch_long",
                               lambda: job.pretrain("scratch_long", p.s * p.L, steps, batch, data_mix=p.data_mix))
     for steps in p.budgets:  # exploratory, so last: a run cut here has decided everything else
-        for seed in p.finetune_seeds:
+        for seed in p.finetune_seeds[:1]:  # one seed: what the gpu limit affords
             for m in BUDGET_METHODS:
                 name = budget_run(m, seed, steps)
                 trained_and_evaluated(f"budget: {m} s={p.s} at {Le} for {steps} steps, seed {seed}", name,

@@ -18,10 +18,11 @@
 #                     stage's seconds (stages.json) and every training run's tokens/s and MFU (summary.json)
 #   bench.json        python bench.py --preset=gpu, rewritten after every case
 #   bench.log         its output, ending with a markdown table
-# Stage limits in seconds, GPU (tiny): env 15 (30), tests 30 (60), reproduce 450 (150), report 40 (60), bench 80
-# (90), each also capped by what is left of GPU_RUN_BUDGET (570; tiny 360), and SIGKILL follows SIGTERM 15 s (5 s)
+# Stage limits in seconds, GPU (tiny): env 15 (30), tests 30 (60), reproduce 480 (150), report 40 (60), bench 80
+# (90), each also capped by what is left of GPU_RUN_BUDGET (570; tiny 360: the limits add up to more, so a
+# main job cut at its limit leaves the bench less time), and SIGKILL follows SIGTERM 15 s (5 s)
 # later: the whole run ends within 9 min 45 s. The first H200 run took env 6 s, tests 9, reproduce 156 (with a
-# 1,500-step warm-up; ~320 expected now), bench 64; the running budget caps the sum.
+# 1,500-step warm-up; ~287 expected now), bench 64; the running budget caps the sum.
 # GPU_RUN_LIMITS="reproduce=100 bench=60" overrides the limits.
 # Python: $YARN_PYTHON if set, else `python` where it already has the project's modules (the GPU box), else
 # scripts/env.sh's choice. Exit status: 0 when every stage ran and succeeded, 1 otherwise, 2 for bad arguments.
@@ -45,7 +46,7 @@ if [ "$TINY" = 1 ]; then
     GRACE=5
     WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
 else
-    BUDGET="${GPU_RUN_BUDGET:-570}"; LIMITS="env=15 tests=30 reproduce=450 report=40 bench=80"
+    BUDGET="${GPU_RUN_BUDGET:-570}"; LIMITS="env=15 tests=30 reproduce=480 report=40 bench=80"
     PRESET=gpu; DEVICE=cuda
     GRACE=15
     WORK="$ROOT"

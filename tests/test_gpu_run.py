@@ -122,7 +122,7 @@ def test_a_cut_main_job_returns_a_report_of_what_finished_and_the_next_stage_run
     assert all(held[k] <= {"yes", "no", "within noise"} for k in decided), held
     assert all(held[k] == {"not run"} for k in set(held) - decided), held
     assert "This run did not finish" in report and "| not run |" in report
-    assert "10 of 29 claims decided" in (out / "report.log").read_text()
+    assert "10 of 31 claims decided" in (out / "report.log").read_text()
     assert json.loads((out / "bench.json").read_text())["cases"]
     assert {p.name for p in out.iterdir()} == FILES - {"env.txt", "tests.log"} | {"report.log"}
     within_the_return_limits(out)

@@ -54,12 +54,12 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
     assert len(res["scratch_long"]) == 1 and res["scratch_long"][0]["ppl"]
     long_runs = [f"short_long_{seed}" for seed in (0, 1)] + [f"short_long_{m}_{s}" for m in ("linear", "ntk")
                                                              for s in (0, 1)]
-    budget_runs = [f"ft_{m}_{seed}_4steps" for m in ("yarn", "linear", "ntk") for seed in (0, 1)]
+    budget_runs = [f"ft_{m}_0_4steps" for m in ("yarn", "linear", "ntk")]  # the first seed only
     assert list(res["train"]) == sorted(["warmup", "pretrain", "scratch_long", *long_runs, *budget_runs,
                                          *(f"ft_{m}_{seed}" for seed in (0, 1) for m in res["finetuned"])])
     assert all(res["train"][name]["steps"] == 4 for name in budget_runs)
     assert {m: [list(r["ppl"]) for r in runs] for m, runs in res["budgets"]["4"].items()} == \
-        {m: [["128"], ["128"]] for m in ("yarn", "linear", "ntk")}  # claim 2 at L' only
+        {m: [["128"]] for m in ("yarn", "linear", "ntk")}  # claim 2 at L' only
     assert [c["claim"][:3] for c in res["claims"]].count("2f.") == 2
     # the primary claims' inputs first: pretraining, its evaluations, then seed 0's fine-tunes, YaRN's first
     stages = list(res["stage_seconds"])
@@ -67,7 +67,7 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
     order = ["evaluate ft_yarn_0", "evaluate ft_yarn_0_half", "finetune linear s=2 at 128, seed 0",
              "short_long: ntk s=4 at 128, seed 0", "temperature", "finetune yarn s=2 at 128, seed 1",
              "scratch_long: plain RoPE from scratch at 128", "budget: yarn s=2 at 128 for 4 steps, seed 0",
-             "evaluate ft_ntk_1_4steps"]
+             "evaluate ft_ntk_0_4steps"]
     assert [stages.index(name) for name in order] == sorted(stages.index(name) for name in order), stages
     state = torch.load(tmp_path / "runs" / "ft_yarn_0" / "ckpt.pt", weights_only=True)
     assert "optimizer" not in state and state["step"] == 2  # nothing continues a finished fine-tune: 3x less to write
