@@ -239,14 +239,15 @@ def evaluate(job: Job, model, out: Path, val, contexts: list[int], retrieval_at:
 def temperature_sweep(job: Job, val, out: Path):
     """Paper Sec. 3.4 / App. A.2: on the pretrained model, NTK-by-parts at scale s with sqrt(1/t) = a ln s + 1 set
     by hand for each a of the grid (rope type yarn with an explicit attention_factor is exactly that), perplexity
-    at s L per document."""
+    at s L per document, on the same scored tokens as every evaluation (a = 0.1 at the preset's s is nft_yarn)."""
     p, model, result = job.p, load_model(job, "pretrain"), {}
     for s in p.temp_scales:
         by_a = {}
         for a in p.temp_a:
             factor = a * math.log(s) + 1.0
             model.set_rope(RopeConfig(type="yarn", factor=float(s), original_context=p.L, attention_factor=factor))
-            r = evaluation.perplexity(model, *val, s * p.L, p.score, p.max_docs, job.device)
+            r = evaluation.perplexity(model, *val, s * p.L, p.score, p.max_docs, job.device,
+                                      max_context=p.contexts[-1])  # the tokens every evaluation scores
             by_a[str(a)] = {**r, "factor": factor}
             print(f"  s={s:3d} @ {s * p.L:6d}  a={a:.3f}  sqrt(1/t)={factor:.4f}: ppl {r['ppl']:.3f}", flush=True)
         result[str(s)] = {"context": s * p.L, "a": by_a}

@@ -82,6 +82,8 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
         assert all(len(x["train"]) == 2 and list(x["val"]) == points for x in per_seed), m
     events = [json.loads(line) for line in (tmp_path / "runs" / "ft_ntk_1" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "train"] == [0, 1]
+    # the sweep scores the tokens every evaluation scores: its a = 0.1 at s is YaRN at s, no fine-tuning
+    assert res["temperature"]["2"]["a"]["0.1"]["nll"] == res["no_finetune"]["yarn"]["ppl"]["128"]["nll"]
     assert res["leakage"]["scored_tokens"] == res["no_finetune"]["default"]["ppl"]["64"]["n_tokens"]
     assert 0 <= res["leakage"]["scored_pieces_seen_in_train"] <= 1
     # every stage ran, so every claim is decided (the tiny model cannot copy: its retrieval claims say so)
