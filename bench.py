@@ -1,9 +1,9 @@
 """Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with the same shape and
 the same weights, side by side in one process and one JSON.
 
-    python bench.py --preset=cpu --out=results/bench_cpu.json   # the CPU ratios in the README (~20 s, 2 cores)
-    python bench.py --preset=gpu --out=bench.json               # one GPU, ~1 min (scripts/gpu_run.sh runs it)
-    python bench.py --preset=smoke --out=/tmp/s.json            # tiny shapes on CPU, every code path, seconds
+    python bench.py --preset=cpu --threads=1 --ckpt=CKPT --out=results/bench_cpu.json  # the README's (~4 min)
+    python bench.py --preset=gpu --out=bench.json    # one GPU, ~2 min with a compilation (scripts/gpu_run.sh)
+    python bench.py --preset=smoke --out=/tmp/s.json # tiny shapes on CPU, every code path, seconds to a minute
 
 The cases (PRESETS) use the main job's model shapes. train_T<T>[_yarn]: training steps (forward with loss,
 backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_*: greedy generation with a KV
