@@ -1,14 +1,17 @@
 """Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with the same shape and
 the same weights, side by side in one process and one JSON.
 
-    python bench.py --preset=cpu --out=results/bench_cpu.json   # the CPU ratios in the README (~20 s, 2 cores)
-    python bench.py --preset=gpu --out=bench.json               # one GPU, ~1 min (scripts/gpu_run.sh runs it)
-    python bench.py --preset=smoke --out=/tmp/s.json            # tiny shapes on CPU, every code path, seconds
+    python bench.py --preset=cpu --threads=1 --ckpt=CKPT --out=results/bench_cpu.json  # the README's (~4 min)
+    python bench.py --preset=gpu --out=bench.json    # one GPU, ~2 min with a compilation (scripts/gpu_run.sh)
+    python bench.py --preset=smoke --out=/tmp/s.json # tiny shapes on CPU, every code path, seconds to a minute
 
 The cases (PRESETS) use the main job's model shapes. train_T<T>[_yarn]: training steps (forward with loss,
-backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_B1: greedy generation at
-batch 1 with a KV cache, tokens/s of new tokens with the prefill in the time. The models take turns round by
-round; tokens/s is the median over rounds, ours/HF the median of per-round ratios. A failure (an OOM) is
+backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_*: greedy generation with a KV
+cache, tokens/s of new tokens with the prefill in the time. A case's contenders: ours (eager), compiled (ours with
+model.compiled_step), hf (LlamaForCausalLM), capacity (ours under that rule; the others follow). They take turns
+round by round; tokens/s is the median over rounds, a/b the median of per-round ratios, for every pair. compile_s:
+the compiled contender's first generation less a timed one; break_even_tokens: the new tokens that repay it. --ckpt:
+a trained checkpoint's weights, shape and text prompts (this file's) for the sampling cases. A failure (an OOM) is
 recorded and the run goes on; the JSON is rewritten after every case.
 """
 
@@ -21,13 +24,17 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
+from itertools import combinations
+from pathlib import Path
 
 import torch
 
+import checkpoint
 import flags
 import hf
 import model
 import reproduce
+from data.tokenizer import get_tokenizer
 from rope import RopeConfig
 from system import dtype_name, pick_device, provenance, write_json
 
@@ -43,23 +50,31 @@ class Case:
     steps: int = 1  # training steps per timed round
     warmup: int = 2  # untimed steps (or generations) first
     force_chunked: bool = False  # ours takes the chunked head + loss whatever the size (smoke: that code path)
-    rules: bool = False  # Dynamic YaRN: ours decoding under the follow rule against capacity (model.py), not HF
+    dynamic: bool = False  # Dynamic YaRN (L the model's), decoding under the follow rule (model.py)
+    contenders: tuple[str, ...] = ("ours", "hf")  # ours, compiled, hf, capacity (module docstring)
 
 
+COMPILED = ("compiled", "ours", "hf")
 PRESETS = {  # preset: (the reproduce.PRESETS entry for the model's shape, cases)
     "gpu": ("gpu", (Case("train_T1024", 1024, 16, steps=5, rounds=4, warmup=3),
                     Case("train_T1024_yarn", 1024, 16, yarn=True, steps=5, rounds=4, warmup=3),
                     Case("train_T8192_yarn", 8192, 2, yarn=True, steps=3, rounds=4),
                     Case("train_T32768_yarn", 32768, 1, yarn=True, rounds=1, warmup=1),  # does it fit
-                    Case("sample_B1", 512, 1, new_tokens=256, rounds=3, warmup=1))),
+                    Case("sample_B1", 512, 1, new_tokens=256, rounds=3, warmup=1),
+                    # last: its compilation is the longest part of the stage, and a cut there loses only this case
+                    Case("sample_B1_compiled", 512, 1, new_tokens=256, rounds=3, warmup=1, contenders=COMPILED))),
     "cpu": ("cpu", (Case("train_T512", 512, 8, rounds=15),  # the cpu preset's pretraining step, T = L, batch 8
-                    Case("sample_B1", 128, 1, new_tokens=128, rounds=15, warmup=1),
-                    Case("sample_follow", 100, 1, new_tokens=1948, rules=True, rounds=7, warmup=1))),  # to 4L
+                    Case("sample_B1", 128, 1, new_tokens=128, rounds=15, warmup=1, contenders=COMPILED),
+                    Case("sample_B8", 128, 8, new_tokens=128, rounds=7, warmup=1, contenders=COMPILED),
+                    Case("sample_follow", 100, 1, new_tokens=1948, dynamic=True, rounds=5, warmup=1,
+                         contenders=("compiled", "ours", "capacity")))),  # to 4L: re-prefills at 2L and 4L
     "smoke": ("tiny", (Case("train_T64", 64, 2, rounds=2, warmup=1),
                        Case("train_T128_yarn", 128, 2, yarn=True, rounds=2, warmup=1),
                        Case("train_T256_yarn", 256, 1, yarn=True, rounds=1, warmup=1, force_chunked=True),
                        Case("sample_B1", 16, 1, new_tokens=8, rounds=2, warmup=1),
-                       Case("sample_follow", 8, 1, new_tokens=120, rules=True, rounds=1, warmup=1))),
+                       Case("sample_B1_compiled", 8, 1, new_tokens=120, rounds=2, warmup=1, contenders=COMPILED),
+                       Case("sample_follow", 8, 1, new_tokens=120, dynamic=True, rounds=1, warmup=1,  # the same graph
+                            contenders=("compiled", "ours", "capacity")))),
 }
 
 
@@ -72,6 +87,7 @@ class BenchConfig:
     hf: bool = True  # false: our model only
     threads: int = 0  # torch threads on CPU; 0 = torch's default
     rounds: int = 0  # timed rounds per case; 0 = the case's own
+    ckpt: str = ""  # sampling cases: a trained checkpoint's weights and shape (HF: without prev_tokens); empty = random
 
     def __post_init__(self):
         flags.check_types(self)
@@ -95,28 +111,31 @@ def resolve(cfg: BenchConfig) -> tuple[str, torch.device, list[Case]]:
 
 
 # Models: ours and Hugging Face's with the same weights
-def configs(p: reproduce.Preset, case: Case) -> model.ModelConfig:
-    rope_cfg = RopeConfig(type="yarn", factor=case.T / p.L, original_context=p.L) if case.yarn else RopeConfig()
-    rope_cfg = RopeConfig(type="dynamic_yarn", original_context=p.L) if case.rules else rope_cfg
-    return model.ModelConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, n_head=p.n_head, d_model=p.d_model,
-                             block_size=max(p.L, case.T + case.new_tokens), rope=rope_cfg)
+def configs(p: reproduce.Preset, case: Case, base: model.ModelConfig | None = None) -> model.ModelConfig:
+    """The case's model: the preset's shape, or a checkpoint's (base), with the case's RoPE and room for its length."""
+    L = base.block_size if base else p.L
+    rope_cfg = RopeConfig(type="yarn", factor=case.T / L, original_context=L) if case.yarn else RopeConfig()
+    rope_cfg = RopeConfig(type="dynamic_yarn", original_context=L) if case.dynamic else rope_cfg
+    base = base or model.ModelConfig(vocab_size=p.vocab_size, n_layer=p.n_layer, n_head=p.n_head, d_model=p.d_model)
+    return replace(base, block_size=max(L, case.T + case.new_tokens), rope=rope_cfg)
 
 
-def build(which: str, cfg: model.ModelConfig, device, dtype):
-    """Ours (seeded), or LlamaForCausalLM with hf.hf_config's LlamaConfig and ours' weights (hf.hf_tensors),
-    built in `dtype` (its rotary inv_freq stays fp32, as from_pretrained leaves it)."""
+def build(which: str, cfg: model.ModelConfig, device, dtype, weights: dict | None = None):
+    """Ours (seeded, or with the given weights), or LlamaForCausalLM with hf.hf_config's LlamaConfig and ours'
+    weights (hf.hf_tensors), built in `dtype` (its rotary inv_freq stays fp32, as from_pretrained leaves it)."""
     torch.manual_seed(0)
     with torch.device(device):
         ours = model.Transformer(cfg)
-    if which == "ours":
+    if weights is not None:
+        ours.load_state_dict(weights)
+    if which != "hf":
         return ours.to(device=device, dtype=dtype)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     keys = {k: v for k, v in hf.hf_config(cfg).items() if k not in (hf.RECORD_KEY, "architectures", "model_type")}
     with torch.device(device):
         net = LlamaForCausalLM._from_config(LlamaConfig(**keys, attn_implementation="sdpa"), dtype=dtype)
-    weights = ours.state_dict()
-    net.load_state_dict(hf.hf_tensors(weights, cfg), strict=False)
+    net.load_state_dict(hf.hf_tensors(ours.state_dict(), cfg), strict=False)
     assert net.lm_head.weight is net.model.embed_tokens.weight, "Hugging Face's model did not tie its embeddings"
     net.generation_config.eos_token_id, net.generation_config.pad_token_id = None, 0
     return net.to(device)
@@ -141,20 +160,33 @@ def train_step(which: str, net, case: Case, device):
     return step
 
 
-def generation(which: str, net, case: Case, device, outputs: dict):
-    """One greedy generation of case.new_tokens after a random prompt, as a function; its tokens in outputs."""
-    g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, net.config.vocab_size, (case.B, case.T), generator=g).to(device)
+def prompts(case: Case, vocab_size: int, state: dict | None) -> torch.Tensor:
+    """(B, T) prompt ids: random ones, or with a checkpoint (its state) consecutive pieces of this file's text."""
+    if state is None:
+        return torch.randint(0, vocab_size, (case.B, case.T), generator=torch.Generator().manual_seed(2))
+    ids = get_tokenizer(state.get("tokenizer", "gpt2")).encode_ordinary(Path(__file__).read_text(encoding="utf-8"))
+    return torch.tensor(ids[: case.B * case.T]).view(case.B, case.T)
+
+
+def generation(which: str, net, case: Case, prompt, outputs: dict, first_token: dict):
+    """One greedy generation of case.new_tokens after the prompt, as a function; its tokens in outputs, and for ours
+    the seconds to its first token (the prefill) in first_token."""
 
     @torch.no_grad()
     def run():
-        if which != "hf":  # ours, under the rule of that name if it is one
-            rule = which if which in model.ROPE_RULES else "follow"
-            outputs[which] = torch.stack(list(net.generate(prompt, case.new_tokens, temperature=0, rule=rule)), dim=1)
-        else:
+        if which == "hf":
             out = net.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens, use_cache=True)
             outputs[which] = out[:, case.T:]
+            return
+        rule = "capacity" if which == "capacity" else "follow"
+        t0, tokens = time.perf_counter(), []
+        for token in net.generate(prompt, case.new_tokens, temperature=0, rule=rule, compile=which == "compiled"):
+            tokens.append(token)
+            if len(tokens) == 1:
+                sync(prompt.device)
+                first_token[which] = time.perf_counter() - t0
+        outputs[which] = torch.stack(tokens, dim=1)
 
     return run
 
@@ -171,8 +203,9 @@ def error_record(exc: BaseException) -> dict:
 
 
 def prepare(make, case: Case, device) -> tuple[object, dict]:
-    """(fn, record): make() builds a model and returns its round function, run case.warmup times untimed here;
-    the record has the peak memory on CUDA. (None, error record) if building or warming up failed."""
+    """(fn, record): make() builds a model and returns its round function, run case.warmup times untimed here; the
+    record has the first call's seconds (a compilation included) and the peak memory on CUDA. (None, error record)
+    if building or warming up failed."""
     cuda = device.type == "cuda"
     gc.collect()  # the previous case's models
     if cuda:
@@ -181,14 +214,17 @@ def prepare(make, case: Case, device) -> tuple[object, dict]:
     before = torch.cuda.memory_allocated(device) if cuda else 0
     t0 = time.perf_counter()
     try:
-        fn = make()
+        fn, calls = make(), []
         for _ in range(case.warmup):
+            t1 = time.perf_counter()
             fn()
-        sync(device)
+            sync(device)
+            calls.append(time.perf_counter() - t1)
     except Exception as e:  # an OOM or a missing kernel: recorded, and the other model still runs
         return None, error_record(e)
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if cuda else None
-    return fn, {"status": "ok", "build_and_warmup_s": round(time.perf_counter() - t0, 2), "peak_mem_gb": peak}
+    return fn, {"status": "ok", "build_and_warmup_s": round(time.perf_counter() - t0, 2),
+                "first_call_s": round(calls[0], 3) if calls else None, "peak_mem_gb": peak}
 
 
 def alternate(fns: dict, rounds: int, repeat: int, device) -> dict[str, list[float]]:
@@ -220,19 +256,21 @@ def matmul_peak(device, n: int) -> dict:
     return {"n": n, "dtype": dtype_name(dtype), "tflops": flops / 1e12, "flops": flops}
 
 
-def run_case(p: reproduce.Preset, case: Case, cfg: BenchConfig, device, peak: float | None) -> dict:
-    """Two contenders on one case (ours and HF, or ours under two rules): build and warm up each, then timed rounds
-    taking turns."""
-    mcfg = configs(p, case)
+def run_case(p: reproduce.Preset, case: Case, cfg: BenchConfig, device, peak: float | None,
+             state: dict | None = None) -> dict:
+    """The case's contenders (ours and HF, ours compiled, ours under the capacity rule): build and warm up each, then
+    timed rounds taking turns. state: --ckpt's checkpoint, whose weights the sampling cases take."""
     sampling = case.new_tokens > 0
+    state = state if sampling else None
+    mcfg = configs(p, case, model.ModelConfig.from_dict(state["model_config"]) if state else None)
     dtype = torch.bfloat16 if sampling and device.type == "cuda" else torch.float32
-    outputs, fns, results = {}, {}, {}
-    pair = ("follow", "capacity") if case.rules else ("ours", "hf")
-    for which in pair if cfg.hf or case.rules else pair[:1]:
+    prompt = prompts(case, mcfg.vocab_size, state).to(device) if sampling else None
+    outputs, first_token, fns, results = {}, {}, {}, {}
+    for which in [w for w in case.contenders if cfg.hf or w != "hf"]:
         def make(which=which):
-            net = build("hf" if which == "hf" else "ours", mcfg, device, dtype)
+            net = build(which, mcfg, device, dtype, state and state["model"])
             if sampling:
-                return generation(which, net, case, device, outputs)
+                return generation(which, net, case, prompt, outputs, first_token)
             return train_step(which, net, case, device)
         fn, results[which] = prepare(make, case, device)
         if fn is not None:
@@ -247,20 +285,34 @@ def run_case(p: reproduce.Preset, case: Case, cfg: BenchConfig, device, peak: fl
             results[which] = t
         elif t:
             tps = tokens / statistics.median(t)
-            results[which].update(tokens_per_s=tps, round_s=[round(s, 5) for s in t], tokens_per_round=tokens)
+            results[which].update(tokens_per_s=tps, round_s=[round(s, 5) for s in t], tokens_per_round=tokens,
+                                  first_token_s=first_token.get(which))
             if not sampling:
                 results[which]["mfu"] = flops * tps / peak if peak else None
     if not sampling and results["ours"].get("status") == "ok":
         big = case.B * case.T * p.vocab_size > model.Transformer.loss_chunk_threshold
         results["ours"]["chunked_loss"] = case.force_chunked or big
     record = {"T": case.T, "B": case.B, "new_tokens": case.new_tokens or None, "dtype": dtype_name(dtype),
-              "rope": asdict(mcfg.rope), "flops_per_token": None if sampling else flops, "results": results}
-    a, b = pair
-    ok = all(isinstance(times.get(w), list) and times[w] for w in pair)
-    record[f"{a}_over_{b}"] = statistics.median(tb / ta for ta, tb in zip(times[a], times[b])) if ok else None
-    if sampling and set(pair) <= outputs.keys():
-        record["tokens_match"] = (outputs[a].cpu() == outputs[b].cpu()).float().mean().item()
+              "rope": asdict(mcfg.rope), "flops_per_token": None if sampling else flops,
+              "weights": f"{cfg.ckpt} (step {state.get('step')})" if state else "random", "results": results}
+    ok = {w for w, t in times.items() if isinstance(t, list) and t}
+    for a, b in combinations(case.contenders, 2):
+        both = {a, b} <= ok
+        record[f"{a}_over_{b}"] = statistics.median(tb / ta for ta, tb in zip(times[a], times[b])) if both else None
+        if sampling and {a, b} <= outputs.keys():  # the share of greedy tokens that agree
+            same = (outputs[a].cpu() == outputs[b].cpu()).float().mean().item()
+            record.setdefault("tokens_match", {})[f"{a}_{b}"] = same
+    if {"compiled", "ours"} <= ok and results["compiled"].get("first_call_s") is not None:
+        record.update(compile_cost(results["compiled"], results["ours"], case.new_tokens))
     return record
+
+
+def compile_cost(compiled: dict, eager: dict, new_tokens: int) -> dict:
+    """compile_s: the compiled contender's first generation less a timed one (the compilation; 0 if an earlier case
+    compiled the same graph); break_even_tokens: new tokens after which it is repaid against eager decoding."""
+    compile_s = round(max(0.0, compiled["first_call_s"] - statistics.median(compiled["round_s"])), 2)
+    saved = (statistics.median(eager["round_s"]) - statistics.median(compiled["round_s"])) / new_tokens  # s a token
+    return {"compile_s": compile_s, "break_even_tokens": round(compile_s / saved) if saved > 0 else None}
 
 
 # The run
@@ -272,18 +324,22 @@ def header(cfg: BenchConfig, preset: str, device, argv) -> dict:
             "matmul_peak": None, "cases": {}}
 
 
+def ratios(record: dict) -> dict:
+    """{'a/b': a's speed over b's} for every pair of a case's contenders (None where one failed)."""
+    return {key.replace("_over_", "/"): v for key, v in record.items() if "_over_" in key}
+
+
 def table(report: dict) -> str:
-    """The report as a markdown table: one row per case."""
-    rows = ["| case | ours tokens/s | HF tokens/s | ours / HF | peak GB ours / HF | MFU ours |",
-            "|---|---|---|---|---|---|"]
+    """The report as a markdown table: a row per pair of contenders of each case."""
+    rows = ["| case | a | a tokens/s | b | b tokens/s | a / b | peak GB a / b | MFU a |", "|---" * 8 + "|"]
     for name, c in report["cases"].items():
         r = c.get("results", {})
-        a, b = ("follow", "capacity") if "follow" in r else ("ours", "hf")  # a rules case: follow in ours' columns
         get = lambda w, k, f: format(r[w][k], f) if r.get(w, {}).get(k) is not None else "-"  # noqa: E731
-        ratio = f"{c[f'{a}_over_{b}']:.2f}x" if c.get(f"{a}_over_{b}") else c.get("error", "-")[:60]
-        rows.append(f"| {name}{' (follow / capacity)' if a == 'follow' else ''} | {get(a, 'tokens_per_s', ',.0f')} | "
-                    f"{get(b, 'tokens_per_s', ',.0f')} | {ratio} | {get(a, 'peak_mem_gb', '.2f')} / "
-                    f"{get(b, 'peak_mem_gb', '.2f')} | {get(a, 'mfu', '.1%')} |")
+        for pair, ratio in ratios(c).items() or {"-/-": None}.items():
+            a, b = pair.split("/")
+            rows.append(f"| {name} | {a} | {get(a, 'tokens_per_s', ',.0f')} | {b} | {get(b, 'tokens_per_s', ',.0f')} | "
+                        f"{f'{ratio:.2f}x' if ratio else c.get('error', '-')[:60]} | {get(a, 'peak_mem_gb', '.2f')} / "
+                        f"{get(b, 'peak_mem_gb', '.2f')} | {get(a, 'mfu', '.1%')} |")
     return "\n".join(rows)
 
 
@@ -299,6 +355,9 @@ def main(argv) -> dict:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     p = reproduce.PRESETS[PRESETS[preset][0]]
+    state = checkpoint.load(cfg.ckpt) if cfg.ckpt else None
+    if state is not None:
+        checkpoint.model_from_state(state)  # a config or weights that do not fit: an error before any case runs
     report = header(cfg, preset, device, argv)
     print(f"bench: {report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
           f"{report['threads']} threads, cases {[c.name for c in cases]}", flush=True)
@@ -310,13 +369,12 @@ def main(argv) -> dict:
     for case in cases:
         t0 = time.perf_counter()
         try:
-            record = {"status": "ok", **run_case(p, case, cfg, device, report["matmul_peak"].get("flops"))}
+            record = {"status": "ok", **run_case(p, case, cfg, device, report["matmul_peak"].get("flops"), state)}
         except Exception as e:
             record = error_record(e)
         record["wall_s"] = round(time.perf_counter() - t0, 1)
         report["cases"][case.name] = record
-        ratio = record.get("ours_over_hf", record.get("follow_over_capacity"))
-        print(f"[{case.name}] speed ratio {ratio}, {record['wall_s']} s", flush=True)
+        print(f"[{case.name}] speed ratios {ratios(record)}, {record['wall_s']} s", flush=True)
         write_json(cfg.out, report)
     report["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report["load_average_end"] = os.getloadavg()  # 1, 5, 15 minutes: other work on the machine meanwhile

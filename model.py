@@ -1,7 +1,8 @@
 """A GPT / LLaMA-style decoder in one file: token embedding tied to the output head; pre-norm blocks of RMSNorm ->
 causal self-attention (F.scaled_dot_product_attention, optional grouped-query heads) and RMSNorm -> SwiGLU MLP;
-a KV cache for decoding. The RoPE variant is any of rope.py's, swappable on a built model without touching its
-weights (`set_rope`): that is how a model pretrained at context L is extended to s L.
+a KV cache for decoding, preallocated: a decoding step (`step`) has static shapes, so it compiles to one graph.
+The RoPE variant is any of rope.py's, swappable on a built model without touching its weights (`set_rope`): that
+is how a model pretrained at context L is extended to s L.
 
 Dynamic variants and the KV cache. A dynamic variant's frequencies depend on the length l' (`rope_length`, by
 default the forward pass's own; Dynamic YaRN: s = max(1, l'/L), paper Sec. 3.3). Cached keys cannot follow a new
@@ -14,6 +15,7 @@ scale: deeper layers' keys come from hidden states computed under the old one, s
             runs at the larger scale from its first token.
 """
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -141,12 +143,16 @@ class KVCache:
         self.max_len = self.rope_length = max_len
         self.pos = 0  # positions filled
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Write k, v (B, H_kv, T, hd) at positions start.. and return all keys and values so far."""
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Write k, v (B, H_kv, T, hd) at positions (T,) and return the whole cache: its shapes never change, and the
+        mask hides the positions not written yet."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T, max_len), True = attend: a query at position p sees the keys at positions 0..p."""
+        return torch.arange(self.max_len, device=positions.device) <= positions[:, None]
 
 
 # The model
@@ -159,28 +165,17 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start: int = 0):
-        # F.linear and view/transpose, not module calls and einops: fewer Python steps per decoded token
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, positions=None):
         B, T, _ = x.shape
-        H, H_kv = self.n_head, self.n_kv_head
-        qkv = F.linear(x, self.wqkv.weight).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)
-        qk = rope.apply_rope(qkv[:, : H + H_kv], cos, sin)  # queries and keys rotated together: (B, H + H_kv, T, hd)
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]
+        qkv = self.wqkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, T, hd)
+        q, k, v = qkv.split((self.n_head, self.n_kv_head, self.n_kv_head), dim=1)  # (B, H, T, hd), (B, H_kv, T, hd)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, start)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_mask(T, start, q.device), is_causal=(start == 0 and T > 1),
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, hd); softmax(q k^T / sqrt(hd)), YaRN's 1/t already inside q and k
-        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
-
-
-def causal_mask(T: int, start: int, device) -> torch.Tensor | None:
-    """Mask for T new queries at positions start.. over keys 0..start+T-1; None where is_causal or no mask does it."""
-    if start == 0 or T == 1:
-        return None  # is_causal covers the first case; one query may see every cached key
-    query_pos = torch.arange(start, start + T, device=device)[:, None]
-    return torch.arange(start + T, device=device)[None, :] <= query_pos  # (T, start+T), True = attend
+            k, v = cache.update(self.layer, k, v, positions)  # (B, H_kv, max_len, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        # y (B, H, T, hd) = softmax(q k^T / sqrt(hd)) v, YaRN's 1/t already inside q and k
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H hd) -> (B, T, d)
 
 
 class SwiGLU(nn.Module):
@@ -192,8 +187,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(config.hidden_dim, config.d_model, bias=False)  # down
 
     def forward(self, x):
-        gate, up = F.linear(x, self.w13.weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2.weight)
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -204,14 +199,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.attn(rms_norm(self.attn_norm, x), cos, sin, cache, start)
-        return x + self.mlp(rms_norm(self.mlp_norm, x))
-
-
-def rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x) without the module call: the same F.rms_norm, a Python step fewer per decoded token."""
-    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    def forward(self, x, cos, sin, mask=None, cache=None, positions=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, positions)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -265,26 +255,38 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache holds {cache.max_len} positions, {start} used; {T} more do not fit")
             rope_length = rope_length or cache.rope_length
         cos, sin = self.rotary(start, T, rope_length or start + T)
-        x = self.embed(idx, cache, start)
+        positions = start + torch.arange(T, device=idx.device)  # (T,)
+        x = self.embed(idx, cache, positions)
+        mask = cache.mask(positions) if cache is not None else None  # None: is_causal does it
         for block in self.blocks:
-            x = block(x, cos, sin, cache, start)
+            x = block(x, cos, sin, mask, cache, positions)
         if cache is not None:
             cache.pos = start + T
         if last_n is not None:
             x = x[:, -last_n:]  # (B, n, d)
             targets = None if targets is None else targets[:, -last_n:]
-        x = rms_norm(self.norm, x)
+        x = self.norm(x)
         if targets is not None and B * x.shape[1] * self.config.vocab_size > self.loss_chunk_threshold:
             return chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_elements)
-        logits = F.linear(x, self.lm_head.weight)
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def embed(self, idx: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
-        x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
+    def step(self, idx: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache):
+        """One decoding step with static shapes, so that torch.compile makes one graph serve a whole generation:
+        idx (B, 1) at position pos (a tensor (1,)), cos and sin the tables (capacity, |D|) at the cache's l'; the
+        attention reads the whole cache, masked past pos. Returns the logits (B, V)."""
+        x, mask = self.embed(idx, cache, pos), cache.mask(pos)  # (B, 1, d), (1, max_len)
+        cos, sin = cos[pos], sin[pos]  # (1, |D|): the tables' rows at pos
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache, pos)
+        return self.lm_head(self.norm(x))[:, -1]
+
+    def embed(self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx)  # (B, T, d)
         if self.prev_emb is not None:  # optional, a CPU-preset aid: previous-token embeddings (the end of this file)
-            x = x + previous_token_embeddings(self, idx, cache, start)
+            x = x + previous_token_embeddings(self, idx, cache, positions)
         return x
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -305,30 +307,35 @@ class Transformer(nn.Module):
         return length
 
     @torch.no_grad()
-    def decode(self, idx: torch.Tensor, max_new_tokens: int, choose, rule: str = "follow"):
+    def decode(self, idx: torch.Tensor, max_new_tokens: int, choose, rule: str = "follow", compile: bool = False):
         """Decoding with a KV cache: choose(last logits (B, V)) gives the next tokens (B,), yielded step by step. The
-        whole prefix is (re)filled in when the cache is empty or the rule's l' differs from its keys'."""
+        whole prefix is (re)filled in, an ordinary forward pass, when the cache is empty or the rule's l' differs from
+        its keys'; every other token is a `step`, through torch.compile with compile=True (`compiled_step`)."""
         B, P = idx.shape
         capacity = P + max_new_tokens
-        with torch.inference_mode():  # the cache never leaves this loop: no version counters on its tensors
+        step = compiled_step(idx.device.type) if compile else Transformer.step
+        no_autograd = torch.no_grad if compile else torch.inference_mode  # eager: not even version counters; compiled:
+        with no_autograd():  # plain tensors, as CUDA graphs record them (the cache never leaves this loop)
             cache = self.new_cache(B, capacity)
-        seq = torch.empty(B, capacity, dtype=idx.dtype, device=idx.device)
-        seq[:, :P] = idx
+        for t in (*cache.k, *cache.v, cache.tokens) if compile else ():  # CUDA graphs write in place only at addresses
+            torch._dynamo.mark_static_address(t)  # marked fixed (guard-free: a new cache of these shapes, no recompile)
+        seq = torch.cat((idx, idx.new_empty(B, max_new_tokens)), dim=1)  # (B, capacity): the prompt, then new tokens
         for n in range(P, capacity):
             length = self.rope_length(n, capacity, rule)
-            with torch.inference_mode():  # no autograd bookkeeping per op; the tokens chosen stay normal tensors
-                if n == P or length != cache.rope_length:
-                    cache.pos, cache.rope_length = 0, length  # a (re-)prefill under the new scale
+            with no_autograd():  # the tokens chosen stay normal tensors
+                if n == P or length != cache.rope_length:  # a (re-)prefill under the new scale
+                    cos, sin = self.rotary(0, capacity, length)  # every position's tables at this l': step's inputs
+                    cache.pos, cache.rope_length = 0, length
                     logits = self(seq[:, :n], cache=cache, last_n=1)[:, -1]
                 else:
-                    logits = self(seq[:, n - 1 : n], cache=cache)[:, -1]
+                    logits = step(self, token[:, None], torch.tensor([n - 1], device=idx.device), cos, sin, cache)
             token = choose(logits)
             seq[:, n] = token
             yield token
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  stop_token: int | None = None, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None, rule: str = "follow"):
+                 vocab_limit: int | None = None, rule: str = "follow", compile: bool = False):
         """Yield new tokens (B,) step by step (decode); temperature 0 = greedy; only ids below vocab_limit are drawn.
         Stops once every row has drawn stop_token (yielded last)."""
         if temperature < 0:
@@ -337,7 +344,7 @@ class Transformer(nn.Module):
         def choose(logits):
             return sample_token(logits[:, :vocab_limit], temperature, top_k, generator)
 
-        for token in self.decode(idx, max_new_tokens, choose, rule):
+        for token in self.decode(idx, max_new_tokens, choose, rule, compile):
             yield token
             if stop_token is not None and bool((token == stop_token).all()):
                 return
@@ -351,6 +358,16 @@ class Transformer(nn.Module):
         c = self.config
         lookups = self.prev_emb.weight.numel() if self.prev_emb is not None else 0  # embeddings read, not multiplied
         return 6 * (self.num_params() - lookups) + 6 * c.n_layer * c.n_head * c.head_dim * T
+
+
+@functools.cache
+def compiled_step(device_type: str):
+    """Transformer.step through torch.compile, made once per process so that one graph serves every generation of the
+    same shapes (batch, capacity, dtype): the tables of a new l' are inputs, not a recompile. CUDA replays the graph
+    with CUDA graphs; the CPU calls inductor's kernels from C++ (cpp_wrapper; PERF_NOTES: 1.35x a Python wrapper)."""
+    if device_type == "cuda":
+        return torch.compile(Transformer.step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return torch.compile(Transformer.step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 def sample_token(logits, temperature: float, top_k: int | None, generator=None):
@@ -367,16 +384,15 @@ def sample_token(logits, temperature: float, top_k: int | None, generator=None):
 # === Optional, a reader may skip it: previous-token embeddings (prev_tokens = K > 0), a CPU-preset aid, neither
 # LLaMA's nor the paper's. Its table is Transformer.prev_emb, its tokens KVCache.tokens; it joins the core path in
 # Transformer.embed, and a model with prev_tokens = 0 never runs it.
-def previous_token_embeddings(model: Transformer, idx: torch.Tensor, cache: KVCache | None, start: int):
+def previous_token_embeddings(model: Transformer, idx: torch.Tensor, cache: KVCache | None, positions):
     """The summed embeddings (B, T, d) of the K tokens before each position (the "smeared" input of Olsson et al.
     2022): the previous tokens a copying circuit otherwise needs a whole attention layer to gather, so a small model
     learns to copy in minutes. The k-th token back (k = 1..K) reads row (k - 1) V + id; before the start, id V - 1."""
     K, V = model.config.prev_tokens, model.config.vocab_size
-    T = idx.shape[1]
-    before = cache.tokens[:, max(0, start - K) : start] if cache is not None else idx[:, :0]
-    pad = torch.full((idx.shape[0], K - before.shape[1]), V - 1, dtype=idx.dtype, device=idx.device)
-    seq = torch.cat((pad, before, idx), dim=1)  # (B, K + T): position t of idx is column K + t
+    tokens = idx
     if cache is not None:
-        cache.tokens[:, start : start + T] = idx
-    prev = torch.stack([seq[:, K - k : K - k + T] + (k - 1) * V for k in range(1, K + 1)], dim=-1)  # (B, T, K)
-    return F.embedding(prev, model.prev_emb.weight).sum(dim=2)
+        cache.tokens.index_copy_(1, positions, idx)
+        tokens = cache.tokens  # (B, max_len): every token so far, at its position
+    back = positions[:, None] - torch.arange(1, K + 1, device=idx.device)  # (T, K): the positions k = 1..K back
+    prev = torch.where(back >= 0, tokens[:, back.clamp(min=0)], V - 1)  # (B, T, K)
+    return F.embedding(prev + V * torch.arange(K, device=idx.device), model.prev_emb.weight).sum(dim=2)

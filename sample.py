@@ -3,10 +3,11 @@
     python sample.py --ckpt out/pretrain --prompt "def fibonacci(n):" --max_new_tokens 200
     python sample.py --ckpt out/pretrain --prompt_file long.txt --max_context 4096 --rope.type=dynamic_yarn
 
-The model and its tokenizer come from the checkpoint; model.generate decodes with the KV cache; the new text goes
-to stdout (UTF-8), a header and warnings to stderr. No prompt starts a document; end-of-text stops a sample
-unless --stop_at_eot=false. --rope.<field>=<value> replaces that field of the checkpoint's RoPE config (weights
-untouched; checkpoint.rope_with_overrides), --rope_rule is model.py's. The context policy is fit_context's.
+The model and its tokenizer come from the checkpoint; model.generate decodes with the KV cache (--compile: its step
+compiled, one graph for the whole generation; model.compiled_step); the new text goes to stdout (UTF-8), a header and
+warnings to stderr. No prompt starts a document; end-of-text stops a sample unless --stop_at_eot=false.
+--rope.<field>=<value> replaces that field of the checkpoint's RoPE config (weights untouched;
+checkpoint.rope_with_overrides), --rope_rule is model.py's. The context policy is fit_context's.
 """
 
 import os
@@ -41,6 +42,7 @@ class SampleConfig:
     max_context: int | None = None  # longest prompt + new tokens; default the checkpoint's block_size
     truncate_prompt: bool = False
     rope_rule: str = "follow"  # how a dynamic variant's l' is set while decoding (model.py)
+    compile: bool = False  # torch.compile the decoding step: repaid after thousands of new tokens (README, Speed)
     device: str = "auto"
     dtype: str = "auto"  # float32, bfloat16; auto = bfloat16 on CUDA, float32 elsewhere
 
@@ -99,7 +101,8 @@ def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_promp
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
                   top_k: int | None = 200, generator=None, stop_at_eot: bool = True, max_context: int | None = None,
-                  truncate_prompt: bool = False, on_text=None, on_warning=None, rule: str = "follow") -> str:
+                  truncate_prompt: bool = False, on_text=None, on_warning=None, rule: str = "follow",
+                  compile: bool = False) -> str:
     """The text generated after `prompt` under the context policy, without the prompt or a final end-of-text.
     on_text(piece) gets each run of complete characters as soon as it is decoded; on_warning(message) each
     warning of the context policy."""
@@ -123,7 +126,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
 
     stop = tokenizer.eot_token if stop_at_eot else None
     idx = torch.tensor([tokens[len(tokens) - keep:]], device=model.tok_emb.weight.device)  # (1, P)
-    for token in model.generate(idx, max_new_tokens, temperature, top_k, stop, generator, tokenizer.n_vocab, rule):
+    for token in model.generate(idx, max_new_tokens, temperature, top_k, stop, generator, tokenizer.n_vocab, rule,
+                                compile):
         if int(token[0]) != stop:
             emit(decoder.push([int(token[0])]))
     emit(decoder.flush())
@@ -170,7 +174,7 @@ def main(argv) -> None:
                       args.stop_at_eot, args.max_context, args.truncate_prompt,
                       on_text=lambda piece: print(piece, end="", flush=True),
                       on_warning=(lambda m: print(f"warning: {m}", file=sys.stderr)) if i == 0 else None,
-                      rule=args.rope_rule)
+                      rule=args.rope_rule, compile=args.compile)
         print(flush=True)
 
 

@@ -1,8 +1,10 @@
 """bench.py --preset=smoke (every case, tiny shapes, CPU) and model.py's chunked head + loss, which the T=32768 case needs."""
 
 import importlib.util
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import checkpoint
 import flags
 import model
 import reproduce
@@ -110,7 +113,8 @@ def smoke_report(tmp_path_factory):
 
 def test_smoke_runs_every_case_and_prints_the_table(smoke_report):
     report, stdout = smoke_report
-    assert "| case | ours tokens/s | HF tokens/s |" in stdout and "wrote" in stdout
+    assert "| case | a | a tokens/s | b | b tokens/s | a / b |" in stdout and "wrote" in stdout
+    assert "| sample_B1_compiled | compiled |" in stdout and "| sample_B1_compiled | ours |" in stdout
     for key in ("command", "preset", "device", "torch", "transformers", "git_commit", "model", "matmul_peak",
                 "finished_utc"):
         assert key in report, key
@@ -123,16 +127,17 @@ def test_smoke_runs_every_case_of_both_models(smoke_report):
     report, _ = smoke_report
     assert list(report["cases"]) == [c.name for c in bench.PRESETS["smoke"][1]]
     hf = report["transformers"] is not None
-    for name, case in report["cases"].items():
+    for (name, case), spec in zip(report["cases"].items(), bench.PRESETS["smoke"][1]):
         assert case["status"] == "ok", (name, case)
-        rules = name == "sample_follow"  # ours under the follow rule against ours under capacity
-        for impl in ("follow", "capacity") if rules else ("ours", "hf") if hf else ("ours",):
+        contenders = [w for w in spec.contenders if hf or w != "hf"]
+        assert list(case["results"]) == contenders
+        for impl in contenders:
             r = case["results"][impl]
             assert r["status"] == "ok" and r["tokens_per_s"] > 0 and len(r["round_s"]) >= 1, (name, impl, r)
-        if rules:
-            assert case["follow_over_capacity"] > 0 and case["rope"]["type"] == "dynamic_yarn"
-        else:
-            assert (case["ours_over_hf"] > 0) if hf else case["ours_over_hf"] is None, name
+        for a, b in itertools.combinations(spec.contenders, 2):  # every pair's speed ratio, None without HF
+            assert (case[f"{a}_over_{b}"] > 0) if hf or "hf" not in (a, b) else case[f"{a}_over_{b}"] is None
+    assert report["cases"]["sample_follow"]["rope"]["type"] == "dynamic_yarn"
+    assert list(report["cases"]["sample_follow"]["results"]) == ["compiled", "ours", "capacity"]
 
 
 def test_smoke_training_and_sampling_fields(smoke_report):
@@ -147,22 +152,36 @@ def test_smoke_training_and_sampling_fields(smoke_report):
     assert cases["train_T64"]["results"]["ours"]["chunked_loss"] is False
     sample = cases["sample_B1"]
     assert sample["new_tokens"] == 8 and sample["results"]["ours"]["tokens_per_round"] == 8
+    assert sample["weights"] == "random" and sample["results"]["ours"]["first_token_s"] > 0
     if report["transformers"] is not None:
-        assert sample["tokens_match"] == 1.0  # the same weights, fp32, greedy: the same tokens
+        assert sample["tokens_match"] == {"ours_hf": 1.0}  # the same weights, fp32, greedy: the same tokens
+
+
+def test_smoke_compiled_case_reports_the_compilation_and_matches_eager(smoke_report):
+    """The compiled contender (the GPU bench's last case, rehearsed here on CPU): the same greedy tokens as eager
+    decoding, and the cost of compiling: its first generation's excess over a timed one, and the break-even."""
+    case = smoke_report[0]["cases"]["sample_B1_compiled"]
+    compiled, eager = case["results"]["compiled"], case["results"]["ours"]
+    assert case["tokens_match"]["compiled_ours"] == 1.0
+    assert compiled["first_call_s"] > compiled["round_s"][0] and case["compile_s"] > 0
+    assert case["compile_s"] == round(compiled["first_call_s"] - statistics.median(compiled["round_s"]), 2)
+    saved = (statistics.median(eager["round_s"]) - statistics.median(compiled["round_s"])) / case["new_tokens"]
+    assert case["break_even_tokens"] == (round(case["compile_s"] / saved) if saved > 0 else None)
 
 
 def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
     """The GPU case list is the one scripts/gpu_run.sh runs; the CPU one gives the README's ratios."""
     for preset, shape, names in (
-            ("gpu", "gpu", ["train_T1024", "train_T1024_yarn", "train_T8192_yarn", "train_T32768_yarn", "sample_B1"]),
-            ("cpu", "cpu", ["train_T512", "sample_B1", "sample_follow"])):
+            ("gpu", "gpu", ["train_T1024", "train_T1024_yarn", "train_T8192_yarn", "train_T32768_yarn", "sample_B1",
+                            "sample_B1_compiled"]),
+            ("cpu", "cpu", ["train_T512", "sample_B1", "sample_B8", "sample_follow"])):
         assert bench.PRESETS[preset][0] == shape and [c.name for c in bench.PRESETS[preset][1]] == names
         p = reproduce.PRESETS[shape]
         for case in bench.PRESETS[preset][1]:
             cfg = bench.configs(p, case)
             assert (cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head) == (p.vocab_size, p.d_model, p.n_layer,
                                                                               p.n_head)
-            assert cfg.rope.type == ("dynamic_yarn" if case.rules else "yarn" if case.yarn else "default")
+            assert cfg.rope.type == ("dynamic_yarn" if case.dynamic else "yarn" if case.yarn else "default")
             if case.yarn:
                 assert cfg.rope.factor * cfg.rope.original_context == case.T
     for case in bench.PRESETS["gpu"][1] if importlib.util.find_spec("transformers") else ():  # both build at the GPU shapes
@@ -173,6 +192,8 @@ def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
     cpu_train = bench.PRESETS["cpu"][1][0]
     assert (cpu_train.T, cpu_train.B) == (reproduce.PRESETS["cpu"].L, reproduce.PRESETS["cpu"].pretrain_batch)
     assert bench.PRESETS["cpu"][1][1].T == 128 and bench.PRESETS["cpu"][1][1].new_tokens == 128
+    assert [c.name for c in bench.PRESETS["gpu"][1] if "compiled" in c.contenders] == ["sample_B1_compiled"]
+    assert bench.PRESETS["gpu"][1][-1].contenders == ("compiled", "ours", "hf")  # last: a cut there loses only it
 
 
 def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -229,3 +250,26 @@ def test_ours_only(tmp_path):
 def test_bad_input_is_an_error_with_exit_2(args, message, capsys):
     assert flags.cli(bench.main, ["--preset=smoke", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_trained_checkpoint_gives_the_sampling_cases_their_weights_and_a_text_prompt(tmp_path):
+    """--ckpt: ours and HF decode with the checkpoint's weights and shape, from a prompt of real text (bench.py's own,
+    in the checkpoint's tokenizer); the training cases keep random weights."""
+    torch.manual_seed(3)
+    net = model.Transformer(model.ModelConfig(vocab_size=320, n_layer=1, n_head=2, d_model=32, block_size=64))
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save({"model_config": net.config.to_dict(), "model": net.state_dict(), "step": 7,
+                     "tokenizer": "bytes"}, path)
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(["--preset=smoke", "--cases=train_T64,sample_B1", "--rounds=1", f"--ckpt={path}",
+                             f"--out={tmp_path / 'b.json'}"])
+    finally:
+        torch.set_num_threads(threads)
+    sample, train = report["cases"]["sample_B1"], report["cases"]["train_T64"]
+    assert sample["status"] == "ok" and sample["weights"] == f"{path} (step 7)" and train["weights"] == "random"
+    prompt = bench.prompts(bench.PRESETS["smoke"][1][3], 320, {"tokenizer": "bytes"})
+    assert prompt.tolist() == [list((ROOT / "bench.py").read_bytes()[:16])]  # bytes: ids are the file's bytes
+    if report["transformers"] is not None:
+        assert sample["tokens_match"] == {"ours_hf": 1.0} and sample["ours_over_hf"] > 0
+    assert flags.cli(bench.main, ["--preset=smoke", f"--ckpt={tmp_path / 'none.pt'}"]) == 2

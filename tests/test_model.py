@@ -11,6 +11,7 @@ The groups:
   3 KV-cache decoding = the full pass          7 tied head, loss, training steps
   4 dynamic variants scale with rope_length    8 generate
   5 set_rope and the fp32 rotary tables        9 flops_per_token and num_params
+                                              10 compiled decoding = the full pass (torch.compile, once per module)
 """
 
 import json
@@ -31,7 +32,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
     sys.path.insert(0, str(REPO))
 
 import rope  # noqa: E402
-from model import ModelConfig, Transformer, causal_mask  # noqa: E402
+from model import ROPE_RULES, ModelConfig, Transformer  # noqa: E402
 from rope import DYNAMIC_VARIANTS, VARIANTS, RopeConfig  # noqa: E402
 
 V = 97  # vocab
@@ -294,11 +295,11 @@ def test_attention_factor_of_yarn_is_the_papers_temperature():
     torch.testing.assert_close(cos.double() ** 2 + sin.double() ** 2, torch.ones(40, 8, dtype=torch.float64))
 
 
-def test_causal_mask_shape_and_pattern():
-    assert causal_mask(5, 0, "cpu") is None  # is_causal does it
-    assert causal_mask(1, 7, "cpu") is None  # one query sees every cached key
-    mask = causal_mask(3, 4, "cpu")
-    expected = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+def test_cache_mask_shape_and_pattern():
+    """Queries at positions 4, 5, 6 of a cache of 8 see the keys up to their own position, never the rest."""
+    mask = make_model("default").new_cache(1, 8).mask(torch.tensor([4, 5, 6]))
+    expected = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]],
+                            dtype=torch.bool)
     assert torch.equal(mask, expected)
 
 
@@ -751,7 +752,7 @@ def test_greedy_generation_equals_uncached_argmax(variant, rule):
     assert torch.equal(top1, out)  # top_k = 1 is greedy at any temperature
 
 
-def decoded_logits(model, idx, n, rule):
+def decoded_logits(model, idx, n, rule, compile=False):
     """(tokens (B, n) greedily decoded with the cache, the logits each was chosen from, (B, n, V))."""
     logits = []
 
@@ -759,7 +760,7 @@ def decoded_logits(model, idx, n, rule):
         logits.append(step_logits)
         return step_logits.argmax(dim=-1)
 
-    out = torch.stack(list(model.decode(idx, n, choose, rule)), dim=1)
+    out = torch.stack(list(model.decode(idx, n, choose, rule, compile)), dim=1)
     return out, torch.stack(logits, dim=1)
 
 
@@ -905,7 +906,7 @@ def test_prev_tokens_embed_exactly_the_k_tokens_before_each_position():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, block_size=L, prev_tokens=3))
     idx = tokens(2, 9)
-    x = model.embed(idx, None, 0)
+    x = model.embed(idx, None, torch.arange(9))
     E, P = model.tok_emb.weight, model.prev_emb.weight
     for t in range(9):
         prev = [idx[:, t - k] if t - k >= 0 else torch.full((2,), V - 1) for k in (1, 2, 3)]
@@ -928,3 +929,54 @@ def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
             n = idx.shape[1] + i
             full = model(seq[:, :n], rope_length=model.rope_length(n, 35, "follow"))[:, -1]
             torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. Compiled decoding (model.compiled_step: torch.compile, inductor on CPU) equals the full forward pass. Compiling
+#     is slow on CPU, so the module compiles two graphs once (one shape for every variant, and one with previous-token
+#     embeddings) and then forbids any recompilation: a new variant, rule, l' or cache must reuse the graph.
+
+P, N = 5, 50  # prompt and new tokens: prefixes 5 .. 54, through L = 16, 32 and 64 under the follow rule
+
+
+def prev_tokens_model(variant: str) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=16, block_size=L, prev_tokens=2,
+                                   rope=rope_config(variant))).double().eval()
+
+
+@pytest.fixture(scope="module")
+def compiled_once():
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for model in (make_model("yarn"), prev_tokens_model("default")):
+        decoded_logits(model, tokens(2, P), N, "follow", compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it compiled, and did not fall back
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
+
+
+def assert_each_step_equals_a_full_forward(model, idx, rule, logits, out):
+    """Step i's logits equal a full forward pass of its prefix at the l' the rule gives that prefix: float64,
+    within 1e-9, the tolerance of the eager tests above."""
+    seq = torch.cat((idx, out), dim=1)
+    with torch.no_grad():
+        for i in range(out.shape[1]):
+            prefix = seq[:, : idx.shape[1] + i]
+            length = model.rope_length(prefix.shape[1], seq.shape[1], rule)
+            torch.testing.assert_close(logits[:, i], model(prefix, rope_length=length)[:, -1], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ROPE_RULES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_decoding_equals_a_full_forward_of_each_prefix(compiled_once, variant, rule):
+    model, idx = make_model(variant), tokens(2, P, seed=8)
+    out, logits = decoded_logits(model, idx, N, rule, compile=True)
+    assert_each_step_equals_a_full_forward(model, idx, rule, logits, out)
+    assert torch.equal(out, decoded_logits(model, idx, N, rule)[0])  # the eager path's tokens
+
+
+@pytest.mark.parametrize("variant", ["default", "dynamic_yarn"])
+def test_compiled_decoding_with_previous_token_embeddings(compiled_once, variant):
+    model, idx = prev_tokens_model(variant), tokens(2, P, seed=3)
+    out, logits = decoded_logits(model, idx, N, "follow", compile=True)
+    assert_each_step_equals_a_full_forward(model, idx, "follow", logits, out)

@@ -151,6 +151,13 @@ def test_greedy_cli_is_deterministic(ckpt, capsys):
     assert runs[0][1] == runs[1][1]  # the seed plays no part in greedy decoding
 
 
+def test_compile_prints_the_same_greedy_text(ckpt, capsys):
+    """--compile decodes through the compiled step (model.compiled_step, inductor here): the eager path's text."""
+    args = ("--ckpt", ckpt, "--prompt", "Once upon", "--max_new_tokens", 12, "--temperature", 0)
+    eager, compiled = main(capsys, *args), main(capsys, *args, "--compile")
+    assert eager[0] == compiled[0] == 0 and eager[1].strip() and compiled[1] == eager[1]
+
+
 def test_seed_reproduces(ckpt, capsys):
     def run(seed):
         code, out, _ = main(capsys, "--ckpt", ckpt, "--max_new_tokens", 6, "--temperature", 1.0, "--seed", seed,
