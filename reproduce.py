@@ -213,6 +213,14 @@ class Job:
         self.train(name, run, self.model_config(p.s * p.L, extended))
 
 
+    def scratch_long(self):
+        """Plain RoPE at L' from scratch on as many tokens as pretraining plus one fine-tune, of the same mix."""
+        p = self.p
+        tokens = p.L * p.pretrain_steps * p.pretrain_batch + p.s * p.L * p.finetune_steps * p.finetune_batch
+        batch = max(1, p.pretrain_batch // p.s)
+        self.pretrain("scratch_long", p.s * p.L, math.ceil(tokens / (batch * p.s * p.L)), batch, data_mix=p.data_mix)
+
+
 def load_model(job: Job, name: str):
     return checkpoint.load_model(job.runs / name, job.device)[0]
 
@@ -329,21 +337,14 @@ def stages_in_order(job: Job, stages: Stages):
         if i == 0:  # claim 4, once the first seed has decided claims 2-3
             stages.run("temperature", runs / "temperature.json",
                        lambda: temperature_sweep(job, val(), runs / "temperature.json"))
-    if p.scratch_long:  # as many tokens as pretraining plus one fine-tune, of the same mix, all at L'; last
-        tokens = p.L * p.pretrain_steps * p.pretrain_batch + p.s * p.L * p.finetune_steps * p.finetune_batch
-        batch = max(1, p.pretrain_batch // p.s)
-        steps = math.ceil(tokens / (batch * p.s * p.L))
-        trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {p.s * p.L}", "scratch_long",
-                              lambda: job.pretrain("scratch_long", p.s * p.L, steps, batch, data_mix=p.data_mix))
-    for steps in p.budgets:  # exploratory, so last: a run cut here has decided everything else
-        for seed in p.finetune_seeds[:1]:  # one seed: what the gpu limit affords
-            for m in BUDGET_METHODS:
-                name = budget_run(m, seed, steps)
-                trained_and_evaluated(f"budget: {m} s={p.s} at {Le} for {steps} steps, seed {seed}", name,
-                                      lambda m=m, name=name, seed=seed, steps=steps: job.finetune(name, m, p.s, seed,
-                                                                                                 steps),
-                                      contexts=(Le,), retrieval_at=())
-
+    if p.scratch_long:  # the baseline of claim 2d
+        trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {Le}", "scratch_long", job.scratch_long)
+    seed = p.finetune_seeds[0]  # claim 2 at other budgets, exploratory, so last; one seed: what the gpu limit affords
+    for steps, m in ((steps, m) for steps in p.budgets for m in BUDGET_METHODS):
+        name = budget_run(m, seed, steps)
+        trained_and_evaluated(f"budget: {m} s={p.s} at {Le} for {steps} steps, seed {seed}", name,
+                              lambda m=m, name=name, steps=steps: job.finetune(name, m, p.s, seed, steps),
+                              contexts=(Le,), retrieval_at=())
 
 def job_record(job: Job) -> dict:
     """What report.py needs besides the stage outputs, written to <runs>/job.json before any stage runs."""

@@ -1,8 +1,9 @@
 """The codebase stays as small as the models it is compared with: the reading core (rope.py, model.py, train.py,
-sample.py) within 1,300 lines, everything outside tests/ within 5,230 (4,200, plus what each issue added: reports
+sample.py) within 1,300 lines, everything outside tests/ within 5,300 (4,200, plus what each issue added: reports
 of a run cut part-way ~100; claims that can fail, held-out checks, loss curves and figures.py ~500; the RoPE
 conformance checker rope_check.py ~330; one run per folder and every value checked before work ~65; flags that
-explain themselves, the phase decided once and the optional section marked ~30), no function over 60 lines, no
+explain themselves, the phase decided once and the optional section marked ~30; claim 2 at other budgets and
+the laptop path's time estimate ~70), no function over 60 lines, no
 line over 120 characters, no docstring pointing to a file the repository does not have, and imports that only go
 down the floors: rope.py at the bottom imports nothing of ours, so it can be read alone."""
 
@@ -36,9 +37,9 @@ def test_the_reading_core_is_at_most_1300_lines():
     assert sum(sizes.values()) <= 1300, sizes
 
 
-def test_everything_outside_tests_is_at_most_5230_lines():
+def test_everything_outside_tests_is_at_most_5300_lines():
     sizes = {str(p.relative_to(REPO)): len(lines(p)) for p in sources()}
-    assert sum(sizes.values()) <= 5230, sorted(sizes.items(), key=lambda kv: -kv[1])
+    assert sum(sizes.values()) <= 5300, sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
