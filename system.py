@@ -183,6 +183,13 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def duration(seconds: float) -> str:
+    """A time in the unit it is read in: 45 s, 12.5 min, 52.9 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 class Throughput:
     """Tokens/s and MFU of training steps alone: mark() after an eval or a save leaves their time out."""
 

@@ -32,7 +32,7 @@ import flags
 from config import RUN_FIELDS, RunConfig, new_model_config, parse_args
 from data.loader import TrainingData, load_training_data, stream_seed, window_starts, windows
 from model import ModelConfig, Transformer
-from system import (Dist, FolderInUse, StopOnSignal, Throughput, all_reduce_sum, dist_from_env,
+from system import (Dist, FolderInUse, StopOnSignal, Throughput, all_reduce_sum, dist_from_env, duration,
                     dtype_name, lock_folder, pick_device, pick_dtype, provenance, write_json)
 
 
@@ -335,14 +335,18 @@ def loop(run: Run, log: Logger, stopper: StopOnSignal) -> dict:
         if stopped or last:
             break
         pending.append((step, train_step(run, step)))
-        if step % cfg.log_interval == 0:
+        early = step == run.start_step + 2  # three steps in, the time to go is printed, whatever log_interval
+        if step % cfg.log_interval == 0 or early:
             check_finite(run, pending)  # reads the losses back, so the GPU has caught up
             tokens_per_s, mfu = speed.rates(step + 1)
             loss, lr = run.metrics["last_train_loss"], lr_at(step, cfg)
+            to_go = (cfg.max_steps - step - 1) * run.tokens_per_step / tokens_per_s  # the first step's start-up aside
             log.print(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-                      f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {time.time() - t_start:.0f}s")
-            log.event(event="train", step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
-                      elapsed_s=round(time.time() - t_start, 3))
+                      f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {time.time() - t_start:.0f}s"
+                      + (f" | eta {duration(to_go)}" if step > run.start_step else ""))
+            if step % cfg.log_interval == 0:  # the early line is not an event: the loss curves keep their steps
+                log.event(event="train", step=step, train_loss=loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu,
+                          elapsed_s=round(time.time() - t_start, 3))
         step += 1
     tokens_per_s, mfu = speed.rates()
     return {"final_val_loss": run.metrics["last_val_loss"] if last else None, **run.metrics,

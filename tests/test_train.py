@@ -5,6 +5,7 @@ hypothesis throwing hostile strings at it), NaN handling and SIGTERM. About a mi
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 import checkpoint
 import config
+import system
 import train
 from data.prepare import PrepareConfig, prepare
 from data.tokenizer import get_tokenizer
@@ -158,6 +160,21 @@ def test_a_final_checkpoint_without_the_optimizer_extends_but_does_not_continue(
     with pytest.raises(ValueError, match="no optimizer state"):
         train.main(["--init_from=resume", f"--out_dir={lean}", "--max_steps=4"])
     assert train.main(flags(data_dir, tmp_path / "next", init_from=lean, max_steps=1))["steps"] == 1
+
+
+def test_the_time_to_go_is_printed_three_steps_in_whatever_the_log_interval(data_dir, tmp_path, capsys):
+    out = tmp_path / "eta"
+    train.main(flags(data_dir, out, max_steps=6, log_interval=100, eval_interval=100))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| loss" in line]
+    assert [line.split(" |")[0] for line in lines] == ["step 0/6", "step 2/6"], lines
+    assert "eta" not in lines[0]  # the first step holds the start-up (on CUDA, compilation)
+    assert re.search(r"\| eta \d+ s$", lines[1]), lines[1]
+    assert list(events(out, "train")) == [0]  # printed, not logged: the loss curves keep their steps
+
+
+def test_durations_read_in_their_unit():
+    assert [system.duration(s) for s in (0.4, 45, 89.4, 750, 5399, 190_000)] == [
+        "0 s", "45 s", "89 s", "12.5 min", "90.0 min", "52.8 h"]
 
 
 # ----------------------------------------------------------------------------------------------------------
