@@ -1,7 +1,7 @@
 """The laptop path of the README (configs/laptop_*.json) keeps working: each config runs a few steps on a small byte
 corpus, with the README's flags, and sample.py and eval.py take the checkpoints it makes. The configs' own models,
 contexts and RoPE; only the step counts, the folders and the number of documents and trials are made small.
-About 30 seconds on 2 cores. (Every config parses: tests/test_train.py.)"""
+About 15 seconds on 2 cores. (Every config parses: tests/test_train.py.)"""
 
 import json
 import shutil
