@@ -36,7 +36,7 @@ import model
 import reproduce
 from data.tokenizer import get_tokenizer
 from rope import RopeConfig
-from system import dtype_name, pick_device, provenance, write_json
+from system import check_writable, dtype_name, pick_device, provenance, write_json
 
 
 @dataclass(frozen=True)
@@ -347,6 +347,7 @@ def main(argv) -> dict:
     cfg = flags.build(BenchConfig, flags.parse(argv, flags.flag_table((BenchConfig, "")), "python bench.py",
                                                __doc__))
     preset, device, cases = resolve(cfg)
+    check_writable(cfg.out, "--out", folder=False)
     cfg = replace(cfg, hf=cfg.hf and importlib.util.find_spec("transformers") is not None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -30,7 +30,7 @@ import flags
 from checkpoint import parse_rope_swap, rope_with_overrides
 from data.loader import load_split
 from data.tokenizer import get_tokenizer
-from system import pick_device, write_json
+from system import check_writable, pick_device, write_json
 
 # Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like plain text
 # (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is lowercase letters.
@@ -220,6 +220,8 @@ class EvalConfig:
 
 def main(argv) -> dict:
     args, overrides = parse_rope_swap(argv, EvalConfig, "python eval.py", __doc__)
+    if args.out:
+        check_writable(args.out, "--out", folder=False)  # before minutes of evaluation
     device = pick_device(args.device)
     model, state = checkpoint.load_model(args.ckpt, device)
     if overrides:

@@ -16,6 +16,8 @@ import types
 import typing
 from dataclasses import MISSING, fields, is_dataclass
 
+from system import read_json
+
 TRUE, FALSE, NONE = ("true", "1"), ("false", "0"), ("none", "null")
 ERRORS = {ValueError: 2, OSError: 2}  # bad input of any kind: a flag, a file, a checkpoint, the data
 
@@ -172,13 +174,8 @@ def unknown_flag(arg: str, table: dict) -> ValueError:
 def read_config(path: str, table: dict) -> dict[str, object]:
     """Typed values from a JSON object of settings; a ValueError naming the file and the problem otherwise."""
     source = f"--config {path}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.loads(f.read(10_000_001))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a NUL in the path
-        raise ValueError(f"{source}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: must hold a JSON object of settings, got {type(obj).__name__}")
+    fix = 'give a JSON object of settings, e.g. {"lr": 3e-4, "rope": {"type": "yarn"}}'
+    obj = read_json(path, fix, {}, source, limit=10_000_000)
     flat = {}
     for key, value in obj.items():
         group = isinstance(value, dict) and any(k.startswith(f"{key}.") for k in table)

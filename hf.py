@@ -23,7 +23,7 @@ import flags
 import rope
 from model import ModelConfig, Transformer
 from rope import RopeConfig
-from system import DTYPES, atomic_write, dtype_name
+from system import DTYPES, atomic_write, check_writable, dtype_name, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -227,9 +227,7 @@ def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, for
     if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
         raise ValueError("the model's lm_head differs from its embedding; this exporter writes tied weights only")
     tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in hf_tensors(state, model.config).items()}
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+    out = check_writable(out_dir, "--out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} is not empty; choose a new folder, or pass --force to overwrite "
                          f"{CONFIG_FILE} and {WEIGHTS_FILE} there")
@@ -249,13 +247,8 @@ def read_hf_config(hf_dir) -> dict:
     path = hf_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: a Hugging Face model folder needs its {CONFIG_FILE}")
-    try:
-        config_json = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config_json, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config_json).__name__}")
-    return config_json
+    fix = "save_pretrained (or `python hf.py export`) writes it: save the model again"
+    return read_json(path, fix, {})
 
 
 def _key(c: dict, key: str, kind: type, default=None):
@@ -349,11 +342,9 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
     if (hf_dir / WEIGHTS_FILE).is_file():
         files = [hf_dir / WEIGHTS_FILE]
     elif (hf_dir / INDEX_FILE).is_file():
-        try:
-            weight_map = json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"]
-            files = [hf_dir / name for name in sorted(set(weight_map.values()))]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{hf_dir / INDEX_FILE} is not a valid shard index ({type(e).__name__}: {e})") from None
+        fix = "save_pretrained writes it with the shards it lists: save the model again"
+        index = read_json(hf_dir / INDEX_FILE, fix, {"weight_map": {str: str}})
+        files = [hf_dir / name for name in sorted(set(index["weight_map"].values()))]
     else:
         bins = any(hf_dir.glob("pytorch_model*.bin"))
         hint = "; it has pytorch_model*.bin files: load and re-save them with safetensors first" if bins else ""
@@ -449,6 +440,7 @@ def main(argv) -> None:
               f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
               f"{model.num_params():,} parameters, {c['dtype']}")
     else:
+        check_writable(args.out, "--out", folder=False)
         model = import_hf(args.hf_dir)
         checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
                          "provenance": {"imported_from_hf": str(args.hf_dir)}}, args.out)

@@ -24,6 +24,7 @@ import flags
 import rope
 from figures import LABELS
 from rope import RopeConfig
+from system import atomic_write, check_writable, read_json, write_json
 
 NOT_RUN = "not run"
 CONTROL_FAILED = "not decided (control failed)"
@@ -35,6 +36,29 @@ SPEEDUP = 2.5  # the project page: YaRN needs "2.5x less training steps"
 A_PAPER, A_MARGIN = 0.1, 0.05  # sqrt(1/t) = a ln s + 1: the paper's a, and how far from it still counts as equal
 EQUAL_NATS = 0.01  # "as good as": not worse by more than this per token
 BOOTSTRAP = 2000
+
+# What this report reads of each file in a runs folder (system.shape_problem): a file of another
+# shape is an error that names it, not a traceback
+NUMBER = (int, float)
+PRESET_INTS = ("L", "s", "s_long", "d_model", "n_layer", "n_head", "vocab_size", "prev_tokens",
+               "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch",
+               "warmup_steps", "warmup_batch", "warmup_block", "score", "max_docs", "trials",
+               "needle_len")
+JOB = {"preset": str, "command": str, "device": str, "torch": str, "commit": str,
+       "contexts": [int], "retrieval_contexts": [int], "methods": [str],
+       "no_finetune_methods": [str], "long_methods": [str],
+       "config": {**dict.fromkeys(PRESET_INTS, int), "lr": NUMBER, "finetune_lr": NUMBER,
+                  "finetune_seeds": [int], "temp_scales": [int], "contexts": [int],
+                  "tokenizer": str, "data_source": str, "data_mix": str}}
+EVAL = {"ppl": {str: {"nll": NUMBER, "ppl": NUMBER, "doc_nll": [NUMBER]}},
+        "retrieval": {str: {"acc": {str: NUMBER}, "trial_acc": {str: [NUMBER]},
+                            "distance": {str: NUMBER}, "chance": [NUMBER]}}}
+TEMPERATURE = {str: {"context": int, "a": {str: {"ppl": NUMBER, "doc_nll": [NUMBER]}}}}
+LEAKAGE = {"dropped_from_val": dict, "piece_tokens": int, "scored_pieces_seen_in_train": NUMBER}
+SUMMARY = {"steps": int, "tokens_per_s": (*NUMBER, type(None)), "elapsed_s": NUMBER}
+EVENT = {"event": str, "step": int}  # a line of metrics.jsonl
+RESULTS = {"claims": [{"claim": str, "held": str}]}  # results.json, for --replicate
+REDO = "a stage of reproduce.py wrote it: delete it and run reproduce.py again to redo that stage"
 
 
 # Statistics
@@ -540,7 +564,8 @@ def markdown(res: dict, plot_files: list[str]) -> str:
               "| run | steps | tokens/s | MFU | seconds |", "|---|---|---|---|---|"]
     for name, t in res["train"].items():
         mfu = "n/a" if t.get("mfu") is None else f"{100 * t['mfu']:.1f}%"
-        lines.append(f"| {name} | {t['steps']} | {t['tokens_per_s']:,.0f} | {mfu} | {t['elapsed_s']:.1f} |")
+        speed = "n/a" if t["tokens_per_s"] is None else f"{t['tokens_per_s']:,.0f}"  # none: no step
+        lines.append(f"| {name} | {t['steps']} | {speed} | {mfu} | {t['elapsed_s']:.1f} |")
     lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in plot_files]
     lines += ["", "## Config", "", "```json", json.dumps(c, indent=2), "```", ""]
     return "\n".join(lines)
@@ -584,12 +609,13 @@ def curve(runs: Path, method: str, name: str, steps: int, Le: int) -> dict | Non
     pretrained model under the method), at its midpoint and at its end, where they were evaluated."""
     if not (runs / name / "summary.json").is_file():
         return None
-    events = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    fix = f"train.py logged the run there: delete {runs / name}, run reproduce.py again to redo it"
+    events = read_json(runs / name / "metrics.jsonl", fix, EVENT, lines=True)
     train = [e["train_loss"] for e in sorted(events, key=lambda e: e["step"]) if e["event"] == "train"]
     val = {}
     for step, evaluated in ((0, f"nft_{method}"), (steps // 2, f"{name}_half"), (steps, name)):
         path = runs / "eval" / f"{evaluated}.json"
-        at = json.loads(path.read_text())["ppl"].get(str(Le)) if path.is_file() else None
+        at = read_json(path, REDO, EVAL)["ppl"].get(str(Le)) if path.is_file() else None
         if at:
             val[str(step)] = at["nll"]
     return {"train": train, "val": val}
@@ -603,10 +629,12 @@ def gather(runs: Path) -> dict:
         raise ValueError(f"{runs} holds no job.json: it is not a runs folder of reproduce.py; give --runs the folder "
                          "`python reproduce.py --runs` wrote")
 
-    def read(path: Path):
-        return json.loads(path.read_text()) if path.is_file() else None
+    def read(path: Path, shape=EVAL, fix=REDO):
+        return read_json(path, fix, shape) if path.is_file() else None
 
-    job = read(runs / "job.json")
+    job = read(runs / "job.json", JOB, f"reproduce.py writes it as a job starts: run `python "
+               f"reproduce.py --runs {runs}` with the job's flags again (finished stages are "
+               "kept), or give --runs another folder")
     c, seeds = job["config"], job["config"]["finetune_seeds"]
     Le = c["L"] * c["s"]
     long_name = {m: (lambda seed, m=m: f"short_long_{seed}" if m == "yarn" else f"short_long_{m}_{seed}")
@@ -618,25 +646,32 @@ def gather(runs: Path) -> dict:
             "scratch_long": [read(ev / "scratch_long.json")] if c.get("scratch_long") else None,
             "budgets": {str(steps): {m: [read(ev / f"ft_{m}_{seed}_{steps}steps.json") for seed in seeds[:1]]
                                      for m in job.get("budget_methods", ())} for steps in c.get("budgets", ())},
-            "temperature": read(runs / "temperature.json"),
+            "temperature": read(runs / "temperature.json", TEMPERATURE),
             "curves": {m: [curve(runs, m, f"ft_{m}_{seed}", c["finetune_steps"], Le) for seed in seeds]
                        for m in job["methods"]},
-            "leakage": read(runs / "leakage.json"),
-            "train": {d.name: read(d / "summary.json") for d in sorted(runs.iterdir())
+            "leakage": read(runs / "leakage.json", LEAKAGE),
+            "train": {d.name: read(d / "summary.json", SUMMARY) for d in sorted(runs.iterdir())
                       if (d / "summary.json").is_file()},
-            "stage_seconds": read(runs / "stages.json") or {}}
+            "stage_seconds": stage_seconds(runs)}
+
+
+def stage_seconds(runs: Path) -> dict[str, float]:
+    """{stage: wall seconds} from a runs folder's stages.json (reproduce.Stages); {} before any."""
+    path = runs / "stages.json"
+    fix = "reproduce.py keeps each stage's wall time there: delete it (only those times are lost)"
+    return read_json(path, fix, {str: NUMBER}) if path.exists() else {}
 
 
 def write(res: dict, out: Path, other: Path | None = None) -> list[dict]:
     """Decide the claims, draw the plots, write results.json and report.md into out; with `other` (another run's
     results.json), a replication section too. Returns the claims."""
-    from system import atomic_write, write_json
-
+    if other is not None:  # read before anything is written
+        fix = "give another run's results.json (report.py writes it into its --out)"
+        theirs = read_json(other, fix, RESULTS, f"--replicate {other}")["claims"]
     out.mkdir(parents=True, exist_ok=True)
     res["claims"] = claims(res)
     if other is not None:
-        kinds = replication(res["claims"], json.loads(Path(other).read_text())["claims"])
-        res["replication"] = {"other": str(other), "kinds": kinds}
+        res["replication"] = {"other": str(other), "kinds": replication(res["claims"], theirs)}
     files = plots(res, out)
     write_json(out / "results.json", res)
     atomic_write(out / "report.md", markdown(res, files))
@@ -651,16 +686,14 @@ class ReportConfig:
 
     def __post_init__(self):
         flags.check_types(self)
-        if self.replicate is not None and not Path(self.replicate).is_file():
-            raise ValueError(f"--replicate {self.replicate}: no such file; give another run's results.json")
 
 
 def main(argv) -> list[dict]:
     args = flags.build(ReportConfig, flags.parse(argv, flags.flag_table((ReportConfig, "")), "python report.py",
                                                  __doc__))
     res = gather(Path(args.runs))
-    out = Path(args.out or f"results/{res['preset']}")
-    found = write(res, out, args.replicate and Path(args.replicate))
+    out = check_writable(args.out or f"results/{res['preset']}", "--out")
+    found = write(res, out, None if args.replicate is None else Path(args.replicate))
     done = sum(x["held"] != NOT_RUN for x in found)
     print(f"report: {out / 'report.md'}; {done} of {len(found)} claims decided from the stages that finished")
     return found

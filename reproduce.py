@@ -21,9 +21,7 @@ Every value the stages will read is checked before the first one runs. Exit code
 """
 
 import functools
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,7 +41,8 @@ from data.prepare import SOURCES, PrepareConfig, folder_corpus, prepare
 from data.tokenizer import get_tokenizer
 from model import ModelConfig
 from rope import RopeConfig
-from system import FolderInUse, device_name, git_commit, lock_folder, pick_device, write_json
+from system import (FolderInUse, check_writable, device_name, git_commit, lock_folder, pick_device,
+                    read_json, write_json)
 
 METHODS = ("default", "linear", "ntk", "ntk_by_parts", "yarn")  # extended by fine-tuning, in this order
 NO_FINETUNE = METHODS + ("dynamic", "dynamic_yarn")  # the pretrained model under each, no training
@@ -154,7 +153,7 @@ class Stages:
 
     def __init__(self, runs: Path):
         self.path = runs / "stages.json"
-        self.times = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.times = report.stage_seconds(runs)
 
     def run(self, name: str, output: Path, fn):
         if output.exists():
@@ -265,7 +264,8 @@ def temperature_sweep(job: Job, val, out: Path):
 def leakage(job: Job, out: Path):
     """How held out the scored tokens are: the share whose PIECE-token piece (ending at them) occurs in train."""
     seen, meta = load_seen(job.data_dir), read_meta(job.data_dir)
-    regions = json.loads((job.runs / "eval" / "nft_default.json").read_text())["ppl"][str(job.p.L)]["regions"]
+    path, L = job.runs / "eval" / "nft_default.json", str(job.p.L)
+    regions = read_json(path, report.REDO, {"ppl": {L: {"regions": [[int]]}}})["ppl"][L]["regions"]
     scored = np.concatenate([seen[a:b] for a, b in regions])
     write_json(out, {**meta["near_copies"], "scored_tokens": int(scored.size),
                      "scored_pieces_seen_in_train": float(scored.mean())})
@@ -377,10 +377,11 @@ class Rehearsal(Job):
 def check_before_work(job: Job) -> None:
     """Every value a stage reads, checked before the first stage runs (--seed=-1 once failed at the first fine-tune,
     after 4 minutes of pretraining): each training run's configs, the data source, and the report's folder."""
-    existing = next(folder for folder in (job.out, *job.out.parents) if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"--out={job.out}: {existing} is not a folder this process can write; choose another --out")
+    check_writable(job.out, "--out")
+    check_writable(job.runs, "--runs")
+    report.stage_seconds(job.runs)  # read back as stages run (Stages): refused now if unreadable
     if not (job.data_dir / "val_seen.npy").exists():  # the data stage will prepare it from the source
+        check_writable(job.data_dir, "--data_dir")
         source = job.p.data_source
         SOURCES[source]() if source in SOURCES else folder_corpus(source)
     rehearsal = Rehearsal(**vars(job))

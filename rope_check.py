@@ -30,9 +30,14 @@ from hypothesis import strategies as st
 import flags
 import hf
 import rope
-from system import REPO, atomic_write
+from system import REPO, atomic_write, check_writable, read_json
 
 GOLDEN = REPO / "data" / "rope_golden.json"
+# A golden case (system.shape_problem): its inputs, then the answers that write_golden computes
+NUMBER = (int, float)
+CASE = {"name": str, "bug_class": str, "rope_parameters": dict, "head_dim": int,
+        "max_position_embeddings": int, "seq_len": (int, type(None))}
+ANSWERS = {"inv_freq": [NUMBER], "attention_factor": NUMBER, "cos": [[NUMBER]], "sin": [[NUMBER]]}
 # 16-bit floats and a few of their roundings, relative (bf16's 8 significant bits make positions above 256 collide)
 HALF = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8}
 
@@ -98,7 +103,7 @@ def call(impl, case):
 def write_golden(path) -> None:
     """Recompute every case's answers with rope.py and rewrite the file, each list of numbers on one line, each
     float32 number as the shortest decimal that reads back as it."""
-    golden = read_golden(path)
+    golden = read_golden(path, answers=False)
     for case in golden["cases"]:
         inv_freq, factor = call(hf.hf_inv_freq, case)
         cos, sin = rope_table(inv_freq, factor, torch.tensor(golden["positions"]))
@@ -278,16 +283,19 @@ class CheckConfig:
     write_golden: bool = False  # first recompute the golden file's answers from its inputs with rope.py
 
 
-def read_golden(path) -> dict:
-    keys = ("tolerance", "positions", "bug_classes", "cases")
-    try:
-        golden = json.loads(Path(path).read_text())
-        problem = None if isinstance(golden, dict) and all(k in golden for k in keys) else f"it lacks one of {keys}"
-    except (OSError, ValueError) as e:
-        problem = f"{type(e).__name__}: {e}"
-    if problem:
-        raise ValueError(f"--golden {path} is not a golden cases file ({problem}); this repository's is "
-                         f"{GOLDEN.relative_to(REPO)}")
+def read_golden(path, answers: bool = True) -> dict:
+    """The golden file, checked to hold what the checker reads (with the answers, unless they are
+    about to be computed)."""
+    fix = (f"it is not a golden cases file: this repository's is {GOLDEN.relative_to(REPO)} (git "
+           "checkout restores it)")
+    shape = {"tolerance": dict.fromkeys(("inv_freq", "attention_factor", "table"), NUMBER),
+             "positions": [int], "bug_classes": {str: str},
+             "cases": [{**CASE, **(ANSWERS if answers else {})}]}
+    golden = read_json(path, fix, shape, f"--golden {path}")
+    named = {"bf16", *(case["bug_class"] for case in golden["cases"])}  # bf16: check_case's own
+    unknown = sorted(named - set(golden["bug_classes"]))
+    if unknown:
+        raise ValueError(f"--golden {path}: bug_classes has no {', '.join(unknown)}; {fix}")
     return golden
 
 
@@ -309,7 +317,7 @@ def main(argv) -> None:
     impl, table = ADAPTERS.get(args.impl) or (load_function(args.impl, "impl"), None)
     table = load_function(args.table, "table") if args.table else table
     if args.write_golden:
-        write_golden(args.golden or GOLDEN)
+        write_golden(check_writable(args.golden or GOLDEN, "--golden", folder=False))
     golden = read_golden(args.golden or GOLDEN)
     rows = check(impl, table, golden, args.examples)
     print(f"{'case or invariant':<50} {'bug class':<16} {'result':<6} largest error")

@@ -1,5 +1,7 @@
-"""What every script does the same way: the device and number format, atomic writes, one run per folder, where a
-run came from (git, versions, hardware), SIGINT / SIGTERM as a flag, torchrun's processes, and training throughput."""
+"""What every script does the same way: the device and number format, atomic writes, JSON read
+back (named in the error when it is not what was written), paths to write checked before work, one
+run per folder, where a run came from (git, versions, hardware), SIGINT / SIGTERM as a flag,
+torchrun's processes, and training throughput."""
 
 import fcntl
 import json
@@ -77,6 +79,99 @@ def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_json(path, fix: str, shape=None, name: str | None = None, lines: bool = False,
+              limit: int = 1 << 28):
+    """The JSON value of a file the project reads back, of the shape given (shape_problem); with
+    lines, the list of a JSON Lines file's values, each of that shape. Otherwise a ValueError that
+    names the file (as `name`, e.g. '--config c.json'), says what is wrong, then `fix`: what wrote
+    it, what to do."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # bounded: /dev/zero, or a wrong file of gigabytes
+        if len(data) > limit:
+            raise ValueError(f"it is over {limit:,} bytes")
+        text = data.decode("utf-8")
+        if lines:
+            numbered = [(i, json_line(i, line)) for i, line in enumerate(text.splitlines(), 1)
+                        if line.strip()]
+            value = [v for _, v in numbered]
+            problem = first(shape_problem(v, shape, f"line {i}") for i, v in numbered)
+        else:
+            value = json.loads(text)
+            problem = shape_problem(value, shape)
+    except OSError as e:
+        problem = f"cannot read it ({e.strerror or e})"
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, too large; a NUL in the path
+        problem = f"cannot read it as JSON ({type(e).__name__}: {e})"
+    if problem:
+        raise ValueError(f"{name or path}: {problem}; {fix}")
+    return value
+
+
+def json_line(number: int, line: str):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"line {number}: {e}") from None
+
+
+def first(problems) -> str | None:
+    return next(filter(None, problems), None)
+
+
+KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+         bool: "a bool", type(None): "null"}
+
+
+def shape_problem(value, shape, where: str = "it") -> str | None:
+    """What in a JSON value differs from shape, else None. shape: None (anything), a type or a
+    tuple of types (a bool is no number), [shape] (a list of such), {key: shape} (an object with
+    these keys, and maybe others), or {str: shape} (an object, every value such)."""
+    def at(key):
+        return key if where == "it" else f"{where}.{key}"
+
+    if shape is None:
+        return None
+    kinds = (type(shape),) if isinstance(shape, (dict, list)) else shape
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (type(value) is bool and bool not in kinds):
+        got = KINDS[type(value)] if isinstance(value, (dict, list)) else json.dumps(value)[:40]
+        return f"{where} is {got}, not {' or '.join(KINDS[k] for k in kinds)}"
+    if isinstance(shape, list):
+        return first(shape_problem(v, shape[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(shape, dict) and list(shape) == [str]:
+        return first(shape_problem(v, shape[str], at(k)) for k, v in value.items())
+    if isinstance(shape, dict):
+        missing = [key for key in shape if key not in value]
+        if missing:
+            more = f", ... ({len(missing)} keys missing)" if len(missing) > 3 else ""
+            return f"{where} has no {', '.join(map(repr, missing[:3]))}{more}"
+        return first(shape_problem(value[k], s, at(k)) for k, s in shape.items())
+    return None
+
+
+def check_writable(path, flag: str, folder: bool = True) -> Path:
+    """path as the folder (or, folder=False, the file) that flag names to write, checked before
+    any work: a ValueError if it is a file (a folder), if a folder above it is a file, or if this
+    process cannot write there. What is missing is made as it is written (atomic_write)."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} must not be empty")
+    path = Path(path)
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        fix = "give a new folder or an existing one" if folder else "give a file's path to write"
+        raise ValueError(f"{flag} {path} is a {other}, not a {kind}; {fix}")
+    nearest = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+    nearest = nearest.parent if nearest == path and not folder else nearest
+    if not nearest.is_dir():
+        raise ValueError(f"{flag} {path}: {nearest} is a file, so no {kind} can be made in it; "
+                         f"choose another {flag}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: this process cannot write in {nearest}; "
+                         f"choose another {flag}")
+    return path
+
+
 class FolderInUse(RuntimeError):
     """Another process holds the run folder's lock: exit 75 (EX_TEMPFAIL, try later), not 2: no input was wrong."""
     exit_code = 75
@@ -86,8 +181,7 @@ class FolderInUse(RuntimeError):
 def lock_folder(folder, flag: str):
     """Hold folder (made if missing) while a run writes to it: flock on folder/.lock, dropped by the OS with the
     process however it ends (no stale lock after a SIGKILL). A second process gets FolderInUse at once."""
-    if not str(folder).strip():
-        raise ValueError(f"{flag} must not be empty")
+    check_writable(folder, flag)
     Path(folder).mkdir(parents=True, exist_ok=True)
     fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:

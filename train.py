@@ -33,7 +33,8 @@ from config import RUN_FIELDS, RunConfig, new_model_config, parse_args
 from data.loader import TrainingData, load_training_data, stream_seed, window_starts, windows
 from model import ModelConfig, Transformer
 from system import (Dist, FolderInUse, StopOnSignal, Throughput, all_reduce_sum, dist_from_env, duration,
-                    dtype_name, lock_folder, pick_device, pick_dtype, provenance, write_json)
+                    dtype_name, lock_folder, pick_device, pick_dtype, provenance, read_json,
+                    write_json)
 
 
 class TrainingError(RuntimeError):
@@ -272,12 +273,13 @@ class Logger:
         self.path = run.out_dir / "metrics.jsonl"
         if not self.master:
             return
-        keep = []  # a resume drops what the interrupted run logged after its checkpoint: it logs those steps again
-        for line in self.path.read_text().splitlines() if run.phase == "resume" and self.path.exists() else []:
-            event = json.loads(line)
-            if event["step"] < run.start_step or (event["event"] == "eval" and event["step"] == run.start_step):
-                keep.append(line)
-        self.path.write_text("".join(line + "\n" for line in keep))
+        # a resume drops what the interrupted run logged after its checkpoint: it logs them again
+        fix = "train.py logs an event a line there: delete it (the log is lost, not the checkpoint)"
+        logged = read_json(self.path, fix, {"event": str, "step": int}, lines=True) \
+            if run.phase == "resume" and self.path.exists() else []
+        at = run.start_step
+        keep = [e for e in logged if e["step"] < at or (e["event"] == "eval" and e["step"] == at)]
+        self.path.write_text("".join(json.dumps(event) + "\n" for event in keep))
         c, p = run.model.config, run.provenance
         write_json(run.out_dir / "config.json", {"run": asdict(run.cfg), "model": c.to_dict(), "provenance": p,
                    "resolved": {"phase": run.phase, "device": run.device, "dtype": dtype_name(run.dtype),

@@ -6,7 +6,6 @@ tokens: a read-only np.memmap of uint16 ids, EOT after every document; docs[i] =
 """
 
 import hashlib
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,6 +14,7 @@ import torch
 
 from data.recall import mix
 from data.tokenizer import DataError, get_tokenizer
+from system import read_json
 
 SPLITS = ("train", "val")
 
@@ -28,11 +28,11 @@ def read_meta(data_dir):
     if not path.is_file():
         # prepare writes meta.json last, so without it the folder is empty or a run was interrupted
         raise DataError(f"no prepared data in {data_dir} (meta.json missing): {rerun}")
+    shape = {"splits": dict.fromkeys(SPLITS, {"n_tokens": int, "n_docs": int})}
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["splits"]["train"], meta["splits"]["val"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"unreadable {path} ({type(e).__name__}: {e}); {rerun}") from None
+        meta = read_json(path, f"data.prepare writes it: {rerun}", shape)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     name = meta.get("tokenizer", {}).get("name") if isinstance(meta.get("tokenizer"), dict) else None
     enc = get_tokenizer(name) if name in ("gpt2", "bytes") else None
     if enc is None or meta.get("vocab_size") != enc.n_vocab or meta.get("eot") != enc.eot_token:

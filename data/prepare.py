@@ -31,7 +31,7 @@ import numpy as np
 
 import flags
 from data.tokenizer import RANKS_PATH, RANKS_SHA256, DataError, get_tokenizer
-from system import atomic_write
+from system import atomic_write, check_writable
 
 DATA_DIR = Path(__file__).parent
 SPLITS = ("train", "val")
@@ -237,7 +237,7 @@ def prepare(cfg):
         raise DataError(f"--block_size must be at least 1, got {cfg.block_size}")
     enc = get_tokenizer(cfg.tokenizer)
     suffix = "" if cfg.tokenizer == "gpt2" else f"_{cfg.tokenizer}"
-    out_dir = Path(cfg.out) if cfg.out else DATA_DIR / (source_name(cfg.source) + suffix)
+    out_dir = check_writable(cfg.out or DATA_DIR / (source_name(cfg.source) + suffix), "--out")
     corpus = SOURCES[cfg.source]() if cfg.source in SOURCES else folder_corpus(cfg.source, exclude=out_dir)
     docs = read_documents(corpus)
     if corpus.skipped:  # their names are in meta.json

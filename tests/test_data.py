@@ -335,7 +335,7 @@ def test_load_split_missing_folder_or_meta(tmp_path):
 def test_load_split_unreadable_meta(prepared):
     out, _ = prepared
     (out / "meta.json").write_text("{not json")
-    with pytest.raises(DataError, match="unreadable .*meta.json"):
+    with pytest.raises(DataError, match="meta.json: cannot read it as JSON.*data.prepare"):
         load_split(out, "train")
 
 

@@ -381,7 +381,7 @@ def test_import_refuses_missing_or_broken_files(tmp_path):
     with pytest.raises(ValueError, match="no model.safetensors"):
         hf.import_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="config.json: cannot read it as JSON"):
         hf.import_hf(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match="config.json is missing"):

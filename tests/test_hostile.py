@@ -1,7 +1,10 @@
-"""Every bad input gets a clear error: hypothesis throws random and hostile values at the parsers (RopeConfig,
-hf.from_hf / hf.hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's flags) and at the files train.py
-and sample.py read (token files, checkpoints). The only acceptable failures are ValueErrors (CheckpointError,
-DataError, ConfigError are ValueErrors), or, from a CLI, exit code 2 with an `error:` line and no traceback."""
+"""Every bad input gets a clear error: hypothesis throws random and hostile values at the parsers
+(RopeConfig, hf.from_hf / hf.hf_inv_freq, ModelConfig.from_dict, train.py's flags, sample.py's
+flags) and at the files train.py and sample.py read (token files, checkpoints); every flag that
+names where a script writes gets a file for a folder or a folder for a file, and every JSON file the
+project reads back comes corrupt or of another shape. The only acceptable failures are ValueErrors
+(CheckpointError, DataError, ConfigError are ValueErrors), or, from a CLI, exit code 2 with an
+`error:` line and no traceback (and then nothing written)."""
 
 import io
 import json
@@ -24,16 +27,22 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import bench  # noqa: E402
 import checkpoint  # noqa: E402
 import config  # noqa: E402
+import eval as evaluation  # noqa: E402
 import flags  # noqa: E402
 import hf  # noqa: E402
+import report  # noqa: E402
 import reproduce  # noqa: E402
 import rope  # noqa: E402
+import rope_check  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
+from data.prepare import main as prepare_main  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from system import write_json  # noqa: E402
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -450,3 +459,258 @@ def test_bad_checkpoint_is_a_checkpoint_error_and_train_exits_2(name, data_dir, 
     code, err = train_cli(capsys, train_flags(data_dir, tmp_path / "ext", init_from=path))
     assert code == 2 and err.startswith("error:") and "Traceback" not in err, (code, err)
     assert not (tmp_path / "ext" / "ckpt.pt").exists()
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths the flags name and the JSON read back (system.check_writable, system.read_json): exit 2, an
+# `error:` naming the flag or the file, what is wrong and what to do, and nothing written
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under folder, with each file's bytes: what a refused command leaves as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def refused(capsys, main, args, words) -> str:
+    """A script's main, run as the script runs it (flags.cli): exit 2, an `error:` with words."""
+    capsys.readouterr()
+    code = flags.cli(main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, (code, err)
+    assert "Traceback" not in err and all(str(w) in err for w in words), (words, err)
+    return err
+
+
+def write_job(runs: Path, data_dir: Path) -> Path:
+    """A runs folder as reproduce.py leaves it before its first stage: job.json alone (report.py
+    then says every claim is "not run")."""
+    job = reproduce.Job(reproduce.PRESETS["tiny"], "tiny", runs, runs.parent / "results", data_dir,
+                        "cpu", 0, "python reproduce.py --preset tiny")
+    write_json(runs / "job.json", reproduce.job_record(job))
+    return runs
+
+
+NOT_RESULTS = {  # --replicate FILE: its content -> words of the error
+    "an empty object": ("{}", "it has no 'claims'"),
+    "a list": ("[1, 2]", "it is a list, not an object"),
+    "claims not a list": ('{"claims": 3}', "claims is 3, not a list"),
+    "a claim not an object": ('{"claims": ["1."]}', 'claims[0] is "1.", not an object'),
+    "a claim without its verdict": ('{"claims": [{"claim": "1."}]}', "claims[0] has no 'held'"),
+    "truncated": ('{"claims": [{"claim"', "cannot read it as JSON"),
+    "not UTF-8": (b"\xff\xfe{}", "cannot read it as JSON (UnicodeDecodeError"),
+    "a folder": (None, "cannot read it (Is a directory)"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_RESULTS))
+def test_report_replicate_of_json_that_is_not_a_report_s_results(case, tmp_path, capsys):
+    """`report.py --replicate {}` once ended in a traceback (KeyError: 'claims'), exit 1."""
+    content, words = NOT_RESULTS[case]
+    runs, other = write_job(tmp_path / "runs", tmp_path / "data"), tmp_path / "other.json"
+    if content is None:
+        other.mkdir()
+    else:
+        other.write_bytes(content.encode() if isinstance(content, str) else content)
+    before = snapshot(tmp_path)
+    args = ["--runs", runs, "--out", tmp_path / "report", "--replicate", other]
+    words = [f"--replicate {other}: {words}", "another run's results.json"]
+    refused(capsys, report.main, args, words)
+    assert snapshot(tmp_path) == before
+
+
+def test_report_replicates_a_report_s_own_results(tmp_path):
+    """The test above's control: results.json as report.py writes it is what --replicate reads."""
+    runs = str(write_job(tmp_path / "runs", tmp_path / "data"))
+    report.main(["--runs", runs, "--out", str(tmp_path / "a")])
+    report.main(["--runs", runs, "--out", str(tmp_path / "b"), "--replicate",
+                 str(tmp_path / "a" / "results.json")])
+    replication = json.loads((tmp_path / "b" / "results.json").read_text())["replication"]
+    assert replication["kinds"]["undecided"]  # every claim "not run" in both
+
+
+def tiny_job(prepared: Path, **paths) -> list:
+    """reproduce.py's tiny preset on the prepared data's corpus, with paths (runs, out, ...)."""
+    args = ["--preset", "tiny", "--device", "cpu", "--data_source", prepared.parent / "corpus"]
+    return args + [x for flag, path in paths.items() for x in (f"--{flag}", path)]
+
+
+def writers(tmp_path, data_dir, ckpt) -> dict:
+    """{script and flag: (the flag, whether it names a folder (else a file), path -> (main, argv))}:
+    each flag that names where a script writes, every other value valid."""
+    hf_dir, runs = tmp_path / "hf_model", write_job(tmp_path / "runs", data_dir)
+    hf.export_hf(checkpoint.load_model(ckpt)[0], hf_dir)
+    fresh = {"runs": tmp_path / "new_runs", "out": tmp_path / "results", "data_dir": tmp_path / "d"}
+    evaluate = ["--ckpt", ckpt, "--data_dir", data_dir, "--contexts", 8, "--score", 4, "--max_docs",
+                1, "--trials", 1, "--needle_len", 4, "--device", "cpu"]
+    return {
+        "train.py --out_dir": ("--out_dir", True, lambda p: (train.main, train_flags(data_dir, p))),
+        **{f"reproduce.py --{flag}": (f"--{flag}", True, lambda p, flag=flag: (
+            reproduce.main, tiny_job(data_dir, **{**fresh, flag: p}))) for flag in fresh},
+        "report.py --out": ("--out", True, lambda p: (report.main, ["--runs", runs, "--out", p])),
+        "data/prepare.py --out": ("--out", True, lambda p: (prepare_main, [
+            "--source", data_dir.parent / "corpus", "--block_size", 16, "--out", p])),
+        "hf.py export --out": ("--out", True, lambda p: (hf.main, [
+            "export", "--ckpt", ckpt, "--out", p])),
+        "hf.py import --out": ("--out", False, lambda p: (hf.main, [
+            "import", "--hf_dir", hf_dir, "--out", p])),
+        "eval.py --out": ("--out", False, lambda p: (evaluation.main, [*evaluate, "--out", p])),
+        "bench.py --out": ("--out", False, lambda p: (bench.main, [
+            "--preset", "smoke", "--cases", "train_T64", "--hf", "false", "--out", p])),
+    }
+
+
+WRITERS = ["train.py --out_dir", "reproduce.py --runs", "reproduce.py --out",
+           "reproduce.py --data_dir", "report.py --out", "data/prepare.py --out",
+           "hf.py export --out", "hf.py import --out", "eval.py --out", "bench.py --out"]
+
+
+@pytest.mark.parametrize("where", ["the wrong kind", "inside a file"])
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_flag_naming_where_to_write_refuses_a_file_for_a_folder_and_a_folder_for_a_file(
+        name, where, tmp_path, data_dir, ckpt, capsys):
+    """`train.py --out_dir README.md` once said `error: [Errno 17] File exists: 'README.md'`;
+    `data.prepare --out README.md` said so after tokenizing the whole corpus."""
+    flag, folder, command = writers(tmp_path, data_dir, ckpt)[name]
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_folder" / "kept.txt").write_text("kept")
+    if where == "the wrong kind":
+        path = readme if folder else tmp_path / "a_folder"
+        kinds = "file, not a folder" if folder else "folder, not a file"
+        words = [f"{flag} {path} is a {kinds}"]
+    else:
+        path = readme / "sub"
+        kind = "folder" if folder else "file"
+        words = [f"{flag} {path}: {readme} is a file, so no {kind} can be made"]
+    before = snapshot(tmp_path)
+    refused(capsys, *command(path), words)
+    assert snapshot(tmp_path) == before
+
+
+def job_with_text_for_L(job: dict) -> str:
+    return json.dumps({**job, "config": {**job["config"], "L": "64"}})
+
+
+REDO = "a stage of reproduce.py wrote it"
+RUNS_FILES = {  # a runs folder's file: its content (or a function of job.json's) -> words of error
+    "job.json, corrupt": ("job.json", '{"preset": "cpu"\n"config": {}}',
+                          ["Expecting ',' delimiter", "reproduce.py writes it as a job starts"]),
+    "job.json, an empty object": ("job.json", "{}", ["it has no 'preset', 'command', 'device'"]),
+    "job.json, of another shape": ("job.json", job_with_text_for_L, ['config.L is "64", not an']),
+    "stages.json, corrupt": ("stages.json", '{"data": 1.', ["cannot read it as JSON", "wall time"]),
+    "stages.json, of another shape": ("stages.json", '{"data": "1 s"}', ['data is "1 s", not']),
+    "an evaluation": ("eval/nft_yarn.json", '{"ppl": {}}', ["it has no 'retrieval'", REDO]),
+    "an evaluation's numbers": ("eval/ft_ntk_1.json", '{"ppl": {"128": {"nll": 1, "ppl": 3, '
+                                '"doc_nll": [1, null]}}, "retrieval": {}}',
+                                ["ppl.128.doc_nll[1] is null"]),
+    "a training summary": ("pretrain/summary.json", "[]", ["it is a list", REDO]),
+    "a training log": ("ft_yarn_0/metrics.jsonl", '{"event": "train", "step": 0}\n{"ev',
+                       ["line 2: Unterminated string", "train.py logged the run there"]),
+    "a training log's event": ("ft_yarn_0/metrics.jsonl", '{"event": "train"}',
+                               ["line 1 has no 'step'", "delete"]),
+    "temperature.json": ("temperature.json", '{"2": {"context": 128}}', ["2 has no 'a'", REDO]),
+    "leakage.json": ("leakage.json", '{"dropped_from_val": [], "piece_tokens": 64, '
+                     '"scored_pieces_seen_in_train": 0.1}', ["dropped_from_val is a list", REDO]),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNS_FILES))
+def test_report_names_a_corrupt_or_wrong_shaped_file_of_the_runs_folder(case, tmp_path, capsys):
+    """A corrupt job.json once gave `error: Expecting ',' delimiter: line 2 column 1 (char 17)`,
+    naming neither the file nor what wrote it; `{}` gave a traceback (KeyError: 'config')."""
+    name, content, words = RUNS_FILES[case]
+    runs, path = write_job(tmp_path / "runs", tmp_path / "data"), tmp_path / "runs" / name
+    if path.name == "metrics.jsonl":  # read for a run that finished
+        summary = {"steps": 2, "tokens_per_s": 1.0, "elapsed_s": 1.0}
+        write_json(path.parent / "summary.json", summary)
+    if callable(content):
+        content = content(json.loads((runs / "job.json").read_text()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    before = snapshot(tmp_path)
+    refused(capsys, report.main, ["--runs", runs, "--out", tmp_path / "r"], [f"{path}: ", *words])
+    assert snapshot(tmp_path) == before
+
+
+def test_report_reads_the_summary_of_a_run_resumed_at_its_end(tmp_path):
+    """What `delete summary.json and run reproduce.py again` gives: a run resumed at its last step
+    trains no step, so it has no speed (null); the report says n/a (it once raised a TypeError)."""
+    runs = write_job(tmp_path / "runs", tmp_path / "data")
+    write_json(runs / "pretrain" / "summary.json", {"steps": 6, "tokens_per_s": None, "mfu": None,
+                                                    "elapsed_s": 0.2})
+    report.main([str(a) for a in ("--runs", runs, "--out", tmp_path / "r")])
+    assert "| pretrain | 6 | n/a | n/a | 0.2 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_reproduce_refuses_a_stages_json_of_another_shape_before_work(data_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "stages.json").write_text("[]")
+    before = snapshot(tmp_path)
+    args = tiny_job(data_dir, runs=runs, out=tmp_path / "r", data_dir=tmp_path / "d")
+    refused(capsys, reproduce.main, args, [f"{runs / 'stages.json'}: it is a list", "delete it"])
+    assert snapshot(tmp_path) == before
+
+
+def test_a_corrupt_training_log_stops_a_resume_before_it_writes(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main([str(a) for a in train_flags(data_dir, run)])["steps"] == 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "step": ')  # a line cut short
+    before = snapshot(tmp_path)
+    refused(capsys, train.main, train_flags(data_dir, run, init_from="resume", max_steps=4),
+            [f"{run / 'metrics.jsonl'}: cannot read it as JSON", "Expecting value", "delete it"])
+    assert snapshot(tmp_path) == before
+
+
+def json_reader(kind: str, tmp_path: Path, data_dir: Path, ckpt: Path) -> tuple[Path, object, list]:
+    """(the JSON file, the main that reads it, its flags): data meta.json (eval.py: train.py would
+    take --out_dir's lock first), --config, a Hugging Face config.json or shard index, the golden
+    file."""
+    if kind == "meta.json":
+        shutil.copytree(data_dir, tmp_path / "data")
+        return tmp_path / "data" / kind, evaluation.main, [
+            "--ckpt", ckpt, "--data_dir", tmp_path / "data", "--contexts", 8, "--device", "cpu"]
+    if kind in ("config.json", hf.INDEX_FILE):
+        hf.export_hf(checkpoint.load_model(ckpt)[0], tmp_path / "hf")
+        if kind == hf.INDEX_FILE:
+            shard = tmp_path / "hf" / "model-00001-of-00001.safetensors"
+            (tmp_path / "hf" / hf.WEIGHTS_FILE).rename(shard)
+        return tmp_path / "hf" / kind, hf.main, ["import", "--hf_dir", tmp_path / "hf", "--out",
+                                                 tmp_path / "o.pt"]
+    if kind == "golden":
+        return tmp_path / "golden.json", rope_check.main, ["--golden", tmp_path / "golden.json",
+                                                           "--examples", 0]
+    return tmp_path / "settings.json", train.main, [f"--config={tmp_path / 'settings.json'}",
+                                                    *train_flags(data_dir, tmp_path / "o")]
+
+
+GOLDEN = json.loads(rope_check.GOLDEN.read_text())
+OTHER_JSON = {  # name: (which, content, words of the error)
+    "data meta.json, without a split": ("meta.json", '{"splits": {"train": {}}}',
+                                        ["splits has no 'val'", "data.prepare writes it"]),
+    "data meta.json, corrupt": ("meta.json", '{"splits"', ["cannot read it as JSON", "prepare"]),
+    "--config, a list": ("--config", '[{"lr": 1e-4}]', ["--config", "it is a list", "settings"]),
+    "--config, corrupt": ("--config", '{"lr": 1e-4,}', ["--config", "cannot read it as JSON"]),
+    "hf config.json, a list": ("config.json", "[]", ["it is a list", "save_pretrained"]),
+    "hf shard index, not names": (hf.INDEX_FILE, '{"weight_map": {"x": 1}}',
+                                  ["weight_map.x is 1, not a string", "save_pretrained"]),
+    "rope golden file, a case without answers": ("golden", json.dumps({**GOLDEN, "cases": [
+        {k: v for k, v in GOLDEN["cases"][0].items() if k != "cos"}]}),
+        ["cases[0] has no 'cos'", "not a golden cases file"]),
+    "rope golden file, an unknown bug class": ("golden", json.dumps({**GOLDEN, "cases": [
+        {**GOLDEN["cases"][0], "bug_class": "typo"}]}), ["bug_classes has no typo"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_JSON))
+def test_a_corrupt_or_wrong_shaped_json_input_is_named(case, data_dir, ckpt, tmp_path, capsys):
+    kind, content, words = OTHER_JSON[case]
+    path, main, args = json_reader(kind, tmp_path, data_dir, ckpt)
+    path.write_text(content)
+    before = snapshot(tmp_path)
+    refused(capsys, main, args, [path, *words])
+    assert snapshot(tmp_path) == before
