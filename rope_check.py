@@ -5,16 +5,27 @@ dynamic scaling, LongRoPE's switch at L, bf16.
 
     python rope_check.py --impl transformers        # or rope (this repository), or package.module:function
     python rope_check.py --impl my_engine.rope:init_rope --table my_engine.rope:cos_sin
+    python rope_check.py --impl my_engine.rope:init_rope --apply my_engine.rope:rotate
     python rope_check.py --write_golden             # recompute the golden answers from the cases' inputs
 
 --impl: (rope_parameters, head_dim, max_position_embeddings, seq_len) -> (inv_freq, attention_factor), as
 transformers' ROPE_INIT_FUNCTIONS with the config unpacked. --table (optional): (inv_freq, attention_factor,
 positions) -> (cos, sin), each [position][pair] = a cos(m theta'_d), a sin(m theta'_d), whatever the engine's
-layout. A row per case and invariant: its bug class (bf16 for any failure that is the right answer in a 16-bit
-float), pass/FAIL, the largest error against its tolerance; exit status 1 if one fails.
+layout. --apply (optional; --impl rope and transformers bring theirs): (q, k, positions,
+rope_parameters, head_dim, max_position_embeddings) -> (q', k') or (q', k', softmax_scale), q and k
+float32 [batch, head, T, head_dim], positions int64 [T]; q' and k' in the same channel order, the
+first |D| channels rotated in pairs of --layout (half_split: (j, j + |D|/2), as rotate_half;
+interleaved: (2j, 2j + 1), as Meta's llama), the rest untouched; softmax_scale multiplies q'.k'
+(default 1/sqrt(head_dim)). Checked on drawn configs against rope.py: the pairs, partial rotary,
+positions up to 1e6, and the logits q'.k' x softmax_scale, so that a factor may sit in q and k or in
+the scale (the reference has YaRN's factor in q and k, DeepSeek's m(s, mscale_all_dim)^2 in the
+scale). A row per case and check: its bug class (bf16 for any failure that is the right answer in a
+16-bit float, layout for one that is the other layout's), pass/FAIL, the largest error against its
+tolerance; exit status 1 if one fails.
 """
 
 import copy
+import functools
 import importlib
 import json
 import math
@@ -273,11 +284,177 @@ def run_invariant(check, strategy, examples: int) -> tuple[bool, str]:
     return True, largest[1]
 
 
+# The applied rotation: a hook's rotated q and k (and softmax scale) against rope.py's apply_rope
+LAYOUTS = {"half_split": "(j, j + |D|/2)", "interleaved": "(2j, 2j + 1)"}  # a pair's channels
+APPLIED_CLASSES = {  # what a failing class of the applied rotation means
+    "layout": "pairs as --layout says: half-split as rotate_half (Hugging Face, GPT-NeoX), "
+              "interleaved as Meta's llama and GPT-J; in the other, cos and sin are right and most "
+              "channels wrong",
+    "partial_rotary": "the first |D| = int(head_dim partial_rotary_factor) channels rotate at "
+                      "b^(-2d/|D|), the rest pass through bit-identical",
+    "positions": "the positions given, not 0..T-1 (a cache's offset lost), up to 1e6 in fp32",
+    "attention_scale": "q.k x scale gets YaRN's factor squared (the factor in q and k), and with "
+                       "mscale_all_dim a softmax scale m(s, mscale_all_dim)^2 / sqrt(head_dim)",
+}
+
+
+def softmax_scale(p: dict, head_dim: int) -> float:
+    """1/sqrt(head_dim), times m(s, mscale_all_dim)^2 on every channel where mscale_all_dim is
+    set (DeepSeek-V2's softmax_scale, transformers' yarn_apply_mscale), beside YaRN's factor."""
+    deepseek = p.get("mscale_all_dim") and p.get("rope_type") != "default"
+    m = rope.yarn_mscale(p["factor"], p["mscale_all_dim"]) if deepseek else 1.0
+    return m * m / math.sqrt(head_dim)
+
+
+def rope_apply(q, k, positions, p, head_dim, mp, layout="half_split"):
+    """The reference: rope.py's tables (angles in float64) and apply_rope, on the layout's pairs
+    (the channels put in half-split order and back)."""
+    inv_freq, a = hf.hf_inv_freq(p, head_dim, mp)
+    cos, sin = rope.cos_sin_table(inv_freq, a, positions)
+    rotary = cos.shape[-1]
+    pairs = hf.interleaved_to_half_split(rotary) if layout == "interleaved" else range(rotary)
+    order = torch.cat((torch.as_tensor(pairs), torch.arange(rotary, head_dim)))
+    q, k = (rope.apply_rope(x[..., order], cos, sin)[..., order.argsort()] for x in (q, k))
+    return q, k, softmax_scale(p, head_dim)
+
+
+def transformers_apply(q, k, positions, p, head_dim, mp):
+    """GPT-NeoX's rotary embedding and apply_rotary_pos_emb (rotate_half, partial rotary)."""
+    import transformers
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+    from transformers.models.gpt_neox import modeling_gpt_neox as neox
+
+    transformers.logging.set_verbosity_error()
+    p = dict(p, partial_rotary_factor=p.get("partial_rotary_factor", 1.0))  # GPT-NeoX's: 0.25
+    config = transformers.GPTNeoXConfig(hidden_size=4 * head_dim, num_attention_heads=4,
+                                        max_position_embeddings=mp, rope_parameters=p)
+    cos, sin = neox.GPTNeoXRotaryEmbedding(config)(q, positions[None])
+    return *neox.apply_rotary_pos_emb(q, k, cos, sin), yarn_apply_mscale(p, head_dim**-0.5)
+
+
+def transformers_apply_interleaved(q, k, positions, p, head_dim, mp):
+    """DeepSeek-V2's rotary embedding and apply_rotary_emb (interleaved pairs as complex numbers)
+    on the first |D| channels (as DeepSeek's qk_rope_head_dim)."""
+    import transformers
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as deepseek
+
+    transformers.logging.set_verbosity_error()
+    rotary = int(head_dim * p.get("partial_rotary_factor", 1.0))
+    config = transformers.DeepseekV2Config(qk_rope_head_dim=rotary, max_position_embeddings=mp,
+                                           rope_parameters=dict(p, partial_rotary_factor=1.0))
+    cis = deepseek.DeepseekV2RotaryEmbedding(config)(q, positions[None])
+    rq, rk = deepseek.apply_rotary_emb(q[..., :rotary], k[..., :rotary], cis)
+    scale = yarn_apply_mscale(p, head_dim**-0.5)
+    return torch.cat((rq, q[..., rotary:]), -1), torch.cat((rk, k[..., rotary:]), -1), scale
+
+
+APPLY_ADAPTERS = {  # --apply's name: {--layout: hook}
+    "rope": {layout: functools.partial(rope_apply, layout=layout) for layout in LAYOUTS},
+    "transformers": {"half_split": transformers_apply,
+                     "interleaved": transformers_apply_interleaved},
+}
+
+
+@st.composite
+def applied_cases(draw, kinds, spread=False, partial=False, deepseek=False):
+    """(config, positions, seed of q and k): hf_configs' (partial: 1/4, 1/2 or 3/4 of a head of 8k
+    channels rotated; deepseek: mscale and mscale_all_dim each absent, 0.707 or 1); positions
+    0..T-1, T 2..8, or (spread) up to 8 distinct ones in 0..1e6, then 257 and 1e6, in any order."""
+    p, head_dim, mp, _ = draw(hf_configs(kinds))
+    if partial:
+        p["partial_rotary_factor"] = draw(st.sampled_from((0.25, 0.5, 0.75)))
+        head_dim = -(-head_dim // 8) * 8
+    for name in ("mscale", "mscale_all_dim") if deepseek else ():
+        p[name] = draw(st.sampled_from((None, 0.707, 1.0)))
+    if spread:
+        positions = draw(st.lists(st.integers(0, 10**6), max_size=8, unique=True))
+        positions += [m for m in (257, 10**6) if m not in positions]
+    else:
+        positions = list(range(draw(st.integers(2, 8))))
+    return (p, head_dim, mp), positions, draw(st.integers(0, 2**32 - 1))
+
+
+def rotation_error(got, want, x, rotary, positions):
+    """Largest error / tolerance of the rotated q and k: the channels past |D| bit-identical to the
+    input's; the rotated ones within float32 arithmetic and a few float32 roundings of each angle
+    m theta'_d (theta'_d <= 1 here), relative to the rotated head's norm."""
+    for name, g, x_in in zip("qk", got, x):
+        if not torch.equal(torch.as_tensor(g)[..., rotary:], x_in[..., rotary:]):
+            return math.inf, f"{name}[..., {rotary}:] changed (channels past |D| pass through)"
+    tol = 2.0**-20 + positions.double()[:, None] * 2.0**-21
+    rows = [worst(n, g, w, tol * w.double().norm(dim=-1, keepdim=True))
+            for n, g, w in zip("qk", got, want)]
+    return max(rows, key=lambda r: r[0])
+
+
+def logits_error(got, want, x, rotary, positions):
+    """The logits scale q'_i . k'_j at every pair of positions (float32 sums, relative to the
+    reference's scale |q'_i| |k'_j|); where they are right up to one factor, the factor."""
+    g, w = (torch.as_tensor(q).double() @ torch.as_tensor(k).double().mT * s
+            for q, k, s in (got, want))
+    q_norm, k_norm = (y.double().norm(dim=-1) for y in want[:2])
+    tol = want[2] * 2.0**-18 * q_norm[..., :, None] * k_norm[..., None, :]
+    ratio, detail = worst("logits[batch, head, i, j]", g, w, tol)
+    r = float((g * w).sum() / (w * w).sum()) if g.shape == w.shape else math.nan
+    scaled = ratio > 1 and worst("", g, r * w, tol)[0] <= 1
+    return ratio, f"{detail}; they are {r:.4g} x the reference's" if scaled else detail
+
+
+def applied(error, hook, layout):
+    """drawn -> error's (error / tolerance, detail) of the hook against rope_apply; a failure named
+    layout where it is the other layout's right answer, bf16 where it is the right answer at
+    positions in a 16-bit float or is q and k rounded to one."""
+
+    def against_reference(drawn):
+        (p, head_dim, mp), positions, seed = drawn
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 1, 2, len(positions), head_dim, generator=generator)
+        positions, rotary = torch.tensor(positions), rope.rotary_dim(head_dim, hf.from_hf(p, mp))
+        got = tuple(hook(*x.clone(), positions.clone(), copy.deepcopy(p), head_dim, mp))
+        got = got if len(got) == 3 else (*got, 1 / math.sqrt(head_dim))
+        want = rope_apply(*x, positions, p, head_dim, mp, layout)
+        ratio, detail = error(got, want, x, rotary, positions)
+        other = next(name for name in LAYOUTS if name != layout)
+
+        def right_at(at, pairs):  # got is the reference's answer at positions at, in pairs
+            reference = rope_apply(*x, at, p, head_dim, mp, pairs)
+            return error(got, reference, x, rotary, positions)[0] <= 1
+
+        rounded = [in_16_bits(g, w, 2.0**-7 * w.double().norm(dim=-1, keepdim=True))
+                   for g, w in zip(got[:2], want[:2])]
+        if ratio > 1 and right_at(positions, other):
+            said = f"{other} pairs {LAYOUTS[other]}, --layout {layout} {LAYOUTS[layout]}"
+            detail = f"layout: {said}: {detail}"
+        elif ratio > 1 and (all(rounded) or any(right_at(positions.to(t), layout) for t in HALF)):
+            detail = f"bf16: {detail}"
+        return ratio, detail
+
+    return against_reference
+
+
+def applied_checks(hook, layout) -> list:
+    """invariants' rows, for the applied rotation."""
+    plain = ("default", "linear", "llama3")  # attention factor 1: the rotation alone
+    run = functools.partial(applied, hook=hook, layout=layout)
+    return [
+        ("pairs rotate as --layout says", "layout", applied_cases(plain), run(rotation_error)),
+        ("partial rotary: the rest untouched", "partial_rotary",
+         applied_cases(plain, partial=True), run(rotation_error)),
+        ("positions as given, up to 1e6, fp32 angles", "positions",
+         applied_cases(plain, spread=True), run(rotation_error)),
+        ("logits q.k x scale: YaRN's a^2, DeepSeek's m^2", "attention_scale",
+         applied_cases(("yarn",), deepseek=True), run(logits_error)),
+    ]
+
+
 # Command line
 @dataclass(frozen=True)
 class CheckConfig:
     impl: str = "rope"  # rope (this repository), transformers, or package.module:function (see the docstring)
     table: str = ""  # package.module:function for cos/sin tables (default: rope's or transformers' with those)
+    apply: str = ""  # rope, transformers or module:function rotating q and k (default: --impl's)
+    layout: str = "half_split"  # --apply's pairs: half_split (j, j + |D|/2), interleaved (2j, 2j+1)
     golden: str = ""  # the golden file (default: data/rope_golden.json beside this script)
     examples: int = 100  # hypothesis examples per invariant; 0: the golden cases only
     write_golden: bool = False  # first recompute the golden file's answers from its inputs with rope.py
@@ -299,12 +476,22 @@ def read_golden(path, answers: bool = True) -> dict:
     return golden
 
 
-def check(impl, table, golden: dict, examples: int) -> list[tuple[str, str, bool, str]]:
-    """(name, bug class, passed, largest error): a row per golden case, in the file's order, then per invariant."""
+def check(impl, table, golden: dict, examples: int, apply=None, layout="half_split") -> list:
+    """(name, bug class, passed, largest error): a row per golden case, in the file's order, then
+    per invariant, then (given a hook, apply) per check of the applied rotation."""
     rows = [(case["name"], *check_case(case, golden, impl, table)) for case in golden["cases"]]
-    for name, bug_class, strategy, test in invariants(impl, table, golden["tolerance"]) if examples else []:
+    drawn = invariants(impl, table, golden["tolerance"])
+    drawn += applied_checks(apply, layout) if apply else []
+    return rows + (run_checks(drawn, examples) if examples else [])
+
+
+def run_checks(drawn: list, examples: int) -> list[tuple[str, str, bool, str]]:
+    """(name, bug class, passed, largest error) per row of invariants or applied_checks."""
+    rows = []
+    for name, bug_class, strategy, test in drawn:
         ok, detail = run_invariant(test, strategy, examples)
-        rows.append((name, "bf16" if detail.startswith("bf16") else bug_class, ok, detail))
+        named = detail.split(":")[0]  # bf16 or layout, named so whatever the check's class
+        rows.append((name, named if named in ("bf16", "layout") else bug_class, ok, detail))
     return rows
 
 
@@ -313,21 +500,28 @@ def main(argv) -> None:
                                                 __doc__))
     if args.examples < 0:
         raise ValueError(f"--examples must be >= 0, got {args.examples}")
+    if args.layout not in LAYOUTS:
+        raise ValueError(f"--layout must be {' or '.join(LAYOUTS)}, got {args.layout!r}")
     sys.path.append(str(Path.cwd()))  # --impl's module may live where the command runs
     impl, table = ADAPTERS.get(args.impl) or (load_function(args.impl, "impl"), None)
     table = load_function(args.table, "table") if args.table else table
+    hook = args.apply or (args.impl if args.impl in ADAPTERS else "")  # rope's, transformers'
+    apply = APPLY_ADAPTERS[hook][args.layout] if hook in APPLY_ADAPTERS else (
+        hook and load_function(hook, "apply"))
     if args.write_golden:
         write_golden(check_writable(args.golden or GOLDEN, "--golden", folder=False))
     golden = read_golden(args.golden or GOLDEN)
-    rows = check(impl, table, golden, args.examples)
+    rows = check(impl, table, golden, args.examples, apply, args.layout)
     print(f"{'case or invariant':<50} {'bug class':<16} {'result':<6} largest error")
     for name, bug_class, ok, detail in rows:
         print(f"{name:<50} {bug_class:<16} {'pass' if ok else 'FAIL':<6} {detail}")
     failed = sorted({bug_class for _, bug_class, ok, _ in rows if not ok})
     print(f"{sum(ok for _, _, ok, _ in rows)} of {len(rows)} checks passed"
-          + ("" if table else "; cos/sin tables not checked (give --table)"))
+          + ("" if table else "; cos/sin tables not checked (give --table)")
+          + ("" if apply else "; the applied rotation not checked (give --apply)"))
+    meaning = golden["bug_classes"] | APPLIED_CLASSES
     for bug_class in failed:
-        print(f"FAIL {bug_class}: {golden['bug_classes'][bug_class]}")
+        print(f"FAIL {bug_class}: {meaning[bug_class]}")
     if failed:
         raise SystemExit(1)
 

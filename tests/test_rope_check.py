@@ -1,5 +1,6 @@
 """rope_check.py: the golden file is what rope.py computes and what transformers computes; rope.py and transformers
-pass every case and invariant; each bug class, planted in a copy of rope.py's function, fails and is named."""
+pass every case and invariant, and every check of the applied rotation; each bug class, planted in a
+copy of rope.py's function (or of the reference rotation), fails and is named."""
 
 import json
 import math
@@ -178,6 +179,136 @@ def test_planted_bugs_reproduce_the_reported_numbers():
     assert round(rope_check.call(mscale_ignored, case)[1], 4) == 1.2773
 
 
+# --------------------------------------------------------------------------------------------------
+# The applied rotation: rope.py's and transformers' hooks pass; planted bugs in the reference hook
+
+
+def applied_rows(hook, layout="half_split"):
+    return rope_check.run_checks(rope_check.applied_checks(hook, layout), EXAMPLES)
+
+
+@pytest.mark.parametrize("layout", rope_check.LAYOUTS)
+@pytest.mark.parametrize("name", rope_check.APPLY_ADAPTERS)
+def test_rope_and_transformers_rotations_pass(name, layout):
+    """rope.py's apply_rope, GPT-NeoX's apply_rotary_pos_emb (half-split) and DeepSeek-V2's
+    apply_rotary_emb (interleaved), each with its own rotary embedding, pass every applied check."""
+    if name == "transformers":
+        pytest.importorskip("transformers")
+    rows = applied_rows(rope_check.APPLY_ADAPTERS[name][layout], layout)
+    assert not failing(rows) and len(rows) == 4, [r for r in rows if not r[2]]
+
+
+def test_softmax_scale_by_hand():
+    """DeepSeek-V2's numbers: s = 40, mscale = mscale_all_dim = 0.707, a 192-channel head: YaRN's
+    factor in q and k is 1 and the softmax scale (0.0707 ln 40 + 1)^2 / sqrt(192); none without
+    mscale_all_dim."""
+    p = {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+         "original_max_position_embeddings": 4096}
+    assert hf.hf_inv_freq(p, 64, 163840)[1] == 1.0
+    m = 0.0707 * math.log(40) + 1
+    assert rope_check.softmax_scale(p, 192) == pytest.approx(m * m / math.sqrt(192), rel=1e-12)
+    assert rope_check.softmax_scale(without(p, "mscale_all_dim"), 192) == 1 / math.sqrt(192)
+
+
+def scale_folded_into_q_and_k(q, k, positions, p, head_dim, mp):
+    """DeepSeek's m(s, mscale_all_dim)^2 folded into q and k, m each; no softmax scale returned."""
+    q, k, scale = rope_check.rope_apply(q, k, positions, p, head_dim, mp)
+    m = math.sqrt(scale * math.sqrt(head_dim))
+    return q * m, k * m
+
+
+def factor_in_softmax_scale(q, k, positions, p, head_dim, mp):
+    """Pure rotations (no factor in cos and sin) and YaRN's a^2 in the softmax scale instead."""
+    a = hf.hf_inv_freq(p, head_dim, mp)[1]
+    q, k, scale = rope_check.rope_apply(q, k, positions, dict(p, attention_factor=1.0), head_dim, mp)
+    return q, k, scale * a * a
+
+
+@pytest.mark.parametrize("hook", [scale_folded_into_q_and_k, factor_in_softmax_scale])
+def test_either_place_for_the_scale_passes(hook):
+    """On full heads a factor may sit in q and k or in the softmax scale: the logits are checked."""
+    rows = applied_rows(hook)
+    assert not failing(rows), [r for r in rows if not r[2]]
+
+
+def interleaved_pairs(q, k, positions, p, head_dim, mp):
+    """Right frequencies and tables, pairs (2j, 2j + 1) in a half-split model (or the reverse)."""
+    return rope_check.rope_apply(q, k, positions, p, head_dim, mp, layout="interleaved")
+
+
+def partial_rotary_ignored(q, k, positions, p, head_dim, mp):
+    """The whole head rotated, at frequencies for head_dim (as Llama's default type does)."""
+    return rope_check.rope_apply(q, k, positions, dict(p, partial_rotary_factor=1.0), head_dim, mp)
+
+
+def rotary_dim_from_head_dim(q, k, positions, p, head_dim, mp):
+    """The first |D| channels rotated at b^(-2d/head_dim) = (b^(|D|/head_dim))^(-2d/|D|)."""
+    base = p["rope_theta"] ** p.get("partial_rotary_factor", 1.0)
+    return rope_check.rope_apply(q, k, positions, dict(p, rope_theta=base), head_dim, mp)
+
+
+def positions_ignored(q, k, positions, p, head_dim, mp):
+    """0..T-1 instead of the positions given (a KV cache's offset lost)."""
+    return rope_check.rope_apply(q, k, torch.arange(len(positions)), p, head_dim, mp)
+
+
+def positions_in_bf16_applied(q, k, positions, p, head_dim, mp):
+    return rope_check.rope_apply(q, k, positions.bfloat16(), p, head_dim, mp)
+
+
+def rotated_in_bf16(q, k, positions, p, head_dim, mp):
+    """q and k rotated in bf16 (the tables in fp32), returned in float32."""
+    q, k, scale = rope_check.rope_apply(q.bfloat16(), k.bfloat16(), positions, p, head_dim, mp)
+    return q.float(), k.float(), scale
+
+
+def yarn_factor_not_folded(q, k, positions, p, head_dim, mp):
+    """YaRN's frequencies without its factor in q and k (tables built without attention_scaling)."""
+    return rope_check.rope_apply(q, k, positions, dict(p, attention_factor=1.0), head_dim, mp)
+
+
+def softmax_mscale_missing(q, k, positions, p, head_dim, mp):
+    """The factor in q and k right, the softmax scale left at 1/sqrt(head_dim)."""
+    return rope_check.rope_apply(q, k, positions, p, head_dim, mp)[:2]
+
+
+PLANTED_APPLIED = {  # name: (bug class, hook, --layout)
+    "interleaved_pairs_said_half_split": ("layout", interleaved_pairs, "half_split"),
+    "half_split_pairs_said_interleaved": ("layout", rope_check.rope_apply, "interleaved"),
+    "partial_rotary_ignored": ("partial_rotary", partial_rotary_ignored, "half_split"),
+    "rotary_dim_from_head_dim": ("partial_rotary", rotary_dim_from_head_dim, "half_split"),
+    "positions_ignored": ("positions", positions_ignored, "half_split"),
+    "positions_in_bf16_applied": ("bf16", positions_in_bf16_applied, "half_split"),
+    "rotated_in_bf16": ("bf16", rotated_in_bf16, "half_split"),
+    "yarn_factor_not_folded": ("attention_scale", yarn_factor_not_folded, "half_split"),
+    "softmax_mscale_missing": ("attention_scale", softmax_mscale_missing, "half_split"),
+}
+
+
+@pytest.mark.parametrize("name", PLANTED_APPLIED)
+def test_planted_rotation_bug_is_caught_and_named(name):
+    """Exactly the bug's class fails; a layout mismatch names both layouts in every failing row."""
+    bug_class, hook, layout = PLANTED_APPLIED[name]
+    rows = applied_rows(hook, layout)
+    assert failing(rows) == {bug_class}, [r for r in rows if not r[2]]
+    if bug_class == "layout":
+        other = next(n for n in rope_check.LAYOUTS if n != layout)
+        said = f"layout: {other} pairs {rope_check.LAYOUTS[other]}, --layout {layout}"
+        assert all(detail.startswith(said) for _, _, ok, detail in rows if not ok), rows
+
+
+def test_missing_softmax_mscale_shows_as_its_factor():
+    """DeepSeek-V2's settings without the softmax scale's m^2: logits 1 / (0.0707 ln 40 + 1)^2
+    = 0.6291 times the reference's, and the detail says so."""
+    p = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 0.707,
+         "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096}
+    check = rope_check.applied(rope_check.logits_error, softmax_mscale_missing, "half_split")
+    ratio, detail = check(((p, 64, 163840), [0, 1, 2, 3], 0))
+    factor = 1 / (0.0707 * math.log(40) + 1) ** 2
+    assert ratio > 1 and detail.endswith(f"they are {factor:.4g} x the reference's"), detail
+    assert "0.6291" in detail
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -191,7 +322,8 @@ def test_cli_transformers_passes():
     pytest.importorskip("transformers")
     out = run_cli("--impl", "transformers", "--examples", "10")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{len(GOLDEN['cases']) + 7} of {len(GOLDEN['cases']) + 7} checks passed" in out.stdout
+    n = len(GOLDEN["cases"]) + 7 + 4  # the cases, the invariants, the applied rotation's checks
+    assert f"{n} of {n} checks passed" in out.stdout
 
 
 def test_cli_user_module_fails_and_names_the_class(tmp_path):
@@ -204,7 +336,22 @@ def test_cli_user_module_fails_and_names_the_class(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "gpt_oss_truncate_false" in out.stdout
     assert f"FAIL truncate: {GOLDEN['bug_classes']['truncate']}" in out.stdout
-    assert "tables not checked" in out.stdout
+    assert "tables not checked" in out.stdout and "applied rotation not checked" in out.stdout
+
+
+def test_cli_user_hook_in_the_wrong_layout(tmp_path):
+    """A half-split hook given as interleaved: exit status 1, only the layout class fails, and the
+    message names both layouts."""
+    (tmp_path / "my_engine.py").write_text(
+        "import rope_check\n\n\ndef rotate(q, k, positions, p, head_dim, mp):\n"
+        "    return rope_check.rope_apply(q, k, positions, p, head_dim, mp)\n")
+    out = run_cli("--apply", "my_engine:rotate", "--layout", "interleaved", "--examples", "5",
+                  cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines() if line.startswith("FAIL")] == [
+        "FAIL layout"]
+    said = "layout: half_split pairs (j, j + |D|/2), --layout interleaved (2j, 2j + 1)"
+    assert said in out.stdout
 
 
 @pytest.mark.parametrize("args, match", [
@@ -213,6 +360,8 @@ def test_cli_user_module_fails_and_names_the_class(tmp_path):
     (["--impl", "rope:no_such_function"], "has no attribute 'no_such_function'"),
     (["--golden", "/nonexistent.json"], "not a golden cases file"),
     (["--examples", "-1"], "--examples must be >= 0"),
+    (["--layout", "diagonal"], "--layout must be half_split or interleaved"),
+    (["--apply", "nonsense"], "--apply must be package.module:function"),
 ])
 def test_cli_errors(args, match):
     out = run_cli(*args)
@@ -233,3 +382,5 @@ def test_readme_counts_are_the_checker_s():
     assert f"the {len(GOLDEN['cases'])} cases" in section
     assert f"{len(rope_check.invariants(None, rope_check.rope_table, GOLDEN['tolerance']))} invariants" in section
     assert all(f"| `{bug_class}` |" in section for bug_class in GOLDEN["bug_classes"])
+    assert f"{len(rope_check.applied_checks(None, 'half_split'))} checks of the applied" in section
+    assert all(f"| `{bug_class}` |" in section for bug_class in rope_check.APPLIED_CLASSES)
