@@ -177,6 +177,8 @@ class ReproduceConfig:
         flags.check_types(self)
         if self.preset not in ("auto", *PRESETS):
             raise ValueError(f"--preset must be auto, {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0 (0 is the first replication), got {self.seed}")
 
 
 # Stages
