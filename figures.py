@@ -129,11 +129,15 @@ def plot_curves(plt, curves: dict[str, list[dict]], smooth, c: dict, target: flo
                       label=f"target: YaRN after {c['finetune_steps']} steps")
         right.axvline(decided, color="gray", ls=":", lw=1, label=f"{decided:.0f} steps (2.5x)")
     left.set(xlabel="fine-tuning step", ylabel="training loss (nats, trailing mean)",
-             xscale="symlog", title=f"Fine-tuning at L' = {c['s'] * c['L']}, the same batches")
+             title=f"Fine-tuning at L' = {c['s'] * c['L']}, the same batches")
     right.set(xlabel="fine-tuning step (0 = no fine-tuning)", ylabel="held-out NLL at L' (nats)",
-              xscale="symlog", title="Held-out NLL at L' against steps")
+              title="Held-out NLL at L' against steps")
+    ticks = [0, *c.get("curve_steps", [c["finetune_steps"]])]
     for ax in (left, right):
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig
 
