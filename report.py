@@ -473,10 +473,11 @@ def efficiency_text(e: dict, method: str, budget: int, level: float, tokens: int
     targets = ", ".join(f"{t:.4f}" for *_, t, _ in e["rows"])
     seeds = "per seed" if e["seeds"] == e["of"] else \
         f"the {e['seeds']} of {e['of']} seeds run that far"
+    censored = "; > K: still above it after K steps, where its run ended" if "> " in steps else ""
     return (f"{method} needs {steps} steps to reach YaRN's NLL after {budget} ({targets} nats); "
             f"{seeds}, {100 * level:.4g}% paired bootstrap intervals ({BOOTSTRAP:,} resamples of "
             f"the documents); {SPEEDUP} x {budget} = {SPEEDUP * budget:.0f} steps; a step is "
-            f"{tokens:,} tokens")
+            f"{tokens:,} tokens{censored}")
 
 
 def agree(a: list[dict], b: list[dict]) -> list[str]:
