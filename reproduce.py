@@ -400,7 +400,7 @@ def at_level(job: Job, method: str, seed: int, step: int) -> bool:
     files = [ev / f"{mine}.json", ev / f"ft_yarn_{seed}.json"]
     if not all(f.is_file() for f in files):
         return False
-    mine, yarn = (json.loads(f.read_text())["ppl"][Le]["nll"] for f in files)
+    mine, yarn = (read_json(f, report.REDO, report.EVAL)["ppl"][Le]["nll"] for f in files)
     return mine <= yarn
 
 

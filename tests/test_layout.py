@@ -1,6 +1,6 @@
 """The codebase stays as small as the models it is compared with: the reading core (rope.py,
 model.py, train.py, sample.py) within 1,310 lines (1,300, plus train.py's time estimate), everything
-outside tests/ within 5,970 (4,200, plus what each issue added: reports of a run cut part-way ~100;
+outside tests/ within 6,000 (4,200, plus what each issue added: reports of a run cut part-way ~100;
 claims that can fail, held-out checks, loss curves and figures.py ~500; the RoPE conformance checker
 rope_check.py ~330; one run per folder and every value checked before work ~65; flags that explain
 themselves, the phase decided once and the optional section marked ~30; claim 2 at other budgets and
@@ -8,7 +8,7 @@ the laptop path's time estimate ~70; a wrong path to write or a bad JSON file re
 error: system.read_json, check_writable and the shapes of what is read ~105; rope_check on the
 rotation as applied, its four checks and the reference's and transformers' rotations in both
 layouts ~195; efficiency as steps to a held-out level with a paired bootstrap, the plain-model
-ablation, limitations with numbers, new lines at 100 characters ~370), no function over 60 lines,
+ablation, limitations with numbers, new lines at 100 characters ~400), no function over 60 lines,
 no line over 120 characters, no docstring pointing to a file the repository does not have, and
 imports that only go down the floors: rope.py at the bottom imports nothing of ours, so it can be
 read alone."""
@@ -43,9 +43,9 @@ def test_the_reading_core_is_at_most_1310_lines():
     assert sum(sizes.values()) <= 1310, sizes
 
 
-def test_everything_outside_tests_is_at_most_5970_lines():
+def test_everything_outside_tests_is_at_most_6000_lines():
     sizes = {str(p.relative_to(REPO)): len(lines(p)) for p in sources()}
-    assert sum(sizes.values()) <= 5970, sorted(sizes.items(), key=lambda kv: -kv[1])
+    assert sum(sizes.values()) <= 6000, sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
