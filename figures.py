@@ -116,7 +116,7 @@ def plot_curves(plt, curves: dict[str, list[dict]], smooth, c: dict, target: flo
     for i, (m, per_seed) in enumerate(curves.items()):
         for j, x in enumerate(per_seed):
             loss = smooth(x["train"])
-            left.plot(np.arange(len(loss)), loss, color=f"C{i}", lw=1, alpha=0.7,
+            left.plot(np.arange(len(loss)), loss, color=f"C{i}", lw=0.8, alpha=0.7,
                       label=None if j else LABELS[m])
             at = sorted(x["val"], key=int)
             right.plot([int(k) for k in at], [x["val"][k] for k in at], color=f"C{i}", lw=0.6,
@@ -134,8 +134,9 @@ def plot_curves(plt, curves: dict[str, list[dict]], smooth, c: dict, target: flo
               title="Held-out NLL at L' against steps")
     ticks = [0, *c.get("curve_steps", [c["finetune_steps"]])]
     for ax in (left, right):
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xscale("symlog", linthresh=1, linscale=0.25)  # 0 to 1: a quarter decade
         ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.set_xlim(-0.2, ticks[-1] * 1.15)
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
