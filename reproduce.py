@@ -144,8 +144,9 @@ PRESETS = {
     #   of the curves and 5 evaluations                               ~234 s x 3
     #   the first seed on: PI and NTK-aware to 200 (while above YaRN's level), YaRN to 50  ~312 s
     #   the ablation: a plain model 200 x 8 x 512, 4 evaluations, 3 fine-tunes       ~188 s
-    #   total ~1,970 s, 1.26x the old job: ~24.5 min on 2 idle cores (the README gives the ratio
-    #   measured side by side)
+    #   total ~1,970 s, 1.26x the old job: ~24.5 min on 2 idle cores, where the first seed's curves
+    #   never reach YaRN's level. Measured: 22 min 3 s from a fresh clone (2 nearly idle cores; PI
+    #   ran to 200); side by side, one thread and one core each, 1.08x the old job's time
     "cpu": Preset(tokenizer="bytes", vocab_size=320, d_model=128, n_layer=4, n_head=2, prev_tokens=3, L=512, s=4,
                   s_long=8, pretrain_steps=800, pretrain_batch=8, lr=3e-3, finetune_steps=20, finetune_batch=2,
                   finetune_lr=3e-4, data_mix="recall", warmup_steps=400, score=1024, max_docs=16,
