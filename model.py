@@ -22,12 +22,12 @@ from rope import RopeConfig
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture and its RoPE, stored in each checkpoint:
-    vocab_size   GPT-2's 50257 padded to a multiple of 64 for fast matmuls
+    vocab_size   e.g. GPT-2's 50257 padded to a multiple of 64
     n_layer      transformer blocks
     n_head       query heads per layer (head_dim = d_model / n_head)
-    n_kv_head    0 = n_head (multi-head); fewer = grouped-query attention
+    n_kv_head    0 = n_head; fewer: grouped-query attention
     d_model      the residual stream's width
-    ffn_hidden   0 = the LLaMA rule: 8/3 d_model rounded up to a multiple of 64
+    ffn_hidden   0 = LLaMA's 8/3 d_model, rounded up to a multiple of 64
     block_size   the context the model trains at
     norm_eps     RMSNorm's epsilon
     prev_tokens  K > 0: each position also embeds the K tokens before it (prev_tokens.py)
@@ -94,15 +94,15 @@ class ModelConfig:
         return cls(**{**d, "rope": RopeConfig(**d.get("rope", {}))})
 
 
-# What a forward pass reads besides the weights: the RoPE tables, and when decoding the KV cache
+# What a forward pass reads besides the weights: the RoPE tables and a KV cache
 class Rotary(nn.Module):
-    """A RoPE variant's cos/sin tables by position, fp32 non-persistent buffers: prebuilt and grown
-    on demand, or for a dynamic variant rebuilt for each new l' (seq_len)."""
+    """A RoPE variant's cos/sin tables by position, fp32 non-persistent buffers: grown on demand,
+    or for a dynamic variant rebuilt for each new l'."""
 
     def __init__(self, head_dim: int, cfg: RopeConfig, n_positions: int):
         super().__init__()
         self.head_dim, self.cfg = head_dim, cfg
-        self.dynamic = cfg.is_dynamic  # a plain bool: torch.compile guards on it, not on the name
+        self.dynamic = cfg.is_dynamic  # a bool: torch.compile guards on it, not on the name
         self.seq_len = None  # the l' of a dynamic variant's tables
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -110,14 +110,13 @@ class Rotary(nn.Module):
             self.build(n_positions)
 
     def build(self, n_positions: int, seq_len: int | None = None, device=None):
-        with torch.inference_mode(False):  # plain tensors, even while decoding
+        with torch.inference_mode(False):  # plain tensors, even when decoding
             inv_freq, attention_factor = rope.frequencies(self.head_dim, self.cfg, seq_len)
             positions = torch.arange(n_positions, device=device, dtype=torch.float64)
             self.cos, self.sin = rope.cos_sin_table(inv_freq, attention_factor, positions)
         self.seq_len = seq_len
 
     def forward(self, start: int, n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows of positions start .. start + n - 1 at l' = seq_len."""
         end = start + n
         if self.dynamic and (seq_len != self.seq_len or end > len(self.cos)):  # a new l', a new s
             self.build(max(seq_len, end), seq_len, self.cos.device)
@@ -126,8 +125,7 @@ class Rotary(nn.Module):
         return self.cos[start:end], self.sin[start:end]
 
     def _apply(self, fn, recurse=True):
-        """model.to(), .half() run this: the tables follow a move, but a cast (bf16 positions
-        collide above 256) is undone, in fp32."""
+        """model.to() and .half() run this: the tables move, but stay fp32."""
         super()._apply(fn, recurse)
         if self.cos.dtype != torch.float32:
             self.build(len(self.cos), self.seq_len, self.cos.device)
@@ -135,8 +133,8 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Each layer's rotated keys and values, (B, n_kv_head, max_len, head_dim): `pos` positions
-    filled, their keys rotated for l' = seq_len."""
+    """Each layer's rotated keys and values (B, n_kv_head, max_len, head_dim), `pos` of them filled
+    at l' = seq_len."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
         shape = (batch_size, config.kv_heads, max_len, config.head_dim)
@@ -169,7 +167,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        # W_q, W_k, W_v stacked: n_head query heads, n_kv_head key heads, n_kv_head value heads
+        # W_q, W_k, W_v stacked: H query heads, H_kv key heads, H_kv value heads
         qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.wqkv = nn.Linear(config.d_model, qkv, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
@@ -219,7 +217,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     # a loss over more logits than this runs chunk by chunk (loss.py)
     loss_chunk_threshold: int = 2**30
-    loss_chunk_elements: int = 2**27  # logits per chunk (rows = this // vocab): 512 MB in fp32
+    loss_chunk_elements: int = 2**27  # logits per chunk: 512 MB in fp32
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -245,7 +243,7 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def set_rope(self, cfg: RopeConfig, block_size: int | None = None):
-        """Swap the RoPE variant (and the training context); the weights stay as they are."""
+        """Swap the RoPE variant (and training context), not the weights."""
         block_size = block_size or self.config.block_size
         self.config = replace(self.config, rope=cfg, block_size=block_size)
         device = next(self.parameters()).device
@@ -254,12 +252,11 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
                 seq_len: int | None = None, last_n: int | None = None):
         """idx (B, T) -> logits (B, T, vocab), or with targets the mean cross-entropy (-1 ignored).
-        With a cache, idx continues the cached sequence. seq_len: l' (default the cache's, else the
-        sequence's). last_n: the head runs on the last n positions only."""
+        With a cache, idx continues its sequence. seq_len: l' (default the cache's, else the
+        sequence's). last_n: the head runs on the last n positions."""
         B, T = idx.shape
         if last_n is not None and not 1 <= last_n <= T:
-            raise ValueError(f"last_n must be in [1, {T}] for a sequence of {T} tokens, "
-                             f"got {last_n}")
+            raise ValueError(f"last_n must be in [1, {T}] (the tokens given), got {last_n}")
         start = 0
         if cache is not None:
             start, seq_len = cache.pos, seq_len or cache.seq_len
@@ -289,8 +286,7 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1)
 
     def embed(self, idx: torch.Tensor, start, cache: KVCache | None = None) -> torch.Tensor:
-        """The embeddings (B, T, d), with the one hook of the CPU preset's previous-token
-        embeddings (prev_tokens.py)."""
+        """The embeddings (B, T, d), and the CPU preset's hook: previous-token embeddings."""
         x = self.tok_emb(idx)
         return x if self.prev_emb is None else x + self.prev_emb(idx, start, cache)
 
@@ -305,5 +301,5 @@ class Transformer(nn.Module):
         """Training FLOPs per token at context T: 6N for the matmuls of N parameters (the tied
         embedding once) plus causal attention, 6 n_layer d_model T (PaLM App. B, halved)."""
         c = self.config
-        lookups = self.prev_emb.weight.numel() if self.prev_emb is not None else 0  # not multiplied
+        lookups = self.prev_emb.weight.numel() if self.prev_emb is not None else 0  # not matmuls
         return 6 * (self.num_params() - lookups) + 6 * c.n_layer * c.n_head * c.head_dim * T

@@ -1,10 +1,8 @@
 """RoPE and the context-extension methods of the YaRN paper (Peng et al., arXiv 2309.00071) as
-small pure functions. The paper's symbols and the code's names:
-    |D|  dim      rotated channels of a head; d = 0 .. |D|/2 - 1 a pair of them
-    b    base     theta_d = b^(-2d/|D|) pair d's angular frequency; lambda_d = 2 pi / theta_d
-    L    original_context, the pretraining context; s = factor, the scale; L' = s L
-    l'   seq_len  the current sequence length, which only the dynamic variants read
-    r_d  L / lambda_d, the rotations pair d makes in L; t the temperature, sqrt(1/t) = 0.1 ln s + 1
+small pure functions, in the paper's symbols: |D| = dim a head's rotated channels, d a pair of them,
+theta_d = b^(-2d/|D|) its frequency (inv_freq), lambda_d = 2 pi / theta_d its wavelength, r_d =
+L / lambda_d its rotations in L, l' = seq_len the current sequence length (the dynamic variants read
+it), t the temperature; b, s and L are RopeConfig's base, factor and original_context (L' = s L).
 A variant maps (dim, cfg, seq_len) to (inv_freq, attention_factor): fp32 frequencies theta'_d (pair
 d turns by m theta'_d at position m) and a factor folded into cos and sin (q.k gets its square,
 YaRN's 1/t). Pairs are half-split, (j, j + |D|/2), as in Hugging Face. Angles are formed in float64
@@ -22,12 +20,12 @@ class RopeConfig:
     """A RoPE variant and its parameters, named as in Hugging Face's rope_parameters:
     type                   default linear ntk dynamic ntk_by_parts yarn dynamic_yarn llama3 longrope
     base                   b
-    factor                 s, the scale factor (dynamic_yarn: the least s; dynamic: HF's alpha)
+    factor                 s, the scale (dynamic_yarn: the least s; dynamic: HF's alpha)
     original_context       L, the pretraining context (0 = not set)
-    partial_rotary_factor  the share of head_dim rotated; the rest passes through
+    partial_rotary_factor  the share of head_dim rotated
     beta_fast              the paper's beta: pairs making more rotations in L keep theta_d
-    beta_slow              the paper's alpha: pairs making fewer get theta_d / s; a ramp between
-    truncate               round the ramp's ends to whole pairs, as the official code
+    beta_slow              the paper's alpha: pairs making fewer get theta_d / s
+    truncate               round the ramp's ends to whole pairs
     attention_factor       sqrt(1/t); none = 0.1 ln s + 1 (or DeepSeek's mscale ratio)
     mscale                 DeepSeek-V2: sqrt(1/t) = m(s, mscale) / m(s, mscale_all_dim)
     mscale_all_dim         DeepSeek-V2: m(s, c) = 0.1 c ln s + 1
@@ -112,8 +110,8 @@ def correction_dim(rotations: float, dim: int, base: float, L: int) -> float:
 
 
 def ramp_bounds(dim: int, cfg: RopeConfig) -> tuple[float, float]:
-    """The pairs where the ramp starts (r_d = beta_fast) and ends (r_d = beta_slow), rounded out
-    when truncate and clamped to [0, |D|-1] as the official code does (test_rope's xfails)."""
+    """Where the ramp starts (r_d = beta_fast) and ends (beta_slow): rounded out when truncate,
+    clamped to [0, |D|-1] as in the official code (test_rope's xfails)."""
     low = correction_dim(cfg.beta_fast, dim, cfg.base, cfg.original_context)
     high = correction_dim(cfg.beta_slow, dim, cfg.base, cfg.original_context)
     if cfg.truncate:
@@ -146,7 +144,7 @@ def yarn_mscale(s: float, coefficient: float = 1.0) -> float:
 
 
 def yarn_attention_factor(cfg: RopeConfig, s: float) -> float:
-    """sqrt(1/t), folded into cos and sin: the logits get its square, 1/t."""
+    """sqrt(1/t), folded into cos and sin."""
     if cfg.attention_factor is not None:
         return float(cfg.attention_factor)
     if cfg.mscale and cfg.mscale_all_dim:  # DeepSeek-V2's; truthiness as in the official code
@@ -173,7 +171,7 @@ def dynamic_yarn_rope(dim, cfg, seq_len=None):
 
 def llama3_rope(dim, cfg, seq_len=None):
     """Llama 3.1: wavelengths under L/high_freq_factor keep theta_d, over L/low_freq_factor get
-    theta_d / s, and between them a blend linear in r_d."""
+    theta_d / s, a blend linear in r_d between."""
     theta = base_inv_freq(dim, cfg.base)
     L, s = cfg.original_context, cfg.factor
     if s == 1.0:
@@ -206,13 +204,13 @@ def longrope_rope(dim, cfg, seq_len=None):
     return inv_freq, math.sqrt(1 + math.log(s) / math.log(L))
 
 
-# The dispatch: a variant's name -> its function (dim, cfg, seq_len) -> (inv_freq, attention_factor)
+# The dispatch: a variant's name -> its function
 ROPE_VARIANTS = {"default": default_rope, "linear": linear_rope, "ntk": ntk_rope,
                  "dynamic": dynamic_ntk_rope, "ntk_by_parts": ntk_by_parts_rope, "yarn": yarn_rope,
                  "dynamic_yarn": dynamic_yarn_rope, "llama3": llama3_rope,
                  "longrope": longrope_rope}
 VARIANTS = tuple(ROPE_VARIANTS)
-DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn", "longrope")  # they read l' (LongRoPE: short or long)
+DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn", "longrope")  # they read l'
 NEEDS_ORIGINAL_CONTEXT = tuple(v for v in VARIANTS if v not in ("default", "linear", "ntk"))  # L
 
 
@@ -223,14 +221,12 @@ def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     dim = int(head_dim * cfg.partial_rotary_factor)
     if dim < 2 or dim % 2:
-        raise ValueError(f"rotary dim = int(head_dim {head_dim} * partial_rotary_factor "
-                         f"{cfg.partial_rotary_factor}) = {dim} must be even and >= 2; change "
-                         "head_dim or partial_rotary_factor")
+        raise ValueError(f"rotary dim int(head_dim {head_dim} x partial_rotary_factor "
+                         f"{cfg.partial_rotary_factor}) = {dim} must be even and >= 2")
     for name in ("short_factor", "long_factor"):
         if cfg.type == "longrope" and len(getattr(cfg, name)) != dim // 2:
             raise ValueError(f"rope {name} has {len(getattr(cfg, name))} numbers; rotary dim "
-                             f"{dim} has {dim // 2} frequency pairs, and LongRoPE needs one "
-                             "divisor per pair")
+                             f"{dim} has {dim // 2} frequency pairs (LongRoPE: one divisor each)")
     return dim
 
 
@@ -263,7 +259,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # Validation
 def is_number(x) -> bool:
-    """A finite int or float, not a bool (nor an int too large for a float)."""
+    """A finite int or float (not a bool, nor an int too large for a float)."""
     return type(x) in (int, float) and (abs(x) < 2**1023 if type(x) is int else math.isfinite(x))
 
 
@@ -283,8 +279,8 @@ def validate(cfg: RopeConfig) -> None:
                              f"got {value!r}")
     L = cfg.original_context
     if type(L) is not int or type(cfg.truncate) is not bool:
-        raise ValueError(f"rope original_context must be an int and truncate True or False, "
-                         f"got {L!r} and {cfg.truncate!r}")
+        raise ValueError(f"rope original_context must be an int and truncate a bool, got {L!r} "
+                         f"and {cfg.truncate!r}")
     for name in ("short_factor", "long_factor"):
         value = getattr(cfg, name)
         positive = isinstance(value, tuple) and all(is_number(v) and v > 0 for v in value)
@@ -317,5 +313,4 @@ def validate(cfg: RopeConfig) -> None:
         raise ValueError(f"rope attention_factor must be > 0, got {cfg.attention_factor}")
     for name in ("short_factor", "long_factor"):
         if cfg.type == "longrope" and not getattr(cfg, name):
-            raise ValueError(f"rope type 'longrope' needs {name}: |D|/2 numbers, one divisor per "
-                             "frequency pair")
+            raise ValueError(f"rope type 'longrope' needs {name}, a divisor per frequency pair")

@@ -10,6 +10,7 @@
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -20,7 +21,7 @@ from data.tokenizer import StreamDecoder, get_tokenizer
 from generate import RULES, generate, sampler
 from system import dtype_name, pick_device, pick_dtype, read_text
 
-SEPARATOR = "---------------"  # printed between samples, as nanoGPT does
+SEPARATOR = "---------------"  # between samples, as nanoGPT prints
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,12 @@ class SampleConfig:
     prompt           the prompt; empty: start a document
     prompt_file      read the prompt from this UTF-8 file instead
     temperature      0 = greedy
-    top_k            sample among the k likeliest tokens; none = no limit
+    top_k            sample among the k likeliest tokens
     max_context      the longest prompt + new tokens; default the checkpoint's block_size
     truncate_prompt  keep the prompt's last tokens where it does not fit (fit_context)
     rope_rule        follow or capacity: a dynamic variant's l' (generate.py)
-    compile          torch.compile the decoding step: repaid after thousands of tokens
-    dtype            float32, bfloat16; auto = bfloat16 on CUDA, float32 elsewhere
+    compile          compile the decoding step: repaid after thousands of tokens
+    dtype            float32, bfloat16, or auto (bfloat16 on CUDA)
     """
 
     ckpt: str
@@ -68,19 +69,19 @@ class SampleConfig:
 
 
 class ContextError(ValueError):
-    """The prompt does not fit the context (the message says the ways out)."""
+    """The prompt does not fit the context."""
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids ("<|endoftext|>" in it is text); empty: [end-of-text]."""
+    """The prompt's ids ("<|endoftext|>" in it is text), or [end-of-text]."""
     return tokenizer.encode_ordinary(prompt) if prompt else [tokenizer.eot_token]
 
 
 def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_prompt: bool = False,
                 block_size: int | None = None) -> tuple[int, int, list[str]]:
-    """(prompt tokens to keep, from its end; new tokens; warnings) for P prompt tokens, N new ones
-    and a context C (--max_context or block_size): P + N <= C as asked; P < C < P + N lowers N to
-    C - P; P >= C is a ContextError, unless --truncate_prompt keeps the last max(C - N, 1)."""
+    """(prompt tokens kept from its end, new tokens, warnings) for P prompt and N new tokens in a
+    context C: N is lowered to C - P if P < C < P + N; a ContextError if P >= C, unless
+    truncate_prompt keeps the last max(C - N, 1)."""
     warnings, keep = [], n_prompt
     if truncate_prompt and keep + max_new_tokens > context and keep > 1:
         keep = max(context - max_new_tokens, 1)
@@ -103,8 +104,8 @@ def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_promp
 
 def generate_text(model, tokenizer, prompt: str, args: SampleConfig, generator=None, on_text=None,
                   on_warning=None) -> str:
-    """The text generated after the prompt (without a final end-of-text); on_text(piece) gets each
-    run of whole characters as it is decoded, on_warning(message) each of fit_context's."""
+    """The text after the prompt; on_text(piece) gets each run of whole characters as it is
+    decoded, on_warning(message) fit_context's warnings."""
     tokens, block_size = encode_prompt(tokenizer, prompt), model.config.block_size
     if max(tokens) >= model.config.vocab_size:
         raise ValueError(f"the prompt has token id {max(tokens)}, outside the model's vocabulary "
@@ -150,8 +151,8 @@ def main(argv) -> None:
         if i:
             print(SEPARATOR, flush=True)
         warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if i == 0 else None
-        text = lambda piece: print(piece, end="", flush=True)  # noqa: E731
-        generate_text(model, tokenizer, prompt, args, generator, text, warn)
+        generate_text(model, tokenizer, prompt, args, generator, partial(print, end="", flush=True),
+                      warn)
         print(flush=True)
 
 

@@ -34,15 +34,15 @@ from system import (Dist, FolderInUse, RunLog, StopOnSignal, Throughput, all_red
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss or weights): `error: ...`, exit code 1."""
+    """A non-finite loss or weights: exit code 1."""
 
 
 ERRORS = {TrainingError: 1, FolderInUse: FolderInUse.exit_code, **flags.ERRORS}
 
 
-# === Where a run starts: nanoGPT's init_from (scratch, resume, or extend a checkpoint)
+# === Where a run starts: nanoGPT's init_from
 class Start(NamedTuple):
-    phase: str  # scratch | resume | extend
+    phase: str  # scratch, resume or extend
     cfg: RunConfig
     model_config: ModelConfig
     state: dict | None  # the checkpoint it starts from
@@ -50,14 +50,14 @@ class Start(NamedTuple):
 
 
 def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
-    """The run the settings given describe (as config.parse_args returns them); state: the
-    checkpoint it starts from, if the caller has loaded it."""
+    """The run that the settings given (config.parse_args') describe; state: its checkpoint, if
+    loaded."""
     init = run.get("init_from", RunConfig.init_from)
     if init == "resume":  # out_dir's checkpoint, its model and run (the settings given on top)
         path = Path(run.get("out_dir", RunConfig.out_dir)) / "ckpt.pt"
         if state is None and not path.exists():
-            raise ValueError(f"--init_from=resume but {path} does not exist; start the run with "
-                             "--init_from=scratch (or a checkpoint to extend), or check --out_dir")
+            raise ValueError(f"--init_from=resume but {path} does not exist; check --out_dir, or "
+                             "start with --init_from=scratch or a checkpoint to extend")
         state = state or checkpoint.load(path)
         config = ModelConfig.from_dict(state["model_config"])
         check_kept(config, model, "a resumed run keeps its model: change it in a new --out_dir")
@@ -94,7 +94,7 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.final_lr)
 
 
-# === Set-up: the data, the device, the model and optimizer, all checked before the first step
+# === Set-up: all checked before the first step
 @dataclass
 class Run:
     cfg: RunConfig
@@ -128,11 +128,11 @@ def setup(start: Start, d: Dist) -> Run:
     if on_cuda:  # TF32 for fp32 matmuls outside autocast
         torch.set_float32_matmul_precision("high")
     if cfg.compile or (cfg.compile is None and on_cuda):
-        model.compile()  # in place: its state_dict keys get no `_orig_mod.` prefix
+        model.compile()  # in place: no `_orig_mod.` in its state_dict keys
     trained = model
     if d.world > 1:  # last, once everything is checked: join the other processes
         dist.init_process_group("nccl" if on_cuda else "gloo")
-        trained = DDP(model, device_ids=[d.local_rank] if on_cuda else None)  # rank 0's weights
+        trained = DDP(model, device_ids=[d.local_rank] if on_cuda else None)
     return Run(cfg, d, device, pick_dtype(cfg.dtype, device), model, trained, optimizer, data)
 
 
@@ -153,7 +153,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     T = run.model.config.block_size
-    accum = cfg.grad_accum // d.world  # micro-batches rank*accum .. rank*accum + accum - 1
+    accum = cfg.grad_accum // d.world  # this process's share of the micro-batches
     total = torch.zeros((), device=run.device)
     for i in range(accum):
         micro = d.rank * accum + i
@@ -188,7 +188,7 @@ def evaluate(run: Run) -> float:
     return all_reduce_sum(total, run.dist).item() / len(starts)
 
 
-# === Checkpoints (process 0 writes them)
+# === Checkpoints, written by process 0
 def save_checkpoint(run: Run, step: int, record: dict) -> None:
     """out_dir/ckpt.pt, with record's metrics, extended_from and provenance."""
     cfg = run.cfg
@@ -204,7 +204,7 @@ def save_checkpoint(run: Run, step: int, record: dict) -> None:
 
 
 def check_finite(pending: list, metrics: dict, cfg: RunConfig, saved: int | None) -> None:
-    """Read the pending (step, loss) in a batch, not a GPU sync a step; stop at a non-finite one."""
+    """Read the pending (step, loss) at once (not a GPU sync a step); stop at a non-finite one."""
     values = torch.stack([loss for _, loss in pending]).tolist() if pending else []
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
@@ -216,15 +216,14 @@ def check_finite(pending: list, metrics: dict, cfg: RunConfig, saved: int | None
 
 def not_saved(cfg: RunConfig, saved: int | None) -> str:
     if saved is None:
-        return "stopped without saving (no checkpoint had been saved yet)"
+        return "stopped before any checkpoint was saved"
     path = Path(cfg.out_dir) / "ckpt.pt"
     return f"stopped without saving: {path} keeps the last good weights, step {saved}"
 
 
 # === The loop
 def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSignal) -> dict:
-    """At the top of step `step` (the weights after `step` updates): evaluate, save or stop, then
-    take the step."""
+    """At step `step` (the weights after `step` updates): evaluate, save or stop, then step."""
     cfg, metrics = run.cfg, record["metrics"]
     first = step = int(start.state["step"]) if start.phase == "resume" else 0
     saved = first if start.phase == "resume" else None  # the step out_dir/ckpt.pt holds
@@ -283,8 +282,8 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
 
 # === The entry point
 def train(run: dict, model: dict, state: dict | None = None, argv=None) -> dict:
-    """Train as the settings given say (init_from's arguments): hold out_dir, decide the start, set
-    up, loop; the summary, or ValueError, FolderInUse, TrainingError, SystemExit(128 + signal)."""
+    """Hold out_dir, decide the start (init_from), set up, loop; the summary, or ValueError,
+    FolderInUse, TrainingError, SystemExit(128 + signal)."""
     d = dist_from_env()
     try:
         with lock_folder(run.get("out_dir", RunConfig.out_dir), "--out_dir") if d.rank == 0 \
@@ -297,8 +296,14 @@ def train(run: dict, model: dict, state: dict | None = None, argv=None) -> dict:
             metrics.update(start.state.get("metrics", {}) if resume else {})
             record = {"metrics": metrics, "extended_from": start.extended_from,
                       "provenance": {**provenance(r.device, argv), "world_size": d.world}}
+            resolved = {"phase": start.phase, "device": r.device, "dtype": dtype_name(r.dtype),
+                        "world_size": d.world, "tokens_per_step": tokens_per_step(r),
+                        "warmup_steps": r.cfg.warmup, "min_lr": r.cfg.final_lr, "start_step": step,
+                        "extended_from": start.extended_from, "tokenizer": r.data.tokenizer,
+                        "params": r.model.num_params()}
             log = RunLog(r.cfg.out_dir, master=d.rank == 0)
-            log.start(run_record(r, start, step, record))
+            log.start({"run": asdict(r.cfg), "model": r.model.config.to_dict(),  # config.json
+                       "provenance": record["provenance"], "resolved": resolved})
             with StopOnSignal() as stopper:
                 summary = loop(r, start, record, log, stopper)
         if summary["stopped"] is None:
@@ -314,18 +319,6 @@ def train(run: dict, model: dict, state: dict | None = None, argv=None) -> dict:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def run_record(run: Run, start: Start, step: int, record: dict) -> dict:
-    """config.json: the run, its model, where it came from, what was resolved."""
-    cfg = run.cfg
-    resolved = {"phase": start.phase, "device": run.device, "dtype": dtype_name(run.dtype),
-                "world_size": run.dist.world, "tokens_per_step": tokens_per_step(run),
-                "warmup_steps": cfg.warmup, "min_lr": cfg.final_lr, "start_step": step,
-                "extended_from": start.extended_from, "tokenizer": run.data.tokenizer,
-                "params": run.model.num_params()}
-    return {"run": asdict(cfg), "model": run.model.config.to_dict(),
-            "provenance": record["provenance"], "resolved": resolved}
 
 
 def main(argv) -> dict:

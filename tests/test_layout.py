@@ -113,3 +113,27 @@ def test_rope_py_reaches_its_first_variant_within_80_lines():
     tree = ast.parse((REPO / "rope.py").read_text(encoding="utf-8"))
     first = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.endswith("_rope"))
     assert first.lineno <= 80, (first.name, first.lineno)
+
+
+# Each script's settings class says what its fields mean in a table in its docstring
+# (flags.field_help); a row naming no field (a typo, a renamed field) would drop out of --help.
+SETTINGS = [("config", "RunConfig"), ("model", "ModelConfig"), ("rope", "RopeConfig"),
+            ("sample", "SampleConfig"), ("eval", "EvalConfig"), ("bench", "BenchConfig"),
+            ("reproduce", "ReproduceConfig"), ("report", "ReportConfig"),
+            ("rope_check", "CheckConfig"), ("data.prepare", "PrepareConfig"),
+            ("hf", "ExportConfig"), ("hf", "ImportConfig")]
+
+
+@pytest.mark.parametrize("module, name", SETTINGS, ids=[f"{m}.{c}" for m, c in SETTINGS])
+def test_settings_tables_name_only_real_fields(module, name):
+    import dataclasses
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import flags
+
+    cls = getattr(importlib.import_module(module), name)
+    rows = re.findall(r"^    (\w+) {2,}\S", cls.__doc__ or "", flags=re.M)  # name, 2+ spaces, text
+    assert rows and set(rows) <= {f.name for f in dataclasses.fields(cls)}, rows
+    assert set(flags.field_help(cls)) == set(rows)
