@@ -321,11 +321,11 @@ class RunLog:
             return
         r, m, p = config["resolved"], config["model"], config["provenance"]
         step, resume = r["start_step"], r["phase"] == "resume"
-        lines = self.path.read_text().splitlines() if resume and self.path.exists() else []
-        events = [(line, json.loads(line)) for line in lines]
-        kept = [line for line, e in events
-                if e["step"] < step or (e["event"], e["step"]) == ("eval", step)]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        fix = "train.py logs an event a line there: delete it (the log is lost, not the checkpoint)"
+        logged = read_json(self.path, fix, {"event": str, "step": int}, lines=True) \
+            if resume and self.path.exists() else []
+        kept = [e for e in logged if e["step"] < step or (e["event"], e["step"]) == ("eval", step)]
+        self.path.write_text("".join(json.dumps(event) + "\n" for event in kept))
         write_json(self.out_dir / "config.json", config)
         commit = (p["git_commit"] or "unknown")[:12] + (" (dirty)" if p["git_dirty"] else "")
         rope = m["rope"]
