@@ -55,7 +55,7 @@ def rope_seq_len(cfg: RopeConfig, n: int, max_len: int, rule: str = "follow") ->
 
 
 def prefill(model: Transformer, prefix: torch.Tensor, cache: KVCache, seq_len: int) -> torch.Tensor:
-    """Fill the cache with prefix (B, n) at l' = seq_len; its last logits."""
+    """Fill the cache with prefix (B, n) at l' = seq_len: its last logits."""
     cache.pos, cache.seq_len = 0, seq_len
     return model(prefix, cache=cache, last_n=1)[:, -1]
 
@@ -96,9 +96,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, choo
     seq = torch.cat((prompt, prompt.new_empty(B, max_new_tokens)), dim=1)  # (B, max_len)
     for n in range(P, max_len):
         seq_len = rope_seq_len(model.config.rope, n, max_len, rule)
-        with no_autograd():  # the tokens chosen stay plain tensors
+        with no_autograd():  # the chosen tokens stay plain tensors
             if n == P or seq_len != cache.seq_len:
-                cos, sin = model.rotary(0, max_len, seq_len)  # every position's tables at this l'
+                cos, sin = model.rotary(0, max_len, seq_len)  # all positions' tables at this l'
                 logits = prefill(model, seq[:, :n], cache, seq_len)
             elif compile:
                 pos = torch.tensor([n - 1], device=prompt.device)

@@ -96,8 +96,8 @@ class ModelConfig:
 
 # What a forward pass reads besides the weights: the RoPE tables and a KV cache
 class Rotary(nn.Module):
-    """A RoPE variant's cos/sin tables by position, fp32 non-persistent buffers: grown on demand,
-    or for a dynamic variant rebuilt for each new l'."""
+    """A RoPE variant's cos/sin tables by position, fp32 non-persistent buffers, grown on demand
+    (a dynamic variant's rebuilt for each new l')."""
 
     def __init__(self, head_dim: int, cfg: RopeConfig, n_positions: int):
         super().__init__()
@@ -133,8 +133,8 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Each layer's rotated keys and values (B, n_kv_head, max_len, head_dim), `pos` of them filled
-    at l' = seq_len."""
+    """Each layer's rotated keys and values (B, n_kv_head, max_len, head_dim), `pos` filled at
+    l' = seq_len."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
         shape = (batch_size, config.kv_heads, max_len, config.head_dim)
@@ -145,8 +145,8 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start):
-        """Write k, v (B, H_kv, T, hd) at start.. and return those to attend to: the filled part for
-        an int start; for a tensor (decode_step's) the whole cache, masked by the step."""
+        """Write k, v (B, H_kv, T, hd) at start.. and return those to attend to: the filled part
+        for an int start; for a tensor (decode_step's) the whole cache, which its mask hides."""
         if isinstance(start, torch.Tensor):
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
@@ -173,19 +173,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start=0):
-        # F.linear, not the module calls: at batch 1 a decoded token's time is mostly Python's
+        # F.linear, F.rms_norm, not module calls: batch-1 decoding is Python-bound
         B, T, _ = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, -1, self.head_dim)
-        qkv = qkv.transpose(1, 2)  # (B, H + 2 H_kv, T, hd)
+        qkv = F.linear(x, self.wqkv.weight).view(B, T, -1, self.head_dim).transpose(1, 2)
+        # qkv (B, H + 2 H_kv, T, hd)
         qk = rope.apply_rope(qkv[:, : H + H_kv], cos, sin)  # queries and keys rotated at once
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]  # (B, H, T, hd), (B, H_kv, T, hd) x 2
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]  # H, H_kv, H_kv heads
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)  # (B, H_kv, positions so far, hd)
         causal, gqa = mask is None and T > 1, H_kv != H
         y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
         # y (B, H, T, hd) = softmax(q k^T / sqrt(hd)) v, YaRN's 1/t already inside q and k
-        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight, self.wo.bias)
+        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)  # (B, T, d)
 
 
 class SwiGLU(nn.Module):
@@ -193,12 +193,12 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(config.d_model, 2 * config.hidden_dim, bias=False)  # w1 and w3 stacked
+        self.w13 = nn.Linear(config.d_model, 2 * config.hidden_dim, bias=False)  # w1, w3 stacked
         self.w2 = nn.Linear(config.hidden_dim, config.d_model, bias=False)
 
     def forward(self, x):
-        gate, up = F.linear(x, self.w13.weight, self.w13.bias).chunk(2, dim=-1)  # (B, T, hidden)
-        return F.linear(F.silu(gate) * up, self.w2.weight, self.w2.bias)
+        gate, up = F.linear(x, self.w13.weight).chunk(2, dim=-1)  # (B, T, hidden) each
+        return F.linear(F.silu(gate) * up, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -210,8 +210,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(rms_norm(self.attn_norm, x), cos, sin, mask, cache, start)
+        return x + self.mlp(rms_norm(self.mlp_norm, x))
+
+
+def rms_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x), a Python call fewer."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
 class Transformer(nn.Module):
@@ -275,11 +280,11 @@ class Transformer(nn.Module):
         if last_n is not None:
             x = x[:, -last_n:]  # (B, n, d)
             targets = None if targets is None else targets[:, -last_n:]
-        x = self.norm(x)
+        x = rms_norm(self.norm, x)
         n_logits = B * x.shape[1] * self.config.vocab_size
         if targets is not None and n_logits > self.loss_chunk_threshold:
             return chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_elements)
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = F.linear(x, self.lm_head.weight)  # (B, T, V)
         if targets is None:
             return logits
         logits = logits.float().view(-1, logits.size(-1))
@@ -287,7 +292,7 @@ class Transformer(nn.Module):
 
     def embed(self, idx: torch.Tensor, start, cache: KVCache | None = None) -> torch.Tensor:
         """The embeddings (B, T, d), and the CPU preset's hook: previous-token embeddings."""
-        x = self.tok_emb(idx)
+        x = F.embedding(idx, self.tok_emb.weight)
         return x if self.prev_emb is None else x + self.prev_emb(idx, start, cache)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -77,7 +77,7 @@ def default_rope(dim, cfg, seq_len=None):
 
 
 def linear_rope(dim, cfg, seq_len=None):
-    """Position Interpolation (Chen et al.): positions m -> m/s, so theta_d / s."""
+    """Position Interpolation (Chen et al.): m -> m/s, so theta_d / s."""
     return (base_inv_freq(dim, cfg.base) / cfg.factor).float(), 1.0
 
 
@@ -94,8 +94,8 @@ def ntk_rope(dim, cfg, seq_len=None):
 
 
 def dynamic_ntk_rope(dim, cfg, seq_len=None):
-    """Dynamic NTK (transformers' `dynamic`, factor read as alpha): NTK-aware at s = alpha l'/L -
-    alpha + 1, l' = max(seq_len, L)."""
+    """Dynamic NTK (transformers'; factor is alpha): NTK-aware at s = alpha l'/L - alpha + 1, l' =
+    max(seq_len, L)."""
     L, alpha = cfg.original_context, cfg.factor
     seq_len = max(seq_len or L, L)
     base = ntk_base(cfg.base, dim, alpha * seq_len / L - (alpha - 1))
@@ -130,7 +130,7 @@ def ramp(dim: int, cfg: RopeConfig) -> torch.Tensor:
 
 
 def by_parts_inv_freq(dim: int, cfg: RopeConfig, s: float) -> torch.Tensor:
-    """NTK-by-parts (paper Def. 2): (1 - gamma_d) theta_d / s + gamma_d theta_d, float64."""
+    """NTK-by-parts (paper Def. 2): (1 - gamma_d) theta_d / s + gamma_d theta_d."""
     theta = base_inv_freq(dim, cfg.base)
     if s == 1.0:
         return theta  # no extension: plain RoPE, bit for bit
@@ -153,7 +153,7 @@ def yarn_attention_factor(cfg: RopeConfig, s: float) -> float:
 
 
 def ntk_by_parts_rope(dim, cfg, seq_len=None):
-    """NTK-by-parts: the ramp, no temperature."""
+    """NTK-by-parts: the ramp without temperature."""
     return by_parts_inv_freq(dim, cfg, cfg.factor).float(), 1.0
 
 
@@ -163,8 +163,7 @@ def yarn_rope(dim, cfg, seq_len=None):
 
 
 def dynamic_yarn_rope(dim, cfg, seq_len=None):
-    """Dynamic YaRN (paper Sec. 3.3): YaRN at s = max(1, l'/L), never below factor (the s of a
-    fine-tune)."""
+    """Dynamic YaRN (paper Sec. 3.3): YaRN at s = max(1, l'/L), never below factor."""
     s = max(cfg.factor, (seq_len or cfg.original_context) / cfg.original_context)
     return by_parts_inv_freq(dim, cfg, s).float(), yarn_attention_factor(cfg, s)
 

@@ -80,7 +80,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_prompt: bool = False,
                 block_size: int | None = None) -> tuple[int, int, list[str]]:
     """(prompt tokens kept from its end, new tokens, warnings) for P prompt and N new tokens in a
-    context C: N is lowered to C - P if P < C < P + N; a ContextError if P >= C, unless
+    context C: N lowered to C - P if P < C < P + N; a ContextError if P >= C, unless
     truncate_prompt keeps the last max(C - N, 1)."""
     warnings, keep = [], n_prompt
     if truncate_prompt and keep + max_new_tokens > context and keep > 1:
@@ -104,8 +104,8 @@ def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_promp
 
 def generate_text(model, tokenizer, prompt: str, args: SampleConfig, generator=None, on_text=None,
                   on_warning=None) -> str:
-    """The text after the prompt; on_text(piece) gets each run of whole characters as it is
-    decoded, on_warning(message) fit_context's warnings."""
+    """The text after the prompt; on_text(piece) gets each run of whole characters as decoded,
+    on_warning(message) fit_context's warnings."""
     tokens, block_size = encode_prompt(tokenizer, prompt), model.config.block_size
     if max(tokens) >= model.config.vocab_size:
         raise ValueError(f"the prompt has token id {max(tokens)}, outside the model's vocabulary "

@@ -50,8 +50,7 @@ class Start(NamedTuple):
 
 
 def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
-    """The run that the settings given (config.parse_args') describe; state: its checkpoint, if
-    loaded."""
+    """The run the settings given describe; state: its checkpoint, if loaded."""
     init = run.get("init_from", RunConfig.init_from)
     if init == "resume":  # out_dir's checkpoint, its model and run (the settings given on top)
         path = Path(run.get("out_dir", RunConfig.out_dir)) / "ckpt.pt"
@@ -125,10 +124,10 @@ def setup(start: Start, d: Dist) -> Run:
     optimizer = make_optimizer(model, cfg, on_cuda)
     if start.phase == "resume" and "optimizer" in state:  # absent only in a finished run
         optimizer.load_state_dict(state["optimizer"])
-    if on_cuda:  # TF32 for fp32 matmuls outside autocast
+    if on_cuda:  # TF32 outside autocast
         torch.set_float32_matmul_precision("high")
     if cfg.compile or (cfg.compile is None and on_cuda):
-        model.compile()  # in place: no `_orig_mod.` in its state_dict keys
+        model.compile()  # in place: no `_orig_mod.` in the state_dict
     trained = model
     if d.world > 1:  # last, once everything is checked: join the other processes
         dist.init_process_group("nccl" if on_cuda else "gloo")
@@ -148,7 +147,7 @@ def autocast(run: Run):
 
 
 def train_step(run: Run, step: int) -> torch.Tensor:
-    """One optimizer step; the step's mean loss over the global batch (a tensor, not synced)."""
+    """One optimizer step; its mean loss over the global batch (a tensor, not synced)."""
     cfg, tokens, d = run.cfg, run.data.train, run.dist
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -175,7 +174,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over the fixed validation windows; the processes share them and sum their parts."""
+    """Mean loss over the fixed validation windows, shared among the processes."""
     cfg, T, tokens = run.cfg, run.model.config.block_size, run.data.val
     starts = window_starts(tokens, T, (cfg.eval_batches, cfg.batch_size), cfg.seed, "val")
     run.model.eval()
@@ -204,7 +203,7 @@ def save_checkpoint(run: Run, step: int, record: dict) -> None:
 
 
 def check_finite(pending: list, metrics: dict, cfg: RunConfig, saved: int | None) -> None:
-    """Read the pending (step, loss) at once (not a GPU sync a step); stop at a non-finite one."""
+    """Read the pending (step, loss) at once, not a GPU sync a step; stop at a non-finite one."""
     values = torch.stack([loss for _, loss in pending]).tolist() if pending else []
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
@@ -236,7 +235,7 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
         signum = stopper.agreed(run.dist, run.device)  # all processes stop at the same step
         if signum or (cfg.stop_at_step == step and not last):
             stopped = signal.Signals(signum).name if signum else "stop_at_step"
-        evaluated = start.phase == "resume" and step == first  # before the checkpoint was saved
+        evaluated = start.phase == "resume" and step == first  # before its checkpoint was saved
         if (step % cfg.eval_interval == 0 or last) and not evaluated:
             check_finite(pending, metrics, cfg, saved)
             metrics["last_val_loss"] = val_loss = evaluate(run)
