@@ -5,14 +5,15 @@ the same weights, side by side in one process and one JSON.
     python bench.py --preset=gpu --out=bench.json    # one GPU, ~2 min with a compilation (scripts/gpu_run.sh)
     python bench.py --preset=smoke --out=/tmp/s.json # tiny shapes on CPU, every code path, seconds to a minute
 
-The cases (PRESETS) use the main job's model shapes. train_T<T>[_yarn]: training steps (forward with loss,
-backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_*: greedy generation with a KV
-cache, tokens/s of new tokens with the prefill in the time. A case's contenders: ours (eager), compiled (ours with
-model.compiled_step), hf (LlamaForCausalLM), capacity (ours under that rule; the others follow). They take turns
-round by round; tokens/s is the median over rounds, a/b the median of per-round ratios, for every pair. compile_s:
-the compiled contender's first generation less a timed one; break_even_tokens: the new tokens that repay it. --ckpt:
-a trained checkpoint's weights, shape and text prompts (this file's) for the sampling cases. A failure (an OOM) is
-recorded and the run goes on; the JSON is rewritten after every case.
+The cases (PRESETS) use the main job's model shapes. train_T<T>[_yarn]: training steps (forward with
+loss, backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_*: greedy
+generation with a KV cache, tokens/s of new tokens with the prefill in the time. A case's
+contenders: ours (eager), compiled (ours with generate.compiled_step), hf (LlamaForCausalLM),
+capacity (ours under that rule; the others follow). They take turns round by round; tokens/s is the
+median over rounds, a/b the median of per-round ratios, for every pair. compile_s: the compiled
+contender's first generation less a timed one; break_even_tokens: the new tokens that repay it.
+--ckpt: a trained checkpoint's weights, shape and text prompts (this file's) for the sampling cases.
+A failure (an OOM) is recorded and the run goes on; the JSON is rewritten after every case.
 """
 
 import gc
@@ -31,6 +32,7 @@ import torch
 
 import checkpoint
 import flags
+import generate
 import hf
 import model
 import reproduce
@@ -80,14 +82,27 @@ PRESETS = {  # preset: (the reproduce.PRESETS entry for the model's shape, cases
 
 @dataclass(frozen=True)
 class BenchConfig:
-    preset: str = "auto"  # gpu, cpu or smoke; auto = gpu where CUDA is available, else cpu
-    out: str = "bench.json"  # the JSON report, rewritten after every case
-    cases: str = ""  # comma-separated case names to run; empty = every case of the preset
-    device: str = "auto"  # auto = cuda for the gpu preset (an error without CUDA), cpu for cpu and smoke
-    hf: bool = True  # false: our model only
-    threads: int = 0  # torch threads on CPU; 0 = torch's default
-    rounds: int = 0  # timed rounds per case; 0 = the case's own
-    ckpt: str = ""  # sampling cases: a trained checkpoint's weights and shape (HF: without prev_tokens); empty = random
+    """bench.py's settings.
+
+    preset   gpu, cpu or smoke; auto = gpu where CUDA is available, else cpu
+    out      the JSON report, rewritten after every case
+    cases    comma-separated case names to run; empty = every case of the preset
+    device   auto = cuda for the gpu preset (an error without CUDA), cpu for cpu and smoke
+    hf       false: our model only
+    threads  torch threads on CPU; 0 = torch's default
+    rounds   timed rounds per case; 0 = the case's own
+    ckpt     sampling cases: a trained checkpoint's weights and shape (HF: without prev_tokens);
+             empty = random
+    """
+
+    preset: str = "auto"
+    out: str = "bench.json"
+    cases: str = ""
+    device: str = "auto"
+    hf: bool = True
+    threads: int = 0
+    rounds: int = 0
+    ckpt: str = ""
 
     def __post_init__(self):
         flags.check_types(self)
@@ -181,7 +196,8 @@ def generation(which: str, net, case: Case, prompt, outputs: dict, first_token: 
             return
         rule = "capacity" if which == "capacity" else "follow"
         t0, tokens = time.perf_counter(), []
-        for token in net.generate(prompt, case.new_tokens, temperature=0, rule=rule, compile=which == "compiled"):
+        compile = which == "compiled"
+        for token in generate.generate(net, prompt, case.new_tokens, rule=rule, compile=compile):
             tokens.append(token)
             if len(tokens) == 1:
                 sync(prompt.device)

@@ -10,6 +10,7 @@ numbers, strings, lists and dicts, which `torch.load(weights_only=True)` reads (
 import os
 import pickle
 import zipfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -111,6 +112,32 @@ def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
     block size. Raises RopeConfig's ValueError for invalid values."""
     L = overrides.get("original_context", config.rope.original_context or config.block_size)
     return config.rope.replace(**{**overrides, "original_context": L})
+
+
+def extended_config(base: ModelConfig, given: dict) -> ModelConfig:
+    """A pretrained model (train.py's extension) with a new block_size and the RoPE fields given."""
+    check_kept(base, {k: v for k, v in given.items() if k not in ("rope", "block_size")},
+               "extension keeps the architecture (it changes only --block_size and --rope.*)")
+    rope = rope_with_overrides(base, given.get("rope", {}))
+    return replace(base, block_size=given.get("block_size", base.block_size), rope=rope)
+
+
+def check_kept(saved: ModelConfig, given: dict, why: str) -> None:
+    """Model flags that may only repeat the checkpoint's values: a ValueError naming the first that
+    does not."""
+    pairs = [(f"rope.{k}", v, getattr(saved.rope, k)) for k, v in given.get("rope", {}).items()]
+    pairs += [(k, v, getattr(saved, k)) for k, v in given.items() if k != "rope"]
+    for name, value, have in pairs:
+        if value != have:
+            raise ValueError(f"--{name}={value} differs from the checkpoint's {have}; {why}")
+
+
+def rope_summary(cfg: RopeConfig) -> str:
+    """'yarn (factor=4.0, original_context=512)': the type and the fields that differ from the
+    defaults."""
+    default = asdict(RopeConfig())
+    changed = [f"{k}={v}" for k, v in asdict(cfg).items() if k != "type" and v != default[k]]
+    return cfg.type + (f" ({', '.join(changed)})" if changed else "")
 
 
 def parse_rope_swap(argv, cls, prog: str, description: str) -> tuple:

@@ -67,13 +67,14 @@ def scored_regions(docs: np.ndarray, max_context: int, score: int, max_docs: int
 
 @torch.no_grad()
 def perplexity(model, tokens, docs, context: int, score: int, max_docs: int, device="cpu",
-               rope_length: int | None = None, max_context: int | None = None, batch_size: int = 8,
+               seq_len: int | None = None, max_context: int | None = None, batch_size: int = 8,
                seed: int = 0) -> dict:
-    """Perplexity at `context` on the scored regions (module docstring). tokens: 1-D; docs: (n, 2) of (start,
-    length); max_context: the ladder's longest (default `context`); rope_length: the l' dynamic variants scale for
-    (default the window's length). Returns nll (nats per scored token), ppl, n_tokens, n_windows, n_docs, docs
-    (their indices), doc_nll (each one's mean NLL, in that order), regions ([start, end) in the token stream) and
-    history (the fewest and most tokens a scored token sees)."""
+    """Perplexity at `context` on the scored regions (module docstring). tokens: 1-D; docs: (n, 2)
+    of (start, length); max_context: the ladder's longest (default `context`); seq_len: the l'
+    dynamic variants scale for (default the window's length). Returns nll (nats per scored token),
+    ppl, n_tokens, n_windows, n_docs, docs (their indices), doc_nll (each one's mean NLL, in that
+    order), regions ([start, end) in the token stream) and history (the fewest and most tokens a
+    scored token sees)."""
     max_context = max_context or context
     span = min(context // 2, score)  # S: tokens scored per window
     if not (0 < span and context <= max_context and score % span == 0):
@@ -92,7 +93,7 @@ def perplexity(model, tokens, docs, context: int, score: int, max_docs: int, dev
     for b in range(0, len(windows), batch_size):
         x = torch.from_numpy(np.stack([w[0] for w in windows[b : b + batch_size]])).to(device)  # (B, context)
         y = torch.from_numpy(np.stack([w[1] for w in windows[b : b + batch_size]])).to(device)  # (B, span)
-        logits = model(x, rope_length=rope_length, last_n=span).float()  # (B, span, V)
+        logits = model(x, seq_len=seq_len, last_n=span).float()  # (B, span, V)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
         np.add.at(sums, owner[b : b + batch_size], nll.sum(dim=1).double().cpu().numpy())
     nll = float(sums.sum() / (score * len(chosen)))
@@ -139,8 +140,8 @@ def ceiling(n_scored: int, cue: int, alphabet: int, distinct: bool = True) -> fl
 
 @torch.no_grad()
 def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: list[int], needle_len: int = 16,
-              cue: int = 4, device="cpu", rope_length: int | None = None, seed: int = 0, batch_size: int = 8,
-              control: bool = True) -> dict:
+              cue: int = 4, device="cpu", seq_len: int | None = None, seed: int = 0,
+              batch_size: int = 8, control: bool = True) -> dict:
     """Recall of a planted needle at each depth, in sequences of exactly `context` tokens. Trial t uses the same
     needle and filler for every model and depth (seeded by seed and t). Returns acc {depth: mean}, trial_acc
     {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per
@@ -167,7 +168,7 @@ def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: lis
         for b in range(0, trials, batch_size):
             x = x_all[b : b + batch_size].to(device)  # (B, context)
             # position p predicts token p+1: the last n_scored targets come from positions -n_scored-1 .. -2
-            logits = model(x, rope_length=rope_length, last_n=n_scored + 1)[:, :-1]  # (B, n_scored, V)
+            logits = model(x, seq_len=seq_len, last_n=n_scored + 1)[:, :-1]  # (B, n_scored, V)
             out += (logits.argmax(-1) == x[:, -n_scored:]).float().mean(dim=1).tolist()
         return out
 
@@ -213,16 +214,27 @@ def evaluate(model, tokens, docs, contexts, score: int, vocab: list[int], max_do
 # Command line
 @dataclass(frozen=True)
 class EvalConfig:
-    ckpt: str  # a checkpoint file, or a run folder holding ckpt.pt
-    contexts: tuple[int, ...]  # the context ladder, e.g. 512,1024,2048
+    """eval.py's settings.
+
+    ckpt                a checkpoint file, or a run folder holding ckpt.pt
+    contexts            the context ladder, e.g. 512,1024,2048
+    retrieval_contexts  default: the ladder
+    score               tokens scored per document, the same at every context (a window scores its
+                        last T/2 at most)
+    trials              retrieval trials per (context, depth) cell
+    out                 write the results here as JSON
+    """
+
+    ckpt: str
+    contexts: tuple[int, ...]
     data_dir: str = "data/stdlib"
-    retrieval_contexts: tuple[int, ...] | None = None  # default: the ladder
-    score: int = 512  # tokens scored per document, the same at every context (a window scores its last T/2 at most)
+    retrieval_contexts: tuple[int, ...] | None = None
+    score: int = 512
     max_docs: int = 8
-    trials: int = 8  # retrieval trials per (context, depth) cell
+    trials: int = 8
     needle_len: int = 16
     device: str = "auto"
-    out: str | None = None  # write the results here as JSON
+    out: str | None = None
 
     def __post_init__(self):
         flags.check_types(self)

@@ -71,7 +71,8 @@ def plot_scaling(plt, c: dict):
     wavelength = (2 * math.pi / theta).numpy()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, m in enumerate(("default", "linear", "ntk", "ntk_by_parts")):
-        freqs, _ = rope.inv_freq(head_dim, RopeConfig(type=m, factor=float(s), original_context=L), s * L)
+        cfg = RopeConfig(type=m, factor=float(s), original_context=L)
+        freqs, _ = rope.frequencies(head_dim, cfg, s * L)
         ax.plot(wavelength, (freqs.double() / theta).numpy(), "o-", ms=3, color=f"C{i}",
                 label=LABELS[m] + (" / YaRN" if m == "ntk_by_parts" else ""))
     for x, text in ((L, " L"), (s * L, " sL"), (L / 32, " L/32 (r_d = \u03b2)")):

@@ -7,7 +7,6 @@ flags win over it. cli() runs a main and turns the project's errors into `error:
 
 import argparse
 import difflib
-import inspect
 import json
 import math
 import re
@@ -112,7 +111,7 @@ def flag_table(*groups) -> dict[str, tuple[object, object, str]]:
     left out (it comes as its own group, e.g. (RopeConfig, "rope."))."""
     table = {}
     for cls, prefix in groups:
-        meanings = field_help(cls)  # what each field means: the comment beside it in the class
+        meanings = field_help(cls)  # what each field means: the table in the class's docstring
         for f in fields(cls):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if not is_dataclass(default):
@@ -121,12 +120,20 @@ def flag_table(*groups) -> dict[str, tuple[object, object, str]]:
 
 
 def field_help(cls) -> dict[str, str]:
-    """{field: the comment beside it in the class's source (`name: type = default  # meaning`)}: written once."""
-    try:
-        found = [re.match(r"\s+(\w+): .*?  # (.*)", line) for line in inspect.getsource(cls).splitlines()]
-    except (OSError, TypeError):  # no source file (a class made at run time): --help gives the defaults only
-        return {}
-    return {m[1]: m[2] for m in found if m}
+    """{field: what it means}, from the table in the class's docstring: a row per field, its name,
+    two or more spaces, the meaning, which may go on in lines indented past the name. Text written
+    for --help, so that wrapping a comment changes nothing."""
+    names, meanings, row = {f.name for f in fields(cls)}, {}, None
+    for line in (cls.__doc__ or "").splitlines():
+        start = re.match(r"(\s*)(\w+)\s{2,}(\S.*)", line)
+        if start and start[2] in names:
+            row, indent = start[2], len(start[1])
+            meanings[row] = start[3].strip()
+        elif row and line.strip() and len(line) - len(line.lstrip()) > indent:
+            meanings[row] += " " + line.strip()
+        else:
+            row = None
+    return meanings
 
 
 class Parser(argparse.ArgumentParser):

@@ -143,7 +143,7 @@ def _numbers(p: dict, key: str) -> tuple[float, ...]:
 
 def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None):
     """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
-    return rope.inv_freq(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
+    return rope.frequencies(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
 
 
 def interleaved_to_half_split(dim: int) -> torch.Tensor:
@@ -412,16 +412,30 @@ def import_hf(hf_dir) -> Transformer:
 # Command line
 @dataclass(frozen=True)
 class ExportConfig:
-    ckpt: str  # a checkpoint file, or a run folder holding ckpt.pt
-    out: str  # the folder to write (new or empty, unless force)
-    dtype: str | None = None  # cast the weights: float32, bfloat16 or float16 (default: as stored)
-    force: bool = False  # overwrite config.json and model.safetensors in a non-empty out
+    """`python hf.py export`'s settings.
+
+    ckpt   a checkpoint file, or a run folder holding ckpt.pt
+    out    the folder to write (new or empty, unless force)
+    dtype  cast the weights: float32, bfloat16 or float16 (default: as stored)
+    force  overwrite config.json and model.safetensors in a non-empty out
+    """
+
+    ckpt: str
+    out: str
+    dtype: str | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)
 class ImportConfig:
-    hf_dir: str  # a folder with config.json and model.safetensors
-    out: str  # the checkpoint file to write, e.g. out/imported/ckpt.pt
+    """`python hf.py import`'s settings.
+
+    hf_dir  a folder with config.json and model.safetensors
+    out     the checkpoint file to write, e.g. out/imported/ckpt.pt
+    """
+
+    hf_dir: str
+    out: str
 
 
 def main(argv) -> None:

@@ -930,9 +930,16 @@ def write(res: dict, out: Path, other: Path | None = None) -> list[dict]:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    runs: str  # the runs folder of a reproduce.py invocation, finished or not (it holds job.json)
-    out: str | None = None  # the report's folder; default results/<preset>
-    replicate: str | None = None  # another run's results.json (e.g. --seed 1): a replication section
+    """report.py's settings.
+
+    runs       the runs folder of a reproduce.py invocation, finished or not (it holds job.json)
+    out        the report's folder; default results/<preset>
+    replicate  another run's results.json (e.g. --seed 1): a replication section
+    """
+
+    runs: str
+    out: str | None = None
+    replicate: str | None = None
 
     def __post_init__(self):
         flags.check_types(self)

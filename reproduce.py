@@ -63,7 +63,7 @@ class Preset:
     d_model: int
     n_layer: int
     n_head: int
-    prev_tokens: int  # previous-token embeddings (model.Transformer.embed); 0 = a plain LLaMA-style model
+    prev_tokens: int  # previous-token embeddings (prev_tokens.py); 0 = a plain LLaMA-style model
     L: int  # pretraining context
     s: int  # the extension: fine-tune at L' = s L
     s_long: int  # train short, test long: YaRN, PI and NTK-aware at this scale, fine-tuned at L' (s_long L > L')
@@ -164,14 +164,23 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    preset: str = "auto"  # gpu, cpu or tiny; auto = gpu where CUDA is available, else cpu
-    out: str | None = None  # the report's folder; default results/<preset>
-    runs: str | None = None  # checkpoints and stage outputs; default runs/<preset> (git-ignored)
-    data_dir: str | None = None  # default data/<source>, with _bytes for the byte tokenizer
-    data_source: str | None = None  # another corpus for data.prepare (a folder); default the preset's
+    """reproduce.py's settings.
+
+    preset       gpu, cpu or tiny; auto = gpu where CUDA is available, else cpu
+    out          the report's folder; default results/<preset>
+    runs         checkpoints and stage outputs; default runs/<preset> (git-ignored)
+    data_dir     default data/<source>, with _bytes for the byte tokenizer
+    data_source  another corpus for data.prepare (a folder); default the preset's
+    seed         a replication: every training seed shifted by seed x the number of fine-tuning
+                 seeds (no data order shared), other held-out documents, regions and needles
+    """
+
+    preset: str = "auto"
+    out: str | None = None
+    runs: str | None = None
+    data_dir: str | None = None
+    data_source: str | None = None
     device: str = "auto"
-    # a replication: every training seed shifted by seed x the number of fine-tuning seeds (no data
-    # order is shared with another replication), and other held-out documents, regions and needles
     seed: int = 0
 
     def __post_init__(self):
@@ -234,7 +243,8 @@ class Job:
         run = replace(run, out_dir=str(out), data_dir=str(self.data_dir), device=self.device,
                       final_optimizer=False)  # nothing continues a finished run here: 3x less to write
         state = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
-        summary = train.train(run, config, state, resume=state is not None)
+        given = {**asdict(run), "init_from": "resume"} if state is not None else asdict(run)
+        summary = train.train(given, asdict(config), state)
         for file in {"summary.json", marker}:
             write_json(out / file, summary)
 

@@ -451,13 +451,26 @@ def applied_checks(hook, layout) -> list:
 # Command line
 @dataclass(frozen=True)
 class CheckConfig:
-    impl: str = "rope"  # rope (this repository), transformers, or package.module:function (see the docstring)
-    table: str = ""  # package.module:function for cos/sin tables (default: rope's or transformers' with those)
-    apply: str = ""  # rope, transformers or module:function rotating q and k (default: --impl's)
-    layout: str = "half_split"  # --apply's pairs: half_split (j, j + |D|/2), interleaved (2j, 2j+1)
-    golden: str = ""  # the golden file (default: data/rope_golden.json beside this script)
-    examples: int = 100  # hypothesis examples per invariant; 0: the golden cases only
-    write_golden: bool = False  # first recompute the golden file's answers from its inputs with rope.py
+    """rope_check.py's settings.
+
+    impl          rope (this repository), transformers, or package.module:function (see the
+                  docstring)
+    table         package.module:function for cos/sin tables (default: rope's or transformers' with
+                  those)
+    apply         rope, transformers or module:function rotating q and k (default: --impl's)
+    layout        --apply's pairs: half_split (j, j + |D|/2), interleaved (2j, 2j+1)
+    golden        the golden file (default: data/rope_golden.json beside this script)
+    examples      hypothesis examples per invariant; 0: the golden cases only
+    write_golden  first recompute the golden file's answers from its inputs with rope.py
+    """
+
+    impl: str = "rope"
+    table: str = ""
+    apply: str = ""
+    layout: str = "half_split"
+    golden: str = ""
+    examples: int = 100
+    write_golden: bool = False
 
 
 def read_golden(path, answers: bool = True) -> dict:

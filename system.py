@@ -304,3 +304,55 @@ class Throughput:
         steps, seconds = sum(n for n, _ in counted), sum(t for _, t in counted)
         tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
         return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak
+
+
+class RunLog:
+    """train.py's log: stdout and out_dir/metrics.jsonl (one JSON event a line), from process 0."""
+
+    def __init__(self, out_dir, master: bool = True):
+        self.out_dir, self.master = Path(out_dir), master
+        self.path = self.out_dir / "metrics.jsonl"
+
+    def start(self, config: dict):
+        """Write out_dir/config.json (the run, its model, where it came from: train.write_config's),
+        start metrics.jsonl afresh (a resume keeps what was logged before its checkpoint's step, as
+        it logs the steps after again), and print the run's header line."""
+        if not self.master:
+            return
+        r, m, p = config["resolved"], config["model"], config["provenance"]
+        step, resume = r["start_step"], r["phase"] == "resume"
+        fix = "train.py logs an event a line there: delete it (the log is lost, not the checkpoint)"
+        logged = read_json(self.path, fix, {"event": str, "step": int}, lines=True) \
+            if resume and self.path.exists() else []
+        kept = [e for e in logged if e["step"] < step or (e["event"], e["step"]) == ("eval", step)]
+        self.path.write_text("".join(json.dumps(event) + "\n" for event in kept))
+        write_json(self.out_dir / "config.json", config)
+        commit = (p["git_commit"] or "unknown")[:12] + (" (dirty)" if p["git_dirty"] else "")
+        rope = m["rope"]
+        self.print(f"train.py: {r['phase']} {r['extended_from'] or ''} step {step} -> "
+                   f"{config['run']['max_steps']}, {r['params'] / 1e6:.1f}M parameters, block "
+                   f"{m['block_size']}, rope {rope['type']} (factor {rope['factor']}, L "
+                   f"{rope['original_context']}), {r['tokens_per_step']:,} tokens/step\n  "
+                   f"{p['device']} x {r['world_size']}, {r['dtype']}, torch {p['torch']}, "
+                   f"commit {commit}")
+
+    def print(self, text: str):
+        if self.master:
+            print(text, flush=True)
+
+    def event(self, **record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_text(path, what: str) -> str:
+    """The UTF-8 text of a file named on the command line; a ValueError saying what is wrong."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start} "
+            f"({e.reason}); convert it, e.g. with iconv -t utf-8") from None

@@ -43,11 +43,20 @@ MAX_SEEN = 0.2  # a val document with more of its pieces in train than this is a
 
 @dataclass
 class PrepareConfig:
-    source: str = "stdlib"  # "stdlib", "shakespeare", or a folder path
-    out: str | None = None  # output folder; None means data/<source-name>/
-    val_fraction: float = 0.05  # expected fraction of documents in val
-    block_size: int = 512  # each split must hold at least block_size + 1 tokens
-    tokenizer: str = "gpt2"  # gpt2 or bytes (data/tokenizer.py)
+    """data.prepare's settings.
+
+    source        "stdlib", "shakespeare", or a folder path
+    out           output folder; None means data/<source-name>/
+    val_fraction  expected fraction of documents in val
+    block_size    each split must hold at least block_size + 1 tokens
+    tokenizer     gpt2 or bytes (data/tokenizer.py)
+    """
+
+    source: str = "stdlib"
+    out: str | None = None
+    val_fraction: float = 0.05
+    block_size: int = 512
+    tokenizer: str = "gpt2"
 
 
 @dataclass

@@ -43,7 +43,7 @@ def last_rows(logits, last_n):
 class Uniform(nn.Module):
     """Equal logits everywhere: every token's loss is exactly ln(vocab)."""
 
-    def forward(self, idx, rope_length=None, last_n=None):
+    def forward(self, idx, seq_len=None, last_n=None):
         return last_rows(torch.zeros(*idx.shape, VOCAB), last_n)
 
 
@@ -54,7 +54,7 @@ class Recorder(nn.Module):
         super().__init__()
         self.seen = []
 
-    def forward(self, idx, rope_length=None, last_n=None):
+    def forward(self, idx, seq_len=None, last_n=None):
         self.seen.append(idx.clone())
         return last_rows(torch.zeros(*idx.shape, VOCAB), last_n)
 
@@ -67,7 +67,7 @@ class PerfectCopier(nn.Module):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, idx, rope_length=None, last_n=None):
+    def forward(self, idx, seq_len=None, last_n=None):
         B, T = idx.shape
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
@@ -85,7 +85,7 @@ class RandomModel(nn.Module):
         super().__init__()
         self.vocab, self.gen = vocab, torch.Generator().manual_seed(seed)
 
-    def forward(self, idx, rope_length=None, last_n=None):
+    def forward(self, idx, seq_len=None, last_n=None):
         return last_rows(torch.randn(*idx.shape, self.vocab, generator=self.gen), last_n)
 
 

@@ -6,9 +6,10 @@ time. After every kill the checkpoints on disk must load (never half a file); at
 the weights, optimizer state, step and metrics of the same run done in one go. Also: a NaN loss leaves the last
 good checkpoint byte for byte as it was, and SIGINT saves and exits 130.
 
-Runs are forked from one long-lived launcher process that has imported torch and train.py once (a fresh
-interpreter costs seconds per start on a shared 2-core machine); each forked child runs train.cli(argv) exactly as
-`python train.py` does and is killed with a real SIGKILL. `pytest -s` shows how many kills were survived.
+Runs are forked from one long-lived launcher process that has imported torch and train.py once (a
+fresh interpreter costs seconds per start on a shared 2-core machine); each forked child runs
+train.py's command line exactly as `python train.py` does and is killed with a real SIGKILL.
+`pytest -s` shows how many kills were survived.
 """
 
 import hashlib
@@ -43,15 +44,17 @@ TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "block_size": BLOCK, "batch_si
         "ckpt_interval": 1, "keep_checkpoints": 2, "eval_interval": 20, "eval_batches": 1, "log_interval": 1,
         "lr": 3e-3, "seed": 1234, "dtype": "float32", "compile": "false", "device": "cpu"}
 
-# A process that imports train.py once, then forks one child per request; the child runs train.cli(argv) with its
-# stdout/stderr in a log file and exits with the CLI's code. Replies: the child's pid, then its exit code (a
-# negative number -N when it died of signal N). It never runs a torch op itself, so forking is safe.
+# A process that imports train.py once, then forks one child per request; the child runs train.py's
+# command line with its stdout/stderr in a log file and exits with the CLI's code. Replies: the
+# child's pid, then its exit code (a negative number -N when it died of signal N). It never runs a
+# torch op itself, so forking is safe.
 LAUNCHER = r"""
 import json, os, sys
 sys.path.insert(0, os.getcwd())
 import torch
 torch.set_num_threads(1)
 import torch._dynamo  # torch.optim imports it on first use: pay that once here, not in every child
+import flags
 import train
 print("ready", flush=True)
 for line in sys.stdin:
@@ -66,7 +69,7 @@ for line in sys.stdin:
             if request.get("nan_at_step") is not None:  # the fault: the loss turns NaN at that step
                 real, nan_step = train.train_step, request["nan_at_step"]
                 train.train_step = lambda r, step: real(r, step) * (float("nan") if step == nan_step else 1.0)
-            code = train.cli(request["argv"])
+            code = flags.cli(train.main, request["argv"], errors=train.ERRORS)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:

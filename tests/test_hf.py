@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import checkpoint  # noqa: E402
 import flags  # noqa: E402
+import generate  # noqa: E402
 import hf  # noqa: E402
 import rope  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -114,9 +115,11 @@ def test_parity_is_sensitive():
                       RopeConfig(type="yarn", factor=4.5, original_context=L)):
             assert rel_err(tiny_model(other, n_kv_head=2)(idx), yarn) > 100 * TOL, other
         dynamic = case_model("dynamic")
-        assert rel_err(dynamic(idx), dynamic(idx, rope_length=2 * T)) > 100 * TOL  # the scale's length matters
+        # the length the scale is for matters
+        assert rel_err(dynamic(idx), dynamic(idx, seq_len=2 * T)) > 100 * TOL
         longrope = case_model("longrope")
-        assert rel_err(longrope(idx), longrope(idx, rope_length=L)) > 100 * TOL  # long factors, not short ones
+        # long factors, not short ones
+        assert rel_err(longrope(idx), longrope(idx, seq_len=L)) > 100 * TOL
 
 
 def test_config_json_per_variant(tmp_path):
@@ -453,20 +456,21 @@ def hf_cached(model, ids: torch.Tensor, cache) -> torch.Tensor:
 
 
 def greedy_decode(model: Transformer, prompt: torch.Tensor, n: int, rule: str):
-    """model.decode with its KV cache, greedy: (prompt and the n tokens, the logits of each step (B, V))."""
+    """generate.generate with the KV cache, greedy: (prompt and the n tokens, each step's logits
+    (B, V))."""
     logits = []
 
     def choose(step_logits):
         logits.append(step_logits)
         return step_logits.argmax(dim=-1)
 
-    new = list(model.decode(prompt, n, choose, rule))
+    new = list(generate.generate(model, prompt, n, choose, rule))
     return torch.cat([prompt, torch.stack(new, dim=1)], dim=1), logits
 
 
 def test_transformers_dynamic_ntk_is_stateful_and_differs_when_cached(tmp_path):
     """Single forward passes agree (test_logits_match_transformers). But transformers' dynamic frequencies
-    only grow: a forward of 64 tokens after one of 100 keeps the scale for 100 (= ours with rope_length 100);
+    only grow: a forward of 64 tokens after one of 100 keeps the scale for 100 (ours: seq_len 100);
     and decoding with its KV cache rotates each new token under a larger scale than the cached keys, so the
     last logits differ from its own full forward pass, while ours equal our full forward pass."""
     model = case_model("dynamic")
@@ -477,7 +481,7 @@ def test_transformers_dynamic_ntk_is_stateful_and_differs_when_cached(tmp_path):
         full = theirs(idx).logits
         after_longer = theirs(idx[:, :64]).logits
         assert rel_err(after_longer, load_hf(tmp_path)(idx[:, :64]).logits) > 100 * TOL
-        assert rel_err(after_longer, model(idx[:, :64], rope_length=T)) < TOL
+        assert rel_err(after_longer, model(idx[:, :64], seq_len=T)) < TOL
 
         fresh, kv = load_hf(tmp_path), transformers.DynamicCache()
         hf_cached(fresh, idx[:, :-1], kv)
@@ -509,8 +513,8 @@ def test_transformers_longrope_cache_keeps_short_keys_past_L_ours_follows(tmp_pa
         their_step = hf_cached(theirs, idx[:, L:], kv)[:, -1]
         assert rel_err(their_step, theirs(idx).logits[:, -1]) > 100 * TOL
         cache = model.new_cache(1, L + 1)
-        model(idx[:, :L], cache=cache, rope_length=L)
-        mixed = model(idx[:, L:], cache=cache, rope_length=L + 1)[:, -1]
+        model(idx[:, :L], cache=cache, seq_len=L)
+        mixed = model(idx[:, L:], cache=cache, seq_len=L + 1)[:, -1]
         assert rel_err(their_step, mixed) < TOL
 
     prompt = idx[:, : L - 3]
@@ -540,7 +544,8 @@ def test_phi3_style_longrope_config_imports_as_transformers_reads_it(tmp_path):
     idx = tokens(3 * L // 2)
     with torch.no_grad():
         assert rel_err(back(idx), load_hf(tmp_path)(idx).logits) < TOL
-        assert rel_err(back(idx), back(idx, rope_length=L)) > 100 * TOL  # past L: the long factors matter here
+        # past L: the long factors matter here
+        assert rel_err(back(idx), back(idx, seq_len=L)) > 100 * TOL
 
 
 def interleaved_rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -559,7 +564,7 @@ def test_interleaved_to_half_split_gives_meta_weights_the_same_scores():
     n_heads, head_dim, d_in, n = 4, 16, 32, 40
     w_q, w_k = torch.randn(n_heads * head_dim, d_in), torch.randn(n_heads * head_dim, d_in)
     x = torch.randn(n, d_in)
-    freqs, _ = rope.inv_freq(head_dim, RopeConfig(type="yarn", factor=4.0, original_context=L))
+    freqs, _ = rope.frequencies(head_dim, RopeConfig(type="yarn", factor=4.0, original_context=L))
     positions = torch.arange(n)
     cos, sin = rope.cos_sin_table(freqs, 1.0, positions)
 

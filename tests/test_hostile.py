@@ -103,7 +103,7 @@ def longrope_cases(draw, type_key, context_key, keys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rope.RopeConfig, rope.inv_freq
+# rope.RopeConfig, rope.frequencies
 
 
 rope_kwargs = st.dictionaries(
@@ -145,7 +145,7 @@ def frequencies_or_value_error(kwargs, head_dim, seq_len):
     """A RopeConfig from kwargs and its frequencies are finite and checked, or a ValueError is raised on the way."""
     try:
         cfg = rope.RopeConfig(**kwargs)
-        result = rope.inv_freq(head_dim, cfg, seq_len)
+        result = rope.frequencies(head_dim, cfg, seq_len)
     except ValueError:
         return
     check_frequencies(result)
@@ -279,7 +279,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 def train_cli(capsys, argv) -> tuple[int, str]:
     capsys.readouterr()
-    code = train.cli([str(a) for a in argv])
+    code = flags.cli(train.main, [str(a) for a in argv], errors=train.ERRORS)
     return code, capsys.readouterr().err
 
 

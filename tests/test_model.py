@@ -9,7 +9,7 @@ The groups:
   1 SDPA parity with a float64 reference (YaRN temperature included), every available backend
   2 causality                                  6 config validation
   3 KV-cache decoding = the full pass          7 tied head, loss, training steps
-  4 dynamic variants scale with rope_length    8 generate
+  4 dynamic variants scale with seq_len    8 generate
   5 set_rope and the fp32 rotary tables        9 flops_per_token and num_params
                                               10 compiled decoding = the full pass (torch.compile, once per module)
 """
@@ -32,7 +32,9 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
     sys.path.insert(0, str(REPO))
 
 import rope  # noqa: E402
-from model import ROPE_RULES, ModelConfig, Transformer  # noqa: E402
+import generate  # noqa: E402
+from generate import RULES  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from rope import DYNAMIC_VARIANTS, VARIANTS, RopeConfig  # noqa: E402
 
 V = 97  # vocab
@@ -93,6 +95,13 @@ def max_diff(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def sample_tokens(model, idx, n, temperature=1.0, top_k=None, generator=None, vocab_limit=None,
+                  rule="follow", stop_token=None):
+    """generate.generate choosing with generate.sampler: the new tokens (B,), one by one."""
+    choose = generate.sampler(temperature, top_k, generator, vocab_limit)
+    return generate.generate(model, idx, n, choose, rule, stop_token=stop_token)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These tensors are tiny: intra-op threads only add synchronization, which costs 10-30x on a busy 2-core box."""
@@ -104,7 +113,7 @@ def one_thread():
 
 def fresh_tables(model: Transformer, length: int, seq_len=None):
     """The cos/sin tables of the model's variant for positions 0..length-1, from rope.py directly."""
-    freqs, factor = rope.inv_freq(model.config.head_dim, model.config.rope, seq_len)
+    freqs, factor = rope.frequencies(model.config.head_dim, model.config.rope, seq_len)
     return rope.cos_sin_table(freqs, factor, torch.arange(length, dtype=torch.float64))
 
 
@@ -146,7 +155,7 @@ def reference_attention(attn, x: torch.Tensor, config: ModelConfig, inv_t: float
     q = (x @ wq.T).view(B, T, H, hd).transpose(1, 2)
     k = (x @ wk.T).view(B, T, H_kv, hd).transpose(1, 2)
     v = (x @ wv.T).view(B, T, H_kv, hd).transpose(1, 2)
-    freqs, _ = rope.inv_freq(hd, config.rope)  # the attention factor is deliberately dropped here
+    freqs, _ = rope.frequencies(hd, config.rope)  # the attention factor deliberately dropped
     angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs.double()[None, :]
     q, k = rotate_reference(q, angles), rotate_reference(k, angles)
     k = k.repeat_interleave(H // H_kv, dim=1)  # query head h reads kv head h // (H / H_kv)
@@ -264,7 +273,7 @@ def test_yarn_temperature_with_partial_rotary_scales_the_rotated_share():
     q = (xd @ wq.T).view(B, T, H, hd).transpose(1, 2)
     k = (xd @ wk.T).view(B, T, H_kv, hd).transpose(1, 2).repeat_interleave(H // H_kv, dim=1)
     v = (xd @ wv.T).view(B, T, H_kv, hd).transpose(1, 2).repeat_interleave(H // H_kv, dim=1)
-    freqs, _ = rope.inv_freq(hd, config.rope)
+    freqs, _ = rope.frequencies(hd, config.rope)
     rot = 2 * freqs.numel()
     angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs.double()[None, :]
     q, k = rotate_reference(q, angles), rotate_reference(k, angles)
@@ -312,19 +321,19 @@ def test_cache_mask_shape_and_pattern():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_future_tokens_do_not_change_past_logits(variant, T, data):
     cut = data.draw(st.integers(1, T - 1), label="cut")  # positions >= cut are changed
-    rope_length = data.draw(st.sampled_from([None, T, 2 * T]), label="rope_length")  # the same for both passes
+    seq_len = data.draw(st.sampled_from([None, T, 2 * T]), label="seq_len")  # both passes use it
     model = make_model(variant, n_kv_head=data.draw(st.sampled_from([4, 2, 1]), label="n_kv_head"))
     idx = tokens(2, T, seed=T)
     other = idx.clone()
     other[:, cut:] = (idx[:, cut:] + 1 + tokens(2, T - cut, seed=cut) % (V - 1)) % V  # every future token differs
     with torch.no_grad():
-        a, b = model(idx, rope_length=rope_length), model(other, rope_length=rope_length)
+        a, b = model(idx, seq_len=seq_len), model(other, seq_len=seq_len)
     torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=1e-12, rtol=0)
     assert max_diff(a[:, cut:], b[:, cut:]) > 1e-3  # the changed positions do change
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. KV-cache decoding equals the full forward pass (dynamic variants: with rope_length = the cache capacity)
+# 3. KV-cache decoding equals the full forward pass (dynamic variants: seq_len = the cache capacity)
 
 
 @st.composite
@@ -362,7 +371,7 @@ def test_cached_decoding_equals_full_forward(variant, plan):
     max_len = T + extra
     cached = decode_in_pieces(model, idx, pieces, max_len)
     with torch.no_grad():
-        full = model(idx, rope_length=max_len)  # the rope_length the cache fixes for dynamic variants
+        full = model(idx, seq_len=max_len)  # the seq_len the cache fixes for dynamic variants
     assert cached.shape == full.shape == (2, T, V)
     torch.testing.assert_close(cached, full, atol=1e-9, rtol=0)
 
@@ -372,8 +381,9 @@ def test_last_n_1_prefill_equals_the_last_row_and_fills_the_cache(variant):
     model = make_model(variant)
     idx = tokens(2, 30, seed=11)
     with torch.no_grad():
-        full = model(idx, rope_length=34)
-        torch.testing.assert_close(model(idx, rope_length=34, last_n=1), full[:, -1:], atol=1e-12, rtol=0)
+        full = model(idx, seq_len=34)
+        last = model(idx, seq_len=34, last_n=1)
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-12, rtol=0)
         cache = model.new_cache(2, 34)
         last = model(idx[:, :25], cache=cache, last_n=1)
         assert last.shape == (2, 1, V) and cache.pos == 25
@@ -387,13 +397,13 @@ def test_last_n_gives_the_last_rows_of_the_full_logits_and_their_loss(variant):
     model = make_model(variant)
     idx, targets = tokens(2, 30, seed=12), tokens(2, 30, seed=13)
     with torch.no_grad():
-        full = model(idx, rope_length=34)
+        full = model(idx, seq_len=34)
         for n in (1, 7, 30):
-            part = model(idx, rope_length=34, last_n=n)
+            part = model(idx, seq_len=34, last_n=n)
             assert part.shape == (2, n, V)
             torch.testing.assert_close(part, full[:, -n:], atol=1e-12, rtol=0)
         expected = F.cross_entropy(full[:, -7:].reshape(-1, V), targets[:, -7:].reshape(-1))
-        loss = model(idx, targets, rope_length=34, last_n=7)  # the last 7 targets only
+        loss = model(idx, targets, seq_len=34, last_n=7)  # the last 7 targets only
         torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6, check_dtype=False)
         for bad in (0, 31):
             with pytest.raises(ValueError, match="last_n"):
@@ -425,7 +435,7 @@ def test_cache_dtype_and_shape_follow_the_model():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Dynamic variants: the output follows rope_length past L and is plain RoPE up to L (LongRoPE: its short
+# 4. Dynamic variants: the output follows seq_len past L, plain RoPE up to L (LongRoPE: its short
 #    factors up to L, its long ones past it)
 
 
@@ -440,16 +450,16 @@ def short_context_twin(variant: str) -> Transformer:
 
 
 @pytest.mark.parametrize("variant", DYNAMIC_VARIANTS)
-def test_dynamic_variant_depends_on_rope_length_only_past_L(variant):
+def test_dynamic_variant_depends_on_seq_len_only_past_L(variant):
     model = make_model(variant)
     plain = short_context_twin(variant)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
     idx = tokens(2, 12)
     with torch.no_grad():
         reference = plain(idx)
-        for rope_length in (None, 12, L):  # l' <= L: s = 1, plain RoPE bit for bit
-            assert torch.equal(model(idx, rope_length=rope_length), reference), rope_length
-        at_32, at_64 = model(idx, rope_length=32), model(idx, rope_length=64)
+        for seq_len in (None, 12, L):  # l' <= L: s = 1, plain RoPE bit for bit
+            assert torch.equal(model(idx, seq_len=seq_len), reference), seq_len
+        at_32, at_64 = model(idx, seq_len=32), model(idx, seq_len=64)
         assert max_diff(at_32, reference) > 1e-3
         if variant == "longrope":  # one switch, at L: the long factors whatever l' past L
             assert torch.equal(at_64, at_32)
@@ -467,7 +477,7 @@ def test_dynamic_variant_at_length_sL_equals_its_static_variant_at_s(variant, st
     """Dynamic NTK with alpha 1 at l' = 4L is NTK-aware with s = 4; dynamic YaRN at l' = 4L is YaRN with s = 4."""
     idx = tokens(1, 30)
     with torch.no_grad():
-        dynamic = make_model(variant)(idx, rope_length=4 * L)
+        dynamic = make_model(variant)(idx, seq_len=4 * L)
         fixed = make_model(static, factor=4.0)(idx)
     torch.testing.assert_close(dynamic, fixed, atol=1e-12, rtol=0)
 
@@ -733,8 +743,8 @@ def greedy_reference(model, idx, n, rule="follow"):
     seq = idx
     with torch.no_grad():
         for _ in range(n):
-            rope_length = model.rope_length(seq.shape[1], idx.shape[1] + n, rule)
-            nxt = model(seq, rope_length=rope_length)[:, -1].argmax(dim=-1)
+            seq_len = generate.rope_seq_len(model.config.rope, seq.shape[1], idx.shape[1] + n, rule)
+            nxt = model(seq, seq_len=seq_len)[:, -1].argmax(dim=-1)
             seq = torch.cat((seq, nxt[:, None]), dim=1)
     return seq[:, idx.shape[1] :]
 
@@ -745,10 +755,11 @@ def test_greedy_generation_equals_uncached_argmax(variant, rule):
     model = make_model(variant)
     idx = tokens(2, 8, seed=6)
     n = 20  # 28 positions, past L = 16
-    out = torch.stack(list(model.generate(idx, n, temperature=0, rule=rule)), dim=1)
+    out = torch.stack(list(sample_tokens(model, idx, n, temperature=0, rule=rule)), dim=1)
     assert out.shape == (2, n) and out.dtype == torch.long
     assert torch.equal(out, greedy_reference(model, idx, n, rule))
-    top1 = torch.stack(list(model.generate(idx, n, temperature=0.7, top_k=1, rule=rule)), dim=1)
+    top1 = sample_tokens(model, idx, n, temperature=0.7, top_k=1, rule=rule)
+    top1 = torch.stack(list(top1), dim=1)
     assert torch.equal(top1, out)  # top_k = 1 is greedy at any temperature
 
 
@@ -760,14 +771,14 @@ def decoded_logits(model, idx, n, rule, compile=False):
         logits.append(step_logits)
         return step_logits.argmax(dim=-1)
 
-    out = torch.stack(list(model.decode(idx, n, choose, rule, compile)), dim=1)
+    out = torch.stack(list(generate.generate(model, idx, n, choose, rule, compile)), dim=1)
     return out, torch.stack(logits, dim=1)
 
 
 @pytest.mark.parametrize("variant", DYNAMIC_VARIANTS)
 def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_changes(variant):
     """Under 'follow', the scale steps at L, 2L and 4L (l' 16 -> 32 -> 64 here) and each step re-prefills; at every
-    step the cached logits equal a full forward pass of that prefix with rope_length = its rounded l'."""
+    step the cached logits equal a full forward pass of that prefix at seq_len = its rounded l'."""
     model = make_model(variant)
     idx = tokens(2, 5, seed=8)
     n = 50  # prefix lengths 5 .. 54: through L = 16, 32 and 64
@@ -777,9 +788,11 @@ def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_
     with torch.no_grad():
         for i in range(n):
             prefix = seq[:, : idx.shape[1] + i]
-            length = model.rope_length(prefix.shape[1], idx.shape[1] + n, "follow")
+            n_max = idx.shape[1] + n
+            length = generate.rope_seq_len(model.config.rope, prefix.shape[1], n_max, "follow")
             lengths.add(length)
-            torch.testing.assert_close(logits[:, i], model(prefix, rope_length=length)[:, -1], atol=1e-9, rtol=0)
+            full = model(prefix, seq_len=length)[:, -1]
+            torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
     assert lengths == {L, 2 * L, 4 * L}  # three scales, two changes
     capacity = decoded_logits(model, idx, n, "capacity")[1]
     assert max_diff(capacity[:, : L - idx.shape[1]], logits[:, : L - idx.shape[1]]) > 1e-3  # the rules do differ
@@ -799,31 +812,34 @@ def test_follow_rule_gives_a_prompt_shorter_than_L_exactly_plain_ropes_logits(va
     assert max_diff(decoded_logits(model, idx, 56, "capacity")[1][:, :within], theirs[:, :within]) > 1e-3
 
 
-def test_rope_length_rules():
+def test_rope_seq_len_rules():
     model = make_model("dynamic_yarn")
-    assert [model.rope_length(n, 100, "follow") for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
-    assert model.rope_length(5, 100, "capacity") == 100
-    assert make_model("yarn").rope_length(5, 100, "follow") == 100  # static: l' is never read
+    cfg = model.config.rope
+    seq_lens = [generate.rope_seq_len(cfg, n, 100, "follow") for n in (1, 16, 17, 32, 33, 100)]
+    assert seq_lens == [16, 16, 32, 32, 64, 128]
+    assert generate.rope_seq_len(cfg, 5, 100, "capacity") == 100
+    static = make_model("yarn").config.rope
+    assert generate.rope_seq_len(static, 5, 100, "follow") == 100  # static: l' is never read
     with pytest.raises(ValueError, match="rope rule"):
-        model.rope_length(5, 100, "grow")
+        generate.rope_seq_len(cfg, 5, 100, "grow")
 
 
 def test_generate_stops_at_stop_token():
     model = make_model("yarn")
     idx = tokens(1, 5, seed=7)
-    full = torch.cat(list(model.generate(idx, 12, temperature=0)))
+    full = torch.cat(list(sample_tokens(model, idx, 12, temperature=0)))
     stop = int(full[4])
     first = int((full == stop).nonzero()[0])  # the stop token's first appearance
-    out = torch.cat(list(model.generate(idx, 12, temperature=0, stop_token=stop)))
+    out = torch.cat(list(sample_tokens(model, idx, 12, temperature=0, stop_token=stop)))
     assert out.tolist() == full[: first + 1].tolist()  # yielded, then stopped
-    never = torch.cat(list(model.generate(idx, 12, temperature=0, stop_token=V + 5)))
+    never = torch.cat(list(sample_tokens(model, idx, 12, temperature=0, stop_token=V + 5)))
     assert torch.equal(never, full)
 
 
 def test_generate_vocab_limit_draws_only_ids_below_it():
     model = make_model("yarn")
     idx = tokens(2, 6, seed=10)
-    out = torch.stack(list(model.generate(idx, 10, temperature=0, vocab_limit=10)), dim=1)
+    out = torch.stack(list(sample_tokens(model, idx, 10, temperature=0, vocab_limit=10)), dim=1)
     seq = idx
     with torch.no_grad():
         for _ in range(10):
@@ -831,7 +847,8 @@ def test_generate_vocab_limit_draws_only_ids_below_it():
             seq = torch.cat((seq, nxt[:, None]), dim=1)
     assert torch.equal(out, seq[:, 6:])
     g = torch.Generator().manual_seed(0)
-    sampled = torch.stack(list(model.generate(idx, 30, temperature=2.0, vocab_limit=7, generator=g)), dim=1)
+    sampled = sample_tokens(model, idx, 30, temperature=2.0, vocab_limit=7, generator=g)
+    sampled = torch.stack(list(sampled), dim=1)
     assert sampled.max() < 7 and len(set(sampled.flatten().tolist())) > 1
 
 
@@ -839,7 +856,7 @@ def test_generate_vocab_limit_draws_only_ids_below_it():
 def test_negative_temperature_raises(temperature):
     model = make_model("default")
     with pytest.raises(ValueError, match="temperature"):
-        list(model.generate(tokens(1, 3), 4, temperature=temperature))
+        list(sample_tokens(model, tokens(1, 3), 4, temperature=temperature))
 
 
 def test_seeded_sampling_is_reproducible():
@@ -848,7 +865,8 @@ def test_seeded_sampling_is_reproducible():
 
     def sample(seed, **kw):
         g = torch.Generator().manual_seed(seed)
-        return torch.stack(list(model.generate(idx, 16, temperature=1.0, generator=g, **kw)), dim=1)
+        out = sample_tokens(model, idx, 16, temperature=1.0, generator=g, **kw)
+        return torch.stack(list(out), dim=1)
 
     assert torch.equal(sample(123), sample(123))
     assert torch.equal(sample(9, top_k=5), sample(9, top_k=5))
@@ -860,7 +878,8 @@ def test_top_k_only_samples_among_the_k_best():
     model = make_model("yarn")
     idx = tokens(1, 6, seed=8)
     g = torch.Generator().manual_seed(0)
-    first = torch.stack([next(model.generate(idx, 1, temperature=5.0, top_k=3, generator=g)) for _ in range(40)])
+    first = [sample_tokens(model, idx, 1, temperature=5.0, top_k=3, generator=g) for _ in range(40)]
+    first = torch.stack([next(one) for one in first])
     with torch.no_grad():
         best3 = set(model(idx)[0, -1].topk(3).indices.tolist())
     assert set(first.flatten().tolist()) <= best3
@@ -892,7 +911,7 @@ def test_num_params_counts_the_tied_weight_once_and_flops_formula(n_kv_head, ffn
 def test_training_after_decoding_a_dynamic_variant():
     """Decoding runs under inference_mode; the RoPE tables it rebuilds must still serve a training step."""
     model = make_model("dynamic_yarn", dtype=torch.float32)
-    list(model.generate(tokens(1, 10), 30, temperature=0))  # l' steps past L: the tables are rebuilt
+    list(sample_tokens(model, tokens(1, 10), 30, temperature=0))  # l' steps past L: tables rebuilt
     model.train()
     model(tokens(2, 40), tokens(2, 40, seed=1)).backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -906,7 +925,7 @@ def test_prev_tokens_embed_exactly_the_k_tokens_before_each_position():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, block_size=L, prev_tokens=3))
     idx = tokens(2, 9)
-    x = model.embed(idx, None, torch.arange(9))
+    x = model.embed(idx, 0)
     E, P = model.tok_emb.weight, model.prev_emb.weight
     for t in range(9):
         prev = [idx[:, t - k] if t - k >= 0 else torch.full((2,), V - 1) for k in (1, 2, 3)]
@@ -927,14 +946,16 @@ def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
     with torch.no_grad():
         for i in range(30):
             n = idx.shape[1] + i
-            full = model(seq[:, :n], rope_length=model.rope_length(n, 35, "follow"))[:, -1]
+            seq_len = generate.rope_seq_len(model.config.rope, n, 35, "follow")
+            full = model(seq[:, :n], seq_len=seq_len)[:, -1]
             torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. Compiled decoding (model.compiled_step: torch.compile, inductor on CPU) equals the full forward pass. Compiling
-#     is slow on CPU, so the module compiles two graphs once (one shape for every variant, and one with previous-token
-#     embeddings) and then forbids any recompilation: a new variant, rule, l' or cache must reuse the graph.
+# 10. Compiled decoding (generate.compiled_step: torch.compile, inductor on CPU) equals the full
+#     forward pass. Compiling is slow on CPU, so the module compiles two graphs once (one shape for
+#     every variant, and one with previous-token embeddings) and then forbids any recompilation: a
+#     new variant, rule, l' or cache must reuse the graph.
 
 P, N = 5, 50  # prompt and new tokens: prefixes 5 .. 54, through L = 16, 32 and 64 under the follow rule
 
@@ -962,11 +983,12 @@ def assert_each_step_equals_a_full_forward(model, idx, rule, logits, out):
     with torch.no_grad():
         for i in range(out.shape[1]):
             prefix = seq[:, : idx.shape[1] + i]
-            length = model.rope_length(prefix.shape[1], seq.shape[1], rule)
-            torch.testing.assert_close(logits[:, i], model(prefix, rope_length=length)[:, -1], atol=1e-9, rtol=0)
+            length = generate.rope_seq_len(model.config.rope, prefix.shape[1], seq.shape[1], rule)
+            full = model(prefix, seq_len=length)[:, -1]
+            torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("rule", ROPE_RULES)
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiled_decoding_equals_a_full_forward_of_each_prefix(compiled_once, variant, rule):
     model, idx = make_model(variant), tokens(2, P, seed=8)

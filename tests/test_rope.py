@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf  # noqa: E402
 import rope  # noqa: E402
 import rope_check  # noqa: E402
-from rope import VARIANTS, RopeConfig, apply_rope, cos_sin_table, inv_freq  # noqa: E402
+from rope import VARIANTS, RopeConfig, apply_rope, cos_sin_table, frequencies  # noqa: E402
 
 DYNAMIC = rope.DYNAMIC_VARIANTS  # dynamic, dynamic_yarn, longrope: seq_len matters
 RESCALING = ("dynamic", "dynamic_yarn")  # the dynamic variants whose scale follows l'
@@ -109,12 +109,13 @@ def setups(draw, types=VARIANTS, partial=True, factors=SCALES, temperature=False
 
 def plain(head_dim, cfg):
     """Plain RoPE with cfg's base and partial rotary factor."""
-    return inv_freq(head_dim, RopeConfig(base=cfg.base, partial_rotary_factor=cfg.partial_rotary_factor))
+    plain = RopeConfig(base=cfg.base, partial_rotary_factor=cfg.partial_rotary_factor)
+    return frequencies(head_dim, plain)
 
 
 def interpolated(head_dim, cfg):
     """Position Interpolation (linear) at cfg's scale, base and partial rotary factor."""
-    return inv_freq(head_dim, RopeConfig(type="linear", factor=cfg.factor, base=cfg.base,
+    return frequencies(head_dim, RopeConfig(type="linear", factor=cfg.factor, base=cfg.base,
                                          partial_rotary_factor=cfg.partial_rotary_factor))
 
 
@@ -159,7 +160,7 @@ def test_by_parts_keeps_fast_pairs_and_interpolates_slow_pairs_exactly(setup):
     r_d < beta_slow (lambda_d > L/beta_slow): theta_d/s as Position Interpolation, bit for bit;
     every pair lies between the two."""
     head_dim, cfg, _ = setup
-    f, _ = inv_freq(head_dim, cfg)
+    f, _ = frequencies(head_dim, cfg)
     keep, interp = plain(head_dim, cfg)[0], interpolated(head_dim, cfg)[0]
     r = rotations(cfg.original_context, 2 * f.numel(), cfg.base)
     fast = r > cfg.beta_fast * (1 + 1e-9)  # a hair of margin: the ramp bounds come from logs, r_d from powers
@@ -180,7 +181,7 @@ def test_ramp_degenerate_low_end_past_clamp():
     cfg = RopeConfig(type="ntk_by_parts", factor=2.0, base=100.0, original_context=8192, beta_fast=0.375,
                      beta_slow=0.25, truncate=False)
     assert torch.all(rotations(8192, 8, 100.0) > cfg.beta_fast)
-    assert torch.equal(inv_freq(8, cfg)[0], plain(8, cfg)[0])
+    assert torch.equal(frequencies(8, cfg)[0], plain(8, cfg)[0])
 
 
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
@@ -192,7 +193,7 @@ def test_ramp_degenerate_high_end_below_zero(truncate):
     cfg = RopeConfig(type="yarn", factor=4.0, base=1e4, original_context=64, beta_fast=32.0, beta_slow=11.0,
                      truncate=truncate)
     assert torch.all(rotations(64, 128, 1e4) < cfg.beta_slow)
-    assert torch.equal(inv_freq(128, cfg)[0], interpolated(128, cfg)[0])
+    assert torch.equal(frequencies(128, cfg)[0], interpolated(128, cfg)[0])
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,7 @@ def test_llama3_bands(setup):
     """lambda_d < L/high_freq_factor: theta_d exactly; lambda_d > L/low_freq_factor: theta_d/s exactly;
     in between strictly between the two."""
     head_dim, cfg, _ = setup
-    f, a = inv_freq(head_dim, cfg)
+    f, a = frequencies(head_dim, cfg)
     assert a == 1.0
     keep, interp = plain(head_dim, cfg)[0], interpolated(head_dim, cfg)[0]
     L = cfg.original_context
@@ -254,7 +255,7 @@ def test_scale_one_is_plain_rope(setup, data):
     seq_len = None
     if cfg.is_dynamic:
         seq_len = data.draw(st.none() | st.integers(1, cfg.original_context))
-    f, a = inv_freq(head_dim, cfg, seq_len)
+    f, a = frequencies(head_dim, cfg, seq_len)
     assert torch.equal(f, plain(head_dim, cfg)[0])
     assert a == 1.0
 
@@ -268,8 +269,8 @@ def test_position_interpolation_is_plain_rope_at_m_over_s(head, base, s, positio
     beyond that only the fp32 rounding of cos and sin remains."""
     head_dim, p, _ = head
     lin = RopeConfig(type="linear", factor=s, base=base, partial_rotary_factor=p)
-    f, a = inv_freq(head_dim, lin)
-    f0, a0 = inv_freq(head_dim, RopeConfig(base=base, partial_rotary_factor=p))
+    f, a = frequencies(head_dim, lin)
+    f0, a0 = frequencies(head_dim, RopeConfig(base=base, partial_rotary_factor=p))
     assert a == a0 == 1.0
     m = torch.tensor(positions, dtype=torch.int64)
     cos, sin = cos_sin_table(f, a, m)
@@ -287,9 +288,9 @@ def test_dynamic_is_plain_rope_until_L_and_departs_beyond(head, kind, base, L, d
     cfg = RopeConfig(type=kind, base=base, original_context=L, partial_rotary_factor=p)  # factor 1
     reference = plain(head_dim, cfg)
     within = data.draw(st.none() | st.integers(1, L), label="seq_len <= L")
-    assert same(inv_freq(head_dim, cfg, within), reference)
+    assert same(frequencies(head_dim, cfg, within), reference)
     beyond = data.draw(st.integers(L + 1, 64 * L), label="seq_len > L")
-    assert not same(inv_freq(head_dim, cfg, beyond), reference)
+    assert not same(frequencies(head_dim, cfg, beyond), reference)
 
 
 @pytest.mark.parametrize("alpha, stretch", [(1, 2), (2, 2), (8, 2), (4, 3), (8, 16)])
@@ -298,9 +299,10 @@ def test_dynamic_ntk_factor_is_alpha(alpha, stretch):
     (Hugging Face's formula): factor 8 at 2L is already s = 9, unlike dynamic_yarn, whose factor is its smallest s."""
     L = 256
     cfg = RopeConfig(type="dynamic", factor=float(alpha), original_context=L)
-    assert same(inv_freq(128, cfg, L), plain(128, cfg))
+    assert same(frequencies(128, cfg, L), plain(128, cfg))
     s = alpha * stretch - (alpha - 1)
-    assert same(inv_freq(128, cfg, stretch * L), inv_freq(128, RopeConfig(type="ntk", factor=float(s))))
+    ntk = RopeConfig(type="ntk", factor=float(s))
+    assert same(frequencies(128, cfg, stretch * L), frequencies(128, ntk))
 
 
 def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
@@ -309,7 +311,7 @@ def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
     cfg = RopeConfig(type="yarn", factor=4.0, original_context=128)
     assert rope.correction_dim(cfg.beta_fast, 64, cfg.base, 128) < 0
     assert rope.ramp_bounds(64, cfg)[0] == 0
-    f, _ = inv_freq(64, cfg)
+    f, _ = frequencies(64, cfg)
     assert f[0].item() == 1.0 and f[1].item() < plain(64, cfg)[0][1].item()
 
 
@@ -338,9 +340,10 @@ def test_dynamic_yarn_at_length_sL_is_static_yarn_at_s(setup, data):
     L = cfg.original_context
     seq_len = data.draw(st.integers(L, 64 * L), label="seq_len")
     stretched = cfg.replace(factor=1.0)
-    assert same(inv_freq(head_dim, stretched, seq_len), inv_freq(head_dim, cfg.replace(type="yarn", factor=seq_len / L)))
+    yarn = cfg.replace(type="yarn", factor=seq_len / L)
+    assert same(frequencies(head_dim, stretched, seq_len), frequencies(head_dim, yarn))
     short = data.draw(st.integers(1, max(1, int(cfg.factor * L))), label="seq_len <= factor * L")
-    assert same(inv_freq(head_dim, cfg, short), inv_freq(head_dim, cfg.replace(type="yarn")))
+    assert same(frequencies(head_dim, cfg, short), frequencies(head_dim, cfg.replace(type="yarn")))
 
 
 @settings(max_examples=60, deadline=None)
@@ -350,10 +353,10 @@ def test_yarn_multiplies_logits_by_temperature(head, base, L, s, m, n, seed):
     (Full rotary: with partial rotary the factor only reaches the rotated channels, as in transformers.)"""
     head_dim, p, _ = head
     cfg = RopeConfig(type="yarn", factor=s, base=base, original_context=L, partial_rotary_factor=p)
-    f, a = inv_freq(head_dim, cfg)
+    f, a = frequencies(head_dim, cfg)
     root = 0.1 * math.log(s) + 1
     assert a == pytest.approx(root, rel=1e-12)
-    f1, a1 = inv_freq(head_dim, cfg.replace(attention_factor=1.0))
+    f1, a1 = frequencies(head_dim, cfg.replace(attention_factor=1.0))
     assert torch.equal(f, f1) and a1 == 1.0
     q, k = random_vectors(seed, 2, head_dim)
 
@@ -366,7 +369,7 @@ def test_yarn_multiplies_logits_by_temperature(head, base, L, s, m, n, seed):
 
 @pytest.mark.parametrize("s, root", [(2, 1.0693), (4, 1.1386), (8, 1.2079), (16, 1.2773), (32, 1.3466)])
 def test_yarn_temperature_values(s, root):
-    _, a = inv_freq(128, RopeConfig(type="yarn", factor=float(s), original_context=4096))
+    _, a = frequencies(128, RopeConfig(type="yarn", factor=float(s), original_context=4096))
     assert round(a, 4) == root
     assert round(rope.yarn_mscale(s), 4) == root
 
@@ -378,7 +381,7 @@ def test_ntk_aware_interpolates_only_the_last_pair(head, base, s):
     the others lie between theta/s and theta."""
     head_dim, p, _ = head
     cfg = RopeConfig(type="ntk", factor=s, base=base, partial_rotary_factor=p)
-    f, a = inv_freq(head_dim, cfg)
+    f, a = frequencies(head_dim, cfg)
     assert a == 1.0
     keep, interp = plain(head_dim, cfg)[0], interpolated(head_dim, cfg)[0]
     torch.testing.assert_close(f[-1], interp[-1], rtol=2.0**-22, atol=0.0)
@@ -397,7 +400,7 @@ def test_ntk_aware_interpolates_only_the_last_pair(head, base, s):
 def test_logits_depend_only_on_relative_position(setup, m, n, delta, seed):
     """<R(m) q, R(n) k> = <R(m + delta) q, R(n + delta) k> for every variant (fp32 rotation: rtol 1e-4 of a^2|q||k|)."""
     head_dim, cfg, seq_len = setup
-    f, a = inv_freq(head_dim, cfg, seq_len)
+    f, a = frequencies(head_dim, cfg, seq_len)
     cos, sin = cos_sin_table(f, a, torch.tensor([m, n, m + delta, n + delta]))
     q, k = random_vectors(seed, 2, head_dim)
     rq = apply_rope(q.expand(4, head_dim), cos, sin)
@@ -411,7 +414,7 @@ def test_logits_depend_only_on_relative_position(setup, m, n, delta, seed):
 def test_rotation_scales_norm_by_attention_factor(setup, positions, seed):
     """|R(m) x| = a |x| on the rotated channels; the others pass through unchanged."""
     head_dim, cfg, seq_len = setup
-    f, a = inv_freq(head_dim, cfg, seq_len)
+    f, a = frequencies(head_dim, cfg, seq_len)
     dim = 2 * f.numel()
     cos, sin = cos_sin_table(f, a, torch.tensor(positions))
     x = random_vectors(seed, len(positions), head_dim)
@@ -452,7 +455,7 @@ def test_no_unseen_angles(ext, beta, truncate):
     s = Lp / L
     last = Lp - 1  # the largest position inside the extended window
     common = dict(base=base, partial_rotary_factor=p)
-    theta = inv_freq(head_dim, RopeConfig(**common))[0].double()
+    theta = frequencies(head_dim, RopeConfig(**common))[0].double()
     dim = 2 * theta.numel()
     unseen = 2 * math.pi / rope.base_inv_freq(dim, base) >= L  # lambda_d >= L
     assert unseen.any()
@@ -464,10 +467,10 @@ def test_no_unseen_angles(ext, beta, truncate):
           for kind in ("ntk_by_parts", "yarn")),
     ]
     for cfg in extended:
-        f = inv_freq(head_dim, cfg)[0].double()
+        f = frequencies(head_dim, cfg)[0].double()
         assert torch.all(last * f[unseen] <= bound), cfg.type
     assert torch.all(last * theta[unseen] > bound)  # plain RoPE goes beyond
-    ntk = inv_freq(head_dim, RopeConfig(type="ntk", factor=s, **common))[0].double()
+    ntk = frequencies(head_dim, RopeConfig(type="ntk", factor=s, **common))[0].double()
     assert last * ntk[-1] <= L * theta[-1]  # the last pair is interpolated
     d = torch.arange(dim // 2, dtype=torch.float64)
     ideal = last * s ** (-2 * d / (dim - 2)) / L - 1  # relative excess of NTK-aware's angle, exact arithmetic
@@ -507,7 +510,7 @@ def test_beta_fast_not_above_beta_slow_rejected(kind, slow, less):
 def test_odd_head_dim_rejected(kind, half):
     cfg = RopeConfig(type=kind, factor=2.0, original_context=4096, **unit_divisors(kind, half))
     with pytest.raises(ValueError, match=r"head_dim"):
-        inv_freq(2 * half + 1, cfg)
+        frequencies(2 * half + 1, cfg)
 
 
 @pytest.mark.parametrize("head_dim, partial", [(10, 0.5), (64, 0.25 + 1 / 64), (6, 0.5), (20, 0.25)])
@@ -515,7 +518,7 @@ def test_odd_partial_rotary_dim_rejected(head_dim, partial):
     assert int(head_dim * partial) % 2 == 1
     cfg = RopeConfig(type="yarn", factor=2.0, original_context=4096, partial_rotary_factor=partial)
     with pytest.raises(ValueError, match=r"partial_rotary_factor"):
-        inv_freq(head_dim, cfg)
+        frequencies(head_dim, cfg)
 
 
 @settings(max_examples=30, deadline=None)
@@ -592,7 +595,7 @@ def test_interleaved_layout_is_a_permutation_of_half_split(setup, positions, see
     head_dim, cfg, seq_len = setup
     perm = hf.interleaved_to_half_split(head_dim)
     assert torch.equal(perm.sort().values, torch.arange(head_dim))
-    f, a = inv_freq(head_dim, cfg, seq_len)
+    f, a = frequencies(head_dim, cfg, seq_len)
     cos, sin = cos_sin_table(f, a, torch.tensor(positions))
     x = random_vectors(seed, len(positions), head_dim)
     expected = rotate_interleaved(x, cos, sin)[..., perm]
@@ -776,7 +779,7 @@ def test_to_hf_round_trip_is_exact(setup, mp):
         mp = cfg.original_context
     params = hf.to_hf(cfg, head_dim)
     assert params["rope_type"] == EXPRESSED_AS.get(cfg.type, cfg.type)
-    assert same(hf.hf_inv_freq(params, head_dim, mp, seq_len), inv_freq(head_dim, cfg, seq_len))
+    assert same(hf.hf_inv_freq(params, head_dim, mp, seq_len), frequencies(head_dim, cfg, seq_len))
 
 
 @settings(max_examples=30, deadline=None)
@@ -799,7 +802,7 @@ def test_tables_are_fp32_with_float64_angles(setup, positions):
     """cos/sin tables are fp32, but the angle m theta'_d is formed in float64: at m = 1,000,000 an fp32 angle
     would be off by up to ~0.03 rad."""
     head_dim, cfg, seq_len = setup
-    f, a = inv_freq(head_dim, cfg, seq_len)
+    f, a = frequencies(head_dim, cfg, seq_len)
     assert f.dtype == torch.float32
     positions = positions + [10**6]
     cos, sin = cos_sin_table(f, a, torch.tensor(positions))
@@ -838,12 +841,12 @@ def test_longrope_long_factors_apply_only_past_L(setup, data):
     within = data.draw(st.none() | st.integers(1, L), label="l' <= L")
     beyond = data.draw(st.integers(L + 1, 64 * L), label="l' > L")
     others = tuple(2.0 * f + 1.0 for f in cfg.short_factor)  # another divisor on every pair
-    short, a_short = inv_freq(head_dim, cfg, within)
+    short, a_short = frequencies(head_dim, cfg, within)
     assert_divided(short, divided(head_dim, cfg, cfg.short_factor))
-    assert same((short, a_short), inv_freq(head_dim, cfg.replace(long_factor=others), within))
-    long, a_long = inv_freq(head_dim, cfg, beyond)
+    assert same((short, a_short), frequencies(head_dim, cfg.replace(long_factor=others), within))
+    long, a_long = frequencies(head_dim, cfg, beyond)
     assert_divided(long, divided(head_dim, cfg, cfg.long_factor))
-    assert same((long, a_long), inv_freq(head_dim, cfg.replace(short_factor=others), beyond))
+    assert same((long, a_long), frequencies(head_dim, cfg.replace(short_factor=others), beyond))
     assert a_short == a_long
 
 
@@ -851,9 +854,9 @@ def test_longrope_switches_at_L_exactly():
     """Phi-3-mini-128k's shape (L = 4096, s = 32, |D| = 96): the short factors at l' = L, the long ones at L + 1."""
     cfg = RopeConfig(type="longrope", factor=32.0, original_context=4096, short_factor=(1.0,) * 48,
                      long_factor=tuple(1.0 + d for d in range(48)))
-    assert same(inv_freq(96, cfg, 4096), inv_freq(96, cfg))
-    assert_divided(inv_freq(96, cfg, 4096)[0], divided(96, cfg, cfg.short_factor))
-    assert_divided(inv_freq(96, cfg, 4097)[0], divided(96, cfg, cfg.long_factor))
+    assert same(frequencies(96, cfg, 4096), frequencies(96, cfg))
+    assert_divided(frequencies(96, cfg, 4096)[0], divided(96, cfg, cfg.short_factor))
+    assert_divided(frequencies(96, cfg, 4097)[0], divided(96, cfg, cfg.long_factor))
 
 
 @settings(max_examples=60, deadline=None)
@@ -865,7 +868,7 @@ def test_longrope_unit_factors_are_plain_rope(setup, unit_attention, data):
     cfg = cfg.replace(short_factor=ones, long_factor=ones)
     cfg = cfg.replace(attention_factor=1.0) if unit_attention else cfg.replace(factor=1.0)
     seq_len = data.draw(seq_lens(cfg.original_context), label="l'")
-    assert same(inv_freq(head_dim, cfg, seq_len), plain(head_dim, cfg))
+    assert same(frequencies(head_dim, cfg, seq_len), plain(head_dim, cfg))
 
 
 @pytest.mark.parametrize("s, L, attention_factor, expected", [
@@ -878,7 +881,7 @@ def test_longrope_attention_factor_values(s, L, attention_factor, expected):
     cfg = RopeConfig(type="longrope", factor=s, original_context=L, attention_factor=attention_factor,
                      **unit_divisors("longrope", 8))
     for seq_len in (None, L, L + 1):
-        assert inv_freq(16, cfg, seq_len)[1] == pytest.approx(expected, rel=1e-15)
+        assert frequencies(16, cfg, seq_len)[1] == pytest.approx(expected, rel=1e-15)
 
 
 @pytest.mark.parametrize("name", ["short_factor", "long_factor"])
@@ -892,8 +895,9 @@ def test_longrope_missing_factors_rejected(name, value):
 @settings(max_examples=40, deadline=None)
 @given(head=heads(), name=st.sampled_from(["short_factor", "long_factor"]), data=st.data())
 def test_longrope_factors_of_the_wrong_length_rejected(head, name, data):
-    """The lists must have |D|/2 entries for the head they meet: rope.rotary_dim (so rope.inv_freq) and
-    ModelConfig raise naming the field, the count and the |D|/2 expected."""
+    """The lists must have |D|/2 entries for the head they meet: rope.rotary_dim (so
+    rope.frequencies) and ModelConfig raise naming the field, the count and the |D|/2
+    expected."""
     from model import ModelConfig
 
     head_dim, p, dim = head
@@ -904,7 +908,7 @@ def test_longrope_factors_of_the_wrong_length_rejected(head, name, data):
     with pytest.raises(ValueError, match=match):
         rope.rotary_dim(head_dim, cfg)
     with pytest.raises(ValueError, match=match):
-        inv_freq(head_dim, cfg)
+        frequencies(head_dim, cfg)
     with pytest.raises(ValueError, match=match):
         ModelConfig(n_head=2, d_model=2 * head_dim, rope=cfg)
 
@@ -929,15 +933,15 @@ def test_longrope_divisors_too_small_for_fp32_rejected():
     list in use is computed, so the other may be anything positive)."""
     cfg = RopeConfig(type="longrope", factor=4.0, original_context=64, short_factor=(1.0,) * 8,
                      long_factor=(1e-300,) + (1.0,) * 7)
-    assert torch.isfinite(inv_freq(16, cfg)[0]).all()
+    assert torch.isfinite(frequencies(16, cfg)[0]).all()
     with pytest.raises(ValueError, match=r"rope long_factor has entries so small"):
-        inv_freq(16, cfg, 65)
+        frequencies(16, cfg, 65)
 
 
 def test_longrope_attention_factor_needs_L_above_one():
     """sqrt(1 + ln s / ln L) divides by ln L = 0 at L = 1: a ValueError, unless attention_factor is given."""
     cfg = RopeConfig(type="longrope", factor=4.0, original_context=1, **unit_divisors("longrope", 8))
     with pytest.raises(ValueError, match=r"original_context >= 2"):
-        inv_freq(16, cfg)
-    assert inv_freq(16, cfg.replace(attention_factor=1.5))[1] == 1.5
-    assert inv_freq(16, cfg.replace(factor=1.0))[1] == 1.0
+        frequencies(16, cfg)
+    assert frequencies(16, cfg.replace(attention_factor=1.5))[1] == 1.5
+    assert frequencies(16, cfg.replace(factor=1.0))[1] == 1.0

@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the
 
 import checkpoint  # noqa: E402
 import flags  # noqa: E402
+import generate  # noqa: E402
 import sample  # noqa: E402
 from data.tokenizer import EOT, StreamDecoder, get_tokenizer  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
@@ -92,10 +93,18 @@ def main(capsys, *args):
     return code, out, err
 
 
-def generate_tokens(model, tokens, n, temperature=0.8, top_k=200, generator=None, stop_token=None, rule="follow"):
-    """model.generate on a list of ids, yielding ids."""
-    idx = torch.tensor([tokens])
-    return [int(t[0]) for t in model.generate(idx, n, temperature, top_k, stop_token, generator, rule=rule)]
+def generate_tokens(model, tokens, n, temperature=0.8, top_k=200, generator=None, stop_token=None,
+                    rule="follow"):
+    """generate.generate on a list of ids, sampling as sample.py does: the new ids."""
+    choose = generate.sampler(temperature, top_k, generator)
+    new = generate.generate(model, torch.tensor([tokens]), n, choose, rule, stop_token=stop_token)
+    return [int(t[0]) for t in new]
+
+
+def generate_text(model, tok, prompt, n, on_text=None, on_warning=None, **settings):
+    """sample.generate_text of n new tokens under sample.py's other settings (SampleConfig)."""
+    args = sample.SampleConfig(ckpt="-", max_new_tokens=n, **settings)
+    return sample.generate_text(model, tok, prompt, args, on_text=on_text, on_warning=on_warning)
 
 
 def reference_greedy(model, tokens, n, rule):
@@ -103,7 +112,8 @@ def reference_greedy(model, tokens, n, rule):
     with the l' the rule gives for that sequence's length."""
     idx = torch.tensor([tokens])
     for _ in range(n):
-        logits = model(idx, rope_length=model.rope_length(idx.shape[1], len(tokens) + n, rule))[:, -1]
+        seq_len = generate.rope_seq_len(model.config.rope, idx.shape[1], len(tokens) + n, rule)
+        logits = model(idx, seq_len=seq_len)[:, -1]
         idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx[0, len(tokens):].tolist()
 
@@ -152,7 +162,8 @@ def test_greedy_cli_is_deterministic(ckpt, capsys):
 
 
 def test_compile_prints_the_same_greedy_text(ckpt, capsys):
-    """--compile decodes through the compiled step (model.compiled_step, inductor here): the eager path's text."""
+    """--compile decodes through the compiled step (generate.compiled_step, inductor here): the
+    eager path's text."""
     args = ("--ckpt", ckpt, "--prompt", "Once upon", "--max_new_tokens", 12, "--temperature", 0)
     eager, compiled = main(capsys, *args), main(capsys, *args, "--compile")
     assert eager[0] == compiled[0] == 0 and eager[1].strip() and compiled[1] == eager[1]
@@ -199,7 +210,7 @@ def test_prompt_file(ckpt, tmp_path, capsys):
     code, out, _ = main(capsys, "--ckpt", ckpt, "--prompt_file", good, "--max_new_tokens", 5, "--temperature", 0)
     assert code == 0
     model, _ = checkpoint.load_model(ckpt)
-    assert out == sample.generate_text(model, get_tokenizer(), "naïve café", 5, temperature=0) + "\n"
+    assert out == generate_text(model, get_tokenizer(), "naïve café", 5, temperature=0) + "\n"
 
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("naïve café".encode("latin-1"))
@@ -235,7 +246,7 @@ def test_greedy_equals_no_cache_reference(tok, prompt):
     assert cached == reference_greedy(model, tokens, n, "follow")
     decoder = StreamDecoder(tok)
     expected = decoder.push(cached) + decoder.flush()
-    assert sample.generate_text(model, tok, prompt, n, temperature=0, stop_at_eot=False) == expected
+    assert generate_text(model, tok, prompt, n, temperature=0, stop_at_eot=False) == expected
 
 
 @pytest.mark.parametrize("rule", ["follow", "capacity"])
@@ -251,7 +262,7 @@ def test_greedy_equals_reference_for_dynamic_yarn_past_the_context(tok, rule):
 
 def test_on_text_streams_pieces(tok):
     pieces = []
-    text = sample.generate_text(random_model(), tok, "Hi", 12, temperature=0, on_text=pieces.append)
+    text = generate_text(random_model(), tok, "Hi", 12, temperature=0, on_text=pieces.append)
     assert len(pieces) > 1 and "".join(pieces) == text
 
 
@@ -259,8 +270,9 @@ def test_stop_at_eot(tok, eot_ckpt, capsys):
     model = eot_model()
     gen = torch.Generator().manual_seed(0)
     assert list(generate_tokens(model, [464], 5, temperature=1.0, generator=gen, stop_token=EOT)) == [EOT]
-    assert sample.generate_text(model, tok, "The", 5, temperature=0) == ""
-    assert sample.generate_text(model, tok, "The", 3, temperature=0, stop_at_eot=False) == "<|endoftext|>" * 3
+    assert generate_text(model, tok, "The", 5, temperature=0) == ""
+    text = generate_text(model, tok, "The", 3, temperature=0, stop_at_eot=False)
+    assert text == "<|endoftext|>" * 3
     code, out, _ = main(capsys, "--ckpt", eot_ckpt, "--prompt", "The", "--max_new_tokens", 5)
     assert code == 0 and out == "\n"
     code, out, _ = main(capsys, "--ckpt", eot_ckpt, "--max_new_tokens", 2, "--stop_at_eot=false")
@@ -288,8 +300,8 @@ def test_truncate_prompt_keeps_the_last_tokens(tok):
     model = random_model()
     tokens = tok.encode_ordinary(LONG_PROMPT)
     warnings = []
-    text = sample.generate_text(model, tok, LONG_PROMPT, 4, temperature=0, stop_at_eot=False, truncate_prompt=True,
-                                on_warning=warnings.append)
+    text = generate_text(model, tok, LONG_PROMPT, 4, temperature=0, stop_at_eot=False,
+                         truncate_prompt=True, on_warning=warnings.append)
     decoder = StreamDecoder(tok)
     expected = list(generate_tokens(model, tokens[-28:], 4, temperature=0))
     assert text == decoder.push(expected) + decoder.flush() and len(warnings) == 1
@@ -297,8 +309,8 @@ def test_truncate_prompt_keeps_the_last_tokens(tok):
 
 def test_max_new_tokens_lowered_to_fit(tok):
     warnings = []
-    text = sample.generate_text(eot_model(), tok, "a b c", 100, temperature=0, stop_at_eot=False,
-                                on_warning=warnings.append)
+    text = generate_text(eot_model(), tok, "a b c", 100, temperature=0, stop_at_eot=False,
+                         on_warning=warnings.append)
     assert text == "<|endoftext|>" * (32 - 3) and "lowered from 100 to 29" in warnings[0]
 
 
@@ -338,10 +350,12 @@ def test_rope_override_changes_output_past_the_context_and_not_the_weights(ckpt,
     model, _ = checkpoint.load_model(ckpt)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     short = "The quick brown fox"  # with the new tokens, within the original context L = 32
-    before = [sample.generate_text(model, tok, p, 12, temperature=0, max_context=64) for p in (short, LONG_PROMPT)]
+    before = [generate_text(model, tok, p, 12, temperature=0, max_context=64)
+              for p in (short, LONG_PROMPT)]
     model.set_rope(sample.rope_with_overrides(model.config, {"type": "dynamic_yarn"}))
     assert model.config.rope.original_context == 32  # the checkpoint's block_size, since plain RoPE has no L
-    after = [sample.generate_text(model, tok, p, 12, temperature=0, max_context=64) for p in (short, LONG_PROMPT)]
+    after = [generate_text(model, tok, p, 12, temperature=0, max_context=64)
+             for p in (short, LONG_PROMPT)]
     assert after[0] == before[0]  # Dynamic YaRN is plain RoPE while l' <= L
     assert after[1] != before[1]  # and rescales past it
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 import checkpoint
 import config
+import flags as flags_lib
+import generate
 import system
 import train
 from data.prepare import PrepareConfig, prepare
@@ -72,6 +74,11 @@ def events(out_dir: Path, kind: str) -> dict[int, float]:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load(path)["model"]
+
+
+def cli(argv) -> int:
+    """train.py's command line in this process: its exit code."""
+    return flags_lib.cli(train.main, argv, errors=train.ERRORS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,8 +136,8 @@ def test_pretrain_then_extend_with_yarn_then_finetune_then_sample(data_dir, pret
     model, _ = checkpoint.load_model(ext)
     enc = get_tokenizer()
     prompt = torch.tensor([enc.encode("def wrap(text, width=70):\n    " * 5)[: 2 * L]])
-    out = list(model.generate(prompt, max_new_tokens=8, temperature=0.8, top_k=50,
-                              generator=torch.Generator().manual_seed(0)))
+    choose = generate.sampler(temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(0))
+    out = list(generate.generate(model, prompt, 8, choose))
     assert len(out) == 8 and all(0 <= int(t) < enc.n_vocab for t in out)
     assert isinstance(enc.decode([int(t) for t in out]), str)
 
@@ -223,7 +230,7 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
 
 
 def test_grad_accum_must_divide_among_processes(data_dir, tmp_path):
-    start = train.decide_start(*config.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
+    start = train.init_from(*config.parse_args(flags(data_dir, tmp_path, grad_accum=3)))
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         train.setup(start, train.Dist(rank=0, local_rank=0, world=2))
 
@@ -317,14 +324,14 @@ def test_cli_errors_exit_2_without_a_traceback_and_help_lists_the_fields(capsys)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --max_steps") and "Traceback" not in proc.stderr
     with pytest.raises(SystemExit) as e:  # argparse prints the help and exits 0
         train.main(["--help"])
-    assert e.value.code == 0 and train.cli(["--help"]) == 0
+    assert e.value.code == 0 and cli(["--help"]) == 0
     text = capsys.readouterr().out
     assert all(f"--{key}" in text for key in ("lr", "init_from", "d_model", "rope.factor", "rope.original_context"))
-    # what each field means, from the comment beside it in its class
+    # what each field means, from the table in its class's docstring
     assert all(meaning for _, _, meaning in config.FLAGS.values()), [k for k, v in config.FLAGS.items() if not v[2]]
     assert "peak learning rate, after a linear warmup (default 0.001)" in " ".join(text.split())
     assert "the paper's beta" in text and "L, the pretraining context" in " ".join(text.split())
-    assert train.cli(["--compile=maybe"]) == 2
+    assert cli(["--compile=maybe"]) == 2
     assert capsys.readouterr().err.startswith("error: --compile expects a bool")
 
 
@@ -382,11 +389,12 @@ def test_extension_keeps_how_the_model_was_pretrained_and_changes_only_rope_and_
     base = ModelConfig(d_model=64, n_head=2, block_size=L,
                              rope=RopeConfig(base=500000.0, partial_rotary_factor=0.5))
     given = {"d_model": 64, "block_size": 4 * L, "rope": {"type": "yarn", "factor": 4.0}}  # d_model repeats base's
-    ext = train.extended_model_config(base, given)
+    ext = checkpoint.extended_config(base, given)
     assert (ext.d_model, ext.block_size) == (64, 4 * L)
     assert (ext.rope.type, ext.rope.factor, ext.rope.original_context) == ("yarn", 4.0, L)
     assert (ext.rope.base, ext.rope.partial_rotary_factor) == (500000.0, 0.5)
-    explicit = train.extended_model_config(base, {"rope": {"type": "linear", "factor": 2.0, "original_context": 16}})
+    linear = {"type": "linear", "factor": 2.0, "original_context": 16}
+    explicit = checkpoint.extended_config(base, {"rope": linear})
     assert explicit.rope.original_context == 16 and explicit.block_size == L
 
 
@@ -394,8 +402,9 @@ def test_resume_applies_the_flags_given_on_top_of_the_saved_run_config(tmp_path)
     saved = {"model_config": ModelConfig(d_model=64, n_head=2, block_size=L).to_dict(), "step": 5, "optimizer": {},
              "run_config": asdict(config.RunConfig(max_steps=10, lr=1e-3, stop_at_step=5))}
 
-    def resume(state, **given):  # out_dir's checkpoint as already loaded (decide_start loads it otherwise)
-        return train.decide_start({"init_from": "resume", "out_dir": str(tmp_path), **given}, {}, state)
+    def resume(state, **given):  # out_dir's checkpoint, as loaded (init_from loads it otherwise)
+        run = {"init_from": "resume", "out_dir": str(tmp_path), **given}
+        return train.init_from(run, {}, state)
 
     start = resume(saved, max_steps=20)
     assert start.phase == "resume" and start.model_config.d_model == 64
@@ -431,7 +440,7 @@ def nan_at_step(monkeypatch, nan_step: int):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "nan"
     nan_at_step(monkeypatch, 5)
-    assert train.cli(flags(data_dir, out, max_steps=20, ckpt_interval=2)) == 1
+    assert cli(flags(data_dir, out, max_steps=20, ckpt_interval=2)) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: loss is nan at step 5; stopped without saving:") and "step 4" in err, err
     state = checkpoint.load(out / "ckpt.pt")
