@@ -12,7 +12,9 @@ Retrieval (the toy stand-in for the paper's passkey test, which needs an instruc
 tokens of held-out text with a random needle of n tokens planted at depth d and repeated at the end; teacher-forced,
 the model is scored on the last n - cue tokens of the repeat (top-1; a trial whose every token is right is an exact
 match: greedy decoding from the cue would write the whole needle). Depth d leaves (1 - d)(T - 2n) tokens between.
-The same trials with no needle planted (only its repeat at the end) are the control that must sit at chance.
+The same trials with no needle planted (only its repeat at the end) are the control:
+without the needle no model can beat its ceiling (below), and the lift, the trial's recall
+with the needle minus without, is what the needle gives.
 """
 
 import math
@@ -126,14 +128,25 @@ def chance(answer) -> float:
     return total / len(answer)
 
 
+def ceiling(n_scored: int, cue: int, alphabet: int, distinct: bool = True) -> float:
+    """The best expected top-1 recall without the needle. Its tokens are distinct uniform draws
+    from `alphabet` symbols (independent ones where the needle is longer than the alphabet); after
+    the cue and j teacher-forced tokens, cue + j of them are known, so no guess beats
+    1/(alphabet - cue - j) (1/alphabet for independent draws): the mean over the scored tokens
+    j = 0 .. n_scored - 1 (0.0635 for 12 letters after a cue of 4)."""
+    per_token = [1 / (alphabet - cue - j) if distinct else 1 / alphabet for j in range(n_scored)]
+    return float(np.mean(per_token))
+
+
 @torch.no_grad()
 def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: list[int], needle_len: int = 16,
               cue: int = 4, device="cpu", seq_len: int | None = None, seed: int = 0,
               batch_size: int = 8, control: bool = True) -> dict:
     """Recall of a planted needle at each depth, in sequences of exactly `context` tokens. Trial t uses the same
     needle and filler for every model and depth (seeded by seed and t). Returns acc {depth: mean}, trial_acc
-    {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per trial), mean, and
-    with `control` no_needle (per-trial accuracy with no needle planted)."""
+    {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per
+    trial), ceiling (per trial: the best recall without the needle), mean, and with `control`
+    no_needle (per-trial accuracy with no needle planted)."""
     n_fill = context - 2 * needle_len
     if n_fill < 1 or not 0 < cue < needle_len or (depths and max(depths) >= 1):
         raise ValueError(f"context {context} too short for two needles of {needle_len}, or cue {cue} not in "
@@ -159,7 +172,9 @@ def retrieval(model, tokens, docs, context: int, depths, trials: int, vocab: lis
             out += (logits.argmax(-1) == x[:, -n_scored:]).float().mean(dim=1).tolist()
         return out
 
-    out = {"acc": {}, "trial_acc": {}, "distance": {}, "chance": [chance(n[cue:]) for n in needles]}
+    best = ceiling(n_scored, cue, len(vocab), distinct=needle_len <= len(vocab))
+    out = {"acc": {}, "trial_acc": {}, "distance": {}, "chance": [chance(n[cue:]) for n in needles],
+           "ceiling": [best] * trials}
     for depth in depths:
         out["trial_acc"][str(depth)] = hits([probe_sequence(f, n, depth) for f, n in zip(fillers, needles)])
         out["acc"][str(depth)] = float(np.mean(out["trial_acc"][str(depth)]))

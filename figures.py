@@ -107,24 +107,38 @@ def plot_temperature(plt, temp: dict, interval, fitted: float | None):
     return fig
 
 
-def plot_curves(plt, curves: dict[str, list[dict]], smooth, c: dict):
-    """Left: fine-tuning loss against step per method (trailing mean, then the mean over seeds, band from the
-    lowest to the highest seed); right: held-out NLL at L' at the start, the midpoint and the end."""
+def plot_curves(plt, curves: dict[str, list[dict]], smooth, c: dict, target: float | None,
+                decided: float):
+    """Left: fine-tuning loss against step per method (trailing mean, one line per seed); right:
+    held-out NLL at L' against step (log x), the mean over the seeds scored there (a thin line per
+    seed), with the efficiency target (YaRN's level after its budget) and the step count the claim
+    compares with (SPEEDUP x that budget)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (m, per_seed) in enumerate(curves.items()):
-        losses = np.array([smooth(x["train"]) for x in per_seed])
-        steps = np.arange(losses.shape[1])
-        left.plot(steps, losses.mean(0), color=f"C{i}", label=LABELS.get(m, m))
-        left.fill_between(steps, losses.min(0), losses.max(0), color=f"C{i}", alpha=0.2)
-        points = [x["val"] for x in per_seed if x["val"]]
-        if points:
-            at = sorted(points[0], key=int)
-            right.plot([int(k) for k in at], [np.mean([p[k] for p in points]) for k in at], "o-", color=f"C{i}",
-                       label=LABELS.get(m, m))
+        for j, x in enumerate(per_seed):
+            loss = smooth(x["train"])
+            left.plot(np.arange(len(loss)), loss, color=f"C{i}", lw=0.8, alpha=0.7,
+                      label=None if j else LABELS[m])
+            at = sorted(x["val"], key=int)
+            right.plot([int(k) for k in at], [x["val"][k] for k in at], color=f"C{i}", lw=0.6,
+                       alpha=0.5)
+        steps = sorted({int(k) for x in per_seed for k in x["val"]})
+        mean = [np.mean([x["val"][str(k)] for x in per_seed if str(k) in x["val"]]) for k in steps]
+        right.plot(steps, mean, "o-", ms=3, color=f"C{i}", label=LABELS.get(m, m))
+    if target is not None:
+        right.axhline(target, color="k", ls="--", lw=1,
+                      label=f"target: YaRN after {c['finetune_steps']} steps")
+        right.axvline(decided, color="gray", ls=":", lw=1, label=f"{decided:.0f} steps (2.5x)")
     left.set(xlabel="fine-tuning step", ylabel="training loss (nats, trailing mean)",
-             title=f"Fine-tuning at L' = {c['s'] * c['L']}, the same batches for every method")
-    right.set(xlabel="fine-tuning step", ylabel="held-out NLL at L' (nats)", title="Held-out loss during fine-tuning")
+             title=f"Fine-tuning at L' = {c['s'] * c['L']}, the same batches")
+    right.set(xlabel="fine-tuning step (0 = no fine-tuning)", ylabel="held-out NLL at L' (nats)",
+              title="Held-out NLL at L' against steps")
+    ticks = [0, *c.get("curve_steps", [c["finetune_steps"]])]
     for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=1, linscale=0.25)  # 0 to 1: a quarter decade
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.set_xlim(-0.2, ticks[-1] * 1.15)
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig

@@ -4,8 +4,10 @@ from the numbers, tables, figures (figures.py) and report.md.
 A claim "A beats B" pairs A and B by document (perplexity) or trial (retrieval), seed by seed; it is "yes" when
 the t-interval of the mean difference lies on A's side of 0 in every seed, "no" when on B's side in every seed,
 "within noise" otherwise, and "not run" when a stage it needs did not finish (a run cut part-way still reports what
-it has). The paper's claims (PRIMARY) are decided with Bonferroni-adjusted intervals, so that the chance of any
-false "yes" or "no" among them stays under 5%; every other claim is exploratory, at 95% each.
+it has). The paper's claims (PRIMARY) are decided with Bonferroni-adjusted intervals (t, or a
+bootstrap where the statistic is not a mean), so that the chance of any false "yes" or "no" among
+them stays under 5%; every other claim is exploratory, at 95% each; the ablation (a plain model)
+is a family of its own, exploratory too.
 
     python report.py --runs runs/cpu                  # rewrite results/cpu/ from whatever stages finished
     python report.py --runs runs/cpu --out somewhere/ --replicate results/cpu_seed1/results.json
@@ -29,13 +31,13 @@ from system import atomic_write, check_writable, read_json, write_json
 NOT_RUN = "not run"
 CONTROL_FAILED = "not decided (control failed)"
 LEVEL = 0.95  # each exploratory interval
-PRIMARY = 8  # interval comparisons among the paper's claims: 1 (x2), 2 (x2), 3 (x2), 4, 4b
-PRIMARY_LEVEL = 1 - 0.05 / PRIMARY  # Bonferroni: 99.375% each
-SMOOTH = 5  # steps in the trailing mean of a fine-tuning loss curve
+PRIMARY = 9  # interval comparisons among the paper's claims: 1 (x2), 2 (x2), 3 (x2), 4, 4b, 6
+PRIMARY_LEVEL = 1 - 0.05 / PRIMARY  # Bonferroni: 99.44% each
+SMOOTH = 5  # steps in the trailing mean of a fine-tuning loss curve (the figure)
 SPEEDUP = 2.5  # the project page: YaRN needs "2.5x less training steps"
 A_PAPER, A_MARGIN = 0.1, 0.05  # sqrt(1/t) = a ln s + 1: the paper's a, and how far from it still counts as equal
 EQUAL_NATS = 0.01  # "as good as": not worse by more than this per token
-BOOTSTRAP = 2000
+BOOTSTRAP = 10_000  # resamples of the documents: ~28 beyond each end of a 99.44% interval
 
 # What this report reads of each file in a runs folder (system.shape_problem): a file of another
 # shape is an error that names it, not a traceback
@@ -161,27 +163,21 @@ def method_runs(res: dict) -> tuple[dict[str, list], dict[str, list]]:
 
 # Claims
 def claims(res: dict) -> list[dict]:
-    """The paper's claims, each decided from the numbers: {"claim", "held", "evidence", "primary"}."""
+    """The paper's claims, each decided from the numbers: {"claim", "held", "evidence", "primary",
+    "family"}."""
     c, out = res["config"], []
     L, Le, far = c["L"], c["L"] * c["s"], c["L"] * c["s_long"]
     nf, ft = method_runs(res)
     long = res["long"]
 
-    def add(claim, verdict, text, primary=False):
-        out.append({"claim": claim, "held": verdict, "evidence": text, "primary": primary})
-        return verdict
-
     def vs(claim, a, b, T, primary=False):
         result = compare(a, b, T, level=PRIMARY_LEVEL if primary else LEVEL)
-        return add(claim, result["verdict"], evidence(result), primary)
+        out.append(claimed(claim, result["verdict"], evidence(result), primary))
 
-    verdicts = [vs(f"1. No fine-tuning, at L'={Le}: YaRN beats {LABELS[m]}", nf["yarn"], nf[m], Le, m in ("linear",
-                   "ntk")) for m in ("linear", "ntk", "ntk_by_parts", "default")]
-    least = NOT_RUN if NOT_RUN in verdicts else "yes" if all(v == "yes" for v in verdicts) else \
-        "no" if "no" in verdicts else "within noise"
-    add(f"1. No fine-tuning, at L'={Le}: YaRN degrades least of the static methods", least,
-        "its stages did not finish" if least == NOT_RUN else
-        ", ".join(f"{LABELS[m]} {ppl(nf[m], Le):.3f}" for m in ("yarn", "linear", "ntk", "ntk_by_parts", "default")))
+    # YaRN against NTK-by-parts without fine-tuning is claim 4 (the same numbers): not a claim here
+    for m in ("linear", "ntk", "default"):
+        vs(f"1. No fine-tuning, at L'={Le}: YaRN beats {LABELS[m]}", nf["yarn"], nf[m], Le,
+           m != "default")
     vs(f"1b. No fine-tuning, beyond L' (at {2 * Le}): YaRN beats plain RoPE", nf["yarn"], nf["default"], 2 * Le)
     # at l' = L' a dynamic variant is its static one at s (tested); past it they part
     vs(f"1c. No fine-tuning, at {2 * Le}: Dynamic YaRN beats Dynamic NTK", nf["dynamic_yarn"], nf["dynamic"], 2 * Le)
@@ -195,16 +191,50 @@ def claims(res: dict) -> list[dict]:
            ft["yarn"], res["scratch_long"], Le)
     vs(f"2e. Short-context check, at L={L}: the pretrained model beats fine-tuned YaRN (extending costs there)",
        nf["default"], ft["yarn"], L)
-    for steps, runs in (res.get("budgets") or {}).items():
+    curves = res.get("curves") or {}
+    for steps in c.get("budgets", ()):
+        at = {m: [point_run(x, steps, Le) for x in curves.get(m, [])]
+              for m in ("yarn", "linear", "ntk")}
         for m in ("linear", "ntk"):
             vs(f"2f. Fine-tuned for {steps} steps instead of {c['finetune_steps']}, at L'={Le}: YaRN beats "
-               f"{LABELS[m]}", runs["yarn"], runs[m], Le)
+               f"{LABELS[m]}", at["yarn"], at[m], Le)
     for m in ("linear", "ntk"):
         vs(f"3. Train short, test long: at {far}, YaRN s={c['s_long']} fine-tuned at {Le} beats {LABELS[m]} "
            f"s={c['s_long']} fine-tuned alike", long["yarn"], long.get(m, [None]), far, True)
     out += temperature_claims(res["temperature"] or {}, c)
     out += retrieval_claims(res, L, Le)
-    out += efficiency_claims(res.get("curves") or {}, c)
+    out += efficiency_claims(curves, c)
+    if c.get("plain_steps"):
+        out += ablation_claims(res.get("plain") or {}, c)
+    return out
+
+
+def claimed(claim: str, verdict: str, text: str, primary: bool = False,
+            family: str | None = None) -> dict:
+    return {"claim": claim, "held": verdict, "evidence": text, "primary": primary,
+            "family": family or ("primary" if primary else "exploratory")}
+
+
+def point_run(curve: dict | None, step: int, Le: int) -> dict | None:
+    """A fine-tune's held-out NLL at L' after `step` steps, as an evaluation's run (None where it
+    was not scored)."""
+    docs = (curve or {}).get("doc_nll", {}).get(str(step))
+    if docs is None:
+        return None
+    return {"ppl": {str(Le): {"doc_nll": docs, "nll": float(np.mean(docs))}}}
+
+
+def ablation_claims(plain: dict, c: dict) -> list[dict]:
+    """Claims 1 and 2 again on the plain model of the ablation (no previous-token embeddings, no
+    recall mix), the first seed: exploratory, a family of its own."""
+    nf, ft, Le, out = plain.get("no_finetune", {}), plain.get("finetuned", {}), c["L"] * c["s"], []
+    for number, what, runs in (("A1", "no fine-tuning", {m: [r] for m, r in nf.items()}),
+                               ("A2", "fine-tuned with equal budgets (the first seed)", ft)):
+        for m in ("linear", "ntk"):
+            result = compare(runs.get("yarn", [None]), runs.get(m, [None]), Le)
+            out.append(claimed(f"{number}. Plain byte model, {what}, at L'={Le}: YaRN beats "
+                               f"{LABELS[m]}", result["verdict"], evidence(result),
+                               family="ablation"))
     return out
 
 
@@ -214,21 +244,28 @@ def temperature_grid(temp: dict, s: str) -> tuple[list[float], np.ndarray]:
     return [float(a) for a in keys], np.array([temp[s]["a"][a]["doc_nll"] for a in keys])
 
 
-def fitted_a(temp: dict, pick: dict | None = None) -> float:
-    """The a of sqrt(1/t) = a ln s + 1 that minimises the NLL summed over the swept s (each s's mean over its
-    documents, or over the documents pick[s] lists): the vertex of the parabola through the grid's best a and its
-    neighbours, or the grid's end when the best lies there."""
-    total = 0.0
+def fitted_a(temp: dict, resamples: np.ndarray | None = None):
+    """The a of sqrt(1/t) = a ln s + 1 that minimises the NLL summed over the swept s (each s's
+    mean over its documents): the vertex of the parabola through the grid's best a and its
+    neighbours, or the grid's end when the best lies there. With `resamples` (B x documents,
+    indices), one a per resample of the documents, the same resample at every s (they score the
+    same documents: paired), as an array."""
+    a_values, total = None, 0.0
     for s in temp:
-        a_values, nll = temperature_grid(temp, s)
-        total = total + (nll[:, pick[s]] if pick else nll).mean(axis=1)
-    i = int(np.argmin(total))
-    if i in (0, len(a_values) - 1):
-        return a_values[i]
-    (x0, x1, x2), (y0, y1, y2) = a_values[i - 1 : i + 2], total[i - 1 : i + 2]
+        a_values, nll = temperature_grid(temp, s)  # (a, document)
+        means = nll.mean(axis=1)[:, None] if resamples is None else nll[:, resamples].mean(axis=2)
+        total = total + means  # (a, resample)
+    a, rows, cols = np.array(a_values), total.shape[0], np.arange(total.shape[1])
+    i = total.argmin(axis=0)
+    mid = np.clip(i, 1, rows - 2)  # the parabola through (a, total) at mid - 1, mid, mid + 1
+    x0, x1, x2 = (a[mid + k] for k in (-1, 0, 1))
+    y0, y1, y2 = (total[mid + k, cols] for k in (-1, 0, 1))
     d1, d2 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
-    curvature = (d2 - d1) / (x2 - x0)  # p(x) = y0 + d1 (x - x0) + curvature (x - x0)(x - x1); p' = 0 at the vertex
-    return float((x0 + x1) / 2 - d1 / (2 * curvature)) if curvature > 0 else x1
+    curvature = (d2 - d1) / (x2 - x0)  # p(x) = y0 + d1 (x - x0) + curvature (x - x0)(x - x1)
+    safe = np.where(curvature > 0, curvature, 1.0)
+    vertex = np.where(curvature > 0, (x0 + x1) / 2 - d1 / (2 * safe), x1)  # where p' = 0
+    best = np.where((i == 0) | (i == rows - 1), a[i], vertex)
+    return float(best[0]) if resamples is None else best
 
 
 def cross_fitted(temp: dict, s: str) -> np.ndarray:
@@ -243,13 +280,14 @@ def cross_fitted(temp: dict, s: str) -> np.ndarray:
 
 
 def temperature_claims(temp: dict, c: dict) -> list[dict]:
-    """Claim 4 (primary): at the extension's s the paper's sqrt(1/t) beats none; 4b (primary): a fitted over every
-    s is within A_MARGIN of the paper's 0.1, by a bootstrap over documents; per s (exploratory), 4c: an a chosen on
-    half the documents beats none on the other half, 4d: the paper's is as good as that one (within EQUAL_NATS)."""
+    """Claim 4 (primary): at the extension's s the paper's sqrt(1/t) beats none; 4b (primary): a
+    fitted over every s is within A_MARGIN of the paper's 0.1, by a paired bootstrap over
+    documents; per s (exploratory), 4c: an a chosen on half the documents beats none on the other
+    half, 4d: the paper's is as good as that one (within EQUAL_NATS)."""
     out, scales = [], [str(s) for s in c["temp_scales"]]
 
     def add(claim, verdict, text, primary=False):
-        out.append({"claim": claim, "held": verdict, "evidence": text, "primary": primary})
+        out.append(claimed(claim, verdict, text, primary))
 
     s = str(c["s"])
     name = f"4. Temperature, s={s}: the paper's \u221a(1/t) = {rope.yarn_mscale(c['s']):.3f} beats none (1.0)"
@@ -262,16 +300,15 @@ def temperature_claims(temp: dict, c: dict) -> list[dict]:
     name = (f"4b. Temperature: a fitted over s = {', '.join(scales)} in \u221a(1/t) = a ln s + 1 is within "
             f"{A_MARGIN} of the paper's {A_PAPER}")
     if temp and all(s in temp for s in scales):
-        a = fitted_a(temp)
-        rng = np.random.default_rng(0)
-        sizes = {s: temperature_grid(temp, s)[1].shape[1] for s in temp}
-        boot = [fitted_a(temp, {s: rng.integers(0, n, n) for s, n in sizes.items()}) for _ in range(BOOTSTRAP)]
+        n = temperature_grid(temp, scales[0])[1].shape[1]  # every s scores the same documents
+        boot = fitted_a(temp, np.random.default_rng(0).integers(0, n, (BOOTSTRAP, n)))
         lo, hi = np.quantile(boot, [(1 - PRIMARY_LEVEL) / 2, (1 + PRIMARY_LEVEL) / 2])
         inside = A_PAPER - A_MARGIN <= lo and hi <= A_PAPER + A_MARGIN
         outside = hi < A_PAPER - A_MARGIN or lo > A_PAPER + A_MARGIN
         add(name, "yes" if inside else "no" if outside else "within noise",
-            f"fitted a = {a:.3f}; {100 * PRIMARY_LEVEL:.4g}% bootstrap interval [{lo:.3f}, {hi:.3f}] ({BOOTSTRAP} "
-            f"resamples of the documents; {', '.join(str(n) for n in sizes.values())} documents per s)", True)
+            f"fitted a = {fitted_a(temp):.3f}; {100 * PRIMARY_LEVEL:.4g}% paired bootstrap "
+            f"interval [{lo:.3f}, {hi:.3f}] ({BOOTSTRAP:,} resamples of the {n} documents, the "
+            "same resample at every s)", True)
     else:
         add(name, NOT_RUN, "its stage did not finish", True)
     for s in scales:
@@ -293,38 +330,61 @@ def temperature_claims(temp: dict, c: dict) -> list[dict]:
     return out
 
 
-def lift(runs: list, T: int, min_distance: int, no_needle: bool = False) -> list[tuple]:
-    """Per seed, the interval of (recall - chance) over trials: with the needle (depths more than min_distance
-    back), or the control without it."""
-    rows = []
+def beyond_chance(runs: list, T: int, min_distance: int) -> list[tuple]:
+    """Per seed, the interval over trials of (recall - chance), needles more than min_distance
+    back."""
+    return [interval(units(r, T, "retrieval", min_distance)
+                     - np.array(r["retrieval"][str(T)]["chance"]))
+            for r in runs if has(r, T, "retrieval")]
+
+
+def lift_beyond_ceiling(runs: list, T: int) -> tuple[list[tuple], str]:
+    """Per seed, the interval over trials of (lift - ceiling), and the means behind it in words.
+    The lift is the trial's recall with the needle minus its recall without it (the same filler
+    and cue); the ceiling, the best recall any guess reaches without the needle (eval.ceiling)."""
+    rows, parts = [], []
     for r in (r for r in runs if has(r, T, "retrieval")):
-        got = np.array(r["retrieval"][str(T)]["no_needle"]) if no_needle else units(r, T, "retrieval", min_distance)
-        rows.append(interval(got - np.array(r["retrieval"][str(T)]["chance"])))
-    return rows
+        at = r["retrieval"][str(T)]
+        if "ceiling" not in at:  # an evaluation older than the ceiling
+            continue
+        lift = units(r, T, "retrieval") - np.array(at["no_needle"])
+        rows.append(interval(lift - np.array(at["ceiling"])))
+        parts.append(f"lift {lift.mean():+.3f}, no-needle recall {np.mean(at['no_needle']):.3f}, "
+                     f"ceiling {np.mean(at['ceiling']):.4f}")
+    return rows, "; ".join(parts)
 
 
 def retrieval_claims(res: dict, L: int, Le: int) -> list[dict]:
-    """5: the control (the pretrained model at L) recalls beyond chance; 5a: without the needle it does not; past
-    L' only needles more than L tokens back count: 5b fine-tuned YaRN recalls beyond chance, 5c better than PI,
-    5d writes whole needles out more often than PI. 5b-5d are not decided when the control fails."""
+    """5: the control (the pretrained model at L) recalls beyond chance; 5a: the needle is what it
+    recalls: planting it lifts recall, trial by trial, by more than any guess without it could
+    reach; past L' only needles more than L tokens back count: 5b fine-tuned YaRN recalls beyond
+    chance, 5c better than PI, 5d writes whole needles out more often than PI. 5b-5d are not
+    decided when the control fails."""
     control, yarn, pi = [res["no_finetune"]["default"]], res["finetuned"]["yarn"], res["finetuned"]["linear"]
     out = []
-    for claim, runs, T, far, without in (
+    for claim, runs, T, far in (
             ("5. Control: the pretrained model (plain RoPE) at its own context L recalls the needle beyond chance",
-             control, L, 0, False),
-            ("5a. Control: without the needle, the same model recalls it less often than chance", control, L, 0, True),
-            (f"5b. Fine-tuned YaRN at L'={Le} recalls needles more than L={L} tokens back beyond chance", yarn, Le, L,
-             False)):
-        rows = lift(runs, T, far, without)
-        verdict = NOT_RUN if not rows else side(rows, better_below=without)
+             control, L, 0),
+            (f"5b. Fine-tuned YaRN at L'={Le} recalls needles more than L={L} tokens back beyond "
+             "chance", yarn, Le, L)):
+        rows = beyond_chance(runs, T, far)
         spans = ", ".join(f"[{lo:+.3f}, {hi:+.3f}]" for _, lo, hi in rows)
-        out.append({"claim": claim, "held": verdict, "primary": False, "evidence": "its stages did not finish" if
-                    not rows else f"recall - chance {np.mean([m for m, _, _ in rows]):+.3f}; 95% CI {spans}"})
+        mean = np.mean([m for m, _, _ in rows]) if rows else math.nan
+        out.append(claimed(claim, NOT_RUN if not rows else side(rows, better_below=False),
+                           "its stages did not finish" if not rows else
+                           f"recall - chance {mean:+.3f}; 95% CI {spans}"))
+    rows, means = lift_beyond_ceiling(control, L)
+    text = "its stages did not finish" if not rows else \
+        f"lift - ceiling {rows[0][0]:+.3f}; 95% CI [{rows[0][1]:+.3f}, {rows[0][2]:+.3f}] ({means})"
+    out.insert(1, claimed("5a. Control: the needle is what it recalls: at L, planting the needle "
+                          "lifts recall (with - without, trial by trial) by more than the best "
+                          "recall possible without it",
+                          NOT_RUN if not rows else side(rows, better_below=False), text))
     for key, what in (("retrieval", "recalls needles"), ("exact", "writes whole needles out (exact match)")):
         result = compare(yarn, pi, Le, key, min_distance=L)
-        out.append({"claim": f"5{'c' if key == 'retrieval' else 'd'}. Fine-tuned, at L'={Le}, more than L={L} tokens "
-                             f"back: YaRN {what} better than PI", "held": result["verdict"],
-                    "evidence": evidence(result, key), "primary": False})
+        out.append(claimed(f"5{'c' if key == 'retrieval' else 'd'}. Fine-tuned, at L'={Le}, more "
+                           f"than L={L} tokens back: YaRN {what} better than PI", result["verdict"],
+                           evidence(result, key)))
     if out[0]["held"] not in ("yes", NOT_RUN):  # a model that cannot copy at L: the probe measures nothing past it
         for c in (c for c in out[2:] if c["held"] != NOT_RUN):
             c.update(held=CONTROL_FAILED, evidence="the control (claim 5) does not recall beyond chance, so the probe "
@@ -338,37 +398,86 @@ def smooth(losses: list[float]) -> np.ndarray:
     return np.array([x[max(0, k - SMOOTH + 1) : k + 1].mean() for k in range(len(x))])
 
 
-def steps_to(losses: list[float], target: float) -> int | None:
-    """The first step whose smoothed loss is at or below target (None: never)."""
-    hit = np.flatnonzero(smooth(losses) <= target)
-    return int(hit[0]) if hit.size else None
+def crossing(nll: np.ndarray, steps: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """The step at which each column of `nll` (held-out NLL at the points `steps`, a column a
+    curve) first reaches its column's `level`: linear in log(1 + step) between the two points
+    around it, since the curves fall about linearly in log step; inf where the curve ends above
+    the level (it needs more steps than it ran)."""
+    below = nll <= level
+    j, cols, x = below.argmax(axis=0), np.arange(nll.shape[1]), np.log1p(steps)
+    before = np.maximum(j - 1, 0)
+    y0, y1 = nll[before, cols], nll[j, cols]
+    drop = np.where(j > 0, y0 - y1, 1.0)  # y0 > level >= y1 where j > 0
+    part = np.where(j > 0, (y0 - level) / drop, 0.0)
+    at = np.expm1(x[before] + part * (x[j] - x[before]))
+    return np.where(below.any(axis=0), at, np.inf)
+
+
+def steps_to_level(curve: dict, level_docs: list[float], level: float) -> tuple[float, ...]:
+    """The steps a fine-tune needs to reach the mean of level_docs, and that number's bootstrap
+    interval at `level`: the documents resampled BOOTSTRAP times, the same resample for the curve
+    and for the level (paired); inf for a curve that ends above it."""
+    steps = np.array(sorted(int(k) for k in curve["doc_nll"]))
+    nll = np.array([curve["doc_nll"][str(k)] for k in steps])  # (point, document)
+    target = np.array(level_docs)
+    picks = np.random.default_rng(0).integers(0, len(target), (BOOTSTRAP, len(target)))
+    boot = crossing(nll[:, picks].mean(axis=2), steps, target[picks].mean(axis=1))
+    ends = [(1 - level) / 2, (1 + level) / 2]
+    lo, hi = np.quantile(boot, ends, method="inverted_cdf")  # a sample's value: inf stays inf
+    return float(crossing(nll.mean(axis=1)[:, None], steps, target.mean())[0]), float(lo), float(hi)
+
+
+def efficiency(curves: dict, c: dict, method: str, level: float) -> dict:
+    """Claim 6 for one method: for each seed whose curve reaches SPEEDUP x YaRN's budget, the
+    steps it needs to reach YaRN's held-out NLL at L' after that budget, with its interval at
+    `level`; "yes" where every seed needs at least SPEEDUP x the budget, "no" where every seed
+    needs fewer."""
+    budget = c["finetune_steps"]
+    decided, rows = SPEEDUP * budget, []
+    for yarn, other in zip(curves.get("yarn", []), curves.get(method, [])):
+        target = (yarn or {}).get("doc_nll", {}).get(str(budget))
+        last = max((int(k) for k in (other or {}).get("doc_nll", {})), default=0)
+        if target is not None and last >= decided:
+            rows.append((*steps_to_level(other, target, level), float(np.mean(target)), last))
+    verdict = NOT_RUN if not rows else "yes" if all(r[1] >= decided for r in rows) else \
+        "no" if all(r[2] < decided for r in rows) else "within noise"
+    return {"verdict": verdict, "rows": rows, "seeds": len(rows), "of": len(curves.get(method, []))}
+
+
+def steps_text(k: float, last: int) -> str:
+    return f"> {last}" if math.isinf(k) else f"{k:.0f}"
 
 
 def efficiency_claims(curves: dict, c: dict) -> list[dict]:
-    """6 (primary, the project page's headline): YaRN reaches PI's final fine-tuning loss (smoothed) in at most
-    1/SPEEDUP of the steps PI needs, in every seed (the same batches, so the same tokens per step); 6b: at every
-    step YaRN's loss is below PI's."""
-    pairs = [(y, p) for y, p in zip(curves.get("yarn", []), curves.get("linear", [])) if y and p]
-    name = f"6. Efficiency: fine-tuned YaRN reaches PI's final training loss in at most 1/{SPEEDUP} of PI's steps"
-    every = "6b. At every fine-tuning step, YaRN's training loss is below PI's (the same batches)"
-    if not pairs:
-        return [{"claim": claim, "held": NOT_RUN, "evidence": "its stages did not finish", "primary": claim == name}
-                for claim in (name, every)]
-    rows = [(steps_to(y["train"], smooth(p["train"])[-1]), steps_to(p["train"], smooth(p["train"])[-1]),
-             y["train"][0] <= smooth(p["train"])[-1]) for y, p in pairs]
-    fast = [ky is not None and ky <= kp / SPEEDUP for ky, kp, _ in rows]
-    text = "; ".join(f"YaRN {'never' if ky is None else ky} / PI {kp} steps" for ky, kp, _ in rows)
-    text += f" (per seed; trailing mean of {SMOOTH} steps)"
-    if any(start for *_, start in rows):
-        text += (f"; YaRN's first batch, before any update, is already at or below PI's final level in "
-                 f"{sum(start for *_, start in rows)} of {len(rows)} seeds")
-    below = [int(np.sum(np.array(y["train"]) < np.array(p["train"]))) for y, p in pairs]
-    steps = len(pairs[0][0]["train"])
-    return [{"claim": name, "held": "yes" if all(fast) else "no" if not any(fast) else "within noise",
-             "evidence": text, "primary": True},
-            {"claim": every, "held": "yes" if min(below) == steps else "no" if max(below) == 0 else "within noise",
-             "evidence": f"YaRN below PI at {', '.join(str(b) for b in below)} of {steps} steps (per seed)",
-             "primary": False}]
+    """6 (primary, the project page's headline): YaRN reaches its held-out level at L' (after its
+    budget, claim 2's) in at most 1/SPEEDUP of the steps PI needs to reach it, per seed, by a
+    paired bootstrap over documents at the Bonferroni level; the same against NTK-aware,
+    exploratory (95%)."""
+    out, budget, tokens = [], c["finetune_steps"], c["finetune_batch"] * c["L"] * c["s"]
+    for method, primary in (("linear", True), ("ntk", False)):
+        level = PRIMARY_LEVEL if primary else LEVEL
+        name = (f"6. Efficiency: YaRN reaches its held-out NLL at L'={c['L'] * c['s']} after "
+                f"{budget} steps in at most 1/{SPEEDUP} of the steps {LABELS[method]} needs to "
+                "reach it")
+        e = efficiency(curves, c, method, level)
+        out.append(claimed(name, e["verdict"], efficiency_text(e, LABELS[method], budget, level,
+                                                               tokens), primary))
+    return out
+
+
+def efficiency_text(e: dict, method: str, budget: int, level: float, tokens: int) -> str:
+    if not e["rows"]:
+        return "its stages did not finish"
+    steps = ", ".join(f"{steps_text(k, last)} [{steps_text(lo, last)}, {steps_text(hi, last)}]"
+                      for k, lo, hi, _, last in e["rows"])
+    targets = ", ".join(f"{t:.4f}" for *_, t, _ in e["rows"])
+    seeds = "per seed" if e["seeds"] == e["of"] else \
+        f"the {e['seeds']} of {e['of']} seeds run that far"
+    censored = "; > K: still above it after K steps, where its run ended" if "> " in steps else ""
+    return (f"{method} needs {steps} steps to reach YaRN's NLL after {budget} ({targets} nats); "
+            f"{seeds}, {100 * level:.4g}% paired bootstrap intervals ({BOOTSTRAP:,} resamples of "
+            f"the documents); {SPEEDUP} x {budget} = {SPEEDUP * budget:.0f} steps; a step is "
+            f"{tokens:,} tokens{censored}")
 
 
 def agree(a: list[dict], b: list[dict]) -> list[str]:
@@ -414,19 +523,26 @@ def recall_table(runs: dict[str, list], T: int, L: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve_table(curves: dict) -> str:
-    """Per method: the first batch's loss, the smoothed final loss, and the steps to PI's final level, per seed."""
-    lines = ["| method | first step | last step (smoothed) | steps to PI's final level, per seed |",
-             "|---|---|---|---|"]
-    pi = curves.get("linear", [])
+def curve_table(curves: dict, c: dict) -> str:
+    """Held-out NLL at L' after each fine-tuning step scored (the mean over the seeds that
+    reached it, and how many), per method; the efficiency claims' target, YaRN's NLL after its
+    budget, in its own row."""
+    steps = sorted({int(k) for runs in curves.values() for x in runs if x for k in x["val"]})
+    lines = ["| method (held-out NLL at L', nats) | "
+             + " | ".join(f"step {k}" for k in steps) + " |", "|---|" + "---|" * len(steps)]
     for m, per_seed in curves.items():
-        ran = [(x, p) for x, p in zip(per_seed, pi) if x and p]
-        if ran:
-            hits = [steps_to(x["train"], smooth(p["train"])[-1]) for x, p in ran]
-            lines.append(f"| {LABELS[m]} | {np.mean([x['train'][0] for x, _ in ran]):.3f} | "
-                         f"{np.mean([smooth(x['train'])[-1] for x, _ in ran]):.3f} | "
-                         f"{', '.join('never' if k is None else str(k) for k in hits)} |")
-    return "\n".join(lines) + "\n"
+        cells = []
+        for k in steps:
+            values = [x["val"][str(k)] for x in per_seed if x and str(k) in x["val"]]
+            n = "" if len(values) == len(per_seed) else f" ({len(values)})"
+            cells.append(f"{np.mean(values):.4f}{n}" if values else "-")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    budget = str(c["finetune_steps"])
+    levels = [x["val"][budget] for x in curves.get("yarn", []) if x and budget in x["val"]]
+    if levels:
+        lines.append(f"| target: YaRN after {budget} steps, per seed | "
+                     + ", ".join(f"{v:.4f}" for v in levels) + " |" + " |" * (len(steps) - 1))
+    return "\n".join(lines) + "\n\n(n): the number of seeds with that point, where not all.\n"
 
 
 def temperature_table(temp: dict) -> str:
@@ -462,8 +578,11 @@ def setup_lines(res: dict) -> list[str]:
         f"({pre:,} tokens), lr {c['lr']}.",
         f"- Extension: s = {s}, L' = {L * s}. Every method fine-tuned {c['finetune_steps']} steps x "
         f"{c['finetune_batch']} sequences of L' ({fine:,} tokens, {100 * fine / pre:.1f}% of pretraining) at lr "
-        f"{c['finetune_lr']}, on the same batches, with {len(c['finetune_seeds'])} seeds (data order) "
-        f"{list(c['finetune_seeds'])}; its training loss kept at every step.",
+        f"{c['finetune_lr']} after a {max(1, c['finetune_steps'] // 10)}-step warm-up, constant "
+        f"(no decay, as the paper's fine-tunes), on the same batches, with "
+        f"{len(c['finetune_seeds'])} seeds (data order) {list(c['finetune_seeds'])}{shifted(res)}; "
+        "its training loss kept at every step.",
+        *efficiency_setup(c),
         f"- Why this size: with head_dim {head_dim}, base 10000 and L = {L}, pairs 0..{fast - 1} make more than "
         f"beta_fast = 32 rotations inside L ({fast} pair(s)), and NTK-by-parts / YaRN keep {kept} pair(s) exactly "
         f"(ramp from pair {low} to pair {high} of {head_dim // 2}): the high-frequency band the paper's argument "
@@ -484,37 +603,120 @@ def setup_lines(res: dict) -> list[str]:
         f"depth d of the text, its first {c['needle_len'] // 4} tokens repeated at the end; top-1 recall of the rest, "
         f"teacher-forced, and exact match (every token right: what greedy decoding from the cue would write); "
         f"{c['trials']} trials per cell; chance = a guesser that knows the needle's tokens but not their order. The "
-        "same trials with no needle planted are a control. Past L only needles more than L tokens back count.",
+        "same trials with no needle planted are a control; without the needle no guess recalls "
+        "more than its ceiling, the mean over the scored tokens j = 0 .. n - c - 1 of "
+        "1/(|V| - c - j) (|V| the needle's alphabet, c the cue: its tokens are distinct and "
+        "uniform, and c + j of them are shown). Past L only needles more than L tokens back count.",
     ]
 
 
+def shifted(res: dict) -> str:
+    r = res.get("replication_seed") or 0
+    shift = r * len(res["config"]["finetune_seeds"])
+    return f", shifted by {shift} (replication seed {r})" if r else ""
+
+
+def efficiency_setup(c: dict) -> list[str]:
+    if not c.get("curve_steps"):
+        return []
+    budget, steps = c["finetune_steps"], c["curve_steps"]
+    return [f"- Efficiency (claim 6): the held-out NLL at L' on the same documents after "
+            f"{', '.join(map(str, steps))} steps; YaRN's after its {budget}-step budget is the "
+            f"target. PI runs to {SPEEDUP} x {budget} steps in every seed; on the first seed PI "
+            f"and NTK-aware go on to {steps[-1]} while above the target, YaRN to "
+            f"{max(list(c['budgets']) + [budget])}. The learning rate does not decay, so the "
+            "model after k steps is the k-step budget's whatever the run's length, and one run per "
+            "method gives every point (a cosine as long as the run would make the steps to a level "
+            "depend on the budget chosen). Steps to the target are interpolated in log(1 + step) "
+            "between points; intervals from a bootstrap over documents, resampled jointly for the "
+            "curve and the target."]
+
+
 def limitations(res: dict) -> list[str]:
-    """What this toy departs from, and what each departure could do to the comparison."""
-    c = res["config"]
+    """What this toy departs from, and what each departure could do to the comparison, with the
+    numbers."""
+    c, n = res["config"], len(res["config"]["finetune_seeds"])
     params = f"{c['d_model']}-wide, {c['n_layer']}-layer"
     lines = [
         f"- Scale: a {params} model on {c['tokenizer']} of Python source, against LLaMA 7B-70B on web text. Which "
         "method wins can change with scale; the paper's own gaps are a few tenths of perplexity at 7B.",
         "- Seeds vary the fine-tuning data order only; every seed shares one pretrained model, the same documents and "
         "the same needles. The intervals cover documents (or trials) and agreement across seeds covers the "
-        "fine-tuning run; nothing here covers pretraining. `--seed 1` reruns everything, pretraining included.",
+        "fine-tuning run; nothing here covers pretraining. A replication, `--seed r`, shifts every "
+        f"training seed by {n} r (pretraining and warm-up included, so no data order is shared) "
+        "and scores other documents, regions and needles (the evaluation's seed is r).",
     ]
     if c["prev_tokens"]:
         lines.append(f"- Previous-token embeddings (the last {c['prev_tokens']} tokens added to each input) give every "
-                     "position local context without RoPE. That plausibly shrinks what PI loses by squeezing the high "
-                     "frequencies, so PI may look better here than in a plain LLaMA. The gpu preset has none.")
+                     "position local context without RoPE, which plausibly hides what PI loses by "
+                     "squeezing the high frequencies. " + pi_cost(res))
     if c["data_mix"] != "natural":
-        lines.append("- Pretraining saw 40% synthetic windows (repeated random strings) and an induction warm-up, so "
-                     "that copying forms in a small budget; fine-tuning and evaluation are natural text only.")
+        lines.append(recall_mix(res))
     if not c.get("scratch_long"):
         lines.append("- No model trained at L' from scratch (too costly on this preset).")
-    missing = ["an ablation with neither previous-token embeddings nor the recall mix"] \
-        if c["prev_tokens"] or c["data_mix"] != "natural" else []
-    if not c.get("budgets"):
-        missing.append("claim 2 at other fine-tuning budgets (the gpu preset runs them: claims 2f)")
-    if missing:
-        lines.append("- Not run here: " + "; ".join(missing) + ".")
+    if res.get("curves"):
+        lines.append(budget_gaps(res))
     return lines
+
+
+def pi_cost(res: dict) -> str:
+    """PI's cost at L, as perplexity over the pretrained model's there, here and on the ablation's
+    plain model."""
+    L, parts = res["config"]["L"], []
+    plain = res.get("plain") or {}
+    for what, nf, ft in (("with them", res["no_finetune"], res["finetuned"]),
+                         ("without (the ablation's plain model)", plain.get("no_finetune") or {},
+                          plain.get("finetuned") or {})):
+        base, pi, tuned = nf.get("default"), nf.get("linear"), present(ft.get("linear") or [])
+        if has(base, L, "ppl") and has(pi, L, "ppl"):
+            after = f", x{ppl(tuned, L) / ppl([base], L):.2f} fine-tuned" \
+                if tuned and has(tuned[0], L, "ppl") else ""
+            parts.append(f"{what} x{ppl([pi], L) / ppl([base], L):.2f} without fine-tuning{after}")
+    if not parts:
+        return "The ablation that measures PI's cost at L without them did not run."
+    return "PI's perplexity at L over the pretrained model's: " + "; ".join(parts) + "."
+
+
+def recall_mix(res: dict) -> str:
+    """The recall mix against the probe's needles: how much of pretraining is the probe's kind of
+    string, and whether a model without the mix copies at all (the ablation's control)."""
+    from data.recall import mix
+
+    c = res["config"]
+    blank = np.zeros((2000, c["L"] + 1), dtype=np.int64)  # what the mix writes over blanks shows
+    written = (mix(blank, c["data_mix"], 0) != 0).mean()
+    warmup = c["warmup_steps"] * c["warmup_batch"] * c["warmup_block"]
+    text = (f"- Pretraining saw the '{c['data_mix']}' mix (data/recall.py): {100 * written:.0f}% "
+            "of its tokens are random strings written twice or tiled, half of the strings "
+            "lowercase letters, and a quarter of its windows hold pairs of 8-32 distinct symbols "
+            f"planted twice: the probe's needles ({c['needle_len']} distinct lowercase letters, "
+            "planted and repeated) are that kind of string, so the probe measures a skill trained "
+            f"directly. Warm-up: {warmup:,} tokens of the induction task.")
+    plain = ((res.get("plain") or {}).get("no_finetune") or {}).get("default")
+    control = res["no_finetune"]["default"]
+    if has(plain, c["L"], "retrieval") and has(control, c["L"], "retrieval"):
+        chance = np.mean(plain["retrieval"][str(c["L"])]["chance"])
+        text += (" Without the mix, the warm-up and previous-token embeddings (the ablation's "
+                 f"plain model) the control recalls {recall([plain], c['L']):.2f} at L against "
+                 f"chance {chance:.2f}; this model {recall([control], c['L']):.2f}.")
+    return text
+
+
+def budget_gaps(res: dict) -> str:
+    """Claim 2 at every budget the curves give: YaRN minus PI at L', the mean over the seeds that
+    have both."""
+    c, curves, parts = res["config"], res["curves"], []
+    for k in sorted({*c.get("budgets", ()), c["finetune_steps"]}):
+        gaps = [np.mean(np.subtract(y["doc_nll"][str(k)], p["doc_nll"][str(k)]))
+                for y, p in zip(curves.get("yarn", []), curves.get("linear", []))
+                if y and p and str(k) in y["doc_nll"] and str(k) in p["doc_nll"]]
+        if gaps:
+            seeds = f"{len(gaps)} seed" + "s" * (len(gaps) > 1)
+            parts.append(f"{np.mean(gaps):+.3f} nats after {k} steps ({seeds})")
+    if not parts:
+        return "- Claim 2 at other budgets: not run."
+    return "- Claim 2 at other budgets (claims 2f): YaRN minus PI at L' is " + ", ".join(parts) \
+        + "."
 
 
 def claims_table(found: list[dict]) -> list[str]:
@@ -526,6 +728,9 @@ def markdown(res: dict, plot_files: list[str]) -> str:
     c, (nf, ft) = res["config"], method_runs(res)
     L, Le = c["L"], c["L"] * c["s"]
     missing = sum(x["held"] == NOT_RUN for x in res["claims"])
+    family = {k: [x for x in res["claims"]
+                  if x.get("family", "primary" if x["primary"] else "exploratory") == k]
+              for k in ("primary", "exploratory", "ablation")}
     lines = [f"# YaRN toy reproduction: preset `{res['preset']}`", "",
              f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit {res['commit']}. "
              "Every number comes from `results.json`; every verdict is computed from those numbers by report.py.",
@@ -535,27 +740,24 @@ def markdown(res: dict, plot_files: list[str]) -> str:
              "## The paper's claims (primary)", "",
              f"Decided with {100 * PRIMARY_LEVEL:.4g}% intervals (Bonferroni over the {PRIMARY} interval comparisons), "
              "so that the chance of any false verdict among them is under 5%.", "",
-             *claims_table([x for x in res["claims"] if x["primary"]]), "",
+             *claims_table(family["primary"]), "",
              "## Exploratory claims (95% intervals each, no correction)", "",
-             *claims_table([x for x in res["claims"] if not x["primary"]]), "",
+             *claims_table(family["exploratory"]), "",
              "How to read them: 'yes' means the interval of the per-document difference (per trial for recall) lies "
              "on the claim's side of zero for every fine-tuning seed; 'no' that it lies on the other side for every "
              "seed; 'within noise' anything else; 'not run' that a stage it needs did not finish; 'not decided "
              "(control failed)' that the pretrained model does not recall the needle at its own context, so the "
-             "probe cannot compare methods. What the intervals cover: see the limitations.", "",
-             "## Limitations", "", *limitations(res), ""]
-    if res.get("replication"):
-        rep = res["replication"]
-        lines += ["## Replication", "", f"Against `{rep['other']}` (every training seed shifted, pretraining "
-                  "included): " + ", ".join(f"{len(v)} {k}" for k, v in rep["kinds"].items()) + ".", ""]
-        lines += [f"- {k}: {name}" for k in ("contradicted", "weakened") for name in rep["kinds"][k]] + [""]
+             "probe cannot compare methods. What the intervals cover: see the limitations.", ""]
+    if family["ablation"]:
+        lines += ablation_lines(res, family["ablation"])
+    lines += ["## Limitations", "", *limitations(res), "", *replication_lines(res)]
     lines += ["## Perplexity, no fine-tuning (the pretrained model, RoPE swapped)", "", table(nf, res["contexts"]),
               "## Perplexity, fine-tuned at L' (geometric mean over seeds)", "", table(ft, res["contexts"]),
               "## Needle recall, no fine-tuning (mean over depths)", "",
               table(nf, res["retrieval_contexts"], recall, 2),
               f"## Needle recall at L' = {Le}, fine-tuned (mean over seeds)", "", recall_table(ft, Le, L),
-              "## Fine-tuning loss curves (the same batches for every method)", "",
-              curve_table(res.get("curves") or {}),
+              "## Efficiency: held-out NLL at L' against fine-tuning steps (the same batches)", "",
+              curve_table(res.get("curves") or {}, c),
               "## Temperature (NTK-by-parts with \u221a(1/t) = a ln s + 1, pretrained model, perplexity at sL)", "",
               temperature_table(res["temperature"]) if res["temperature"] else NOT_RUN, "",
               "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
@@ -571,6 +773,29 @@ def markdown(res: dict, plot_files: list[str]) -> str:
     return "\n".join(lines)
 
 
+def ablation_lines(res: dict, found: list[dict]) -> list[str]:
+    c, plain = res["config"], res.get("plain") or {}
+    runs = {**{f"{LABELS[m]}, no fine-tuning": [r] for m, r in plain["no_finetune"].items()},
+            **{f"{LABELS[m]}, fine-tuned": rs for m, rs in plain["finetuned"].items()}}
+    return ["## Ablation: a plain byte model (exploratory, 95% each)", "",
+            "The same model and data without previous-token embeddings, the recall mix or the "
+            f"warm-up, pretrained {c['plain_steps']} steps on natural text; claims 1 and 2 again "
+            "(the first seed).", "", *claims_table(found), "",
+            table(runs, [c["L"], c["L"] * c["s"]])]
+
+
+def replication_lines(res: dict) -> list[str]:
+    if not res.get("replication"):
+        return []
+    rep = res["replication"]
+    lines = ["## Replication", "", f"Against `{rep['other']}` (another replication seed: every "
+             "training seed shifted, pretraining included, and other held-out documents, regions "
+             "and needles): " + ", ".join(f"{len(v)} {k}" for k, v in rep["kinds"].items()) + ".",
+             ""]
+    kinds = ("contradicted", "weakened")
+    return lines + [f"- {k}: {name}" for k in kinds for name in rep["kinds"][k]] + [""]
+
+
 def plots(res: dict, out: Path) -> list[str]:
     """The figures of whatever finished, as PNG files in out; returns their names."""
     import matplotlib
@@ -582,7 +807,9 @@ def plots(res: dict, out: Path) -> list[str]:
     made = {"scaling_per_dimension.png": figures.plot_scaling(plt, c)}
     if nf:
         made["ppl_no_finetune.png"] = figures.plot_ppl(plt, nf, c, "Perplexity vs context, no fine-tuning")
-        made["retrieval_no_finetune.png"] = figures.plot_recall(plt, nf, "Needle recall, no fine-tuning")
+        probed = {m: rs for m, rs in nf.items() if rs[0].get("retrieval")}
+        made["retrieval_no_finetune.png"] = figures.plot_recall(plt, probed,
+                                                                "Needle recall, no fine-tuning")
     if ft:
         made["ppl_finetuned.png"] = figures.plot_ppl(plt, ft, c, "Perplexity vs context, fine-tuned at L' (bars: "
                                                      "range over seeds)")
@@ -591,7 +818,11 @@ def plots(res: dict, out: Path) -> list[str]:
                                                               "over seeds)")
     curves = finished(res.get("curves") or {})
     if curves:
-        made["loss_curves.png"] = figures.plot_curves(plt, curves, smooth, c)
+        budget = str(c["finetune_steps"])
+        levels = [x["val"][budget] for x in curves.get("yarn", []) if budget in x["val"]]
+        target = np.mean(levels) if levels else None
+        made["loss_curves.png"] = figures.plot_curves(plt, curves, smooth, c, target,
+                                                      SPEEDUP * c["finetune_steps"])
     if res["temperature"]:
         a = fitted_a(res["temperature"]) if all(str(s) in res["temperature"] for s in c["temp_scales"]) else None
         made["temperature.png"] = figures.plot_temperature(plt, res["temperature"], interval, a)
@@ -604,21 +835,41 @@ def finished(runs: dict[str, list]) -> dict[str, list[dict]]:
 
 
 # Inputs and outputs
-def curve(runs: Path, method: str, name: str, steps: int, Le: int) -> dict | None:
-    """A fine-tune's training loss at every step (metrics.jsonl) and its held-out NLL at L' at step 0 (the
-    pretrained model under the method), at its midpoint and at its end, where they were evaluated."""
-    if not (runs / name / "summary.json").is_file():
+def curve(runs: Path, method: str, seed: int, c: dict) -> dict | None:
+    """A fine-tune's training loss at every step (metrics.jsonl) and its held-out NLL at L' (the
+    mean, and each document's) at step 0 (the pretrained model under the method) and after each
+    curve step it was scored at."""
+    name = f"ft_{method}_{seed}"
+    if not (runs / name / "metrics.jsonl").is_file():
         return None
     fix = f"train.py logged the run there: delete {runs / name}, run reproduce.py again to redo it"
     events = read_json(runs / name / "metrics.jsonl", fix, EVENT, lines=True)
     train = [e["train_loss"] for e in sorted(events, key=lambda e: e["step"]) if e["event"] == "train"]
-    val = {}
-    for step, evaluated in ((0, f"nft_{method}"), (steps // 2, f"{name}_half"), (steps, name)):
+    budget, Le = c["finetune_steps"], str(c["L"] * c["s"])
+    files = {0: f"nft_{method}", **{k: f"{name}_{k}" for k in c.get("curve_steps", ())},
+             budget: name}
+    val, docs = {}, {}
+    for step, evaluated in sorted(files.items()):
         path = runs / "eval" / f"{evaluated}.json"
-        at = read_json(path, REDO, EVAL)["ppl"].get(str(Le)) if path.is_file() else None
+        at = read_json(path, REDO, EVAL)["ppl"].get(Le) if path.is_file() else None
         if at:
-            val[str(step)] = at["nll"]
-    return {"train": train, "val": val}
+            val[str(step)], docs[str(step)] = at["nll"], at["doc_nll"]
+    return {"train": train, "val": val, "doc_nll": docs}
+
+
+def plain_runs(plain: Path, c: dict) -> dict | None:
+    """The ablation's evaluations: the plain model under each method, and fine-tuned (the first
+    seed); None where the preset has no ablation."""
+    if not c.get("plain_steps"):
+        return None
+
+    def read(name: str):
+        path = plain / "eval" / f"{name}.json"
+        return read_json(path, REDO, EVAL) if path.is_file() else None
+
+    seed = c["finetune_seeds"][0]
+    return {"no_finetune": {m: read(f"nft_{m}") for m in ("default", "linear", "ntk", "yarn")},
+            "finetuned": {m: [read(f"ft_{m}_{seed}")] for m in ("yarn", "linear", "ntk")}}
 
 
 def gather(runs: Path) -> dict:
@@ -636,22 +887,21 @@ def gather(runs: Path) -> dict:
                f"reproduce.py --runs {runs}` with the job's flags again (finished stages are "
                "kept), or give --runs another folder")
     c, seeds = job["config"], job["config"]["finetune_seeds"]
-    Le = c["L"] * c["s"]
     long_name = {m: (lambda seed, m=m: f"short_long_{seed}" if m == "yarn" else f"short_long_{m}_{seed}")
                  for m in job["long_methods"]}
+    plain = runs / "plain"
     return {**{k: v for k, v in job.items() if k not in ("methods", "no_finetune_methods", "long_methods")},
             "no_finetune": {m: read(ev / f"nft_{m}.json") for m in job["no_finetune_methods"]},
             "finetuned": {m: [read(ev / f"ft_{m}_{seed}.json") for seed in seeds] for m in job["methods"]},
             "long": {m: [read(ev / f"{name(seed)}.json") for seed in seeds] for m, name in long_name.items()},
             "scratch_long": [read(ev / "scratch_long.json")] if c.get("scratch_long") else None,
-            "budgets": {str(steps): {m: [read(ev / f"ft_{m}_{seed}_{steps}steps.json") for seed in seeds[:1]]
-                                     for m in job.get("budget_methods", ())} for steps in c.get("budgets", ())},
             "temperature": read(runs / "temperature.json", TEMPERATURE),
-            "curves": {m: [curve(runs, m, f"ft_{m}_{seed}", c["finetune_steps"], Le) for seed in seeds]
-                       for m in job["methods"]},
+            "curves": {m: [curve(runs, m, seed, c) for seed in seeds] for m in job["methods"]},
+            "plain": plain_runs(plain, c),
             "leakage": read(runs / "leakage.json", LEAKAGE),
-            "train": {d.name: read(d / "summary.json", SUMMARY) for d in sorted(runs.iterdir())
-                      if (d / "summary.json").is_file()},
+            "train": {str(d.relative_to(runs)): read(d / "summary.json", SUMMARY)
+                      for folder in (runs, plain) if folder.is_dir()
+                      for d in sorted(folder.iterdir()) if (d / "summary.json").is_file()},
             "stage_seconds": stage_seconds(runs)}
 
 

@@ -10,11 +10,19 @@ a run cut part-way has the inputs of the primary claims (`python report.py --run
   warmup       (cpu, gpu) a short run on the induction task, at a constant learning rate (data/recall.py)
   pretrain     plain RoPE at context L (cpu, gpu: from the warm-up, on the recall mix)
   evaluate     perplexity and needle recall (eval.py) of the pretrained model under every method, no training
-  finetune     per seed: every method extended to L' = s L and fine-tuned at L' with the same budget, YaRN first;
-               YaRN at the larger s_long ("train short, test long"); each evaluated as soon as it is trained
+  finetune     per seed: every method extended to L' = s L and fine-tuned at L' with the same
+               budget, YaRN first, at a learning rate that does not depend on the run's length
+               (warm-up, then constant), so the held-out NLL at L' after k steps (the curve, at
+               log-spaced k) is the k-step budget's; PI on to 2.5x YaRN's steps (claim 6); YaRN,
+               PI and NTK-aware at the larger s_long ("train short, test long"); each evaluated
+               as soon as it is trained
   temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
   scratch_long (gpu) a model trained at L' from scratch on the same tokens
-  budgets      (gpu) claim 2 again at other fine-tuning budgets: YaRN, PI and NTK-aware, the first seed
+  further      the first seed: PI and NTK-aware on to 10x YaRN's steps while above YaRN's
+               held-out level, YaRN to the largest of the preset's other budgets (claim 2 there)
+  plain        (cpu) the ablation: a plain byte model (no previous-token embeddings, no recall
+               mix, no warm-up) pretrained, then YaRN, PI and NTK-aware on it, without and with
+               fine-tuning (the first seed)
   report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
 Every value the stages will read is checked before the first one runs. Exit codes: 0 done; 2 bad input
 (`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
@@ -71,7 +79,11 @@ class Preset:
     warmup_batch: int = 16
     finetune_seeds: tuple = (0, 1, 2)
     scratch_long: bool = False  # also train a model at L' from scratch on the same total tokens
-    budgets: tuple = ()  # claim 2 again with these fine-tuning steps (e.g. half and twice finetune_steps), 1 seed
+    # held-out NLL at L' after these fine-tuning steps, log-spaced: they hold finetune_steps,
+    # 2.5x it (where claim 6 is decided), and end at 10x it
+    curve_steps: tuple = (5, 10, 20, 50, 100, 200)
+    budgets: tuple = (10, 50)  # claim 2 again after these steps (points of the curves)
+    plain_steps: int = 0  # the ablation: a plain model pretrained this many steps (0 = none)
     score: int = 1024  # tokens scored per held-out document, from its body, the same at every context (eval.py)
     max_docs: int = 16
     trials: int = 10  # retrieval trials per (context, depth) cell
@@ -82,6 +94,12 @@ class Preset:
     data_source: str = "stdlib"
     val_fraction: float = 0.05
     train_eval_batches: int = 4  # train.py's own validation loss, batches per evaluation
+
+    def __post_init__(self):
+        needed = {self.finetune_steps, round(report.SPEEDUP * self.finetune_steps), *self.budgets}
+        steps = list(self.curve_steps)
+        if not needed <= set(steps) or steps != sorted(steps):
+            raise ValueError(f"curve_steps {steps} must be increasing and hold {sorted(needed)}")
 
     @property
     def contexts(self) -> list[int]:
@@ -97,37 +115,50 @@ PRESETS = {
     # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had not (control
     # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step ~500, and the
     # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c.
-    # Sized for at most 60% of gpu_run.sh's 480 s limit from the stage times of the first H200 run (results/gpu):
-    # every training step here is launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k
-    # tokens a step), so time is steps, not tokens:
-    #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before the check)
-    #   warm-up 5,000 x 32 x 128 at 24 ms a step                    ~120 s (1,500 steps took 36.1 s)
+    # Sized from the stage times of the first H200 run (results/gpu): every training step here is
+    # launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k tokens a step), so
+    # time is steps, not tokens:
+    #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before)
+    #   warm-up 5,000 x 32 x 128 at 24 ms a step                    ~120 s (1,500 steps: 36.1 s)
     #   pretraining 1,000 x 32 x 512                                ~24 s (measured 23.7)
-    #   24 fine-tunes of 30 x 4 x 4,096 (no optimizer state saved) ~36 s (measured 1.0-1.9 s each)
-    #   26 evaluations, 9 midpoints, 9 at s_long L and L' only     ~40 s (measured 1.0-1.4 s for a full one)
-    #   temperature sweep, 8 a x 4 s                                ~8 s (measured 3.2 for 28 perplexities)
+    #   fine-tunes at 4 x 4,096 (37 ms a step), 1,305 steps in 57 pieces (each stop writes a
+    #   checkpoint with its optimizer state, ~0.6 s): per seed YaRN, NTK-aware, RoPE 30 steps, PI
+    #   75, 3 x 30 at s_long; the first seed's PI and NTK-aware on to 300, YaRN to 75
+    #                                                             ~48 + 34 s (a 30-step run: 1-1.9)
+    #   26 full evaluations, 36 points of the curves at L'          ~35 + 11 s (a full one: 1-1.4)
+    #   temperature sweep, 8 a x 4 s                                ~8 s (measured 3.2 for 28)
     #   the from-scratch baseline, 1,030 x 4 x 4,096                ~27 s (measured 27.0)
-    #   budgets: 6 fine-tunes of 15 and 60 steps, scored at L' only  ~17 s (37 ms a step, ~1 s to load and write)
-    #   total ~287 s = 60% of 480 s (the first run: 156 s with the 1,500-step warm-up and fewer stages); the budget
-    #   sweep runs last, so a cut there costs only claims 2f
-    "gpu": Preset(tokenizer="bytes", vocab_size=320, d_model=512, n_layer=8, n_head=4, prev_tokens=0, L=512, s=8,
-                  s_long=16, pretrain_steps=1000, pretrain_batch=32, lr=1e-3, finetune_steps=30, finetune_batch=4,
-                  finetune_lr=1e-4, data_mix="recall", warmup_steps=5000, warmup_block=128, warmup_batch=32,
-                  scratch_long=True, score=2048, max_docs=16, budgets=(15, 60)),
+    #   total ~325 s = 68% of 480 s: not measured (no GPU since; with the budget sweep this design
+    #   replaced, ~287 s). The first seed's runs past 2.5x run last: a cut costs only claims there.
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
     # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
     # few hundred steps (3 of 3 seeds tried). About 4M tokens of pretraining, 82k (2%) per fine-tune.
+    # Sized in one-thread CPU seconds, each piece measured (a fine-tune step, 2 x 2,048: 0.82 s, and
+    # 0.9 s to start or continue a run; a pretraining step, 8 x 512: 0.56 s; perplexity at L' 2.2 s,
+    # at 2L' 7.1 s; recall at L' 7.1 s) and summed, against the same sum for the job before issue 30
+    # (~1,560 s, which ran ~19.5 min on 2 idle cores):
+    #   start-up, data, warm-up, pretraining, leakage, report         ~560 s
+    #   7 evaluations without fine-tuning, the temperature sweep      ~200 s
+    #   per seed: YaRN, NTK-aware, RoPE 20 steps, PI 50 (claim 6), 3 x 20 at s_long, 12 points
+    #   of the curves and 5 evaluations                               ~234 s x 3
+    #   the first seed on: PI and NTK-aware to 200 (while above YaRN's level), YaRN to 50  ~312 s
+    #   the ablation: a plain model 200 x 8 x 512, 4 evaluations, 3 fine-tunes       ~188 s
+    #   total ~1,970 s, 1.26x the old job: ~24.5 min on 2 idle cores, where the first seed's curves
+    #   never reach YaRN's level. Measured: 22 min 3 s from a fresh clone (2 nearly idle cores; PI
+    #   ran to 200); side by side, one thread and one core each, 1.08x the old job's time
     "cpu": Preset(tokenizer="bytes", vocab_size=320, d_model=128, n_layer=4, n_head=2, prev_tokens=3, L=512, s=4,
                   s_long=8, pretrain_steps=800, pretrain_batch=8, lr=3e-3, finetune_steps=20, finetune_batch=2,
                   finetune_lr=3e-4, data_mix="recall", warmup_steps=400, score=1024, max_docs=16,
-                  temp_scales=(4, 8)),
+                  temp_scales=(4, 8), plain_steps=200),
     # the smoke test: seconds of everything, numbers meaningless
     "tiny": Preset(tokenizer="bytes", vocab_size=320, d_model=32, n_layer=1, n_head=1, prev_tokens=2, L=64, s=2,
                    s_long=4, pretrain_steps=6, pretrain_batch=2, lr=3e-3, finetune_steps=2, finetune_batch=1,
                    finetune_lr=1e-3, data_mix="recall", warmup_steps=3, warmup_block=32, warmup_batch=2,
-                   finetune_seeds=(0, 1), scratch_long=True, budgets=(4,), score=32, max_docs=4, trials=2, needle_len=8,
-                   depths=(0.0, 0.5), temp_scales=(2, 4), temp_a=(0.0, 0.1, 0.2), train_eval_batches=1),
+                   finetune_seeds=(0, 1), scratch_long=True, curve_steps=(1, 2, 5, 10, 20),
+                   budgets=(1, 5), plain_steps=3, score=32, max_docs=4, trials=2, needle_len=8,
+                   depths=(0.0, 0.5), temp_scales=(2, 4), temp_a=(0.0, 0.1, 0.2),
+                   train_eval_batches=1),
 }
 
 
@@ -140,7 +171,8 @@ class ReproduceConfig:
     runs         checkpoints and stage outputs; default runs/<preset> (git-ignored)
     data_dir     default data/<source>, with _bytes for the byte tokenizer
     data_source  another corpus for data.prepare (a folder); default the preset's
-    seed         added to every training seed, to check that verdicts do not hang on one seed
+    seed         a replication: every training seed shifted by seed x the number of fine-tuning
+                 seeds (no data order shared), other held-out documents, regions and needles
     """
 
     preset: str = "auto"
@@ -155,6 +187,8 @@ class ReproduceConfig:
         flags.check_types(self)
         if self.preset not in ("auto", *PRESETS):
             raise ValueError(f"--preset must be auto, {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0 (0 is the first replication), got {self.seed}")
 
 
 # Stages
@@ -188,40 +222,58 @@ class Job:
     device: str
     seed: int
     command: str
+    label: str = ""  # what the titles of this job's stages start with (the ablation's: "plain: ")
 
     def model_config(self, block_size: int, rope_cfg: RopeConfig = RopeConfig()) -> ModelConfig:
         return ModelConfig(vocab_size=self.p.vocab_size, n_layer=self.p.n_layer, n_head=self.p.n_head,
                            d_model=self.p.d_model, block_size=block_size, prev_tokens=self.p.prev_tokens,
                            rope=rope_cfg)
 
-    def train(self, name: str, run: train.RunConfig, config: ModelConfig):
-        """train.train under runs/name, resuming a run that was interrupted; its summary in summary.json."""
+    @property
+    def shift(self) -> int:
+        """What a replication adds to every training seed: at least the number of seeds, so
+        that no data order of one replication is another's."""
+        return self.seed * len(self.p.finetune_seeds)
+
+    def train(self, name: str, run: train.RunConfig, config: ModelConfig,
+              marker: str = "summary.json"):
+        """train.train under runs/name, resuming a run that was interrupted or stopped; its
+        summary in summary.json, and in `marker` too (a stage's output)."""
         out = self.runs / name
         run = replace(run, out_dir=str(out), data_dir=str(self.data_dir), device=self.device,
                       final_optimizer=False)  # nothing continues a finished run here: 3x less to write
         state = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
         given = {**asdict(run), "init_from": "resume"} if state is not None else asdict(run)
-        write_json(out / "summary.json", train.train(given, asdict(config), state))
+        summary = train.train(given, asdict(config), state)
+        for file in {"summary.json", marker}:
+            write_json(out / file, summary)
 
     def pretrain(self, name: str, block_size: int, steps: int, batch: int, **run_fields):
         """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager, as every run here."""
-        run = train.RunConfig(max_steps=steps, batch_size=batch, lr=self.p.lr, seed=1337 + self.seed, compile=False,
-                              eval_interval=steps, eval_batches=self.p.train_eval_batches, **run_fields)
+        run = train.RunConfig(max_steps=steps, batch_size=batch, lr=self.p.lr,
+                              seed=1337 + self.shift, compile=False, eval_interval=steps,
+                              eval_batches=self.p.train_eval_batches, **run_fields)
         self.train(name, run, self.model_config(block_size))
 
-    def finetune(self, name: str, method: str, scale: int, seed: int, steps: int | None = None):
-        """The pretrained model extended with `method` at scale s to L' = s L, fine-tuned at L' (the same budget
-        for every method: the preset's steps unless given); eager, since a few short steps do not repay
-        torch.compile's start-up."""
+    def finetune(self, name: str, method: str, scale: int, seed: int, steps: int | None = None,
+                 stop: int | None = None):
+        """The pretrained model extended with `method` at scale s to L' = s L, fine-tuned at L' for
+        `steps` (the preset's unless given), stopping (and saving) at step `stop` if given: a later
+        call continues it. The learning rate warms up over a tenth of the preset's steps, then stays
+        constant, as the paper's (no decay): the model after k steps is the same whatever `steps`
+        is, so one run gives every budget up to it. The same batches for every method; eager, since
+        a few short steps do not repay torch.compile's start-up."""
         p, steps = self.p, steps or self.p.finetune_steps
-        run = train.RunConfig(init_from=str(self.runs / "pretrain"), max_steps=steps, lr=p.finetune_lr,
-                              batch_size=p.finetune_batch, seed=seed + self.seed, compile=False, weight_decay=0.0,
-                              warmup_steps=max(1, steps // 10),  # the paper: no weight decay
-                              log_interval=1, eval_interval=steps, eval_batches=1,  # the loss curve
-                              ckpt_interval=max(1, steps // 2), keep_checkpoints=2)  # and its midpoint
+        run = train.RunConfig(init_from=str(self.runs / "pretrain"), max_steps=steps,
+                              stop_at_step=stop, lr=p.finetune_lr, min_lr=p.finetune_lr,
+                              warmup_steps=max(1, p.finetune_steps // 10),
+                              batch_size=p.finetune_batch, seed=seed + self.shift, compile=False,
+                              weight_decay=0.0,  # the paper: no weight decay
+                              log_interval=1, eval_interval=steps, eval_batches=1,  # each loss
+                              ckpt_interval=steps, keep_checkpoints=0)
         extended = RopeConfig(type=method, factor=float(scale), original_context=p.L)
-        self.train(name, run, self.model_config(p.s * p.L, extended))
-
+        config = self.model_config(p.s * p.L, extended)
+        self.train(name, run, config, f"summary_{stop or steps}.json")
 
     def scratch_long(self):
         """Plain RoPE at L' from scratch on as many tokens as pretraining plus one fine-tune, of the same mix."""
@@ -250,7 +302,7 @@ def evaluate(job: Job, model, out: Path, val, contexts: list[int], retrieval_at:
     vocab = evaluation.needle_vocab(get_tokenizer(p.tokenizer))
     # every context scores the same regions: they are placed after the whole ladder's longest history
     result = evaluation.evaluate(model, *val, contexts, p.score, vocab, p.max_docs, p.depths, p.trials, p.needle_len,
-                                 retrieval_at, job.device, max_context=p.contexts[-1])
+                                 retrieval_at, job.device, job.seed, max_context=p.contexts[-1])
     write_json(out, {**result, "rope": asdict(model.config.rope)})
 
 
@@ -265,7 +317,7 @@ def temperature_sweep(job: Job, val, out: Path):
             factor = a * math.log(s) + 1.0
             model.set_rope(RopeConfig(type="yarn", factor=float(s), original_context=p.L, attention_factor=factor))
             r = evaluation.perplexity(model, *val, s * p.L, p.score, p.max_docs, job.device,
-                                      max_context=p.contexts[-1])  # the tokens every evaluation scores
+                                      max_context=p.contexts[-1], seed=job.seed)  # the same tokens
             by_a[str(a)] = {**r, "factor": factor}
             print(f"  s={s:3d} @ {s * p.L:6d}  a={a:.3f}  sqrt(1/t)={factor:.4f}: ppl {r['ppl']:.3f}", flush=True)
         result[str(s)] = {"context": s * p.L, "a": by_a}
@@ -284,9 +336,10 @@ def leakage(job: Job, out: Path):
 
 # The whole job, in the order the claims need their inputs: a run cut part-way still decides the primary claims
 # (report.py marks the rest "not run"). Each model is evaluated as soon as it is trained.
-FINETUNE_ORDER = ("yarn", "linear", "ntk", "default", "ntk_by_parts")  # claims 2, 2b, 2c, 5b, 5c need the first four
+FINETUNE_ORDER = ("yarn", "linear", "ntk", "default")  # claims 2, 2b, 2c, 5b-5d and 6
+CURVES = ("yarn", "linear", "ntk")  # fine-tuned in pieces, scored at L' after each curve step
+FULL = ("yarn", "linear")  # scored at L, L', 2L' and for recall (2b, 2e, 5b-5d); others at L' only
 LONG_METHODS = ("yarn", "linear", "ntk")  # claim 3: fine-tuned at L' with s_long, evaluated at s_long L
-BUDGET_METHODS = ("yarn", "linear", "ntk")  # claim 2 at the preset's other budgets, evaluated at L'
 
 
 def long_run(method: str, seed: int) -> str:
@@ -294,31 +347,97 @@ def long_run(method: str, seed: int) -> str:
     return f"short_long_{seed}" if method == "yarn" else f"short_long_{method}_{seed}"
 
 
-def budget_run(method: str, seed: int, steps: int) -> str:
-    """The run folder of `method` fine-tuned for `steps` instead of the preset's finetune_steps."""
-    return f"ft_{method}_{seed}_{steps}steps"
+def reach(p: Preset, method: str, first: bool) -> tuple[int, int]:
+    """(the step at which `method`'s fine-tune stops in its seed's pass, the step it ends at):
+    YaRN, NTK-aware and RoPE stop at the budget of claim 2 (YaRN's held-out NLL there is the level
+    of the efficiency claims), PI at SPEEDUP x that (where claim 6 is decided). On the first seed
+    they go on later, past the primary claims' stages: PI and NTK-aware to the curve's end (10x)
+    while above YaRN's level, YaRN to the largest of the budgets."""
+    budget = p.finetune_steps
+    now = round(report.SPEEDUP * budget) if method == "linear" else budget
+    if not first or method not in CURVES:
+        return now, now
+    return now, max(p.budgets + (budget,)) if method == "yarn" else p.curve_steps[-1]
+
+
+@functools.cache
+def validation(data_dir: Path):
+    """The validation split (tokens, documents), opened once, when first needed."""
+    return load_split(data_dir, "val")[:2]
+
+
+def evaluated(job: Job, stages: Stages, name: str, build, contexts, retrieval_at=()):
+    out = job.runs / "eval" / f"{name}.json"
+    stages.run(f"{job.label}evaluate {name}", out, lambda: evaluate(
+        job, build(), out, validation(job.data_dir), contexts, list(retrieval_at)))
+
+
+def model_at(job: Job, name: str, step: int):
+    """The run's latest checkpoint, which must be at `step` (each point is scored before the run
+    goes on)."""
+    model, state = checkpoint.load_model(job.runs / name, job.device)
+    if state["step"] != step:
+        raise RuntimeError(f"{job.runs / name} is at step {state['step']}, not {step}: remove "
+                           "it and run again")
+    return model
+
+
+def fine_tuned(job: Job, stages: Stages, method: str, seed: int, upto: int, end: int,
+               after: int = 0):
+    """`method` fine-tuned at L' on the seed's batches from step `after` to `upto` (of a run that
+    ends at `end`), in pieces: the held-out NLL at L' after each curve step on the way (the full
+    evaluation at the budget of claim 2). Past SPEEDUP x the budget, a run stops at the first point
+    at or below YaRN's level (the efficiency target)."""
+    p, Le = job.p, job.p.s * job.p.L
+    name, decided = f"ft_{method}_{seed}", round(report.SPEEDUP * p.finetune_steps)
+    points = [k for k in p.curve_steps if after < k <= upto] if method in CURVES else [upto]
+    for previous, k in zip([after] + points, points):
+        if previous >= decided and at_level(job, method, seed, previous):
+            return
+        stages.run(f"{job.label}finetune {method} s={p.s} at {Le}, seed {seed}, to step {k}",
+                   job.runs / name / f"summary_{k}.json",
+                   lambda k=k: job.finetune(name, method, p.s, seed, end, None if k == end else k))
+        full = method in FULL and k == p.finetune_steps
+        evaluated(job, stages, name if k == p.finetune_steps else f"{name}_{k}",
+                  lambda k=k: model_at(job, name, k), sorted({p.L, Le, 2 * Le}) if full else (Le,),
+                  (Le,) if full else ())
+
+
+def at_level(job: Job, method: str, seed: int, step: int) -> bool:
+    """Whether `method`'s held-out NLL at L' after `step` is at or below YaRN's after its budget,
+    the same seed (False where either is not there yet)."""
+    ev, Le, budget = job.runs / "eval", str(job.p.s * job.p.L), job.p.finetune_steps
+    mine = f"ft_{method}_{seed}" + ("" if step == budget else f"_{step}")
+    files = [ev / f"{mine}.json", ev / f"ft_yarn_{seed}.json"]
+    if not all(f.is_file() for f in files):
+        return False
+    mine, yarn = (read_json(f, report.REDO, report.EVAL)["ppl"][Le]["nll"] for f in files)
+    return mine <= yarn
+
+
+def plain_ablation(job: Job, stages: Stages):
+    """The ablation of the cpu preset's aids: a plain byte model (no previous-token embeddings, no
+    recall mix, no warm-up) pretrained on natural text, then claims 1 and 2 on it (the first seed)
+    and PI's cost at L."""
+    p = replace(job.p, prev_tokens=0, data_mix="natural", warmup_steps=0)
+    plain = replace(job, p=p, runs=job.runs / "plain", label="plain: ")
+    L, Le, seed = p.L, p.s * p.L, p.finetune_seeds[0]
+    stages.run("plain: pretrain", plain.runs / "pretrain" / "summary.json", lambda: plain.pretrain(
+        "pretrain", L, p.plain_steps, p.pretrain_batch, data_mix="natural"))
+    for m, contexts in (("default", (L,)), ("linear", (L, Le)), ("ntk", (Le,)), ("yarn", (Le,))):
+        evaluated(plain, stages, f"nft_{m}", lambda m=m: without_finetuning(plain, m), contexts,
+                  (L,) if m == "default" else ())  # its recall at L: does a plain model copy?
+    for m in ("yarn", "linear", "ntk"):
+        name = f"ft_{m}_{seed}"
+        stages.run(f"plain: finetune {m} s={p.s} at {Le}, seed {seed}",
+                   plain.runs / name / "summary.json",
+                   lambda m=m, name=name: plain.finetune(name, m, p.s, seed))
+        evaluated(plain, stages, name, lambda name=name: load_model(plain, name), (L, Le))
 
 
 def stages_in_order(job: Job, stages: Stages):
-    p, runs, ev = job.p, job.runs, job.runs / "eval"
+    p, runs = job.p, job.runs
     L, Le, far = p.L, p.s * p.L, p.s_long * p.L
-
-    @functools.cache
-    def val():  # the validation split, opened once, when first needed
-        return load_split(job.data_dir, "val")[:2]
-
-    def evaluated(name: str, build, contexts=p.contexts, retrieval_at=(Le,)):
-        out = ev / f"{name}.json"
-        stages.run(f"evaluate {name}", out, lambda: evaluate(job, build(), out, val(), contexts, list(retrieval_at)))
-
-    def trained_and_evaluated(title: str, name: str, train_it, **evaluation):
-        stages.run(title, runs / name / "summary.json", train_it)
-        evaluated(name, lambda: load_model(job, name), **evaluation)
-
-    def adaptation_curve(name: str):  # the fine-tune's midpoint at L', scored as every evaluation (eval.py)
-        half = runs / name / f"ckpt_{p.finetune_steps // 2}.pt"
-        evaluated(f"{name}_half", lambda: checkpoint.load_model(half, job.device)[0], (Le,), ())
-
     prepare_cfg = PrepareConfig(source=p.data_source, out=str(job.data_dir), val_fraction=p.val_fraction,
                                 block_size=p.s * p.L, tokenizer=p.tokenizer)  # the longest training context
     stages.run("data", job.data_dir / "val_seen.npy", lambda: prepare(prepare_cfg))  # older folders lack it
@@ -329,33 +448,36 @@ def stages_in_order(job: Job, stages: Stages):
         if p.warmup_steps else {}
     stages.run("pretrain", runs / "pretrain" / "summary.json", lambda: job.pretrain(
         "pretrain", p.L, p.pretrain_steps, p.pretrain_batch, data_mix=p.data_mix, **after_warmup))
-    for m in NO_FINETUNE:  # claims 1, 1b-1d, and plain RoPE's recall at L: the retrieval control
-        evaluated(f"nft_{m}", lambda m=m: without_finetuning(job, m), retrieval_at=(L, Le) if m == "default" else (Le,))
+    for m in NO_FINETUNE:  # claims 1, 1b-1d, and plain RoPE's recall at L: the retrieval control;
+        # a dynamic variant at L' is its static one (the same numbers): only those are probed there
+        evaluated(job, stages, f"nft_{m}", lambda m=m: without_finetuning(job, m), p.contexts,
+                  (L, Le) if m == "default" else () if m in rope.DYNAMIC_VARIANTS else (Le,))
     stages.run("leakage", runs / "leakage.json", lambda: leakage(job, runs / "leakage.json"))
     for i, seed in enumerate(p.finetune_seeds):
         for m in FINETUNE_ORDER:
-            name = f"ft_{m}_{seed}"
-            trained_and_evaluated(f"finetune {m} s={p.s} at {Le}, seed {seed}", name,  # at L, L', 2L': the claims'
-                                  lambda m=m, name=name, seed=seed: job.finetune(name, m, p.s, seed),
-                                  contexts=sorted({L, Le, 2 * Le}))
-            if m in LONG_METHODS:  # the held-out points of the figure's curves, for the methods the claims name
-                adaptation_curve(name)
+            fine_tuned(job, stages, m, seed, *reach(p, m, i == 0))
         for m in LONG_METHODS:  # claim 3: perplexity at L' and s_long L only
             name = long_run(m, seed)
-            trained_and_evaluated(f"short_long: {m} s={p.s_long} at {Le}, seed {seed}", name,
-                                  lambda m=m, name=name, seed=seed: job.finetune(name, m, p.s_long, seed),
-                                  contexts=(Le, far), retrieval_at=())
+            stages.run(f"short_long: {m} s={p.s_long} at {Le}, seed {seed}",
+                       runs / name / "summary.json",
+                       lambda m=m, name=name, seed=seed: job.finetune(name, m, p.s_long, seed))
+            evaluated(job, stages, name, lambda name=name: load_model(job, name), (Le, far))
         if i == 0:  # claim 4, once the first seed has decided claims 2-3
             stages.run("temperature", runs / "temperature.json",
-                       lambda: temperature_sweep(job, val(), runs / "temperature.json"))
+                       lambda: temperature_sweep(job, validation(job.data_dir),
+                                                 runs / "temperature.json"))
     if p.scratch_long:  # the baseline of claim 2d
-        trained_and_evaluated(f"scratch_long: plain RoPE from scratch at {Le}", "scratch_long", job.scratch_long)
-    seed = p.finetune_seeds[0]  # claim 2 at other budgets, exploratory, so last; one seed: what the gpu limit affords
-    for steps, m in ((steps, m) for steps in p.budgets for m in BUDGET_METHODS):
-        name = budget_run(m, seed, steps)
-        trained_and_evaluated(f"budget: {m} s={p.s} at {Le} for {steps} steps, seed {seed}", name,
-                              lambda m=m, name=name, steps=steps: job.finetune(name, m, p.s, seed, steps),
-                              contexts=(Le,), retrieval_at=())
+        stages.run(f"scratch_long: plain RoPE from scratch at {Le}",
+                   runs / "scratch_long" / "summary.json", job.scratch_long)
+        evaluated(job, stages, "scratch_long", lambda: load_model(job, "scratch_long"), p.contexts,
+                  (Le,))
+    first = p.finetune_seeds[0]  # exploratory, so last: the first seed's curves on to their ends
+    for m in CURVES:
+        now, end = reach(p, m, True)
+        fine_tuned(job, stages, m, first, end, end, after=now)
+    if p.plain_steps:
+        plain_ablation(job, stages)
+
 
 def job_record(job: Job) -> dict:
     """What report.py needs besides the stage outputs, written to <runs>/job.json before any stage runs."""
@@ -364,20 +486,21 @@ def job_record(job: Job) -> dict:
     return {"preset": job.name, "command": job.command, "config": {**asdict(p), "contexts": p.contexts},
             "contexts": p.contexts, "retrieval_contexts": [p.L, p.s * p.L], "device": device_name(job.device),
             "torch": torch.__version__, "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else ""),
-            "methods": list(METHODS), "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS),
-            "budget_methods": list(BUDGET_METHODS)}
+            "methods": [m for m in METHODS if m in FINETUNE_ORDER],
+            "no_finetune_methods": list(NO_FINETUNE), "long_methods": list(LONG_METHODS),
+            "curve_methods": list(CURVES), "full_methods": list(FULL), "replication_seed": job.seed}
 
 
 class Rehearsal(Job):
     """Job and stage runner at once, for checks before work: only the training stages run (the others need models),
     building each run's RunConfig and ModelConfig (they check themselves), training nothing, loading prepared data."""
 
-    def train(self, name: str, run: train.RunConfig, config: ModelConfig):
+    def train(self, name: str, run: train.RunConfig, config: ModelConfig, marker: str = ""):
         if (self.data_dir / "val_seen.npy").exists():  # the data stage's output: it will not run again
             load_training_data(self.data_dir, config.block_size, config.vocab_size, run.data_mix)
 
     def run(self, name: str, output: Path, fn):
-        if output.name != "summary.json":
+        if not output.name.startswith("summary"):
             return
         try:
             fn()

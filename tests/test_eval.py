@@ -220,6 +220,28 @@ def test_chance_is_what_a_guesser_knowing_the_needles_tokens_scores():
     assert np.mean(hits) == pytest.approx(E.chance(needle), abs=0.02)
 
 
+def test_ceiling_is_the_best_recall_without_the_needle():
+    """Without the needle, the best guess after the cue and j teacher-forced letters is any of the
+    |V| - c - j letters not yet shown (the needle's letters are distinct): the mean of
+    1/(22 - j) over 12 letters, 0.0635, for the byte probe; a simulated best guesser agrees, and
+    the retrieval probe reports it per trial."""
+    assert E.ceiling(12, 4, 26) == pytest.approx(np.mean([1 / (22 - j) for j in range(12)]))
+    assert E.ceiling(12, 4, 26) == pytest.approx(0.0635, abs=5e-5)
+    assert E.ceiling(12, 4, 26, distinct=False) == pytest.approx(1 / 26)
+    rng = np.random.default_rng(0)
+    hits = []
+    for _ in range(3000):
+        needle = rng.choice(26, size=16, replace=False)
+        for j in range(4, 16):  # guess among the letters not shown yet
+            hits.append(rng.choice(np.setdiff1d(np.arange(26), needle[:j])) == needle[j])
+    assert np.mean(hits) == pytest.approx(E.ceiling(12, 4, 26), abs=0.005)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 100, 1000).astype(np.uint16)
+    docs = np.array([(0, 1000)], dtype=np.int64)
+    r = E.retrieval(RandomModel(200), tokens, docs, 64, (0.0,), trials=3, vocab=list(range(100, 126)))
+    assert r["ceiling"] == [pytest.approx(E.ceiling(12, 4, 26))] * 3
+
+
 def test_rope_overrides_are_typed_like_the_config_and_unknown_ones_refused():
     args, got = parse_rope_swap(["--ckpt=run", "--contexts=8,16", "--rope.type=yarn", "--rope.factor=8",
                                  "--rope.original_context=512", "--rope.truncate=false", "--rope.attention_factor=none"],

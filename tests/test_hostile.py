@@ -351,9 +351,8 @@ def test_sample_random_hostile_flags_never_give_a_traceback(ckpt, capsys, items)
 
 
 LATE_VALUES = {  # flags on top of a valid tiny job -> a word of the error
-    "a fine-tune's seed": (["--seed=-1"], "--seed must be in [0, 2^63), got -1"),  # fine-tunes: seed 0 + --seed
-    "the pretraining seed": (["--seed=-1338"], "'warmup': --seed"),  # 1337 + --seed
-    "a seed past 2^63": ([f"--seed={2**63 - 1000}"], "--seed"),
+    "a negative replication seed": (["--seed=-1"], "--seed must be >= 0"),
+    "a seed past 2^63": ([f"--seed={2**63 - 1000}"], "--seed"),  # 1337 + 2 --seed: the warm-up's
     "the report's folder": (["--out", "file/report"], "--out"),  # written last, after every stage
     "the data source": (["--data_source", "missing"], "missing"),
     "a CUDA device": (["--device=cuda:99"], "cuda:99"),

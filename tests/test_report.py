@@ -78,7 +78,8 @@ def test_a_seed_that_did_not_run_is_left_out_and_no_seed_at_all_is_not_run():
 def test_retrieval_claims_past_a_failed_control_are_not_decided():
     def recall_run(acc):
         return {"retrieval": {str(T): {"trial_acc": {"0.0": list(acc)}, "distance": {"0.0": 2 * T},
-                                       "chance": [0.25] * 4, "no_needle": [0.0, 0.05, 0.0, 0.1]} for T in (8, 16)}}
+                                       "chance": [0.25] * 4, "ceiling": [0.0635] * 4,
+                                       "no_needle": [0.0, 0.05, 0.0, 0.1]} for T in (8, 16)}}
 
     copies, guesses = recall_run([1.0, 1.0, 1.0, 1.0]), recall_run([0.2, 0.3, 0.25, 0.2])
     good = {"no_finetune": {"default": copies}, "finetuned": {"yarn": [copies], "linear": [guesses]}}
@@ -89,9 +90,18 @@ def test_retrieval_claims_past_a_failed_control_are_not_decided():
     assert report.agree([{"claim": "5b", "held": report.CONTROL_FAILED}], [{"claim": "5b", "held": "yes"}]) == []
 
 
+def curve_points(base: np.ndarray, offsets: dict, rng) -> dict:
+    """A fine-tune's curve as report.gather writes it: held-out NLL per document after each step."""
+    docs = {str(k): list(base + off + rng.normal(0, 0.005, len(base)))
+            for k, off in offsets.items()}
+    return {"train": list(np.linspace(2.5, 2.0, 20)), "doc_nll": docs,
+            "val": {k: float(np.mean(v)) for k, v in docs.items()}}
+
+
 def world(good: bool, seeds: int = 3, docs: int = 16, trials: int = 12) -> dict:
-    """Synthetic results in which every claim must come out "yes" (good) or every one "no" (not good): YaRN best
-    or worst at every comparison, the paper's temperature best or worst, YaRN's loss curve fast or slow."""
+    """Synthetic results in which every claim must come out "yes" (good) or every one "no" (not
+    good): YaRN best or worst at every comparison, the paper's temperature best or worst, PI and
+    NTK-aware slow or fast to reach YaRN's held-out level, and the same on the ablation's model."""
     rng = np.random.default_rng(7)
     L, s, s_long = 8, 4, 8
     Le, far = L * s, L * s_long
@@ -107,20 +117,21 @@ def world(good: bool, seeds: int = 3, docs: int = 16, trials: int = 12) -> dict:
         r["retrieval"] = {str(T): {"trial_acc": {str(d): list(np.clip(acc + rng.normal(0, noise, trials), 0, 1))
                                                  for d in (0.0, 0.5)},
                                    "distance": {"0.0": T - 4, "0.5": (T - 4) // 2}, "chance": [0.26] * trials,
+                                   "ceiling": [0.0635] * trials,
                                    "no_needle": list(no_needle + rng.normal(0, 0.01, trials))} for T in (L, Le)}
         r["retrieval"][str(Le)]["mean"] = acc
         return r
 
     ladder = (L, Le, 2 * Le, far)
     good_at = {T: 0.2 * sign for T in ladder}  # YaRN, and the dynamic YaRN, where they must win or lose
-    nft = {m: with_recall(ppl_run({T: 0.0 for T in ladder}), 1.0, 0.0 if good else 0.9)
+    nft = {m: with_recall(ppl_run({T: 0.0 for T in ladder}), 1.0, 0.04)
            for m in ("default", "linear", "ntk", "ntk_by_parts", "dynamic")}
-    nft["default"] = with_recall(ppl_run({L: 0.5 * sign, Le: 0.0, 2 * Le: 0.0, far: 0.0}), 1.0,
-                                 0.0 if good else 0.9)  # short-context check: the pretrained model at L
+    at_L = {L: 0.5 * sign, Le: 0.0, 2 * Le: 0.0, far: 0.0}  # short-context check: pretrained, at L
+    nft["default"] = with_recall(ppl_run(at_L), 1.0, 0.04)
     nft["yarn"] = with_recall(ppl_run(good_at), 1.0, 0.0)
     nft["dynamic_yarn"] = with_recall(ppl_run({T: 0.4 * sign for T in ladder}), 1.0, 0.0)
     ft = {m: [with_recall(ppl_run({T: 0.0 for T in ladder}), 0.5 if good else 1.0, 0.0) for _ in range(seeds)]
-          for m in ("default", "linear", "ntk", "ntk_by_parts")}
+          for m in ("default", "linear", "ntk")}
     ft["yarn"] = [with_recall(ppl_run(good_at), 1.0 if good else 0.0, 0.0) for _ in range(seeds)]
     long = {"yarn": [ppl_run({Le: 0.0, far: 0.2 * sign}) for _ in range(seeds)],
             **{m: [ppl_run({Le: 0.0, far: 0.0}) for _ in range(seeds)] for m in ("linear", "ntk")}}
@@ -138,14 +149,26 @@ def world(good: bool, seeds: int = 3, docs: int = 16, trials: int = 12) -> dict:
                 off = np.full(docs, shape[a])
             by_a[str(a)] = {"doc_nll": list(base + off + rng.normal(0, 0.001, docs))}
         temperature[str(scale)] = {"context": scale * L, "a": by_a}
-    pi_curve = list(np.linspace(2.5, 2.0, 20))
-    yarn_curve = list(np.full(20, 1.5) if good else np.full(20, 3.0))
-    curves = {"linear": [{"train": pi_curve, "val": {}}] * seeds, "yarn": [{"train": yarn_curve, "val": {}}] * seeds}
+    # YaRN's curve reaches its level (its NLL after 20 steps) by 20; the others: slow (above it
+    # past 50 steps, 2.5x YaRN's), or fast (below it after 5); at the budgets 10 and 50, YaRN below
+    # them, or above
+    others = {0: 0.6, 5: 0.5, 10: 0.4, 20: 0.3, 50: 0.2, 100: 0.15, 200: 0.1} if good else \
+        {0: 0.6, 5: -0.1, 10: -0.15, 20: -0.2, 50: -0.25}
+    yarn_curve = {0: 0.2, 5: 0.1, 10: 0.05, 20: 0.0, 50: -0.05}
+    curves = {"yarn": [curve_points(base, yarn_curve, rng) for _ in range(seeds)],
+              **{m: [curve_points(base, others, rng) for _ in range(seeds)]
+                 for m in ("linear", "ntk")}}
+    plain = {"no_finetune": {"default": ppl_run({L: 0.0}), "linear": ppl_run({L: 0.3, Le: 0.0}),
+                             "ntk": ppl_run({Le: 0.0}), "yarn": ppl_run({Le: 0.2 * sign})},
+             "finetuned": {"linear": [ppl_run({L: 0.1, Le: 0.0})],
+                           "ntk": [ppl_run({L: 0.0, Le: 0.0})],
+                           "yarn": [ppl_run({L: 0.0, Le: 0.2 * sign})]}}
     scratch = [ppl_run({Le: -0.2 * sign})]
-    return {"config": {"L": L, "s": s, "s_long": s_long, "scratch_long": True, "temp_scales": [2, 4],
-                       "finetune_seeds": list(range(seeds)), "finetune_steps": 20},
-            "no_finetune": nft, "finetuned": ft, "long": long, "scratch_long": scratch, "temperature": temperature,
-            "curves": curves}
+    config = {"L": L, "s": s, "s_long": s_long, "scratch_long": True, "temp_scales": [2, 4],
+              "finetune_seeds": list(range(seeds)), "finetune_steps": 20, "finetune_batch": 2,
+              "curve_steps": [5, 10, 20, 50, 100, 200], "budgets": [10, 50], "plain_steps": 100}
+    return {"config": config, "no_finetune": nft, "finetuned": ft, "long": long,
+            "scratch_long": scratch, "temperature": temperature, "curves": curves, "plain": plain}
 
 
 @pytest.mark.parametrize("good", [True, False])
@@ -153,12 +176,56 @@ def test_every_claim_can_come_out_either_way(good):
     """Numbers built for it turn every claim "yes", and numbers built against it turn every claim "no": none is
     fixed by construction (the old temperature claims, best-of-the-sweep tested on its own documents, were)."""
     found = report.claims(world(good))
-    assert len(found) == 29
-    # the control (claim 5) holds in both worlds: were it "no", claims 5b-5d would not be decided (tested above)
-    expected = {c["claim"]: "yes" if good or c["claim"].startswith("5. ") else "no" for c in found}
+    assert len(found) == 35
+    # the control (claims 5 and 5a) holds in both worlds: were claim 5 "no", claims 5b-5d would
+    # not be decided (tested above); a world in which 5a is "no" is below
+    control = ("5. ", "5a. ")
+    expected = {c["claim"]: "yes" if good or c["claim"].startswith(control) else "no"
+                for c in found}
     wrong = [(c["claim"], c["held"], c["evidence"]) for c in found if c["held"] != expected[c["claim"]]]
     assert not wrong, wrong
-    assert sum(c["primary"] for c in found) == report.PRIMARY + 1  # the 8 interval comparisons and claim 6
+    assert sum(c["primary"] for c in found) == report.PRIMARY  # the 9 of the Bonferroni family
+    assert [c["family"] for c in found].count("ablation") == 4
+    assert len({c["claim"] for c in found}) == len(found)  # no claim twice
+
+
+def test_claim_5a_is_no_for_a_control_that_does_not_use_the_needle():
+    """A model that recalls as well without the needle as with it (about the ceiling, 0.0635,
+    either way: it guesses) has a lift below the best guess's: 5a is "no", and so is the control,
+    so 5b-5d are not decided."""
+    rng = np.random.default_rng(4)
+
+    def guesses():
+        return list(0.06 + rng.normal(0, 0.01, 12))
+
+    guess = {str(T): {"trial_acc": {"0.0": guesses()}, "distance": {"0.0": 2 * T},
+                      "chance": [0.26] * 12, "ceiling": [0.0635] * 12, "no_needle": guesses()}
+             for T in (8, 16)}
+    res = {"no_finetune": {"default": {"retrieval": guess}},
+           "finetuned": {"yarn": [{"retrieval": guess}], "linear": [{"retrieval": guess}]}}
+    held = {c["claim"][:3]: c["held"] for c in report.retrieval_claims(res, 8, 16)}
+    assert held["5. "] == "no" and held["5a."] == "no", held
+    assert held["5b."] == held["5c."] == report.CONTROL_FAILED
+
+
+def test_the_temperature_bootstrap_resamples_documents_jointly_across_s():
+    """Each document prefers a_i at s = 2 and 0.2 - a_i at s = 4, so every document's sum over s
+    is least at a = 0.1: resampled jointly, every resample fits 0.1; resampled apart, the fits
+    would spread."""
+    a_grid = (0.0, 0.04, 0.07, 0.1, 0.13, 0.16, 0.2)
+    prefer = np.linspace(0.02, 0.18, 16)
+
+    def sweep(best: np.ndarray) -> dict:  # each document's NLL, a parabola around its best a
+        return {"a": {str(a): {"doc_nll": list(3.0 + 4 * (a - best) ** 2)} for a in a_grid}}
+
+    temp = {"2": sweep(prefer), "4": sweep(0.2 - prefer)}
+    picks = np.random.default_rng(1).integers(0, 16, (500, 16))
+    assert np.allclose(report.fitted_a(temp, picks), 0.1, atol=1e-9)
+    assert report.fitted_a(temp, np.arange(16)[None]) == pytest.approx(report.fitted_a(temp))
+    alone = {"2": sweep(prefer[picks[0]]), "4": sweep(0.2 - prefer[picks[1]])}  # apart: not 0.1
+    assert abs(report.fitted_a(alone) - 0.1) > 1e-3
+    claim = report.temperature_claims(temp, {"s": 2, "temp_scales": [2, 4]})[1]
+    assert claim["held"] == "yes" and "10,000 resamples" in claim["evidence"]
 
 
 def test_primary_claims_use_the_bonferroni_level():
@@ -168,7 +235,7 @@ def test_primary_claims_use_the_bonferroni_level():
     b = [run(base)]
     assert report.compare(a, b, 8)["verdict"] == "yes"
     assert report.compare(a, b, 8, level=report.PRIMARY_LEVEL)["verdict"] == "within noise"
-    assert "99.38% CI" in report.evidence(report.compare(a, b, 8, level=report.PRIMARY_LEVEL))
+    assert "99.44% CI" in report.evidence(report.compare(a, b, 8, level=report.PRIMARY_LEVEL))
 
 
 def test_fitted_a_finds_the_vertex_and_cross_fitting_uses_the_other_half():
@@ -183,20 +250,35 @@ def test_fitted_a_finds_the_vertex_and_cross_fitting_uses_the_other_half():
     assert list(chosen) == [nll[0.0][0], nll[0.2][1]] * 3  # never the document's own best
 
 
-def test_steps_to_target_on_a_hand_made_curve():
-    pi = [3.0 - 0.05 * k for k in range(21)]  # 3.0 down to 2.0
-    assert report.smooth([1, 2, 3, 4, 5, 6])[-1] == pytest.approx(4.0)  # the trailing mean of 5: (2+..+6)/5
-    target = report.smooth(pi)[-1]  # 2.1, the mean of the last 5 steps
-    assert target == pytest.approx(2.1)
-    assert report.steps_to(pi, target) == 20
-    fast = [2.5 - 0.2 * k for k in range(21)]  # smoothed, at or below 2.1 from step 4 on: (2.5+2.3+2.1+1.9+1.7)/5
-    assert report.steps_to(fast, target) == 4
-    assert report.steps_to([9.0] * 21, target) is None
-    curves = {"linear": [{"train": pi, "val": {}}], "yarn": [{"train": fast, "val": {}}]}
-    held = {c["claim"][:2]: c["held"] for c in report.efficiency_claims(curves, {})}
-    assert held == {"6.": "yes", "6b": "yes"}  # 4 <= 20 / 2.5; and below PI at every step
-    slow = [{"train": [2.5 - 0.03 * k for k in range(21)], "val": {}}]  # reaches 2.1 only at step 16
-    assert report.efficiency_claims({"linear": curves["linear"], "yarn": slow}, {})[0]["held"] == "no"
+def test_crossing_interpolates_in_log_steps_and_is_inf_when_never_reached():
+    steps = np.array([0, 5, 10, 20, 50])
+    nll = np.array([[1.0], [0.9], [0.8], [0.7], [0.6]])
+    assert report.crossing(nll, steps, np.array(0.9))[0] == pytest.approx(5)  # at a point
+    half = np.expm1((np.log1p(20) + np.log1p(50)) / 2)  # halfway from 0.7 to 0.6, in log(1 + step)
+    assert report.crossing(nll, steps, np.array(0.65))[0] == pytest.approx(half)
+    assert report.crossing(nll, steps, np.array(1.2))[0] == 0  # already there before any step
+    assert report.crossing(nll, steps, np.array(0.5))[0] == np.inf
+    up_and_down = np.array([[1.0], [0.6], [0.9], [0.5], [0.4]])  # the first crossing counts
+    assert report.crossing(up_and_down, steps, np.array(0.7))[0] < 5
+
+
+def test_efficiency_is_decided_at_2_5x_yarns_steps_with_a_paired_interval():
+    rng = np.random.default_rng(5)
+    base = rng.normal(1.2, 0.2, 16)
+    yarn = curve_points(base, {0: 0.05, 20: 0.0}, rng)
+    c = {"finetune_steps": 20, "finetune_batch": 2, "L": 8, "s": 4}
+
+    def decide(offsets, seeds=3):
+        pi = [curve_points(base, offsets, rng) for _ in range(seeds)]
+        return report.efficiency_claims({"yarn": [yarn] * seeds, "linear": pi}, c)[0]
+
+    slow = decide({0: 0.3, 20: 0.1, 50: 0.04, 100: 0.02, 200: 0.01})  # not there within 200 steps
+    assert slow["held"] == "yes" and "PI needs > 200 [> 200, > 200], > 200" in slow["evidence"]
+    assert decide({0: 0.3, 20: 0.1, 50: 0.02, 100: -0.02})["held"] == "yes"  # between 50 and 100
+    assert decide({0: 0.3, 20: 0.02, 50: -0.02})["held"] == "no"  # between 20 and 50: under 2.5x
+    assert decide({0: 0.3, 20: 0.1, 50: 0.0005})["held"] == "within noise"  # at the line at 50
+    short = decide({0: 0.3, 20: 0.1})  # no curve run to 2.5x: not decided
+    assert short["held"] == report.NOT_RUN
 
 
 def test_replication_sorts_claims_by_how_two_runs_agree():
