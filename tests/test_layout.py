@@ -76,9 +76,10 @@ FLOORS = [
     ("rope.py", "system.py", "loss.py", "prev_tokens.py", "data/__init__.py", "data/tokenizer.py",
      "data/recall.py"),
     ("flags.py",),  # reads --config with system.read_json
-    ("model.py", "figures.py", "data/loader.py", "data/prepare.py"),
+    ("model.py", "figures.py", "data/loader.py", "data/prepare.py", "gguf_io.py"),
     ("checkpoint.py", "config.py", "generate.py"),
     ("train.py", "eval.py", "sample.py", "hf.py", "report.py"),
+    ("pretrained.py",),  # the smollm2 presets: reproduce.py hands them over
     ("reproduce.py",),
     ("bench.py",),
 ]
