@@ -105,11 +105,16 @@ def perplexity(model, tokens, docs, context: int, score: int, max_docs: int, dev
 
 # Retrieval probe
 def needle_vocab(tokenizer) -> list[int]:
-    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2."""
+    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2
+    and any vocabulary that has at least 16 of them as single tokens."""
     if tokenizer.name == "bytes":
         return list(b"abcdefghijklmnopqrstuvwxyz")
     ids = [tokenizer.encode_ordinary(" " + w) for w in NEEDLE_WORDS]
-    return list(dict.fromkeys(i[0] for i in ids if len(i) == 1))
+    words = list(dict.fromkeys(i[0] for i in ids if len(i) == 1))
+    if len(words) >= 16:
+        return words
+    # a vocabulary with few whole words (a test's): letters, each one token in a byte-level BPE
+    return list(dict.fromkeys(tokenizer.encode_ordinary(c)[0] for c in "abcdefghijklmnopqrstuvwxyz"))
 
 
 def probe_sequence(filler: np.ndarray, needle: np.ndarray, depth: float) -> np.ndarray:

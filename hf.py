@@ -410,15 +410,15 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, tor
         state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
     if missing:
         raise ValueError(f"the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}")
-    head = tensors.pop("lm_head.weight", None)
-    if config.tie_embeddings and head is not None and not same_head(head, state["tok_emb.weight"]):
-        raise ValueError("lm_head.weight differs from model.embed_tokens.weight, and "
-                         "tie_word_embeddings is true, so transformers would ignore it; set it to "
-                         "false to import the head as it is")
-    if head is None and not tied:
-        raise ValueError("config.json 'tie_word_embeddings' is false but there is no lm_head.weight; "
-                         "set it to true if the head is the embedding")
-    if config.tie_embeddings:
+    if config.tie_embeddings:  # an untied head was taken with the other weights
+        head = tensors.pop("lm_head.weight", None)
+        if head is not None and not same_head(head, state["tok_emb.weight"]):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, and "
+                             "tie_word_embeddings is true, so transformers would ignore it; set it "
+                             "to false to import the head as it is")
+        if head is None and not tied:
+            raise ValueError("config.json 'tie_word_embeddings' is false but there is no "
+                             "lm_head.weight; set it to true if the head is the embedding")
         state["lm_head.weight"] = state["tok_emb.weight"]
     unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))  # old files store inv_freq
     if unexpected:

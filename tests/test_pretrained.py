@@ -21,21 +21,22 @@ import flags  # noqa: E402
 import pretrained  # noqa: E402
 import reproduce  # noqa: E402
 import tiny_gguf  # noqa: E402
-from data.prepare import shakespeare_corpus, stdlib_corpus  # noqa: E402
 
 L = 512  # the tiny model's trained context
 
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
-    """The GPU preset on a tiny GGUF and small corpora (slices of real plays and stdlib files)."""
+    """The GPU preset on a tiny GGUF and small corpora (slices of pydoc's prose and stdlib files)."""
     root = tmp_path_factory.mktemp("rehearsal")
     tiny_gguf.write(root / "tiny.gguf", context=L)
-    for label, files in (("natural", shakespeare_corpus().files[:3]), ("code", [
-            f for f in stdlib_corpus().files if f.name in ("argparse.py", "typing.py", "inspect.py")])):
+    text = tiny_gguf.prose()
+    for label, texts in (("natural", {f"topics_{k}.txt": text[k * 20000:(k + 1) * 20000] for k in range(3)}),
+                         ("code", {f: (tiny_gguf.STDLIB / f).read_text()[:20000]
+                                   for f in ("argparse.py", "typing.py", "inspect.py")})):
         (root / label).mkdir()
-        for f in files:
-            (root / label / f.name).write_text(f.read_text(encoding="utf-8")[:20000])
+        for name, t in texts.items():
+            (root / label / name).write_text(t)
     p = replace(pretrained.PRESETS["smollm2_gpu"], score=32, keys=1, depths=(0.25, 0.75),
                 corpora=(("natural", str(root / "natural"), 2), ("code", str(root / "code"), 2)),
                 results=str(root / "results"))

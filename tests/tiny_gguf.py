@@ -3,6 +3,7 @@ random weights (quantized ones included), the rows of W_q and W_k permuted into 
 and a small byte-level BPE vocabulary trained here on real text. Used by test_gguf.py (against
 transformers' GGUF loading) and test_pretrained.py (the smollm2 presets' stages, in seconds)."""
 
+import ast
 import re
 import sysconfig
 from collections import Counter
@@ -11,7 +12,15 @@ from pathlib import Path
 import numpy as np
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<filename>")
-TRAINING_TEXT = Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TRAINING_TEXT = STDLIB / "json" / "decoder.py"
+
+
+def prose() -> str:
+    """English prose that every Python has: pydoc's help topics (pydoc_data/topics.py), joined."""
+    tree = ast.parse((STDLIB / "pydoc_data" / "topics.py").read_text(encoding="utf-8"))
+    topics = next(n.value for n in tree.body if isinstance(n, ast.Assign))
+    return "\n\n".join(ast.literal_eval(topics).values())
 # (GGUF name, tensor type) of the weights, per layer: every type hf.py's import reads
 LAYER_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F16",
                "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "BF16"}
@@ -65,9 +74,11 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write(path, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn=128, context=64, base=10000.0,
-          n_merges=60, seed=0, tied=True, arch="llama", types=None, extra=None, qk_scale=0.3):
+          n_merges=60, seed=0, tied=True, arch="llama", types=None, extra=None, qk_scale=0.3,
+          tokenizer="gpt2", merges_reversed=False):
     """Write the GGUF; returns the Hugging Face-layout weights it holds before quantization. types:
-    {gguf layer tensor kind: type name} (default LAYER_TYPES); extra(writer) adds to the file."""
+    {gguf layer tensor kind: type name} (default LAYER_TYPES); extra(writer) adds to the file;
+    tokenizer: tokenizer.ggml.model; merges_reversed lists the merges in the wrong order."""
     import gguf
     from gguf.quants import quantize
 
@@ -89,11 +100,11 @@ def write(path, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn=128, context=6
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(V)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer)
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types(kinds)
-    w.add_token_merges([f"{a} {b}" for a, b in merges])
+    w.add_token_merges([f"{a} {b}" for a, b in (merges[::-1] if merges_reversed else merges)])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     weights, types = {}, {**LAYER_TYPES, **(types or {})}
@@ -104,6 +115,9 @@ def write(path, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn=128, context=6
             x = 1.0 + x
         weights[hf] = x
         stored = permute(x, heads) if heads else x
+        if kind == "F64":  # a type the gguf package reads but does not de-quantize
+            w.add_tensor(name, stored.astype(np.float64))
+            return
         qtype = gguf.GGMLQuantizationType[kind]
         w.add_tensor(name, quantize(stored, qtype), raw_dtype=qtype)
 
