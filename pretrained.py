@@ -190,7 +190,8 @@ def prepare_data(run: Run, vocabulary: str, min_len: int) -> list[dict]:
 
 class Progress:
     """A line per forward pass: what ran, its time, the time so far and an ETA from the seconds the
-    passes took at each length (before any at a length, scaled as length^1.5 from the nearest)."""
+    passes took at each length (before any at a length, scaled from the nearest as length^2: the
+    attention's cost, most of it at these lengths)."""
 
     def __init__(self, lengths: list[int]):
         self.todo, self.seconds, self.t0 = list(lengths), {}, time.time()
@@ -199,7 +200,7 @@ class Progress:
         if not self.seconds:
             return None
         near = min(self.seconds, key=lambda T: abs(math.log(T / length)))
-        return float(np.mean(self.seconds[near])) * (length / near) ** 1.5
+        return float(np.mean(self.seconds[near])) * (length / near) ** 2
 
     def done(self, length: int, seconds: float | None = None, what: str = ""):
         self.todo.remove(length)
