@@ -258,13 +258,17 @@ def passkey_prompt(enc, length: int, depth: float, key: int, new_tokens: int):
                           f"{key} is the pass key.", " ".join([FILLER] * (n - k)),
                           f"{QUESTION} {ANSWER}"])
 
-    per, budget, frame = len(enc.encode_ordinary(FILLER + " ")), length - new_tokens, len(
-        enc.encode_ordinary(text(0)))
+    def size(n: int) -> int:
+        return len(enc.encode_ordinary(text(n)))
+
+    budget, frame = length - new_tokens, size(0)
     if frame > budget:
         raise ValueError(f"a passkey prompt of {length} tokens has no room for filler: the rest of "
                          f"it takes {frame} and the answer {new_tokens}")
-    n = (budget - frame) // per + 2
-    while n > 0 and len(enc.encode_ordinary(text(n))) > budget:
+    n = (budget - frame) * 20 // max(1, size(20) - frame)  # tokens per filler as it joins up
+    while size(n + 1) <= budget:  # then the most that fits
+        n += 1
+    while n > 0 and size(n) > budget:
         n -= 1
     full = text(n)
     return enc.encode_ordinary(full), len(enc.encode_ordinary(full[full.index(f"{ANSWER} "):]))
@@ -459,8 +463,8 @@ def passkey_claims(nf: dict, L: int, sL: int) -> list[dict]:
     where they were asked at sL (the gpu preset), P2: YaRN answers more often than plain RoPE, P3:
     than PI and than NTK-aware. P1-P3 are not decided when the control is not "yes"."""
     out = [beyond_chance("P. Control: plain RoPE at <= L", nf["default"], lambda T: T <= L),
-           beyond_chance(f"P1. No fine-tuning: YaRN at L'={sL}", nf["yarn"], lambda T: T == sL)]
-    out[1]["primary"] = True
+           beyond_chance(f"P1. No fine-tuning: YaRN at L'={sL}", nf["yarn"], lambda T: T == sL,
+                         primary=True)]
     asked = [m for m in ("default", "linear", "ntk") if str(sL) in nf[m][0]["retrieval"]]
     for m in asked:
         r = report.compare(nf["yarn"], nf[m], sL, "retrieval")
@@ -474,16 +478,17 @@ def passkey_claims(nf: dict, L: int, sL: int) -> list[dict]:
     return out
 
 
-def beyond_chance(who: str, runs: list, lengths) -> dict:
+def beyond_chance(who: str, runs: list, lengths, primary: bool = False) -> dict:
     """The claim that `who` answers the pass key (exact match) beyond chance at the lengths chosen:
-    the interval of (accuracy - chance) over trials above zero at each, at the primary level."""
+    the interval of (accuracy - chance) over trials above zero at each."""
+    level = PRIMARY_LEVEL if primary else report.LEVEL
     asked = {int(T): r["trial_acc"]["all"] for T, r in runs[0]["retrieval"].items()
              if lengths(int(T))}
-    rows = [report.interval(np.array(hits) - CHANCE, PRIMARY_LEVEL) for hits in asked.values()]
+    rows = [report.interval(np.array(hits) - CHANCE, level) for hits in asked.values()]
     text = "; ".join(f"at {T}: {np.mean(hits):.2f} of {len(hits)} trials, "
-                     f"{100 * PRIMARY_LEVEL:.4g}% CI of it - chance [{lo:+.2f}, {hi:+.2f}]"
+                     f"{100 * level:.4g}% CI of it - chance [{lo:+.2f}, {hi:+.2f}]"
                      for (T, hits), (_, lo, hi) in zip(asked.items(), rows))
-    return {"claim": f"{who} answers the pass key (exact match) beyond chance", "primary": False,
+    return {"claim": f"{who} answers the pass key (exact match) beyond chance", "primary": primary,
             "held": report.side(rows, better_below=False) if rows else report.NOT_RUN,
             "evidence": text or "its stage did not finish"}
 
@@ -621,7 +626,9 @@ def write(res: dict, out: Path) -> list[dict]:
     runs, c = method_runs(res), {**res["config"], "L": res["L"], "contexts": res["contexts"]}
     made = {}
     if res["documents"]:
-        made["ppl_no_finetune.png"] = figures.plot_ppl(plt, runs, c, "SmolLM2-135M, no fine-tuning")
+        fig = made["ppl_no_finetune.png"] = figures.plot_ppl(plt, runs, c, "SmolLM2-135M, no "
+                                                             "fine-tuning")
+        fig.axes[0].set_yscale("log")  # plain RoPE past L is ~60x the rest
     with_passkey = {m: r for m, r in runs.items() if r[0]["retrieval"]}
     if with_passkey:
         made["passkey.png"] = figures.plot_recall(plt, with_passkey, "Passkey, exact match")
