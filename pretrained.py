@@ -18,7 +18,8 @@ Stages, each skipped when its output exists (a re-run resumes), then the report:
               filler, its answer decoded greedily, exact match of the first number in it; methods
               whose tables are equal share the answer
 Claims are decided with report.py's rules (intervals over documents or trials, Bonferroni over the
-primary ones); report.md puts them beside the toy's verdicts (results/cpu).
+primary ones; a pass-key rate against chance by its exact binomial interval); report.md puts them
+beside the toy's verdicts (results/cpu).
 """
 
 import importlib.util
@@ -36,6 +37,7 @@ import torch
 import checkpoint
 import eval as evaluation
 import figures
+import generate
 import hf
 import report
 import rope
@@ -288,10 +290,11 @@ def passkey_trials(p: Preset, L: int) -> list[dict]:
 
 @torch.no_grad()
 def answer(model, enc, ids: list[int], new_tokens: int) -> str:
-    """Greedy decoding (model.generate, temperature 0) of up to new_tokens after the prompt."""
+    """Greedy decoding (generate.py, temperature 0) of up to new_tokens after the prompt."""
     idx = torch.tensor([ids], device=next(model.parameters()).device)
-    out = [int(t[0]) for t in model.generate(idx, new_tokens, temperature=0.0,
-                                             stop_token=enc.eot_token, vocab_limit=enc.n_vocab)]
+    choose = generate.sampler(temperature=0.0, vocab_limit=enc.n_vocab)
+    tokens = generate.generate(model, idx, new_tokens, choose, stop_token=enc.eot_token)
+    out = [int(t[0]) for t in tokens]
     return enc.decode([t for t in out if t != enc.eot_token])
 
 
@@ -480,17 +483,39 @@ def passkey_claims(nf: dict, L: int, sL: int) -> list[dict]:
 
 def beyond_chance(who: str, runs: list, lengths, primary: bool = False) -> dict:
     """The claim that `who` answers the pass key (exact match) beyond chance at the lengths chosen:
-    the interval of (accuracy - chance) over trials above zero at each."""
+    the exact (Clopper-Pearson) interval of its rate of correct answers above CHANCE at each, so
+    that 2 of 2 is decided by what 2 trials can show, not by a t-interval of zero width."""
     level = PRIMARY_LEVEL if primary else report.LEVEL
     asked = {int(T): r["trial_acc"]["all"] for T, r in runs[0]["retrieval"].items()
              if lengths(int(T))}
-    rows = [report.interval(np.array(hits) - CHANCE, level) for hits in asked.values()]
-    text = "; ".join(f"at {T}: {np.mean(hits):.2f} of {len(hits)} trials, "
-                     f"{100 * level:.4g}% CI of it - chance [{lo:+.2f}, {hi:+.2f}]"
-                     for (T, hits), (_, lo, hi) in zip(asked.items(), rows))
+    rows = [exact_interval(int(sum(hits)), len(hits), level) for hits in asked.values()]
+    rows = [(k / n, lo - CHANCE, hi - CHANCE) for (k, n, lo, hi) in rows]
+    text = "; ".join(f"at {T}: {int(sum(hits))} of {len(hits)} trials, {100 * level:.4g}% exact "
+                     f"interval of the rate [{lo + CHANCE:.3f}, {hi + CHANCE:.3f}] (chance "
+                     f"{CHANCE:.1e})" for (T, hits), (_, lo, hi) in zip(asked.items(), rows))
     return {"claim": f"{who} answers the pass key (exact match) beyond chance", "primary": primary,
             "held": report.side(rows, better_below=False) if rows else report.NOT_RUN,
             "evidence": text or "its stage did not finish"}
+
+
+def exact_interval(k: int, n: int, level: float) -> tuple[int, int, float, float]:
+    """(k, n, low, high): the Clopper-Pearson interval of a binomial rate, k successes of n; low
+    solves P(X >= k | p) = (1 - level) / 2 and high P(X <= k | p) = (1 - level) / 2 (bisection)."""
+    tail = (1 - level) / 2
+
+    def at_most(j, p):  # P(X <= j | n, p), falling as p rises
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(j + 1))
+
+    def solve(j, target):  # the p in [0, 1] with at_most(j, p) = target, by bisection
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if at_most(j, mid) > target else (lo, mid)
+        return (lo + hi) / 2
+
+    low = 0.0 if k == 0 else solve(k - 1, 1 - tail)  # P(X >= k | low) = tail
+    high = 1.0 if k == n else solve(k, tail)
+    return k, n, low, high
 
 
 def setup_lines(res: dict) -> list[str]:
@@ -590,7 +615,8 @@ def markdown(res: dict, found: list[dict], plots: list[str]) -> str:
              *setup_lines(res), "", "## Claims, primary", "",
              f"Decided with {100 * PRIMARY_LEVEL:.4g}% intervals (Bonferroni over {PRIMARY} "
              "comparisons): 'yes' when the interval of the per-document (per-trial) difference "
-             "lies on the claim's side of zero, 'no' on the other side, else 'within noise'.", "",
+             "lies on the claim's side of zero, 'no' on the other side, else 'within noise'; "
+             "a pass-key rate against chance by its exact (Clopper-Pearson) interval.", "",
              *report.claims_table([c for c in found if c["primary"]]), "",
              "## Claims, exploratory (95% each)", "",
              *report.claims_table([c for c in found if not c["primary"]]), "",

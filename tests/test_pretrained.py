@@ -167,13 +167,24 @@ def test_each_perplexity_claim_can_come_out_no(change, claim):
 
 
 def test_each_passkey_claim_can_come_out_no():
-    assert held(world(BASE, {**HITS, ("default", 100): [0, 0, 0]}), "P.") == ["no"]
+    # 0 of 3 cannot show a rate below chance (1 in 90,000): the control is not "yes", and then
+    # nothing after it is decided
+    assert held(world(BASE, {**HITS, ("default", 100): [0, 0, 0]}), "P.") == ["within noise"]
     failed = held(world(BASE, {**HITS, ("default", 100): [0, 0, 0]}), "P")[1:]
     assert failed == ["not decided (control failed)"] * 2
-    assert held(world(BASE, {**HITS, ("yarn", 200): [0, 0, 0]}), "P1.") == ["no"]
+    assert held(world(BASE, {**HITS, ("yarn", 200): [0, 0, 0]}), "P1.") == ["within noise"]
+    many = {"retrieval": {"200": {"trial_acc": {"all": [0.0] * 400_000}}}}  # 0 of 400,000 does
+    assert pretrained.beyond_chance("YaRN", [many], lambda T: True)["held"] == "no"
     assert held(world(BASE, {**HITS, ("default", 200): [1, 1, 1], ("yarn", 200): [0, 0, 0]}), "P2.") == ["no"]
     with_pi = {**HITS, ("linear", 200): [1, 1, 1], ("yarn", 200): [0, 0, 0], ("default", 200): [0, 0, 0]}
     assert held(world(BASE, with_pi), "P3.") == ["no"]
+
+
+def test_the_exact_interval_of_a_rate():
+    """Clopper-Pearson, against values computed from the beta quantiles it inverts."""
+    assert pretrained.exact_interval(5, 10, 0.95)[2:] == pytest.approx((0.18709, 0.81291), abs=1e-5)
+    assert pretrained.exact_interval(2, 2, 0.9875)[2:] == pytest.approx((0.00625**0.5, 1.0))
+    assert pretrained.exact_interval(0, 10, 0.95)[2:] == pytest.approx((0.0, 1 - 0.025**0.1))
 
 
 def test_claims_of_stages_that_did_not_run_say_so():
