@@ -3,7 +3,8 @@ numbers, strings, lists and dicts, which `torch.load(weights_only=True)` reads (
     format            "yarn-from-scratch" and version  FORMAT_VERSION
     model_config      ModelConfig.to_dict() (rope config included), enough to rebuild the model
     model             the raw module's state_dict (never a compiled or DDP wrapper's)
-    tokenizer         the name of the tokenizer the model was trained with (data.tokenizer), "gpt2" if absent
+    tokenizer         the model's tokenizer: a name (data.tokenizer), "gpt2" if absent, or an
+                      imported model's vocabulary (a dict, `hf.py import --gguf`)
     and, from train.py: optimizer, run_config, step, data_state, metrics, provenance
 """
 

@@ -31,7 +31,7 @@ import checkpoint
 import flags
 from checkpoint import parse_rope_swap, rope_with_overrides
 from data.loader import load_split
-from data.tokenizer import get_tokenizer
+from data.tokenizer import describe, get_tokenizer
 from system import check_writable, pick_device, write_json
 
 # Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like plain text
@@ -105,11 +105,16 @@ def perplexity(model, tokens, docs, context: int, score: int, max_docs: int, dev
 
 # Retrieval probe
 def needle_vocab(tokenizer) -> list[int]:
-    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2."""
+    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2
+    and any vocabulary that has at least 16 of them as single tokens."""
     if tokenizer.name == "bytes":
         return list(b"abcdefghijklmnopqrstuvwxyz")
     ids = [tokenizer.encode_ordinary(" " + w) for w in NEEDLE_WORDS]
-    return list(dict.fromkeys(i[0] for i in ids if len(i) == 1))
+    words = list(dict.fromkeys(i[0] for i in ids if len(i) == 1))
+    if len(words) >= 16:
+        return words
+    # a vocabulary with few whole words (a test's): letters, each one token in a byte-level BPE
+    return list(dict.fromkeys(tokenizer.encode_ordinary(c)[0] for c in "abcdefghijklmnopqrstuvwxyz"))
 
 
 def probe_sequence(filler: np.ndarray, needle: np.ndarray, depth: float) -> np.ndarray:
@@ -255,9 +260,11 @@ def main(argv) -> dict:
         model.set_rope(rope_with_overrides(model.config, overrides))
     tokens, docs, meta = load_split(args.data_dir, "val")
     tokenizer = get_tokenizer(state.get("tokenizer", "gpt2"))
-    if meta["tokenizer"]["name"] != tokenizer.name:
-        raise ValueError(f"{args.data_dir} holds {meta['tokenizer']['name']} tokens but the checkpoint was trained "
-                         f"with the {tokenizer.name} tokenizer; pass a --data_dir prepared with it")
+    ours, theirs = describe(state.get("tokenizer", "gpt2")), meta["tokenizer"]
+    if any(ours.get(k) != theirs.get(k) for k in ("name", "sha256")):  # a vocabulary by its content
+        raise ValueError(f"{args.data_dir} holds {theirs['name']} tokens but the checkpoint was "
+                         f"trained with the {tokenizer.name} tokenizer (or another version of it); "
+                         "pass a --data_dir prepared with it (data.prepare --tokenizer)")
     print(f"evaluating {args.ckpt} with rope {asdict(model.config.rope)}", flush=True)
     result = evaluate(model, tokens, docs, args.contexts, args.score, needle_vocab(tokenizer), args.max_docs,
                       trials=args.trials, needle_len=args.needle_len,

@@ -1,25 +1,31 @@
-"""Export a model to a Hugging Face Llama folder, import one back, and translate RoPE configs to and from
-Hugging Face `rope_parameters` (from_hf, to_hf, hf_inv_freq). Only `safetensors` is needed here, not transformers.
+"""Export a model to a Hugging Face Llama folder, import one back (or a GGUF file), and translate
+RoPE configs to and from Hugging Face `rope_parameters` (from_hf, to_hf, hf_inv_freq). Only
+`safetensors` is needed here, not transformers; a GGUF file needs the `gguf` package (gguf_io.py
+reads it as a Llama folder's config and tensors).
 
     python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
     python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
+    python hf.py import --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2/ckpt.pt
 
 `LlamaForCausalLM.from_pretrained(folder)` computes the same logits: our half-split pairs are its `rotate_half`.
 A variant without a Hugging Face type exports as an exact equivalent (to_hf); dynamic_yarn, partial rotary and
 previous-token embeddings are refused. config.json also keeps our ModelConfig (RECORD_KEY), which import trusts
 only if exporting it gives config.json's Llama fields exactly (they cannot tell ntk from default).
+Import also takes an untied output head and Qwen2's q/k/v biases (model_type qwen2, no sliding
+window); export writes Llama. A GGUF import also keeps the model's tokenizer in the checkpoint.
 """
 
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 import checkpoint
 import flags
+import gguf_io
 import rope
 from model import ModelConfig, Transformer
 from rope import RopeConfig
@@ -47,18 +53,28 @@ PER_LAYER_NAMES = (
 )
 
 
-def weight_names(n_layer: int) -> list[tuple[str, tuple[str, ...]]]:
-    """(our name, Hugging Face names) for every tensor. lm_head is tied to the embedding and not listed."""
+QKV_BIAS = ("attn.wqkv.bias",  # Qwen2's
+            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"))
+
+
+def weight_names(n_layer: int, qkv_bias: bool = False, tied: bool = True):
+    """(our name, Hugging Face names) of every tensor; a tied lm_head is the embedding: unlisted."""
     names = [("tok_emb.weight", ("model.embed_tokens.weight",))]
+    per_layer = PER_LAYER_NAMES + ((QKV_BIAS,) if qkv_bias else ())
     for i in range(n_layer):
-        names += [(f"blocks.{i}.{ours}", tuple(f"model.layers.{i}.{t}" for t in theirs)) for ours, theirs in
-                  PER_LAYER_NAMES]
-    return names + [("norm.weight", ("model.norm.weight",))]
+        names += [(f"blocks.{i}.{ours}", tuple(f"model.layers.{i}.{t}" for t in theirs))
+                  for ours, theirs in per_layer]
+    head = [] if tied else [("lm_head.weight", ("lm_head.weight",))]
+    return names + [("norm.weight", ("model.norm.weight",))] + head
+
+
+def config_names(config: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    return weight_names(config.n_layer, config.qkv_bias, config.tie_embeddings)
 
 
 def row_split(config: ModelConfig, ours: str) -> list[int]:
     """Rows of each Hugging Face tensor inside our (possibly stacked) tensor `ours`."""
-    if ours.endswith("wqkv.weight"):
+    if ours.endswith(("wqkv.weight", "wqkv.bias")):
         return [config.n_head * config.head_dim] + [config.kv_heads * config.head_dim] * 2
     return [config.hidden_dim] * 2 if ours.endswith("w13.weight") else [-1]
 
@@ -66,7 +82,7 @@ def row_split(config: ModelConfig, ours: str) -> list[int]:
 def hf_tensors(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state_dict as Hugging Face's Llama tensors (the stacked weights split)."""
     out = {}
-    for ours, theirs in weight_names(config.n_layer):
+    for ours, theirs in config_names(config):
         out.update(zip(theirs, state[ours].split(row_split(config, ours)) if len(theirs) > 1 else [state[ours]]))
     return out
 
@@ -188,6 +204,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     if config.prev_tokens:
         raise ValueError(f"prev_tokens={config.prev_tokens} (previous-token embeddings) cannot be exported: "
                          "LlamaForCausalLM has no such input")
+    if config.qkv_bias:
+        raise ValueError("q/k/v biases cannot be exported: LlamaForCausalLM's attention_bias "
+                         "biases o_proj too")
     if config.rope.partial_rotary_factor != 1.0:
         raise ValueError(f"rope partial_rotary_factor={config.rope.partial_rotary_factor} cannot be exported: "
                          "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor "
@@ -200,7 +219,8 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "hidden_size": config.d_model, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim,
         "max_position_embeddings": max_positions, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
-        "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         "rope_parameters": rope_parameters, "use_cache": True,
         "bos_token_id": None, "eos_token_id": None,  # the tokenizer's business; LlamaConfig would say 1 and 2
         "torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype),  # the names transformers 4.x and 5.x read
@@ -224,7 +244,8 @@ def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, for
     state = model.state_dict()
     dtype = dtype or state["tok_emb.weight"].dtype
     config_json = hf_config(model.config, dtype)  # raises for unexportable variants before touching the disk
-    if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
+    tied = model.config.tie_embeddings
+    if tied and not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
         raise ValueError("the model's lm_head differs from its embedding; this exporter writes tied weights only")
     tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in hf_tensors(state, model.config).items()}
     out = check_writable(out_dir, "--out")
@@ -292,11 +313,18 @@ def hf_rope_from_config(c: dict) -> RopeConfig:
 def model_config_from_hf(c: dict) -> ModelConfig:
     """Our ModelConfig for a Llama config.json: the recorded one if it exports to exactly these Llama fields
     (see the module docstring), else one derived from them. ValueError naming the key for what we lack."""
-    if c.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json 'model_type' is {c['model_type']!r}; only 'llama' models can be imported")
+    kind = c.get("model_type", "llama")
+    if kind not in ("llama", "qwen2"):
+        raise ValueError(f"config.json 'model_type' is {kind!r}; only 'llama' and 'qwen2' models "
+                         "can be imported")
+    sliding = c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or ())
+    if kind == "qwen2" and sliding:
+        raise ValueError("config.json sets sliding-window attention (use_sliding_window / "
+                         "layer_types); this model attends to the whole context")
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
-            raise ValueError(f"config.json {key!r} is true; this model's linear layers have no biases")
+            raise ValueError(f"config.json {key!r} is true; this model's MLP and output projection "
+                             "have no biases (Qwen2's q/k/v biases import with model_type 'qwen2')")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json 'hidden_act' is {c['hidden_act']!r}; this model's MLP is SwiGLU (silu) only")
     d_model, n_head = _key(c, "hidden_size", int), _key(c, "num_attention_heads", int)
@@ -312,7 +340,7 @@ def model_config_from_hf(c: dict) -> ModelConfig:
             n_kv_head=0 if n_kv_head == n_head else n_kv_head, d_model=d_model,
             ffn_hidden=0 if intermediate == 64 * math.ceil(8 * d_model / 3 / 64) else intermediate,  # model.py's rule
             block_size=_key(c, "max_position_embeddings", int, 2048), norm_eps=_key(c, "rms_norm_eps", float, 1e-6),
-            rope=hf_rope_from_config(c))
+            qkv_bias=kind == "qwen2", rope=hf_rope_from_config(c))
     except ValueError as e:
         if str(e).startswith("config.json"):
             raise
@@ -366,7 +394,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, tor
     describes); ValueError naming missing, unexpected, misshapen or non-float tensors."""
     tensors = dict(tensors)
     state, missing = {}, []
-    for ours, theirs in weight_names(config.n_layer):
+    for ours, theirs in config_names(config):
         absent = [t for t in theirs if t not in tensors]
         if absent:
             missing += absent
@@ -382,31 +410,52 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, tor
         state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
     if missing:
         raise ValueError(f"the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}")
-    head = tensors.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head.to(state["tok_emb.weight"].dtype), state["tok_emb.weight"]):
-        why = "tie_word_embeddings is true, so transformers would ignore it" if tied else "tie_word_embeddings is false"
-        raise ValueError(f"lm_head.weight differs from model.embed_tokens.weight ({why}); this model ties its "
-                         "output head to the embedding, so it cannot represent these weights")
-    if head is None and not tied:
-        raise ValueError("config.json 'tie_word_embeddings' is false but there is no lm_head.weight; "
-                         "set it to true if the head is the embedding")
-    state["lm_head.weight"] = state["tok_emb.weight"]
+    if config.tie_embeddings:  # an untied head was taken with the other weights
+        head = tensors.pop("lm_head.weight", None)
+        if head is not None and not same_head(head, state["tok_emb.weight"]):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, and "
+                             "tie_word_embeddings is true, so transformers would ignore it; set it "
+                             "to false to import the head as it is")
+        if head is None and not tied:
+            raise ValueError("config.json 'tie_word_embeddings' is false but there is no "
+                             "lm_head.weight; set it to true if the head is the embedding")
+        state["lm_head.weight"] = state["tok_emb.weight"]
     unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))  # old files store inv_freq
     if unexpected:
-        hint = " (biases: this model's linear layers have none)" if any(k.endswith(".bias") for k in unexpected) else ""
+        biases = any(k.endswith(".bias") for k in unexpected)
+        hint = " (biases: this model has only Qwen2's q/k/v ones)" if biases else ""
         raise ValueError(f"the weights hold {len(unexpected)} tensors this model has no place for{hint}, "
                          f"e.g. {unexpected[:3]}")
     return state
 
 
-def import_hf(hf_dir) -> Transformer:
-    """A Hugging Face Llama folder (config.json + safetensors) as our Transformer, float32, eval mode."""
-    config_json = read_hf_config(hf_dir)
-    model = Transformer(model_config_from_hf(config_json))
+def same_head(head: torch.Tensor, embedding: torch.Tensor) -> bool:
+    return head.shape == embedding.shape and torch.equal(head.to(embedding.dtype), embedding)
+
+
+def model_from_hf(config_json: dict, tensors: dict[str, torch.Tensor]) -> Transformer:
+    """Our Transformer (float32, eval mode) from a Llama (or Qwen2) config.json and its tensors. The
+    head is untied only where config.json says so and lm_head.weight differs from the embedding."""
     tied = bool(config_json.get("tie_word_embeddings", False))
-    state = state_dict_from_hf(read_hf_weights(hf_dir), model.state_dict(), tied, model.config)
-    model.load_state_dict(state)
+    head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    same = embedding is not None and head is not None and same_head(head, embedding)
+    untied = not tied and head is not None and not same
+    model = Transformer(replace(model_config_from_hf(config_json), tie_embeddings=not untied))
+    model.load_state_dict(state_dict_from_hf(tensors, model.state_dict(), tied, model.config))
     return model.eval()
+
+
+def import_hf(hf_dir) -> Transformer:
+    """A Hugging Face Llama folder (config.json, safetensors) as our Transformer (float32, eval)."""
+    return model_from_hf(read_hf_config(hf_dir), read_hf_weights(hf_dir))
+
+
+def import_gguf(path) -> tuple[Transformer, gguf_io.GGUFModel]:
+    """A Llama GGUF file as our Transformer (float32, eval mode), and what gguf_io read (its
+    vocabulary and metadata); the tensors are dropped once loaded."""
+    read = gguf_io.read(path)
+    model = model_from_hf(read.config, read.tensors)
+    return model, read._replace(tensors={})
 
 
 # Command line
@@ -430,19 +479,27 @@ class ExportConfig:
 class ImportConfig:
     """`python hf.py import`'s settings.
 
-    hf_dir  a folder with config.json and model.safetensors
     out     the checkpoint file to write, e.g. out/imported/ckpt.pt
+    hf_dir  a folder with config.json and model.safetensors ...
+    gguf    ... or a GGUF file (llama.cpp's format; its tokenizer comes with it)
     """
 
-    hf_dir: str
     out: str
+    hf_dir: str | None = None
+    gguf: str | None = None
+
+    def __post_init__(self):
+        if (self.hf_dir is None) == (self.gguf is None):
+            raise ValueError("give one of --hf_dir DIR (a Hugging Face folder) and --gguf FILE (a "
+                             "GGUF file)")
 
 
 def main(argv) -> None:
     commands = {"export": ExportConfig, "import": ImportConfig}
     if not argv or argv[0] not in commands:
-        raise ValueError("usage: python hf.py export --ckpt RUN --out DIR | python hf.py import --hf_dir DIR --out "
-                         "CKPT (`python hf.py export --help` lists the options)")
+        raise ValueError("usage: python hf.py export --ckpt RUN --out DIR | python hf.py import "
+                         "(--hf_dir DIR | --gguf FILE) --out CKPT (`python hf.py export --help` "
+                         "lists the options)")
     cls = commands[argv[0]]
     args = flags.build(cls, flags.parse(argv[1:], flags.flag_table((cls, "")), f"python hf.py {argv[0]}"))
     if cls is ExportConfig:
@@ -453,12 +510,31 @@ def main(argv) -> None:
         print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
               f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
               f"{model.num_params():,} parameters, {c['dtype']}")
-    else:
+    elif args.hf_dir is not None:
         check_writable(args.out, "--out", folder=False)
         model = import_hf(args.hf_dir)
         checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
                          "provenance": {"imported_from_hf": str(args.hf_dir)}}, args.out)
         print(f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, {model.num_params():,} parameters")
+    else:
+        check_writable(args.out, "--out", folder=False)
+        print(save_gguf_import(args.gguf, args.out))
+
+
+def save_gguf_import(gguf, out) -> str:
+    """Import a GGUF file and save it as a checkpoint at out, its vocabulary under "tokenizer";
+    returns what was imported, in a line."""
+    model, read = import_gguf(gguf)
+    checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
+                     "tokenizer": read.vocabulary,
+                     "provenance": {"imported_from_gguf": read.metadata}}, out)
+    c, types = model.config, ", ".join(read.metadata["tensor_types"])
+    return (f"imported {gguf} ({read.metadata['name']}; {types}) to {out}: {c.n_layer} layers, "
+            f"{c.n_head} heads ({c.kv_heads} key-value) of {c.head_dim}, rope {c.rope.type} base "
+            f"{c.rope.base:g}, "
+            f"trained context {c.block_size}, {'tied' if c.tie_embeddings else 'untied'} head, "
+            f"{model.num_params():,} parameters, tokenizer {read.vocabulary['name']} "
+            f"({len(read.vocabulary['tokens']):,} ids)")
 
 
 if __name__ == "__main__":

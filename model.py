@@ -22,15 +22,17 @@ from rope import RopeConfig
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture and its RoPE, stored in each checkpoint:
-    vocab_size   e.g. GPT-2's 50257 padded to a multiple of 64
-    n_layer      transformer blocks
-    n_head       query heads per layer (head_dim = d_model / n_head)
-    n_kv_head    0 = n_head; fewer: grouped-query attention
-    d_model      the residual stream's width
-    ffn_hidden   0 = LLaMA's 8/3 d_model, rounded up to a multiple of 64
-    block_size   the context the model trains at
-    norm_eps     RMSNorm's epsilon
-    prev_tokens  K > 0: each position also embeds the K tokens before it (prev_tokens.py)
+    vocab_size      e.g. GPT-2's 50257 padded to a multiple of 64
+    n_layer         transformer blocks
+    n_head          query heads per layer (head_dim = d_model / n_head)
+    n_kv_head       0 = n_head; fewer: grouped-query attention
+    d_model         the residual stream's width
+    ffn_hidden      0 = LLaMA's 8/3 d_model, rounded up to a multiple of 64
+    block_size      the context the model trains at
+    norm_eps        RMSNorm's epsilon
+    prev_tokens     K > 0: each position also embeds the K tokens before it (prev_tokens.py)
+    qkv_bias        biases on W_q, W_k, W_v (Qwen2 has them; LLaMA has none)
+    tie_embeddings  the output head is the token embedding (False: its own matrix)
     """
 
     vocab_size: int = 50304
@@ -42,6 +44,8 @@ class ModelConfig:
     block_size: int = 512
     norm_eps: float = 1e-5
     prev_tokens: int = 0
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
@@ -59,6 +63,9 @@ class ModelConfig:
         if self.n_head % self.kv_heads:
             raise ValueError(f"model n_head ({self.n_head}) must be divisible by n_kv_head "
                              f"({self.kv_heads})")
+        if type(self.qkv_bias) is not bool or type(self.tie_embeddings) is not bool:
+            raise ValueError(f"model qkv_bias and tie_embeddings must be true or false, got "
+                             f"{self.qkv_bias!r} and {self.tie_embeddings!r}")
         if not (isinstance(self.norm_eps, float) and 0 < self.norm_eps < 1):
             raise ValueError(f"model norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
         if not isinstance(self.rope, RopeConfig):
@@ -169,14 +176,15 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         # W_q, W_k, W_v stacked: H query heads, H_kv key heads, H_kv value heads
         qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.wqkv = nn.Linear(config.d_model, qkv, bias=False)
+        self.wqkv = nn.Linear(config.d_model, qkv, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start=0):
         # F.linear, F.rms_norm, not module calls: batch-1 decoding is Python-bound
         B, T, _ = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = F.linear(x, self.wqkv.weight).view(B, T, -1, self.head_dim).transpose(1, 2)
+        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)
+        qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
         # qkv (B, H + 2 H_kv, T, hd)
         qk = rope.apply_rope(qkv[:, : H + H_kv], cos, sin)  # queries and keys rotated at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]  # H, H_kv, H_kv heads
@@ -234,7 +242,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # tied
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # tied
         self.rotary = Rotary(config.head_dim, config.rope, config.block_size)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 n_layer): the residual stream stays O(1)
@@ -246,6 +255,8 @@ class Transformer(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def set_rope(self, cfg: RopeConfig, block_size: int | None = None):
         """Swap the RoPE variant (and training context), not the weights."""

