@@ -151,13 +151,13 @@ PENDING = {"results/smollm2_cpu/report.md": "RUNINFO"}
 
 def prose(path: Path) -> str:
     """A markdown file without its fenced code blocks."""
-    return re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)
+    return re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
 
 
 def heading_anchors(path: Path) -> set[str]:
     """GitHub's anchors for a markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
     anchors, seen = set(), {}
-    for heading in re.findall(r"^#+ +(.+?) *$", prose(path), flags=re.M):
+    for heading in re.findall(r"^#+ +(.+?) *$", prose(path), flags=re.MULTILINE):
         slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
         anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
         seen[slug] = seen.get(slug, 0) + 1
