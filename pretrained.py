@@ -67,7 +67,7 @@ class Preset:
     score: int = 1024  # tokens scored per document, the same ones at every context
     max_new_tokens: int = 8  # the answer: a space, 5 digits and room for what follows
     results: str = "results/smollm2"
-    # Fine-tuning (train.py's extension of the imported model to sL, on the last corpus's train split)
+    # Fine-tuning: train.py's extension of the imported model to sL (the last corpus's train split)
     finetune: tuple = ()  # the methods, each at scale s, with the same batches (seed) and budget
     ft_steps: int = 0  # optimizer steps of ft_batch sequences of sL tokens
     ft_batch: int = 1
@@ -441,7 +441,7 @@ def run_preset(run: Run) -> list[dict]:
             run, m, contexts, held, enc, progress))
     for name in stage_order(run.p):
         output, fn = run.runs / steps[name][0], steps[name][1]
-        stage(run, name, output, lambda fn=fn, output=output: (
+        stage(run, name, output, lambda fn=fn, output=output, name=name: (
             evaluating(run, name)(fn), output.parent.mkdir(exist_ok=True), output.touch()))
     res = gather(run.runs)
     res["this_invocation"] = {"wall_s": round(time.time() - t0, 1),
@@ -631,8 +631,8 @@ def finetuned_lines(res: dict) -> list[str]:
     lines = [f"Each method extended the imported model to L' = {c['s'] * L} (scale s = {c['s']}) "
              f"and was fine-tuned there for {c['ft_steps']} steps of {c['ft_batch']} x "
              f"{c['s'] * L} tokens of the last corpus's train split, the same batches for every "
-             f"method, lr {c['ft_lr']:g} (warm-up {c['ft_warmup']} steps, then constant), no weight "
-             f"decay; held-out NLL: {c['ft_eval_batches']} x {c['ft_batch']} windows of "
+             f"method, lr {c['ft_lr']:g} (warm-up {c['ft_warmup']} steps, then constant), no "
+             f"weight decay; held-out NLL: {c['ft_eval_batches']} x {c['ft_batch']} windows of "
              f"{c['s'] * L} tokens of its val split. Its perplexity and passkey below: on the "
              f"{len(view['documents'])} documents it never saw.", "",
              "| step | " + " | ".join(label(n) for n in names) + " |", "|---|" + "---|" * len(ft)]
@@ -775,9 +775,10 @@ def limitations(res: dict) -> list[str]:
         "reports can come out 'within noise' here. One model and one seed: nothing here covers "
         "another model.",
         "- Fine-tuning: one seed and a few dozen steps of one sequence each (the paper: 400 steps "
-        "of 64 x 64k tokens), on code; the toy tests the rest of claims 2-6." if res.get("finetuned")
-        else "- No fine-tuning: claims 2-6 (fine-tuned methods, efficiency, train short test long, "
-        "the temperature) need the GPU preset's fine-tuning runs; only the toy tests them so far.",
+        "of 64 x 64k tokens), on code; the toy tests the rest of claims 2-6."
+        if res.get("finetuned") else "- No fine-tuning: claims 2-6 (fine-tuned methods, "
+        "efficiency, train short test long, the temperature) need the GPU preset's fine-tuning "
+        "runs; only the toy tests them so far.",
         "- The weights are 4-bit (Q4_1) ones de-quantized: every method shares that error.",
         "- The passkey scores the model's own answer, as the literature does: a 135M model can "
         "fail it at any length for reasons that have nothing to do with RoPE. The control (P) says "

@@ -104,7 +104,7 @@ class Run:
     trained: torch.nn.Module  # what a step calls: the model, or DDP(model)
     optimizer: torch.optim.Optimizer
     data: TrainingData
-    tokenizer: str | dict  # saved with the model: the data's name, or the vocabulary it started with
+    tokenizer: str | dict  # saved with the model: the data's name, or the vocabulary it began with
 
 
 def setup(start: Start, d: Dist) -> Run:
