@@ -261,3 +261,28 @@ def test_an_unknown_stage_is_an_error(tmp_path):
     proc = gpu_run(tmp_path, "bench", "train", timeout=30)
     assert proc.returncode == 2 and "unknown stage 'train'" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_the_fine_tuned_model_decodes_and_scores_under_bf16_autocast(rehearsal):
+    """On CUDA the real model's evaluations run under bf16 autocast (pretrained.evaluating): here the same calls
+    under the CPU's bf16 autocast, on a fine-tuned rehearsal model, against fp32."""
+    import zlib
+
+    import checkpoint
+    import eval as evaluation
+    import pretrained
+    from data.loader import load_split
+    from data.tokenizer import get_tokenizer
+
+    runs = rehearsal[3] / "work" / "runs" / "smollm2_tiny"
+    model, state = checkpoint.load_model(runs / "ft_yarn" / "ckpt.pt", "cpu")
+    enc = get_tokenizer(state["tokenizer"])
+    ids, _ = pretrained.passkey_prompt(enc, 8 * 512, 0.5, 12345, 8)
+    doc = json.loads((runs / "ft_yarn" / "ppl" / "00.json").read_text())
+    tokens, index, _ = load_split(doc["folder"], doc["split"])
+    with torch.autocast("cpu", torch.bfloat16):
+        text = pretrained.answer(model, enc, ids, 8)
+        r = evaluation.perplexity(model, tokens, index[[doc["index"]]], 4 * 512, 32, 1, max_context=4 * 512,
+                                  seed=zlib.crc32(doc["name"].encode()))
+    assert isinstance(text, str) and len(text) > 0
+    assert r["nll"] == pytest.approx(doc["nll"]["ft_yarn"]["2048"], rel=1e-2)  # fp32's, from the rehearsal
