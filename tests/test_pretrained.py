@@ -27,7 +27,8 @@ L = 512  # the tiny model's trained context
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
-    """The GPU preset on a tiny GGUF and small corpora (slices of pydoc's prose and stdlib files)."""
+    """The GPU preset's no-fine-tuning stages on a tiny GGUF and small corpora (slices of pydoc's prose and stdlib
+    files); its fine-tuning is rehearsed by tests/test_gpu_run.py."""
     root = tmp_path_factory.mktemp("rehearsal")
     tiny_gguf.write(root / "tiny.gguf", context=L)
     text = tiny_gguf.prose()
@@ -37,7 +38,7 @@ def rehearsal(tmp_path_factory):
         (root / label).mkdir()
         for name, t in texts.items():
             (root / label / name).write_text(t)
-    p = replace(pretrained.PRESETS["smollm2_gpu"], score=32, keys=1, depths=(0.25, 0.75),
+    p = replace(pretrained.PRESETS["smollm2_gpu"], score=32, keys=1, depths=(0.25, 0.75), finetune=(),
                 corpora=(("natural", str(root / "natural"), 2), ("code", str(root / "code"), 2)),
                 results=str(root / "results"))
     run = pretrained.Run(p, "rehearsal", root / "tiny.gguf", root / "runs", root / "data", "cpu", "test")
