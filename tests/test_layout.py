@@ -3,10 +3,10 @@ rewards wide lines): the reading core (rope.py, model.py, train.py, sample.py, g
 63.8 KB (issue 32's 62 KB, nanoGPT's three files are 35 KB, plus a real model's q/k/v biases and
 untied head, and issue 33's 1.1 KB for fine-tuning it at 32k tokens: activation checkpointing per
 block, its vocabulary kept), model.py within 330 lines, at most 2% of the core's lines over 100
-characters; everything outside tests/ within 414 KB (314 KB when decoding moved to generate.py;
+characters; everything outside tests/ within 416 KB (314 KB when decoding moved to generate.py;
 issue 30's claims +22 KB; a real model: the GGUF reader gguf_io.py 14 KB, its tokenizer and imports
 ~12 KB, the no-fine-tuning job pretrained.py 36 KB; issue 33: fine-tuning it at 4L, measured and
-reported, +13 KB); no function over 60 lines, no line over 120
+reported, +15.5 KB); no function over 60 lines, no line over 120
 characters, no docstring pointing to a file the repository does not have, and imports that only go
 down the floors: rope.py at the bottom imports nothing of ours, so it can be read alone."""
 
@@ -50,9 +50,9 @@ def test_at_most_2_percent_of_the_core_lines_run_past_100_characters():
     assert len(wide) <= 0.02 * len(core), wide[:5]
 
 
-def test_everything_outside_tests_is_at_most_414_kb():
+def test_everything_outside_tests_is_at_most_416_kb():
     sizes = {str(p.relative_to(REPO)): p.stat().st_size for p in sources()}
-    assert sum(sizes.values()) <= 414_000, sorted(sizes.items(), key=lambda kv: -kv[1])
+    assert sum(sizes.values()) <= 416_000, sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
