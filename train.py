@@ -104,6 +104,7 @@ class Run:
     trained: torch.nn.Module  # what a step calls: the model, or DDP(model)
     optimizer: torch.optim.Optimizer
     data: TrainingData
+    tokenizer: str | dict  # saved with the model: the data's name, or the vocabulary it began with
 
 
 def setup(start: Start, d: Dist) -> Run:
@@ -121,6 +122,7 @@ def setup(start: Start, d: Dist) -> Run:
     model = Transformer(config) if state is None else checkpoint.model_from_state(state)
     model.set_rope(config.rope, config.block_size)  # an extension's RoPE and context
     model.to(device).train()
+    model.checkpoint_blocks = cfg.checkpoint_blocks
     optimizer = make_optimizer(model, cfg, on_cuda)
     if start.phase == "resume" and "optimizer" in state:  # absent only in a finished run
         optimizer.load_state_dict(state["optimizer"])
@@ -132,7 +134,20 @@ def setup(start: Start, d: Dist) -> Run:
     if d.world > 1:  # last, once everything is checked: join the other processes
         dist.init_process_group("nccl" if on_cuda else "gloo")
         trained = DDP(model, device_ids=[d.local_rank] if on_cuda else None)
-    return Run(cfg, d, device, pick_dtype(cfg.dtype, device), model, trained, optimizer, data)
+    return Run(cfg, d, device, pick_dtype(cfg.dtype, device), model, trained, optimizer, data,
+               kept_vocabulary(state, data))
+
+
+def kept_vocabulary(state: dict | None, data: TrainingData) -> str | dict:
+    """An imported model's vocabulary (hf.py) stays in every checkpoint after it: eval and sampling
+    decode with it. A ValueError when the data was tokenized by another tokenizer."""
+    vocab = (state or {}).get("tokenizer")
+    if not isinstance(vocab, dict):
+        return data.tokenizer
+    if vocab.get("name") != data.tokenizer:
+        raise ValueError(f"the checkpoint's vocabulary is {vocab.get('name')!r} but the data was "
+                         f"tokenized by {data.tokenizer!r}: prepare it with --tokenizer CKPT")
+    return vocab
 
 
 def tokens_per_step(run: Run) -> int:
@@ -194,7 +209,7 @@ def save_checkpoint(run: Run, step: int, record: dict) -> None:
     with_optimizer = step < cfg.max_steps or cfg.final_optimizer
     checkpoint.save_numbered({
         "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
-        "tokenizer": run.data.tokenizer, "step": step, "run_config": asdict(cfg),
+        "tokenizer": run.tokenizer, "step": step, "run_config": asdict(cfg),
         **({"optimizer": run.optimizer.state_dict()} if with_optimizer else {}),
         "metrics": dict(record["metrics"]), "extended_from": record["extended_from"],
         "data_state": {"order": "windows seeded by (seed, step, micro-batch)", "seed": cfg.seed,

@@ -1,10 +1,12 @@
 """The codebase stays as small as the models it is compared with, counted in bytes (a cap in lines
 rewards wide lines): the reading core (rope.py, model.py, train.py, sample.py, generate.py) within
-62.7 KB (issue 32's 62 KB, nanoGPT's three files are 35 KB, plus a real model's q/k/v biases and
-untied head), model.py within 330 lines, at most 2% of the core's lines over 100 characters;
-everything outside tests/ within 400 KB (314 KB when decoding moved to generate.py; issue 30's
-claims +22 KB; a real model: the GGUF reader gguf_io.py 14 KB, its tokenizer and imports ~12 KB,
-the no-fine-tuning job pretrained.py 36 KB); no function over 60 lines, no line over 120
+63.8 KB (issue 32's 62 KB, nanoGPT's three files are 35 KB, plus a real model's q/k/v biases and
+untied head, and issue 33's 1.1 KB for fine-tuning it at 32k tokens: activation checkpointing per
+block, its vocabulary kept), model.py within 330 lines, at most 2% of the core's lines over 100
+characters; everything outside tests/ within 416 KB (314 KB when decoding moved to generate.py;
+issue 30's claims +22 KB; a real model: the GGUF reader gguf_io.py 14 KB, its tokenizer and imports
+~12 KB, the no-fine-tuning job pretrained.py 36 KB; issue 33: fine-tuning it at 4L, measured and
+reported, +15.5 KB); no function over 60 lines, no line over 120
 characters, no docstring pointing to a file the repository does not have, and imports that only go
 down the floors: rope.py at the bottom imports nothing of ours, so it can be read alone."""
 
@@ -33,9 +35,9 @@ def lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def test_the_reading_core_is_at_most_62_7_kb():
+def test_the_reading_core_is_at_most_63_8_kb():
     sizes = {name: (REPO / name).stat().st_size for name in CORE}
-    assert sum(sizes.values()) <= 62_700, sizes
+    assert sum(sizes.values()) <= 63_800, sizes
 
 
 def test_model_py_is_at_most_330_lines():
@@ -48,9 +50,9 @@ def test_at_most_2_percent_of_the_core_lines_run_past_100_characters():
     assert len(wide) <= 0.02 * len(core), wide[:5]
 
 
-def test_everything_outside_tests_is_at_most_400_kb():
+def test_everything_outside_tests_is_at_most_416_kb():
     sizes = {str(p.relative_to(REPO)): p.stat().st_size for p in sources()}
-    assert sum(sizes.values()) <= 400_000, sorted(sizes.items(), key=lambda kv: -kv[1])
+    assert sum(sizes.values()) <= 416_000, sorted(sizes.items(), key=lambda kv: -kv[1])
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))

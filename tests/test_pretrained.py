@@ -27,7 +27,8 @@ L = 512  # the tiny model's trained context
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
-    """The GPU preset on a tiny GGUF and small corpora (slices of pydoc's prose and stdlib files)."""
+    """The GPU preset's no-fine-tuning stages on a tiny GGUF and small corpora (slices of pydoc's prose and stdlib
+    files); its fine-tuning is rehearsed by tests/test_gpu_run.py."""
     root = tmp_path_factory.mktemp("rehearsal")
     tiny_gguf.write(root / "tiny.gguf", context=L)
     text = tiny_gguf.prose()
@@ -37,7 +38,7 @@ def rehearsal(tmp_path_factory):
         (root / label).mkdir()
         for name, t in texts.items():
             (root / label / name).write_text(t)
-    p = replace(pretrained.PRESETS["smollm2_gpu"], score=32, keys=1, depths=(0.25, 0.75),
+    p = replace(pretrained.PRESETS["smollm2_gpu"], score=32, keys=1, depths=(0.25, 0.75), finetune=(),
                 corpora=(("natural", str(root / "natural"), 2), ("code", str(root / "code"), 2)),
                 results=str(root / "results"))
     run = pretrained.Run(p, "rehearsal", root / "tiny.gguf", root / "runs", root / "data", "cpu", "test")
@@ -217,3 +218,46 @@ def test_reproduce_runs_the_smollm2_preset_from_the_command_line(rehearsal, tmp_
     assert {t["length"] for t in res["passkey"]} == {L, 2 * L}
     assert math.isfinite(res["documents"][0]["nll"]["yarn"][str(2 * L)])
     assert torch.get_num_threads() >= 1
+
+
+# Fine-tuned at sL (the gpu preset): the claims, each in a world where it comes out "no"
+def ft_world(yarn: float, pi: float, hits=(1, 1, 1), n: int = 6) -> dict:
+    """world()'s results plus YaRN and PI fine-tuned: held-out NLL at sL (200) of yarn / pi (+ noise) on n
+    documents, a curve ending there, and YaRN's passkey hits at sL."""
+    res = world(BASE, HITS, n)
+    res["config"].update(ft_steps=10, ft_batch=1, ft_lr=2e-5, ft_warmup=1, ft_eval_batches=1)
+    rng = np.random.default_rng(1)
+
+    def measured(m: str, v: float, got) -> dict:
+        docs = [{"corpus": "natural", "name": f"d{j}", "length": 5000,
+                 "nll": {f"ft_{m}": {"100": v + 0.3, "200": v + rng.normal(0, 0.001)}}} for j in range(n)]
+        trials = [{"length": 200, "depth": 0.5, "key": k, "distance": 10,
+                   "answers": {f"ft_{m}": {"text": "", "correct": bool(h)}}} for k, h in enumerate(got)]
+        return {"curve": [[0, v + 1.0], [5, v + 0.5], [10, v]], "documents": docs, "passkey": trials}
+
+    res["finetuned"] = {"yarn": measured("yarn", yarn, hits), "linear": measured("linear", pi, (0,) * len(hits))}
+    return res
+
+
+def ft_held(res: dict) -> dict:
+    return {c["claim"][:3]: c["held"] for c in pretrained.claims(res)}
+
+
+def test_finetuned_claims_hold_in_the_world_that_shows_them_and_not_in_the_other():
+    held = ft_held(ft_world(2.0, 2.3))
+    assert held["F1."] == "yes" and held["F2."] == "yes"
+    flipped = ft_held(ft_world(2.3, 2.0, hits=(0, 0, 0)))
+    assert flipped["F1."] == "no" and flipped["F2."] != "yes"
+    cut = ft_world(2.0, 2.3)
+    cut["finetuned"]["linear"]["documents"] = []  # PI's measurement did not run
+    assert ft_held(cut)["F1."] == "not run"
+    assert not any(c["claim"].startswith("F") for c in pretrained.claims(world(BASE, HITS)))  # no fine-tuning
+
+
+def test_steps_to_a_level_and_what_a_curve_that_has_not_reached_it_would_take():
+    curve = [[0, 3.0], [5, 2.5], [10, 2.2]]
+    assert pretrained.steps_to(curve, 2.5) == "5" and pretrained.steps_to(curve, 2.2) == "10"
+    assert pretrained.steps_to(curve, 2.0) == "not reached in 10 (~14 at its last rate)"  # 10 + 0.2 / 0.06
+    assert pretrained.steps_to([[0, 3.0], [5, 3.1]], 2.0) == "not reached in 5"  # not falling: no guess
+    lines = "\n".join(pretrained.finetuned_lines({**ft_world(2.0, 2.3), "contexts": [100, 200]}))
+    assert "| 10 | 2.0000 | 2.3000 |" in lines and "not reached in 10" in lines

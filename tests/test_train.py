@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
 import checkpoint
 import config
@@ -167,6 +168,39 @@ def test_a_final_checkpoint_without_the_optimizer_extends_but_does_not_continue(
     with pytest.raises(ValueError, match="no optimizer state"):
         train.main(["--init_from=resume", f"--out_dir={lean}", "--max_steps=4"])
     assert train.main(flags(data_dir, tmp_path / "next", init_from=lean, max_steps=1))["steps"] == 1
+
+
+def test_checkpointed_blocks_train_exactly_as_stored_activations(data_dir, pretrained, tmp_path, monkeypatch):
+    """--checkpoint_blocks recomputes each block in the backward (torch.utils.checkpoint, once per block and
+    micro-step): the same losses and weights as keeping the activations, only less memory."""
+    import model as model_lib
+
+    calls = []
+    monkeypatch.setattr(model_lib, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint_fn(*a, **k))
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / str(on)
+        train.main(flags(data_dir, out, init_from=pretrained[0], max_steps=3, block_size=2 * L, eval_interval=3,
+                         checkpoint_blocks=str(on).lower(), **{"rope.type": "yarn", "rope.factor": 2.0}))
+        runs[on] = (events(out, "train"), weights(out))
+    assert len(calls) == 3 * 2  # 3 steps x 2 blocks, and none in the evaluations
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    for name, w in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], w, atol=1e-6, rtol=0)
+
+
+def test_an_imported_vocabulary_stays_in_every_checkpoint_after_it():
+    """A model imported with its own vocabulary (hf.py) keeps it through an extension, so evaluation and sampling
+    can decode; data tokenized by another tokenizer is refused."""
+    from data.loader import TrainingData
+
+    vocab = {"name": "smollm2", "tokens": ["a"], "special": []}
+    data = TrainingData(None, None, "smollm2")
+    assert train.kept_vocabulary({"tokenizer": vocab}, data) is vocab
+    assert train.kept_vocabulary({"tokenizer": "gpt2"}, data) == "smollm2"  # a name: the data's
+    assert train.kept_vocabulary(None, data) == "smollm2"
+    with pytest.raises(ValueError, match="tokenized by 'gpt2'"):
+        train.kept_vocabulary({"tokenizer": vocab}, TrainingData(None, None, "gpt2"))
 
 
 def test_the_time_to_go_is_printed_three_steps_in_whatever_the_log_interval(data_dir, tmp_path, capsys):
