@@ -542,6 +542,10 @@ def main(argv) -> None:
                                DTYPES.get(args.dtype), args.force, f"{Path(args.ckpt).name}")
             print(f"exported {args.ckpt} to {args.out} (GGUF, {args.dtype or 'float32'}): "
                   + ", ".join(f"{k} {v}" for k, v in keys.items()))
+            r = model.config.rope
+            if r.type == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
+                print(f"note: llama.cpp takes YaRN's betas from its options, not the file: run it "
+                      f"with --yarn-beta-fast {r.beta_fast:g} --yarn-beta-slow {r.beta_slow:g}")
             return
         c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
         print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "

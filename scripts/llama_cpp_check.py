@@ -37,7 +37,8 @@ class LlamaCppConfig:
     ckpt      a checkpoint file, or a run folder holding ckpt.pt
     tokens    positions compared: the first tokens of text
     text      a long document (default: the standard library's typing.py)
-    out       where the GGUF is written (default: a temporary file)
+    out       where the GGUF is written, overwritten (default: a temporary file)
+    gguf      run llama.cpp on this GGUF instead of the checkpoint's export (a control)
     explicit  also pass llama.cpp the YaRN settings as context parameters
     """
 
@@ -45,6 +46,7 @@ class LlamaCppConfig:
     tokens: int = 2048
     text: str = str(DEFAULT_TEXT)
     out: str | None = None
+    gguf: str | None = None
     explicit: bool = False
 
     def __post_init__(self):
@@ -54,21 +56,22 @@ class LlamaCppConfig:
 
 
 def bins(n: int, L: int | None) -> list[tuple[int, int]]:
-    """[start, end) ranges of n scored positions: quarters, split again at L where it is inside."""
+    """[start, end) ranges of n positions: quarters, split again at L where it is inside."""
     edges = sorted({0, n, *(n * k // 4 for k in range(1, 4)), *([L] if L and 0 < L < n else [])})
     return list(itertools.pairwise(edges))
 
 
 def compare(ours: np.ndarray, theirs: np.ndarray, tokens: list[int], L: int | None) -> list[dict]:
-    """Per bin: mean |delta log p(true next token)| and top-1 agreement of two (n, V) log-prob
-    arrays; position i predicts tokens[i + 1]."""
+    """Per bin of positions [a, b): mean |delta log p(true next token)| and top-1 agreement of
+    two (n, V) log-prob arrays; position i predicts tokens[i + 1] (the last position predicts nothing)."""
     n = len(tokens) - 1
     target = np.asarray(tokens[1:])
     lp = [a[np.arange(n), target] for a in (ours[:n], theirs[:n])]
     agree = ours[:n].argmax(-1) == theirs[:n].argmax(-1)
-    return [{"positions": f"{a}-{b}", "mean_abs_delta": float(np.abs(lp[0] - lp[1])[a:b].mean()),
+    delta = np.abs(lp[0] - lp[1])
+    return [{"positions": f"{a}-{min(b, n)}", "mean_abs_delta": float(delta[a:b].mean()),
              "top1_agreement": float(agree[a:b].mean()), "ours_nll": float(-lp[0][a:b].mean()),
-             "llama_cpp_nll": float(-lp[1][a:b].mean())} for a, b in bins(n, L)]
+             "llama_cpp_nll": float(-lp[1][a:b].mean())} for a, b in bins(n + 1, L)]
 
 
 def log_softmax(logits) -> np.ndarray:
@@ -100,14 +103,17 @@ def llama_cpp_log_probs(path, tokens: list[int], rope, explicit: bool) -> np.nda
 def main(argv) -> None:
     args, overrides = checkpoint.parse_rope_swap(argv, LlamaCppConfig,
                                                  "python scripts/llama_cpp_check.py", __doc__)
-    model, state = checkpoint.load_model(args.ckpt)
-    if overrides:
-        model.set_rope(checkpoint.rope_with_overrides(model.config, overrides))
+    for name in ("text", "gguf"):
+        if getattr(args, name) and not Path(getattr(args, name)).is_file():
+            raise ValueError(f"--{name} {getattr(args, name)} is not a file; give a file's path")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("llama-cpp-python is not installed (pip install llama-cpp-python); nothing compared")
         return
+    model, state = checkpoint.load_model(args.ckpt)
+    if overrides:
+        model.set_rope(checkpoint.rope_with_overrides(model.config, overrides))
     tokenizer = get_tokenizer(state.get("tokenizer", "gpt2"))
     text = Path(args.text).read_text(encoding="utf-8")
     tokens = tokenizer.encode_ordinary(text)[: args.tokens]
@@ -115,15 +121,16 @@ def main(argv) -> None:
         raise ValueError(f"--text {args.text} has {len(tokens)} tokens, fewer than --tokens "
                          f"{args.tokens}; give a longer document")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.out or Path(tmp) / "model.gguf")
-        hf.export_gguf(model, state.get("tokenizer", "gpt2"), path, force=True)
+        path = Path(args.gguf or args.out or Path(tmp) / "model.gguf")
+        if not args.gguf:
+            hf.export_gguf(model, state.get("tokenizer", "gpt2"), path, force=True)
         theirs = llama_cpp_log_probs(path, tokens, model.config.rope, args.explicit)
     rope = model.config.rope
     L = rope.original_context or None if rope.type != "default" else None
     scaled = f" (s {rope.factor:g}, L {L})" if L else ""
     print(f"{args.ckpt}: rope {rope.type}{scaled}, {len(tokens)} tokens of "
-          f"{Path(args.text).name}, F32, llama.cpp settings from the file"
-          + (" and passed explicitly" if args.explicit else ""))
+          f"{Path(args.text).name}, llama.cpp on {args.gguf or 'its F32 export'}, settings from "
+          f"the file{' and passed explicitly' if args.explicit else ''}")
     print(f"{'positions':>13} {'mean |d logp|':>14} {'top-1 agree':>12} {'nll ours':>9} "
           f"{'llama.cpp':>9}")
     for row in compare(ours(model, tokens), theirs, tokens, L):

@@ -180,12 +180,12 @@ def test_bins_split_at_quarters_and_at_L():
     rows = llama_cpp_check.compare(a, a.copy(), [0, 1, 2, 3, 4, 5], None)
     assert all(r["mean_abs_delta"] == 0 and r["top1_agreement"] == 1 for r in rows)
     b = a.copy()
-    b[1, 2] += 1.0  # position 1's log-prob of its target, token 2
-    b[3] = -b[3]  # position 3's top-1 now its former last
-    rows = llama_cpp_check.compare(a, b, [0, 1, 2, 3, 4, 5], None)
-    assert [r["positions"] for r in rows] == ["0-1", "1-2", "2-3", "3-5"]
-    assert [r["mean_abs_delta"] for r in rows][:3] == pytest.approx([0, 1, 0])
-    assert [r["top1_agreement"] for r in rows] == [1, a[1].argmax() == b[1].argmax(), 1, 0.5]
+    b[0, 1] += 1.0  # position 0's log-prob of its target, token 1
+    b[4] = -b[4]  # position 4's top-1 now its former last
+    rows = llama_cpp_check.compare(a, b, [0, 1, 2, 3, 4, 5], None)  # 6 positions, 5 scored
+    assert [r["positions"] for r in rows] == ["0-1", "1-3", "3-4", "4-5"]
+    assert [r["mean_abs_delta"] for r in rows][:3] == pytest.approx([1, 0, 0])
+    assert [r["top1_agreement"] for r in rows] == [a[0].argmax() == b[0].argmax(), 1, 1, 0]
 
 
 @needs_llama_cpp
@@ -201,3 +201,22 @@ def test_llama_cpp_computes_our_yarn_from_the_file_alone(tmp_path):
     model.set_rope(PLAIN)  # a world where llama.cpp's rotation is not ours: it shows past L
     rows = llama_cpp_check.compare(llama_cpp_check.ours(model, tokens), theirs, tokens, 32)
     assert max(r["mean_abs_delta"] for r in rows[2:]) > 1e-2, rows
+
+
+@needs_llama_cpp
+def test_llama_cpp_takes_yarn_betas_from_its_options_not_the_file(tmp_path, capsys):
+    """What docs/llama_cpp.md says: betas other than 32 / 1 must be passed (the export says so);
+    llama-cpp-python passes 32 / 1 unless told, and llama.cpp then ignores the file's."""
+    rope = YARN.replace(beta_fast=1.0, beta_slow=0.25)  # the ramp over pairs 1-3 of 8 at L = 32
+    ckpt, out = toy(tmp_path, rope), tmp_path / "b.gguf"
+    assert flags.cli(hf.main, ["export", "--gguf", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert "--yarn-beta-fast 1 --yarn-beta-slow 0.25" in capsys.readouterr().out
+    model, _ = checkpoint.load_model(ckpt)
+    tokens = get_tokenizer("bytes").encode_ordinary(TEXT)[:128]
+    ours = llama_cpp_check.ours(model, tokens)
+
+    def worst(r):
+        theirs = llama_cpp_check.llama_cpp_log_probs(out, tokens, r, False)
+        return max(row["mean_abs_delta"] for row in llama_cpp_check.compare(ours, theirs, tokens, 32))
+
+    assert worst(rope) < 1e-3 and worst(YARN) > 1e-2  # YARN: llama-cpp-python's own 32 / 1
