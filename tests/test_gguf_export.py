@@ -65,9 +65,10 @@ def logits(ckpt: Path, n: int = 120) -> torch.Tensor:
         return model(x)
 
 
-@pytest.mark.parametrize("rope", [PLAIN, YARN], ids=["plain", "yarn s=4"])
-def test_f32_round_trip_gives_identical_logits_rope_and_config(tmp_path, rope):
-    ckpt = toy(tmp_path, rope)
+@pytest.mark.parametrize("rope, tied", [(PLAIN, True), (YARN, True), (YARN, False)],
+                         ids=["plain", "yarn s=4", "yarn s=4, untied head"])
+def test_f32_round_trip_gives_identical_logits_rope_and_config(tmp_path, rope, tied):
+    ckpt = toy(tmp_path, rope, tie_embeddings=tied)
     out, back = round_trip(tmp_path, ckpt)
     assert torch.equal(logits(ckpt), logits(back))  # positions 0-119: past L = 32 for YaRN
     assert checkpoint.load(back)["model_config"] == checkpoint.load(ckpt)["model_config"]
@@ -81,6 +82,7 @@ def test_f32_round_trip_gives_identical_logits_rope_and_config(tmp_path, rope):
         assert scaling == {"type": "yarn", "factor": 4.0, "original_context_length": 32,
                            "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0}
     assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
+    assert ("output.weight" in {t.name for t in reader.tensors}) == (not tied)
 
 
 def test_the_round_trip_is_sensitive_to_the_rope(tmp_path):
