@@ -289,7 +289,7 @@ def rope_metadata(cfg: RopeConfig, dim: int, arch: str = ARCHITECTURE) -> dict:
     """llama.cpp's {arch}.rope.* keys for a RoPE it computes exactly as rope.py does (dim = |D|);
     a ValueError naming what it cannot express. llama.cpp's YaRN fixes the ramp's ends rounded out
     (truncate) and the temperature at sqrt(1/t) = 0.1 ln s + 1, ext_factor 1 where the file says
-    yarn; beta_fast and beta_slow are read from the file."""
+    yarn; it takes beta_fast and beta_slow from its options, not the file (docs/llama_cpp.md)."""
     keys = _gguf().Keys.Rope
     base = cfg.base
     if cfg.type == "ntk":  # NTK-aware (Eq. 16) is plain RoPE at b' = b s^(|D|/(|D|-2)): exact
