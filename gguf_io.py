@@ -1,6 +1,8 @@
 """GGUF files (llama.cpp's format) in: a Llama GGUF read as the Hugging Face config and tensors
 that hf.py imports (`python hf.py import --gguf FILE --out CKPT`), and its vocabulary, from which
-data.tokenizer builds a tiktoken tokenizer.
+data.tokenizer builds a tiktoken tokenizer; and out (`python hf.py export --gguf`): write() puts
+a model's tensors (F32 or F16), its tokenizer as byte-level BPE with merges, and its RoPE as the
+keys llama.cpp reads (rope_metadata) into one file; docs/llama_cpp.md says what exports.
 
 Reading needs the `gguf` package, the reader llama.cpp maintains (pip install gguf); it de-quantizes
 every tensor type in SUPPORTED, and nothing here re-implements that. What llama.cpp's converter
@@ -18,6 +20,7 @@ another architecture or tokenizer, a tensor this cannot place or de-quantize) is
 that names it.
 """
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -26,7 +29,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.tokenizer import GPT2_PAT_STR
+import rope
+from data.tokenizer import EOT, GPT2_PAT_STR, load_ranks
+from rope import RopeConfig
+from system import atomic_write
 
 ARCHITECTURE = "llama"
 # Tensor types the gguf package both writes and de-quantizes (the tests write each one): 32- and
@@ -167,7 +173,8 @@ def llama_config(reader, path) -> dict:
             "num_hidden_layers": need("block_count"),
             "intermediate_size": need("feed_forward_length"),
             "max_position_embeddings": need("context_length"),
-            "rms_norm_eps": need("attention.layer_norm_rms_epsilon", float),
+            # stored as float32: its shortest decimal (1e-05, not 9.99999974738e-06)
+            "rms_norm_eps": float(str(np.float32(need("attention.layer_norm_rms_epsilon", float)))),
             "vocab_size": vocab_size,
             "rope_parameters": rope_parameters(reader, path, need("rope.freq_base", float, 1e4))}
 
@@ -272,3 +279,136 @@ def check_merge_order(path, texts: list[str], merges: list[str]) -> None:
                              f"previous merge's {last}: its ids are not in merge order, which "
                              "tiktoken needs")
         last = token
+
+
+# Writing (hf.py export --gguf)
+FILE_TYPES = {"F32": 0, "F16": 1}  # general.file_type: llama.cpp's ALL_F32 and MOSTLY_F16
+
+
+def rope_metadata(cfg: RopeConfig, dim: int, arch: str = ARCHITECTURE) -> dict:
+    """llama.cpp's {arch}.rope.* keys for a RoPE it computes exactly as rope.py does (dim = |D|);
+    a ValueError naming what it cannot express. llama.cpp's YaRN fixes the ramp's ends rounded out
+    (truncate) and the temperature at sqrt(1/t) = 0.1 ln s + 1, ext_factor 1 where the file says
+    yarn; it takes beta_fast and beta_slow from its options, not the file (docs/llama_cpp.md)."""
+    keys = _gguf().Keys.Rope
+    base = cfg.base
+    if cfg.type == "ntk":  # NTK-aware (Eq. 16) is plain RoPE at b' = b s^(|D|/(|D|-2)): exact
+        base = rope.ntk_base(cfg.base, dim, cfg.factor)
+    meta = {keys.DIMENSION_COUNT: dim, keys.FREQ_BASE: base, keys.SCALING_TYPE: "none"}
+    if cfg.type in ("default", "ntk"):
+        return {k.format(arch=arch): v for k, v in meta.items()}
+    if cfg.type not in ("linear", "yarn"):
+        raise ValueError(f"rope type {cfg.type!r} cannot be exported to GGUF: llama.cpp computes "
+                         "default, ntk (as a changed base), linear and yarn only (no dynamic "
+                         "scaling, no LongRoPE or Llama 3 here); extend with one of those")
+    meta.update({keys.SCALING_TYPE: cfg.type, keys.SCALING_FACTOR: cfg.factor})
+    if cfg.type == "yarn":
+        if not cfg.truncate:
+            raise ValueError("rope truncate=false cannot be exported to GGUF: llama.cpp rounds "
+                             "the YaRN ramp's ends out to whole pairs (truncate=true)")
+        if rope.yarn_attention_factor(cfg, cfg.factor) != rope.yarn_mscale(cfg.factor):
+            raise ValueError("a YaRN attention factor other than 0.1 ln s + 1 cannot be exported "
+                             "to GGUF: llama.cpp fixes it there (drop attention_factor / mscale)")
+        meta.update({keys.SCALING_ORIG_CTX_LEN: cfg.original_context,
+                     keys.SCALING_YARN_BETA_FAST: cfg.beta_fast,
+                     keys.SCALING_YARN_BETA_SLOW: cfg.beta_slow})
+    return {k.format(arch=arch): v for k, v in meta.items()}
+
+
+def export_vocabulary(tokenizer: str | dict) -> dict:
+    """A tokenizer as a vocabulary (data.tokenizer's dict): an imported one as it is; GPT-2's from
+    its ranks file; the byte tokenizer as 256 one-byte tokens, <|endoftext|> and an inert merge
+    (id 257, a padding row), so that the ids of any text are the byte tokenizer's."""
+    if isinstance(tokenizer, dict):
+        if tokenizer.get("pat_str") != GPT2_PAT_STR:
+            raise ValueError("this tokenizer splits text with another pattern than GPT-2's, which "
+                             "a GGUF's byte-level BPE ('gpt2' pre-tokenizer) would not")
+        return tokenizer
+    if tokenizer == "bytes":  # llama.cpp's BPE needs a merge: one of bytes UTF-8 never has (0xFF)
+        return {"name": "bytes", "pat_str": GPT2_PAT_STR, "special": [256], "eot": 256,
+                "tokens": [*(bytes([b]) for b in range(256)), b"<|endoftext|>", b"\xff\xff"]}
+    if tokenizer != "gpt2":
+        raise ValueError(f"tokenizer {tokenizer!r} is not one this export knows (gpt2, bytes, or "
+                         "an imported vocabulary)")
+    ranks = load_ranks()
+    tokens = sorted(ranks, key=ranks.get)
+    assert [ranks[t] for t in tokens] == list(range(EOT))
+    return {"name": "gpt2", "pat_str": GPT2_PAT_STR, "tokens": tokens + [b"<|endoftext|>"],
+            "special": [EOT], "eot": EOT}
+
+
+def bpe_merges(tokens: list[bytes], special) -> list[tuple[bytes, bytes]]:
+    """The merges of a byte-level BPE vocabulary whose ids are its ranks, in order: the merge that
+    makes token i joins the two parts that BPE reaches on its bytes with the tokens ranked below i
+    (tiktoken keeps ranks, llama.cpp wants merges)."""
+    ranks = {t: i for i, t in enumerate(tokens) if i not in special}
+    merges = []
+    for i, t in enumerate(tokens):
+        if i in special or len(t) == 1:
+            continue
+        parts = [t[j:j + 1] for j in range(len(t))]
+        while len(parts) > 2:
+            rank, j = min((ranks.get(a + b, math.inf), j)
+                          for j, (a, b) in enumerate(itertools.pairwise(parts)))
+            if rank >= i:
+                break
+            parts[j:j + 2] = [parts[j] + parts[j + 1]]
+        if len(parts) != 2 or not all(ranks.get(p, i) < i for p in parts):
+            raise ValueError(f"token {i} ({t!r}) is not made by merging two tokens ranked below "
+                             "it: the vocabulary is not a byte-level BPE that llama.cpp can read")
+        merges.append(tuple(parts))
+    return merges
+
+
+def add_vocabulary(w, vocab: dict, n_vocab: int) -> None:
+    """tokenizer.ggml.*: byte-level BPE ('gpt2'), special tokens as control tokens (their text),
+    rows past the vocabulary (a padded embedding) as control tokens <|pad_N|>."""
+    tokens, special = vocab["tokens"], set(vocab["special"])
+    if len(tokens) > n_vocab:
+        raise ValueError(f"the tokenizer has {len(tokens)} ids in GGUF, the model {n_vocab} "
+                         "rows (a byte model needs vocab_size 258 or more); pad its vocabulary")
+    encoder = {b: c for c, b in byte_decoder().items()}
+    texts = [t.decode("utf-8") if i in special else "".join(encoder[b] for b in t)
+             for i, t in enumerate(tokens)]
+    texts += [f"<|pad_{i}|>" for i in range(len(tokens), n_vocab)]
+    types = [CONTROL if i in special or i >= len(tokens) else 1 for i in range(n_vocab)]
+    merges = bpe_merges(tokens, special)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # llama.cpp's name of GPT-2's split, which data.tokenizer uses
+    w.add_token_list(texts)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join("".join(encoder[b] for b in p) for p in m) for m in merges])
+    w.add_bos_token_id(vocab["eot"])  # GPT-2's way: <|endoftext|> begins and ends; no BOS added
+    w.add_eos_token_id(vocab["eot"])
+    w.add_add_bos_token(False)
+
+
+def write(path, hparams: dict, tensors: dict[str, torch.Tensor], vocab: dict, rope_keys: dict,
+          name: str, ftype: str = "F32") -> None:
+    """One GGUF file at path, written atomically: hparams ({arch}.* keys without the prefix:
+    context_length, ...), Hugging Face-named tensors (W_q, W_k in half-split rows, permuted here;
+    2-D ones in ftype, the norms F32 as llama.cpp keeps them), the vocabulary and the rope keys."""
+    gguf = _gguf()
+    w = gguf.GGUFWriter(None, ARCHITECTURE)
+    w.add_name(name)
+    w.add_basename(vocab["name"])
+    w.add_file_type(FILE_TYPES[ftype])
+    for key, value in {**{f"{ARCHITECTURE}.{k}": v for k, v in hparams.items()},
+                       **rope_keys}.items():
+        kind = {str: "STRING", int: "UINT32", float: "FLOAT32"}[type(value)]
+        w.add_key_value(key, value, gguf.GGUFValueType[kind])
+    add_vocabulary(w, vocab, hparams["vocab_size"])
+    heads = {"q": hparams["attention.head_count"], "k": hparams["attention.head_count_kv"]}
+    for hf, t in tensors.items():
+        qk = re.search(r"self_attn\.([qk])_proj", hf)
+        t = (permute(t, heads[qk[1]]) if qk else t).detach().float().cpu()
+        kind = ftype if t.dim() == 2 else "F32"
+        w.add_tensor(gguf_name(hf), t.numpy().astype(np.float16 if kind == "F16" else np.float32))
+
+    def write_to(f):
+        w.fout, w.state = [f], gguf.WriterState.EMPTY  # the writer's own file is atomic_write's
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+
+    atomic_write(path, write_to)

@@ -6,6 +6,7 @@ reads it as a Llama folder's config and tensors).
     python hf.py export --ckpt out/yarn --out hf_out/           # config.json + model.safetensors
     python hf.py import --hf_dir hf_out/ --out out/imported/ckpt.pt
     python hf.py import --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2/ckpt.pt
+    python hf.py export --gguf --ckpt out/yarn --out yarn.gguf   # for llama.cpp (docs/llama_cpp.md)
 
 `LlamaForCausalLM.from_pretrained(folder)` computes the same logits: our half-split pairs are its `rotate_half`.
 A variant without a Hugging Face type exports as an exact equivalent (to_hf); dynamic_yarn, partial rotary and
@@ -458,21 +459,51 @@ def import_gguf(path) -> tuple[Transformer, gguf_io.GGUFModel]:
     return model, read._replace(tensors={})
 
 
+def export_gguf(model: Transformer, tokenizer, out, dtype: torch.dtype | None = None,
+                force: bool = False, name: str = "yarn-from-scratch") -> dict:
+    """Write the model as one GGUF file for llama.cpp (gguf_io.write): F32, or F16 with dtype
+    float16; its tokenizer (a name or an imported vocabulary) and its RoPE as llama.cpp's keys.
+    Refuses, before writing, what a Llama in llama.cpp cannot compute; returns the rope keys."""
+    c = model.config
+    rope_keys = gguf_io.rope_metadata(c.rope, c.head_dim)
+    hf_config(c)  # the refusals Llama has (previous-token embeddings, q/k/v biases, partial rotary)
+    ftype = {None: "F32", torch.float32: "F32", torch.float16: "F16"}.get(dtype)
+    if ftype is None:
+        raise ValueError(f"--dtype {dtype_name(dtype)} cannot be written to GGUF here; use float32 "
+                         "or float16")
+    vocab = gguf_io.export_vocabulary(tokenizer)
+    path = check_writable(out, "--out", folder=False)
+    if path.exists() and not force:
+        raise ValueError(f"--out {path} exists; choose a new file, or pass --force to overwrite it")
+    state = model.state_dict()
+    tensors = hf_tensors(state, c)
+    if not c.tie_embeddings:
+        tensors["lm_head.weight"] = state["lm_head.weight"]
+    hparams = {"context_length": c.block_size, "embedding_length": c.d_model,
+               "block_count": c.n_layer, "feed_forward_length": c.hidden_dim,
+               "attention.head_count": c.n_head, "attention.head_count_kv": c.kv_heads,
+               "attention.layer_norm_rms_epsilon": float(c.norm_eps), "vocab_size": c.vocab_size}
+    gguf_io.write(path, hparams, tensors, vocab, rope_keys, name, ftype)
+    return rope_keys
+
+
 # Command line
 @dataclass(frozen=True)
 class ExportConfig:
     """`python hf.py export`'s settings.
 
     ckpt   a checkpoint file, or a run folder holding ckpt.pt
-    out    the folder to write (new or empty, unless force)
-    dtype  cast the weights: float32, bfloat16 or float16 (default: as stored)
-    force  overwrite config.json and model.safetensors in a non-empty out
+    out    the folder to write (new or empty, unless force); with gguf, the file
+    dtype  cast the weights: float32, bfloat16 or float16 (default: as stored; GGUF: float32)
+    force  overwrite config.json and model.safetensors in a non-empty out (or the GGUF file)
+    gguf   write one GGUF file for llama.cpp instead, with the tokenizer and RoPE scaling
     """
 
     ckpt: str
     out: str
     dtype: str | None = None
     force: bool = False
+    gguf: bool = False
 
 
 @dataclass(frozen=True)
@@ -505,7 +536,17 @@ def main(argv) -> None:
     if cls is ExportConfig:
         if args.dtype is not None and args.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-        model, _ = checkpoint.load_model(args.ckpt)
+        model, state = checkpoint.load_model(args.ckpt)
+        if args.gguf:
+            keys = export_gguf(model, state.get("tokenizer", "gpt2"), args.out,
+                               DTYPES.get(args.dtype), args.force, f"{Path(args.ckpt).name}")
+            print(f"exported {args.ckpt} to {args.out} (GGUF, {args.dtype or 'float32'}): "
+                  + ", ".join(f"{k} {v}" for k, v in keys.items()))
+            r = model.config.rope
+            if r.type == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
+                print(f"note: llama.cpp takes YaRN's betas from its options, not the file: run it "
+                      f"with --yarn-beta-fast {r.beta_fast:g} --yarn-beta-slow {r.beta_slow:g}")
+            return
         c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
         print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
               f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
