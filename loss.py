@@ -21,7 +21,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         one = torch.ones((), device=h.device, dtype=torch.float32)
         loss_sum = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grad_w = torch.zeros(
+            weight.shape,
+            device=weight.device,
+            dtype=torch.promote_types(weight.dtype, torch.float32),
+        )
         for i in range(0, h.shape[0], chunk_rows):
             h_c, t_c = h[i : i + chunk_rows], targets[i : i + chunk_rows]
             logits = F.linear(h_c, weight)  # (n, V); bf16 under autocast, as the unchunked head
@@ -29,11 +33,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             loss_sum = loss_sum + F.nll_loss(logp, t_c, ignore_index=-1, reduction="sum")
             # d mean / d logp: -1/total_weight at each kept target (reduction 1 = mean); then through log_softmax
             grad_logp = torch.ops.aten.nll_loss_backward(one, logp, t_c, None, 1, -1, total_weight)
-            dlogits = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, torch.float32).to(logits.dtype)
+            dlogits = torch.ops.aten._log_softmax_backward_data(
+                grad_logp, logp, 1, torch.float32
+            ).to(logits.dtype)
             grad_h[i : i + chunk_rows] = (dlogits @ weight.to(logits.dtype)).to(h.dtype)  # (n, d)
             grad_w += (dlogits.t() @ h_c.to(logits.dtype)).to(grad_w.dtype)  # (V, d)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss_sum / total_weight  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
+        return (
+            loss_sum / total_weight
+        )  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -41,7 +49,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_elements: int):
+def chunked_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_elements: int
+):
     """Mean cross-entropy of F.linear(h, weight) against targets (-1 ignored), equal to
     F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-1), without materializing the logits.
     h (B, T, d), weight (V, d), targets (B, T). chunk_elements: logits per chunk (rows = chunk_elements // V).
@@ -53,5 +63,9 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     total = torch.zeros((), device=h.device, dtype=torch.float32)
     for i in range(0, h.shape[0], rows):
         logits = F.linear(h[i : i + rows], weight).float()
-        total = total + F.cross_entropy(logits, targets[i : i + rows], ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum()  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean
+        total = total + F.cross_entropy(
+            logits, targets[i : i + rows], ignore_index=-1, reduction="sum"
+        )
+    return (
+        total / (targets != -1).sum()
+    )  # 0/0 = nan when every target is ignored, as F.cross_entropy's mean

@@ -17,7 +17,9 @@ def random_string(rng: np.random.Generator, n: int, alphabet: np.ndarray) -> np.
     return rng.choice(alphabet, size=n, replace=n > len(alphabet))
 
 
-def tiled(rng: np.random.Generator, length: int, shortest: int, longest: int, alphabet: np.ndarray) -> np.ndarray:
+def tiled(
+    rng: np.random.Generator, length: int, shortest: int, longest: int, alphabet: np.ndarray
+) -> np.ndarray:
     """One random string of shortest..longest symbols, repeated to fill `length`."""
     s = random_string(rng, int(rng.integers(shortest, longest + 1)), alphabet)
     return np.tile(s, length // len(s) + 1)[:length]
@@ -31,7 +33,9 @@ def plant_pairs(window: np.ndarray, rng: np.random.Generator, pairs: int) -> Non
         n = min(int(rng.integers(8, 33)), length // 2)
         d = int(rng.integers(n, max(n, length - n) + 1))
         p = int(rng.integers(0, length - n - d + 1))
-        window[p : p + n] = window[p + d : p + d + n] = random_string(rng, n, (LOWERCASE, PRINTABLE)[rng.integers(2)])
+        window[p : p + n] = window[p + d : p + d + n] = random_string(
+            rng, n, (LOWERCASE, PRINTABLE)[rng.integers(2)]
+        )
 
 
 def mix(windows: np.ndarray, kind: str, seed: int) -> np.ndarray:
