@@ -1,5 +1,5 @@
-"""Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with the same shape and
-the same weights, side by side in one process and one JSON.
+"""Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with
+the same shape and the same weights, side by side in one process and one JSON.
 
     python bench.py --preset=cpu --threads=1 --ckpt=CKPT --out=results/bench_cpu.json  # the README's (~4 min)
     python bench.py --preset=gpu --out=bench.json    # one GPU, ~2 min with a compilation (scripts/gpu_run.sh)
@@ -68,7 +68,8 @@ PRESETS = {  # preset: (the reproduce.PRESETS entry for the model's shape, cases
             Case("train_T8192_yarn", 8192, 2, yarn=True, steps=3, rounds=4),
             Case("train_T32768_yarn", 32768, 1, yarn=True, rounds=1, warmup=1),  # does it fit
             Case("sample_B1", 512, 1, new_tokens=256, rounds=3, warmup=1),
-            # last: its compilation is the longest part of the stage, and a cut there loses only this case
+            # last: its compilation is the longest part of the stage, and a cut there loses only
+            # this case
             Case(
                 "sample_B1_compiled",
                 512,
@@ -195,8 +196,9 @@ def configs(
 
 
 def build(which: str, cfg: model.ModelConfig, device, dtype, weights: dict | None = None):
-    """Ours (seeded, or with the given weights), or LlamaForCausalLM with hf.hf_config's LlamaConfig and ours'
-    weights (hf.hf_tensors), built in `dtype` (its rotary inv_freq stays fp32, as from_pretrained leaves it)."""
+    """Ours (seeded, or with the given weights), or LlamaForCausalLM with hf.hf_config's LlamaConfig
+    and ours' weights (hf.hf_tensors), built in `dtype` (its rotary inv_freq stays fp32, as
+    from_pretrained leaves it)."""
     torch.manual_seed(0)
     with torch.device(device):
         ours = model.Transformer(cfg)
@@ -261,8 +263,8 @@ def prompts(case: Case, vocab_size: int, state: dict | None) -> torch.Tensor:
 
 
 def generation(which: str, net, case: Case, prompt, outputs: dict, first_token: dict):
-    """One greedy generation of case.new_tokens after the prompt, as a function; its tokens in outputs, and for ours
-    the seconds to its first token (the prefill) in first_token."""
+    """One greedy generation of case.new_tokens after the prompt, as a function; its tokens in
+    outputs, and for ours the seconds to its first token (the prefill) in first_token."""
 
     @torch.no_grad()
     def run():
@@ -305,9 +307,9 @@ def error_record(exc: BaseException) -> dict:
 
 
 def prepare(make, case: Case, device) -> tuple[object, dict]:
-    """(fn, record): make() builds a model and returns its round function, run case.warmup times untimed here; the
-    record has the first call's seconds (a compilation included) and the peak memory on CUDA. (None, error record)
-    if building or warming up failed."""
+    """(fn, record): make() builds a model and returns its round function, run case.warmup times
+    untimed here; the record has the first call's seconds (a compilation included) and the peak
+    memory on CUDA. (None, error record) if building or warming up failed."""
     cuda = device.type == "cuda"
     gc.collect()  # the previous case's models
     if cuda:
@@ -334,8 +336,9 @@ def prepare(make, case: Case, device) -> tuple[object, dict]:
 
 
 def alternate(fns: dict, rounds: int, repeat: int, device) -> dict[str, list[float]]:
-    """Seconds per round for each function, the functions taking turns round by round; a round calls fn repeat
-    times. A function that raises is dropped from the later rounds with its error kept under its name."""
+    """Seconds per round for each function, the functions taking turns round by round; a round calls
+    fn repeat times. A function that raises is dropped from the later rounds with its error kept
+    under its name."""
     times = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in list(fns.items())[
@@ -372,8 +375,9 @@ def run_case(
     peak: float | None,
     state: dict | None = None,
 ) -> dict:
-    """The case's contenders (ours and HF, ours compiled, ours under the capacity rule): build and warm up each, then
-    timed rounds taking turns. state: --ckpt's checkpoint, whose weights the sampling cases take."""
+    """The case's contenders (ours and HF, ours compiled, ours under the capacity rule): build and
+    warm up each, then timed rounds taking turns. state: --ckpt's checkpoint, whose weights the
+    sampling cases take."""
     sampling = case.new_tokens > 0
     state = state if sampling else None
     mcfg = configs(p, case, model.ModelConfig.from_dict(state["model_config"]) if state else None)
@@ -437,8 +441,9 @@ def run_case(
 
 
 def compile_cost(compiled: dict, eager: dict, new_tokens: int) -> dict:
-    """compile_s: the compiled contender's first generation less a timed one (the compilation; 0 if an earlier case
-    compiled the same graph); break_even_tokens: new tokens after which it is repaid against eager decoding."""
+    """compile_s: the compiled contender's first generation less a timed one (the compilation; 0 if
+    an earlier case compiled the same graph); break_even_tokens: new tokens after which it is repaid
+    against eager decoding."""
     compile_s = round(
         max(0.0, compiled["first_call_s"] - statistics.median(compiled["round_s"])), 2
     )

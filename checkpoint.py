@@ -80,7 +80,8 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
             "use an earlier checkpoint or retrain"
         ) from None
-    except Exception as e:  # what the weights-only unpickler refuses, or random bytes inside a valid-looking archive
+    # what the weights-only unpickler refuses, or random bytes inside a valid-looking archive
+    except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and "weights only" not in str(e).lower():
             raise CheckpointError(
                 f"checkpoint {path} is corrupt ({str(e).splitlines()[0]}); "
@@ -126,11 +127,12 @@ def load_model(path, device="cpu") -> tuple[Transformer, dict]:
     return model_from_state(state).to(device).eval(), state
 
 
-# A checkpoint's model under another RoPE config: eval.py and sample.py swap it (--rope.<field>), train.py extends it
+# A checkpoint's model under another RoPE config: eval.py and sample.py swap it (--rope.<field>),
+# train.py extends it
 def rope_with_overrides(config: ModelConfig, overrides: dict) -> RopeConfig:
-    """The model's RoPE config with some fields replaced, for model.set_rope. L (original_context), unless given,
-    stays the model's, or is its block_size where it has none, since a model without scaling was pretrained at its
-    block size. Raises RopeConfig's ValueError for invalid values."""
+    """The model's RoPE config with some fields replaced, for model.set_rope. L (original_context),
+    unless given, stays the model's, or is its block_size where it has none, since a model without
+    scaling was pretrained at its block size. Raises RopeConfig's ValueError for invalid values."""
     L = overrides.get("original_context", config.rope.original_context or config.block_size)
     return config.rope.replace(**{**overrides, "original_context": L})
 
@@ -165,8 +167,9 @@ def rope_summary(cfg: RopeConfig) -> str:
 
 
 def parse_rope_swap(argv, cls, prog: str, description: str) -> tuple:
-    """(cls from the flags, {rope field: value} of the --rope.<field> flags given): the settings of a script that
-    loads a checkpoint and may replace fields of its RoPE config (eval.py, sample.py), as rope_with_overrides."""
+    """(cls from the flags, {rope field: value} of the --rope.<field> flags given): the settings of
+    a script that loads a checkpoint and may replace fields of its RoPE config (eval.py, sample.py),
+    as rope_with_overrides."""
     rope_flags = {
         f"rope.{key}": (typ, "the checkpoint's", meaning)
         for key, (typ, _, meaning) in flags.flag_table((RopeConfig, "")).items()

@@ -148,9 +148,9 @@ RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
 def parse_args(argv, description: str = "") -> tuple[dict, dict]:
-    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings given, checked
-    where they are complete: the run values unless resuming (they are merged with the saved ones first), and the
-    model of a run from scratch."""
+    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings
+    given, checked where they are complete: the run values unless resuming (they are merged with the
+    saved ones first), and the model of a run from scratch."""
     values = flags.parse(argv, FLAGS, "python train.py", description)
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k not in RUN_FIELDS and not k.startswith("rope.")}

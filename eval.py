@@ -1,20 +1,23 @@
-"""Evaluation against context length: sliding-window perplexity on long held-out documents, and a retrieval probe.
+"""Evaluation against context length: sliding-window perplexity on long held-out documents, and a
+retrieval probe.
 
     python eval.py --ckpt out/yarn8 --contexts 512,1024,2048,4096 --out yarn8.json    # --rope.<field>=... too
 
-Perplexity: each chosen held-out document scores `score` consecutive tokens from its body (not its ending, which
-is boilerplate), the very same tokens at every context of a ladder (scored_regions). At context T a window scores
-its last S = min(T/2, score) tokens, so every scored token sees between T - S + 1 and T tokens of history (at
-least T/2, the paper's sliding window with stride S). Each document's mean NLL is kept: documents, not their
-correlated windows, are the units the report's statistics pair over.
+Perplexity: each chosen held-out document scores `score` consecutive tokens from its body (not its
+ending, which is boilerplate), the very same tokens at every context of a ladder (scored_regions).
+At context T a window scores its last S = min(T/2, score) tokens, so every scored token sees between
+T - S + 1 and T tokens of history (at least T/2, the paper's sliding window with stride S). Each
+document's mean NLL is kept: documents, not their correlated windows, are the units the report's
+statistics pair over.
 
-Retrieval (the toy stand-in for the paper's passkey test, which needs an instruction-following model): exactly T
-tokens of held-out text with a random needle of n tokens planted at depth d and repeated at the end; teacher-forced,
-the model is scored on the last n - cue tokens of the repeat (top-1; a trial whose every token is right is an exact
-match: greedy decoding from the cue would write the whole needle). Depth d leaves (1 - d)(T - 2n) tokens between.
-The same trials with no needle planted (only its repeat at the end) are the control:
-without the needle no model can beat its ceiling (below), and the lift, the trial's recall
-with the needle minus without, is what the needle gives.
+Retrieval (the toy stand-in for the paper's passkey test, which needs an instruction-following
+model): exactly T tokens of held-out text with a random needle of n tokens planted at depth d and
+repeated at the end; teacher-forced, the model is scored on the last n - cue tokens of the repeat
+(top-1; a trial whose every token is right is an exact match: greedy decoding from the cue would
+write the whole needle). Depth d leaves (1 - d)(T - 2n) tokens between. The same trials with no
+needle planted (only its repeat at the end) are the control: without the needle no model can beat
+its ceiling (below), and the lift, the trial's recall with the needle minus without, is what the
+needle gives.
 """
 
 import math
@@ -34,8 +37,10 @@ from data.loader import load_split
 from data.tokenizer import describe, get_tokenizer
 from system import check_writable, pick_device, write_json
 
-# Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like plain text
-# (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is lowercase letters.
+# Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like
+# plain text
+# (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is lowercase
+# letters.
 NEEDLE_WORDS = (
     "apple river stone garden window paper orange silver yellow market island winter summer forest doctor letter "
     "bridge castle engine planet pocket house water table chair music money green black white horse train glass "
@@ -47,8 +52,8 @@ NEEDLE_WORDS = (
 
 # Perplexity
 def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) -> np.ndarray:
-    """Indices of up to max_docs documents with at least min_len tokens: a seeded sample, in corpus order, so
-    every context and every model sees the same documents."""
+    """Indices of up to max_docs documents with at least min_len tokens: a seeded sample, in corpus
+    order, so every context and every model sees the same documents."""
     eligible = np.flatnonzero(docs[:, 1] >= min_len)
     if len(eligible) == 0:
         raise ValueError(
@@ -61,9 +66,10 @@ def select_docs(docs: np.ndarray, min_len: int, max_docs: int, seed: int = 0) ->
 
 
 def scored_regions(docs: np.ndarray, max_context: int, score: int, max_docs: int, seed: int = 0):
-    """(chosen document indices, each one's first scored offset a): `score` tokens [a, a + score) from the body of
-    each document, a drawn uniformly from [max_context, length - score] by (seed, document), so that every context
-    up to max_context has the history it needs and every model sees the same tokens."""
+    """(chosen document indices, each one's first scored offset a): `score` tokens [a, a + score)
+    from the body of each document, a drawn uniformly from [max_context, length - score] by (seed,
+    document), so that every context up to max_context has the history it needs and every model sees
+    the same tokens."""
     chosen = select_docs(docs, max_context + score, max_docs, seed)
     starts = [
         int(np.random.default_rng([seed, int(i)]).integers(max_context, docs[i, 1] - score + 1))
@@ -105,7 +111,8 @@ def perplexity(
         start = int(docs[i, 0])
         doc = np.asarray(tokens[start : start + a + score], dtype=np.int64)
         for end in range(a + span, a + score + 1, span):
-            # inputs doc[end-1-context : end-1] predict doc[end-context : end]; the last `span` targets are scored
+            # inputs doc[end-1-context : end-1] predict doc[end-context : end]; the last `span`
+            # targets are scored
             windows.append((doc[end - 1 - context : end - 1], doc[end - span : end]))
             owner.append(j)
     sums = np.zeros(len(chosen))
@@ -139,8 +146,8 @@ def perplexity(
 
 # Retrieval probe
 def needle_vocab(tokenizer) -> list[int]:
-    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for GPT-2
-    and any vocabulary that has at least 16 of them as single tokens."""
+    """The ids needles are drawn from: lowercase letters for the byte tokenizer, NEEDLE_WORDS for
+    GPT-2 and any vocabulary that has at least 16 of them as single tokens."""
     if tokenizer.name == "bytes":
         return list(b"abcdefghijklmnopqrstuvwxyz")
     ids = [tokenizer.encode_ordinary(" " + w) for w in NEEDLE_WORDS]
@@ -160,8 +167,9 @@ def probe_sequence(filler: np.ndarray, needle: np.ndarray, depth: float) -> np.n
 
 
 def chance(answer) -> float:
-    """Expected top-1 accuracy of a guesser that knows the multiset of `answer` but not its order and strikes
-    out each token as teacher forcing reveals it: mean over j of (copies of answer[j] left) / (tokens left)."""
+    """Expected top-1 accuracy of a guesser that knows the multiset of `answer` but not its order
+    and strikes out each token as teacher forcing reveals it: mean over j of (copies of answer[j]
+    left) / (tokens left)."""
     left, total = Counter(answer), 0.0
     for j, token in enumerate(answer):
         total += left[token] / (len(answer) - j)
@@ -196,11 +204,11 @@ def retrieval(
     batch_size: int = 8,
     control: bool = True,
 ) -> dict:
-    """Recall of a planted needle at each depth, in sequences of exactly `context` tokens. Trial t uses the same
-    needle and filler for every model and depth (seeded by seed and t). Returns acc {depth: mean}, trial_acc
-    {depth: per-trial accuracy}, distance {depth: tokens between needle and cue}, chance (per
-    trial), ceiling (per trial: the best recall without the needle), mean, and with `control`
-    no_needle (per-trial accuracy with no needle planted)."""
+    """Recall of a planted needle at each depth, in sequences of exactly `context` tokens. Trial t
+    uses the same needle and filler for every model and depth (seeded by seed and t). Returns acc
+    {depth: mean}, trial_acc {depth: per-trial accuracy}, distance {depth: tokens between needle and
+    cue}, chance (per trial), ceiling (per trial: the best recall without the needle), mean, and
+    with `control` no_needle (per-trial accuracy with no needle planted)."""
     n_fill = context - 2 * needle_len
     if n_fill < 1 or not 0 < cue < needle_len or (depths and max(depths) >= 1):
         raise ValueError(
@@ -229,7 +237,8 @@ def retrieval(
         x_all, out = torch.from_numpy(np.stack(sequences)), []
         for b in range(0, trials, batch_size):
             x = x_all[b : b + batch_size].to(device)  # (B, context)
-            # position p predicts token p+1: the last n_scored targets come from positions -n_scored-1 .. -2
+            # position p predicts token p+1: the last n_scored targets come from positions
+            # -n_scored-1 .. -2
             logits = model(x, seq_len=seq_len, last_n=n_scored + 1)[:, :-1]  # (B, n_scored, V)
             out += (logits.argmax(-1) == x[:, -n_scored:]).float().mean(dim=1).tolist()
         return out
@@ -249,7 +258,8 @@ def retrieval(
         out["acc"][str(depth)] = float(np.mean(out["trial_acc"][str(depth)]))
         out["distance"][str(depth)] = n_fill - int(round(depth * n_fill))
     out["mean"] = float(np.mean(list(out["acc"].values())))
-    if control:  # no needle planted: the filler runs on where it stood, and only the repeat at the end remains
+    # no needle planted: the filler runs on where it stood, and only the repeat at the end remains
+    if control:
         longer = [np.asarray(tokens[o : o + n_fill + needle_len], dtype=np.int64) for o in offsets]
         out["no_needle"] = hits([np.concatenate([f, n]) for f, n in zip(longer, needles)])
     return out
@@ -273,9 +283,9 @@ def evaluate(
     log=print,
     max_context: int | None = None,
 ) -> dict:
-    """Perplexity at every context of the ladder (the same documents and scored tokens at each, placed after
-    max_context tokens, default the longest context) and the retrieval grid over retrieval_contexts (default the
-    same ladder) x depths, with its no-needle control. JSON-able."""
+    """Perplexity at every context of the ladder (the same documents and scored tokens at each,
+    placed after max_context tokens, default the longest context) and the retrieval grid over
+    retrieval_contexts (default the same ladder) x depths, with its no-needle control. JSON-able."""
     contexts = sorted(int(c) for c in contexts)
     max_context = max(max_context or 0, contexts[-1])
     model.eval()

@@ -1,6 +1,7 @@
-"""The main job's figures, drawn from the results report.py gathers: perplexity and needle recall against context,
-the per-pair frequency scaling, the temperature sweep, and the fine-tuning loss curves (the paper's Figure 1 at toy
-scale). Each takes matplotlib's pyplot and returns a figure; draw() saves those whose inputs exist."""
+"""The main job's figures, drawn from the results report.py gathers: perplexity and needle recall
+against context, the per-pair frequency scaling, the temperature sweep, and the fine-tuning loss
+curves (the paper's Figure 1 at toy scale). Each takes matplotlib's pyplot and returns a figure;
+draw() saves those whose inputs exist."""
 
 import math
 from pathlib import Path
@@ -28,8 +29,8 @@ def mark_lengths(ax, c: dict):
 
 
 def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str):
-    """Perplexity against context, one line per method over the contexts it was evaluated at: the geometric mean
-    over seeds, bars from the lowest to the highest seed (one seed: no bars)."""
+    """Perplexity against context, one line per method over the contexts it was evaluated at: the
+    geometric mean over seeds, bars from the lowest to the highest seed (one seed: no bars)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, rs) in enumerate(runs.items()):
         contexts = sorted(int(T) for T in rs[0]["ppl"])
@@ -132,8 +133,9 @@ def plot_scaling(plt, c: dict):
 
 
 def plot_temperature(plt, temp: dict, interval, fitted: float | None):
-    """Per s: the mean NLL difference of each a (sqrt(1/t) = a ln s + 1) from a = 0 (no temperature), with its
-    95% interval over documents; the paper's a = 0.1 and the fitted a marked."""
+    """Per s: the mean NLL difference of each a (sqrt(1/t) = a ln s + 1) from a = 0 (no
+    temperature), with its 95% interval over documents; the paper's a = 0.1 and the fitted a
+    marked."""
     fig, axes = plt.subplots(1, len(temp), figsize=(3.4 * len(temp), 3.6), squeeze=False)
     for ax, (s, r) in zip(axes[0], temp.items()):
         xs = sorted(r["a"], key=float)

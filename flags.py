@@ -1,8 +1,9 @@
-"""Command-line settings for every script: argparse built from the script's dataclass fields, each value read as its
-field's type by parse_value (an int as int(), so not 1e4; a float finite; a bool true / false / 1 / 0, a bare
---flag true; a tuple comma-separated; none or null for X | None), the same way in every script; --help says what
-each means (field_help). --config FILE.json sets any of them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"});
-flags win over it. cli() runs a main and turns the project's errors into `error: ...` and exit code 2.
+"""Command-line settings for every script: argparse built from the script's dataclass fields, each
+value read as its field's type by parse_value (an int as int(), so not 1e4; a float finite; a bool
+true / false / 1 / 0, a bare --flag true; a tuple comma-separated; none or null for X | None), the
+same way in every script; --help says what each means (field_help). --config FILE.json sets any of
+them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"}); flags win over it. cli() runs a main and
+turns the project's errors into `error: ...` and exit code 2.
 """
 
 import argparse
@@ -101,8 +102,9 @@ def int_hint(text: str) -> str:
 
 
 def check_types(obj) -> None:
-    """Each field of a dataclass instance holds a value of its declared type: an int where a float is declared
-    becomes that float, a bool is never taken for a number; a ValueError naming the field otherwise."""
+    """Each field of a dataclass instance holds a value of its declared type: an int where a float
+    is declared becomes that float, a bool is never taken for a number; a ValueError naming the
+    field otherwise."""
     for name, typ in field_types(type(obj)).items():
         base, optional = unwrap_optional(typ)
         value = getattr(obj, name)
@@ -120,8 +122,8 @@ def check_types(obj) -> None:
 
 # Parsing a command line
 def flag_table(*groups) -> dict[str, tuple[object, object, str]]:
-    """{flag key: (type, default, what it means)} for groups of (dataclass, prefix); a field holding a dataclass is
-    left out (it comes as its own group, e.g. (RopeConfig, "rope."))."""
+    """{flag key: (type, default, what it means)} for groups of (dataclass, prefix); a field holding
+    a dataclass is left out (it comes as its own group, e.g. (RopeConfig, "rope."))."""
     table = {}
     for cls, prefix in groups:
         meanings = field_help(cls)  # what each field means: the table in the class's docstring
@@ -248,8 +250,9 @@ def json_text(key: str, value, typ, source: str) -> str:
 
 
 def cli(main, argv=None, errors=ERRORS) -> int:
-    """Run main(argv) as a script: the errors listed (type -> exit code) become `error: message` on stderr and
-    that exit code, never a traceback; SystemExit (--help, a signal) gives its own code."""
+    """Run main(argv) as a script: the errors listed (type -> exit code) become `error: message`
+    on stderr and that exit code, never a traceback; SystemExit (--help, a signal) gives its own
+    code."""
     try:
         main(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as e:

@@ -1,13 +1,13 @@
-"""The main job's report from the stage outputs reproduce.py leaves in its runs folder: the paper's claims decided
-from the numbers, tables, figures (figures.py) and report.md.
+"""The main job's report from the stage outputs reproduce.py leaves in its runs folder: the paper's
+claims decided from the numbers, tables, figures (figures.py) and report.md.
 
-A claim "A beats B" pairs A and B by document (perplexity) or trial (retrieval), seed by seed; it is "yes" when
-the t-interval of the mean difference lies on A's side of 0 in every seed, "no" when on B's side in every seed,
-"within noise" otherwise, and "not run" when a stage it needs did not finish (a run cut part-way still reports what
-it has). The paper's claims (PRIMARY) are decided with Bonferroni-adjusted intervals (t, or a
-bootstrap where the statistic is not a mean), so that the chance of any false "yes" or "no" among
-them stays under 5%; every other claim is exploratory, at 95% each; the ablation (a plain model)
-is a family of its own, exploratory too.
+A claim "A beats B" pairs A and B by document (perplexity) or trial (retrieval), seed by seed; it is
+"yes" when the t-interval of the mean difference lies on A's side of 0 in every seed, "no" when on
+B's side in every seed, "within noise" otherwise, and "not run" when a stage it needs did not finish
+(a run cut part-way still reports what it has). The paper's claims (PRIMARY) are decided with
+Bonferroni-adjusted intervals (t, or a bootstrap where the statistic is not a mean), so that the
+chance of any false "yes" or "no" among them stays under 5%; every other claim is exploratory, at
+95% each; the ablation (a plain model) is a family of its own, exploratory too.
 
     python report.py --runs runs/cpu                  # rewrite results/cpu/ from whatever stages finished
     python report.py --runs runs/cpu --out somewhere/ --replicate results/cpu_seed1/results.json
@@ -110,8 +110,9 @@ REDO = "a stage of reproduce.py wrote it: delete it and run reproduce.py again t
 
 # Statistics
 def t_quantile(p: float, df: int) -> float:
-    """The p-quantile of Student's t with df degrees of freedom (p > 0.5): bisection on its CDF, integrated from
-    the density by Simpson's rule, accurate to ~1e-6 (2.776 for df 4, 2.131 for df 15, 1.960 as df grows)."""
+    """The p-quantile of Student's t with df degrees of freedom (p > 0.5): bisection on its CDF,
+    integrated from the density by Simpson's rule, accurate to ~1e-6 (2.776 for df 4, 2.131 for df
+    15, 1.960 as df grows)."""
 
     def cdf(x):
         t = np.linspace(0.0, x, 2001)
@@ -151,9 +152,9 @@ def has(run: dict | None, T: int, key: str) -> bool:
 
 
 def units(run: dict, T: int, key: str, min_distance: int = 0) -> np.ndarray:
-    """Per-unit scores of a run at context T: each document's mean NLL ("ppl"), or each retrieval trial's accuracy
-    ("retrieval": teacher-forced; "exact": 1 if every token was right), averaged over the depths whose needle lies
-    more than min_distance tokens before its cue."""
+    """Per-unit scores of a run at context T: each document's mean NLL ("ppl"), or each retrieval
+    trial's accuracy ("retrieval": teacher-forced; "exact": 1 if every token was right), averaged
+    over the depths whose needle lies more than min_distance tokens before its cue."""
     if key == "ppl":
         return np.array(run["ppl"][str(T)]["doc_nll"])
     r = run["retrieval"][str(T)]
@@ -164,9 +165,10 @@ def units(run: dict, T: int, key: str, min_distance: int = 0) -> np.ndarray:
 def compare(
     a: list, b: list, T: int, key: str = "ppl", level: float = LEVEL, min_distance: int = 0
 ) -> dict:
-    """Does A do better than B at T (lower NLL, higher recall)? a, b: one run per seed, None for a seed that did
-    not run (a single run stands for every seed of the other side). The verdict rule of the module docstring, and
-    the numbers behind it: the intervals of A - B per seed that both sides ran."""
+    """Does A do better than B at T (lower NLL, higher recall)? a, b: one run per seed, None for a
+    seed that did not run (a single run stands for every seed of the other side). The verdict rule
+    of the module docstring, and the numbers behind it: the intervals of A - B per seed that both
+    sides ran."""
     pairs = list(zip(a, b)) if len(a) == len(b) else [(x, y) for x in a for y in b]
     pairs = [(x, y) for x, y in pairs if has(x, T, key) and has(y, T, key)]
     seeds = max(len(a), len(b))
@@ -230,8 +232,9 @@ def recall(runs: list, T: int, key: str = "retrieval", min_distance: int = 0) ->
 
 
 def method_runs(res: dict) -> tuple[dict[str, list], dict[str, list]]:
-    """(without fine-tuning, fine-tuned), each {method: one run per seed, None where it did not run}; the
-    fine-tuned ones include the methods at s_long and the baseline from scratch at L' where the preset has them."""
+    """(without fine-tuning, fine-tuned), each {method: one run per seed, None where it did not
+    run}; the fine-tuned ones include the methods at s_long and the baseline from scratch at L'
+    where the preset has them."""
     c, nf = res["config"], {m: [r] for m, r in res["no_finetune"].items()}
     long = {f"{LABELS[m]} s={c['s_long']}": runs for m, runs in res["long"].items()}
     return nf, {
@@ -414,8 +417,8 @@ def fitted_a(temp: dict, resamples: np.ndarray | None = None):
 
 
 def cross_fitted(temp: dict, s: str) -> np.ndarray:
-    """Each document's NLL at the a that is best on the other half of the documents (even and odd positions):
-    a choice the tested documents had no part in."""
+    """Each document's NLL at the a that is best on the other half of the documents (even and odd
+    positions): a choice the tested documents had no part in."""
     _, nll = temperature_grid(temp, s)
     halves = (np.arange(0, nll.shape[1], 2), np.arange(1, nll.shape[1], 2))
     out = np.empty(nll.shape[1])
@@ -716,8 +719,9 @@ def agree(a: list[dict], b: list[dict]) -> list[str]:
 
 
 def replication(a: list[dict], b: list[dict]) -> dict[str, list[str]]:
-    """Each claim both reports decide, by how the two verdicts relate: the same, weakened ("yes" or "no" in one,
-    "within noise" in the other), contradicted ("yes" against "no"), or undecided in both."""
+    """Each claim both reports decide, by how the two verdicts relate: the same, weakened ("yes" or
+    "no" in one, "within noise" in the other), contradicted ("yes" against "no"), or undecided in
+    both."""
     theirs, out = (
         {c["claim"]: c["held"] for c in b},
         {"same": [], "weakened": [], "contradicted": [], "undecided": []},
@@ -740,8 +744,8 @@ def replication(a: list[dict], b: list[dict]) -> dict[str, list[str]]:
 
 # Tables
 def table(runs: dict[str, list], contexts, score=ppl, digits: int = 3) -> str:
-    """One row per method, one column per context: score(the method's runs, T), perplexity by default; "-" where
-    the method was not evaluated at T."""
+    """One row per method, one column per context: score(the method's runs, T), perplexity by
+    default; "-" where the method was not evaluated at T."""
     lines = [
         "| method | " + " | ".join(str(T) for T in contexts) + " |",
         "|---|" + "---|" * len(contexts),
@@ -1257,8 +1261,8 @@ def plain_runs(plain: Path, c: dict) -> dict | None:
 
 
 def gather(runs: Path) -> dict:
-    """Every stage output under a reproduce.py runs folder, in one dict (report.py's input, and results.json):
-    what a stage did not produce is None (a method's run) or absent."""
+    """Every stage output under a reproduce.py runs folder, in one dict (report.py's input, and
+    results.json): what a stage did not produce is None (a method's run) or absent."""
     runs, ev = Path(runs), Path(runs) / "eval"
     if not (runs / "job.json").is_file():
         raise ValueError(
@@ -1319,8 +1323,8 @@ def stage_seconds(runs: Path) -> dict[str, float]:
 
 
 def write(res: dict, out: Path, other: Path | None = None) -> list[dict]:
-    """Decide the claims, draw the plots, write results.json and report.md into out; with `other` (another run's
-    results.json), a replication section too. Returns the claims."""
+    """Decide the claims, draw the plots, write results.json and report.md into out; with `other`
+    (another run's results.json), a replication section too. Returns the claims."""
     if other is not None:  # read before anything is written
         fix = "give another run's results.json (report.py writes it into its --out)"
         theirs = read_json(other, fix, RESULTS, f"--replicate {other}")["claims"]

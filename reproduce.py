@@ -82,13 +82,15 @@ class Preset:
     prev_tokens: int  # previous-token embeddings (prev_tokens.py); 0 = a plain LLaMA-style model
     L: int  # pretraining context
     s: int  # the extension: fine-tune at L' = s L
-    s_long: int  # train short, test long: YaRN, PI and NTK-aware at this scale, fine-tuned at L' (s_long L > L')
+    # train short, test long: YaRN, PI and NTK-aware at this scale, fine-tuned at L' (s_long L > L')
+    s_long: int
     pretrain_steps: int
     pretrain_batch: int
     lr: float
     finetune_steps: int
     finetune_batch: int
-    finetune_lr: float  # the pretraining's final lr (lr / 10), as the paper fine-tunes Llama 2 at about its own
+    # the pretraining's final lr (lr / 10), as the paper fine-tunes Llama 2 at about its own
+    finetune_lr: float
     data_mix: str = (
         "natural"  # pretraining windows (data/recall.py); fine-tuning is always on natural text
     )
@@ -102,7 +104,8 @@ class Preset:
     curve_steps: tuple = (5, 10, 20, 50, 100, 200)
     budgets: tuple = (10, 50)  # claim 2 again after these steps (points of the curves)
     plain_steps: int = 0  # the ablation: a plain model pretrained this many steps (0 = none)
-    score: int = 1024  # tokens scored per held-out document, from its body, the same at every context (eval.py)
+    # tokens scored per held-out document, from its body, the same at every context (eval.py)
+    score: int = 1024
     max_docs: int = 16
     trials: int = 10  # retrieval trials per (context, depth) cell
     needle_len: int = 16
@@ -136,12 +139,18 @@ class Preset:
 
 
 PRESETS = {
-    # One H100 / H200. The cpu preset's design at 25.9M parameters (d_model 512, 8 layers, head_dim 128: pairs
-    # 0..6 make more than 32 rotations in L = 512), without previous-token embeddings: a plain LLaMA-style model,
-    # so that this report is also the ablation without them. Copying must then form from the induction warm-up and
-    # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had not (control
-    # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step ~500, and the
-    # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c.
+    # One H100 / H200. The cpu preset's design at 25.9M parameters (d_model 512, 8 layers, head_dim
+    # 128: pairs
+    # 0..6 make more than 32 rotations in L = 512), without previous-token embeddings: a plain
+    # LLaMA-style model,
+    # so that this report is also the ablation without them. Copying must then form from the
+    # induction warm-up and
+    # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had
+    # not (control
+    # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step
+    # ~500, and the
+    # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and
+    # 5c.
     # Sized from the stage times of the first H200 run (results/gpu): every training step here is
     # launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k tokens a step), so
     # time is steps, not tokens:
@@ -159,10 +168,14 @@ PRESETS = {
     #   total ~295 s: not measured (no GPU since). The GPU command (PERF_NOTES.md) runs it in two
     #   pieces, resumed on the warm machine. The first seed's runs past 2.5x run last: a cut costs
     #   only claims there.
-    # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512 (pairs 0..3 make
-    # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from natural text in
-    # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix make it form in a
-    # few hundred steps (3 of 3 seeds tried). About 4M tokens of pretraining, 82k (2%) per fine-tune.
+    # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512
+    # (pairs 0..3 make
+    # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from
+    # natural text in
+    # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix
+    # make it form in a
+    # few hundred steps (3 of 3 seeds tried). About 4M tokens of pretraining, 82k (2%) per
+    # fine-tune.
     # Sized in one-thread CPU seconds, each piece measured (a fine-tune step, 2 x 2,048: 0.82 s, and
     # 0.9 s to start or continue a run; a pretraining step, 8 x 512: 0.56 s; perplexity at L' 2.2 s,
     # at 2L' 7.1 s; recall at L' 7.1 s) and summed, against the same sum for the job before issue 30
@@ -341,8 +354,8 @@ class Job:
             write_json(out / file, summary)
 
     def pretrain(self, name: str, block_size: int, steps: int, batch: int, **run_fields):
-        """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager unless run_fields say
-        compile (None: on CUDA)."""
+        """Plain RoPE at block_size, from scratch (or from run_fields' init_from); eager unless
+        run_fields say compile (None: on CUDA)."""
         run_fields = {"compile": False, **run_fields}
         run = train.RunConfig(
             max_steps=steps,
@@ -414,8 +427,8 @@ def load_model(job: Job, name: str):
 
 
 def without_finetuning(job: Job, method: str):
-    """The pretrained model under `method` at scale s, no training; dynamic variants start from s = 1 and follow
-    the evaluated length (s = max(1, l'/L))."""
+    """The pretrained model under `method` at scale s, no training; dynamic variants start from s =
+    1 and follow the evaluated length (s = max(1, l'/L))."""
     model = load_model(job, "pretrain")
     factor = 1.0 if method in rope.DYNAMIC_VARIANTS else float(job.p.s)
     model.set_rope(RopeConfig(type=method, factor=factor, original_context=job.p.L))
@@ -426,7 +439,8 @@ def evaluate(job: Job, model, out: Path, val, contexts: list[int], retrieval_at:
     """Perplexity at `contexts` and needle recall at `retrieval_at`, written to out (JSON)."""
     p = job.p
     vocab = evaluation.needle_vocab(get_tokenizer(p.tokenizer))
-    # every context scores the same regions: they are placed after the whole ladder's longest history
+    # every context scores the same regions: they are placed after the whole ladder's longest
+    # history
     result = evaluation.evaluate(
         model,
         *val,
@@ -446,9 +460,10 @@ def evaluate(job: Job, model, out: Path, val, contexts: list[int], retrieval_at:
 
 
 def temperature_sweep(job: Job, val, out: Path):
-    """Paper Sec. 3.4 / App. A.2: on the pretrained model, NTK-by-parts at scale s with sqrt(1/t) = a ln s + 1 set
-    by hand for each a of the grid (rope type yarn with an explicit attention_factor is exactly that), perplexity
-    at s L per document, on the same scored tokens as every evaluation (a = 0.1 at the preset's s is nft_yarn)."""
+    """Paper Sec. 3.4 / App. A.2: on the pretrained model, NTK-by-parts at scale s with sqrt(1/t) =
+    a ln s + 1 set by hand for each a of the grid (rope type yarn with an explicit attention_factor
+    is exactly that), perplexity at s L per document, on the same scored tokens as every evaluation
+    (a = 0.1 at the preset's s is nft_yarn)."""
     p, model, result = job.p, load_model(job, "pretrain"), {}
     for s in p.temp_scales:
         by_a = {}
@@ -494,7 +509,8 @@ def leakage(job: Job, out: Path):
     )
 
 
-# The whole job, in the order the claims need their inputs: a run cut part-way still decides the primary claims
+# The whole job, in the order the claims need their inputs: a run cut part-way still decides the
+# primary claims
 # (report.py marks the rest "not run"). Each model is evaluated as soon as it is trained.
 FINETUNE_ORDER = ("yarn", "linear", "ntk", "default")  # claims 2, 2b, 2c, 5b-5d and 6
 CURVES = ("yarn", "linear", "ntk")  # fine-tuned in pieces, scored at L' after each curve step
@@ -729,8 +745,9 @@ def job_record(job: Job) -> dict:
 
 
 class Rehearsal(Job):
-    """Job and stage runner at once, for checks before work: only the training stages run (the others need models),
-    building each run's RunConfig and ModelConfig (they check themselves), training nothing, loading prepared data."""
+    """Job and stage runner at once, for checks before work: only the training stages run (the
+    others need models), building each run's RunConfig and ModelConfig (they check themselves),
+    training nothing, loading prepared data."""
 
     def train(self, name: str, run: train.RunConfig, config: ModelConfig, marker: str = ""):
         if (
@@ -748,8 +765,9 @@ class Rehearsal(Job):
 
 
 def check_before_work(job: Job) -> None:
-    """Every value a stage reads, checked before the first stage runs (--seed=-1 once failed at the first fine-tune,
-    after 4 minutes of pretraining): each training run's configs, the data source, and the report's folder."""
+    """Every value a stage reads, checked before the first stage runs (--seed=-1 once failed at the
+    first fine-tune, after 4 minutes of pretraining): each training run's configs, the data source,
+    and the report's folder."""
     check_writable(job.out, "--out")
     check_writable(job.runs, "--runs")
     report.stage_seconds(job.runs)  # read back as stages run (Stages): refused now if unreadable

@@ -1,27 +1,27 @@
-"""Check a RoPE implementation against golden cases with known answers and against RoPE's invariants (hypothesis).
-The cases, in data/rope_golden.json (plain JSON that describes its format under "format"), are grouped by the
-mistakes engines have shipped: YaRN's attention_factor, DeepSeek's mscale ratio, truncate, factor against L,
-dynamic scaling, LongRoPE's switch at L, bf16.
+"""Check a RoPE implementation against golden cases with known answers and against RoPE's invariants
+(hypothesis). The cases, in data/rope_golden.json (plain JSON that describes its format under
+"format"), are grouped by the mistakes engines have shipped: YaRN's attention_factor, DeepSeek's
+mscale ratio, truncate, factor against L, dynamic scaling, LongRoPE's switch at L, bf16.
 
     python rope_check.py --impl transformers        # or rope (this repository), or package.module:function
     python rope_check.py --impl my_engine.rope:init_rope --table my_engine.rope:cos_sin
     python rope_check.py --impl my_engine.rope:init_rope --apply my_engine.rope:rotate
     python rope_check.py --write_golden             # recompute the golden answers from the cases' inputs
 
---impl: (rope_parameters, head_dim, max_position_embeddings, seq_len) -> (inv_freq, attention_factor), as
-transformers' ROPE_INIT_FUNCTIONS with the config unpacked. --table (optional): (inv_freq, attention_factor,
-positions) -> (cos, sin), each [position][pair] = a cos(m theta'_d), a sin(m theta'_d), whatever the engine's
-layout. --apply (optional; --impl rope and transformers bring theirs): (q, k, positions,
-rope_parameters, head_dim, max_position_embeddings) -> (q', k') or (q', k', softmax_scale), q and k
-float32 [batch, head, T, head_dim], positions int64 [T]; q' and k' in the same channel order, the
-first |D| channels rotated in pairs of --layout (half_split: (j, j + |D|/2), as rotate_half;
-interleaved: (2j, 2j + 1), as Meta's llama), the rest untouched; softmax_scale multiplies q'.k'
-(default 1/sqrt(head_dim)). Checked on drawn configs against rope.py: the pairs, partial rotary,
-positions up to 1e6, and the logits q'.k' x softmax_scale, so that a factor may sit in q and k or in
-the scale (the reference has YaRN's factor in q and k, DeepSeek's m(s, mscale_all_dim)^2 in the
-scale). A row per case and check: its bug class (bf16 for any failure that is the right answer in a
-16-bit float, layout for one that is the other layout's), pass/FAIL, the largest error against its
-tolerance; exit status 1 if one fails.
+--impl: (rope_parameters, head_dim, max_position_embeddings, seq_len) -> (inv_freq,
+attention_factor), as transformers' ROPE_INIT_FUNCTIONS with the config unpacked. --table
+(optional): (inv_freq, attention_factor, positions) -> (cos, sin), each [position][pair] = a cos(m
+theta'_d), a sin(m theta'_d), whatever the engine's layout. --apply (optional; --impl rope and
+transformers bring theirs): (q, k, positions, rope_parameters, head_dim, max_position_embeddings) ->
+(q', k') or (q', k', softmax_scale), q and k float32 [batch, head, T, head_dim], positions int64
+[T]; q' and k' in the same channel order, the first |D| channels rotated in pairs of --layout
+(half_split: (j, j + |D|/2), as rotate_half; interleaved: (2j, 2j + 1), as Meta's llama), the rest
+untouched; softmax_scale multiplies q'.k' (default 1/sqrt(head_dim)). Checked on drawn configs
+against rope.py: the pairs, partial rotary, positions up to 1e6, and the logits q'.k' x
+softmax_scale, so that a factor may sit in q and k or in the scale (the reference has YaRN's factor
+in q and k, DeepSeek's m(s, mscale_all_dim)^2 in the scale). A row per case and check: its bug class
+(bf16 for any failure that is the right answer in a 16-bit float, layout for one that is the other
+layout's), pass/FAIL, the largest error against its tolerance; exit status 1 if one fails.
 """
 
 import copy
@@ -55,7 +55,8 @@ CASE = {
     "seq_len": (int, type(None)),
 }
 ANSWERS = {"inv_freq": [NUMBER], "attention_factor": NUMBER, "cos": [[NUMBER]], "sin": [[NUMBER]]}
-# 16-bit floats and a few of their roundings, relative (bf16's 8 significant bits make positions above 256 collide)
+# 16-bit floats and a few of their roundings, relative (bf16's 8 significant bits make positions
+# above 256 collide)
 HALF = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8}
 
 
@@ -67,13 +68,15 @@ def rope_table(inv_freq, attention_factor, positions):
 
 
 def transformers_impl(rope_parameters, head_dim, max_position_embeddings, seq_len):
-    """transformers' own function for the type, on a LlamaConfig of these values: ROPE_INIT_FUNCTIONS, or for
-    'default' LlamaRotaryEmbedding's (which, as Llama has no partial rotary, ignores partial_rotary_factor)."""
+    """transformers' own function for the type, on a LlamaConfig of these values:
+    ROPE_INIT_FUNCTIONS, or for 'default' LlamaRotaryEmbedding's (which, as Llama has no partial
+    rotary, ignores partial_rotary_factor)."""
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    transformers.logging.set_verbosity_error()  # e.g. its warning about yarn's factor and max_position_embeddings
+    # e.g. its warning about yarn's factor and max_position_embeddings
+    transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(
         hidden_size=4 * head_dim,
         num_attention_heads=4,
@@ -124,8 +127,9 @@ def load_function(spec: str, flag: str):
 
 # Golden cases
 def call(impl, case):
-    """impl on a case's inputs, a fresh copy (an implementation that edits its input cannot edit the case); a case is
-    a golden file's entry or a tuple (rope_parameters, head_dim, max_position_embeddings, seq_len)."""
+    """impl on a case's inputs, a fresh copy (an implementation that edits its input cannot edit the
+    case); a case is a golden file's entry or a tuple (rope_parameters, head_dim,
+    max_position_embeddings, seq_len)."""
     if isinstance(case, dict):
         case = (
             case["rope_parameters"],
@@ -137,8 +141,8 @@ def call(impl, case):
 
 
 def write_golden(path) -> None:
-    """Recompute every case's answers with rope.py and rewrite the file, each list of numbers on one line, each
-    float32 number as the shortest decimal that reads back as it."""
+    """Recompute every case's answers with rope.py and rewrite the file, each list of numbers on one
+    line, each float32 number as the shortest decimal that reads back as it."""
     golden = read_golden(path, answers=False)
     for case in golden["cases"]:
         inv_freq, factor = call(hf.hf_inv_freq, case)
@@ -180,8 +184,9 @@ def in_16_bits(got, want, tol) -> bool:
 
 
 def check_case(case: dict, golden: dict, impl, table) -> tuple[str, bool, str]:
-    """(bug class, passed, largest error) of impl (and table) on a case: the case's class, or bf16 where the failure
-    is the right answer in a 16-bit float (the frequencies, the tables' values or their positions)."""
+    """(bug class, passed, largest error) of impl (and table) on a case: the case's class, or bf16
+    where the failure is the right answer in a 16-bit float (the frequencies, the tables' values or
+    their positions)."""
     try:
         inv_freq, factor = call(impl, case)
     except (
@@ -227,9 +232,10 @@ def check_case(case: dict, golden: dict, impl, table) -> tuple[str, bool, str]:
 # Invariants, on configs hypothesis draws
 @st.composite
 def hf_configs(draw, kinds, factor=None, within_L=False):
-    """(rope_parameters, head_dim, max_position_embeddings, seq_len): heads 4..256, bases 100..1e6, L 64..16384,
-    s 1..64, beta_fast 4..64 > beta_slow 0.25..4 (the ramp's ends stay inside its clamps), LongRoPE divisors
-    0.5..64; seq_len none, or up to L (within_L) or 64 L. The dynamic type reads L from max_position_embeddings."""
+    """(rope_parameters, head_dim, max_position_embeddings, seq_len): heads 4..256, bases 100..1e6,
+    L 64..16384, s 1..64, beta_fast 4..64 > beta_slow 0.25..4 (the ramp's ends stay inside its
+    clamps), LongRoPE divisors 0.5..64; seq_len none, or up to L (within_L) or 64 L. The dynamic
+    type reads L from max_position_embeddings."""
     kind = draw(st.sampled_from(kinds))
     head_dim, L = 2 * draw(st.integers(2, 128)), draw(st.integers(64, 16384))
     s = draw(st.floats(1.0, 64.0)) if factor is None else factor
@@ -252,8 +258,9 @@ def hf_configs(draw, kinds, factor=None, within_L=False):
 
 
 def compare(tol, got, inv_freq, factor=None, pairs=None) -> tuple[float, str]:
-    """Largest error / tolerance of got = (inv_freq, attention_factor) against the expected ones (inv_freq on
-    pairs; factor None: not checked); the detail starts with bf16 where inv_freq is the expected one in 16 bits."""
+    """Largest error / tolerance of got = (inv_freq, attention_factor) against the expected ones
+    (inv_freq on pairs; factor None: not checked); the detail starts with bf16 where inv_freq is the
+    expected one in 16 bits."""
     limit = tol["inv_freq"] * inv_freq.abs()
     limit = (
         limit if pairs is None else torch.where(pairs, limit, 1e300)
@@ -275,8 +282,8 @@ def theta(c) -> torch.Tensor:
 
 
 def by_parts(c, impl, tol):
-    """NTK-by-parts (YaRN with attention_factor 1): r_d = L theta_d / 2 pi > beta_fast keeps theta_d, r_d < beta_slow
-    gets theta_d / s (a hair of margin: the ramp's ends come from logs)."""
+    """NTK-by-parts (YaRN with attention_factor 1): r_d = L theta_d / 2 pi > beta_fast keeps
+    theta_d, r_d < beta_slow gets theta_d / s (a hair of margin: the ramp's ends come from logs)."""
     p, r = c[0], c[0]["original_max_position_embeddings"] * theta(c) / (2 * math.pi)
     fast, slow = r > p["beta_fast"] * (1 + 1e-9), r < p["beta_slow"] * (1 - 1e-9)
     return compare(

@@ -52,8 +52,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def atomic_write(path, data) -> None:
-    """Write data (bytes, str, or a function that writes to a binary file) to a temporary file beside path, fsync
-    it, rename it over path and fsync the folder: a crash at any moment leaves the old file or the new one."""
+    """Write data (bytes, str, or a function that writes to a binary file) to a temporary file
+    beside path, fsync it, rename it over path and fsync the folder: a crash at any moment leaves
+    the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -197,8 +198,9 @@ class FolderInUse(RuntimeError):
 
 @contextmanager
 def lock_folder(folder, flag: str):
-    """Hold folder (made if missing) while a run writes to it: flock on folder/.lock, dropped by the OS with the
-    process however it ends (no stale lock after a SIGKILL). A second process gets FolderInUse at once."""
+    """Hold folder (made if missing) while a run writes to it: flock on folder/.lock, dropped by the
+    OS with the process however it ends (no stale lock after a SIGKILL). A second process gets
+    FolderInUse at once."""
     check_writable(folder, flag)
     Path(folder).mkdir(parents=True, exist_ok=True)
     fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -256,8 +258,9 @@ def provenance(device: str, argv=None) -> dict:
 
 
 class StopOnSignal:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each step; a second SIGINT interrupts at once.
-    Handlers can only be installed from the main thread; elsewhere (a test's worker thread) signals keep theirs."""
+    """Turns SIGINT and SIGTERM into a flag the loop reads after each step; a second SIGINT
+    interrupts at once. Handlers can only be installed from the main thread; elsewhere (a test's
+    worker thread) signals keep theirs."""
 
     def __init__(self):
         self.signum, self.previous = 0, {}
@@ -331,7 +334,8 @@ class Throughput:
         self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, step: int
     ):
         self.tokens_per_step, self.flops, self.peak = tokens_per_step, flops_per_token, peak_flops
-        self.intervals = []  # (steps, seconds) per measure(); the first holds start-up and compilation
+        # (steps, seconds) per measure(); the first holds start-up and compilation
+        self.intervals = []
         self.mark(step)
 
     def mark(self, step: int):

@@ -1,8 +1,10 @@
-"""Open the token files of `python -m data.prepare`, checking they are whole and fit this tokenizer; draw batches.
+"""Open the token files of `python -m data.prepare`, checking they are whole and fit this tokenizer;
+draw batches.
 
     tokens, docs, meta = load_split("data/stdlib", "train")
 
-tokens: a read-only np.memmap of uint16 ids, EOT after every document; docs[i] = (start, length) of document i.
+tokens: a read-only np.memmap of uint16 ids, EOT after every document; docs[i] = (start, length) of
+document i.
 """
 
 import hashlib
@@ -117,8 +119,8 @@ class TrainingData(NamedTuple):
 def load_training_data(
     data_dir, block_size: int, vocab_size: int, data_mix: str = "natural"
 ) -> TrainingData:
-    """Both splits for train.py, each long enough for a window of block_size + 1 tokens, in a vocabulary the
-    model's embedding covers, bytes for a recall mix."""
+    """Both splits for train.py, each long enough for a window of block_size + 1 tokens, in a
+    vocabulary the model's embedding covers, bytes for a recall mix."""
     train, _, meta = load_split(data_dir, "train")
     val, _, _ = load_split(data_dir, "val")
     for tokens, split in ((train, "train"), (val, "val")):
@@ -136,17 +138,21 @@ def load_training_data(
     return TrainingData(train, val, meta["tokenizer"]["name"])
 
 
-# Batches. Training step `step` takes grad_accum micro-batches, numbered 0..grad_accum-1 over all processes, their
-# windows of block_size + 1 tokens drawn by a generator seeded by a hash of (seed, step, number): the global batch is
-# the same for any world size, a resume needs no sampler state, and no two processes draw the same windows.
+# Batches. Training step `step` takes grad_accum micro-batches, numbered 0..grad_accum-1 over all
+# processes, their
+# windows of block_size + 1 tokens drawn by a generator seeded by a hash of (seed, step, number):
+# the global batch is
+# the same for any world size, a resume needs no sampler state, and no two processes draw the same
+# windows.
 def stream_seed(seed: int, *key) -> int:
     digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def window_starts(tokens: np.ndarray, T: int, shape: tuple, seed: int, *key) -> np.ndarray:
-    """Starts 0 .. len - T - 1 drawn by a generator seeded by (seed, *key): key ("train", step, micro-batch) for
-    training, ("val",) for the fixed validation windows (the same at every eval, so a run's curve is comparable)."""
+    """Starts 0 .. len - T - 1 drawn by a generator seeded by (seed, *key): key ("train", step,
+    micro-batch) for training, ("val",) for the fixed validation windows (the same at every eval, so
+    a run's curve is comparable)."""
     g = torch.Generator().manual_seed(stream_seed(seed, *key))
     return torch.randint(len(tokens) - T, shape, generator=g).numpy()
 
@@ -159,8 +165,8 @@ def windows(
     seed: int = 0,
     device="cpu",
 ):
-    """Inputs and next-token targets on device, (B, T) int64 each, of windows tokens[s : s + T + 1] as the data
-    mix (seeded by seed) rewrites them."""
+    """Inputs and next-token targets on device, (B, T) int64 each, of windows tokens[s : s + T + 1]
+    as the data mix (seeded by seed) rewrites them."""
     w = torch.from_numpy(
         mix(tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64), data_mix, seed)
     )

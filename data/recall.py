@@ -1,8 +1,9 @@
-"""Recall-shaped training data, so that a small model learns to copy within CPU minutes (the main job's cpu preset).
-A mix rewrites the windows train.py draws, seeded by (seed, step, micro-batch) like them, so a resume sees the same
-data. `induction` tiles a random string over each window, the task on which a copy (induction) circuit forms in a
-few hundred steps; `recall` mixes natural windows, natural ones with random strings planted twice, and tiled
-strings. The strings are bytes (lowercase, as the probe's needles, or printable ASCII): the byte tokenizer only.
+"""Recall-shaped training data, so that a small model learns to copy within CPU minutes (the main
+job's cpu preset). A mix rewrites the windows train.py draws, seeded by (seed, step, micro-batch)
+like them, so a resume sees the same data. `induction` tiles a random string over each window, the
+task on which a copy (induction) circuit forms in a few hundred steps; `recall` mixes natural
+windows, natural ones with random strings planted twice, and tiled strings. The strings are bytes
+(lowercase, as the probe's needles, or printable ASCII): the byte tokenizer only.
 """
 
 import numpy as np
@@ -26,8 +27,8 @@ def tiled(
 
 
 def plant_pairs(window: np.ndarray, rng: np.random.Generator, pairs: int) -> None:
-    """Write `pairs` random strings of 8-32 symbols into the window, each twice: at p and again d >= its length
-    later, d uniform up to what the window allows."""
+    """Write `pairs` random strings of 8-32 symbols into the window, each twice: at p and again d >=
+    its length later, d uniform up to what the window allows."""
     length = len(window)
     for _ in range(pairs):
         n = min(int(rng.integers(8, 33)), length // 2)

@@ -36,8 +36,9 @@ class DataError(ValueError):
 
 
 def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
-    """Read a .tiktoken ranks file ("<base64 token> <rank>" per line) after checking its hash. Not with tiktoken's
-    load_tiktoken_bpe, which returns a cached copy when one is present, so a corrupt file here could go unnoticed."""
+    """Read a .tiktoken ranks file ("<base64 token> <rank>" per line) after checking its hash. Not
+    with tiktoken's load_tiktoken_bpe, which returns a cached copy when one is present, so a corrupt
+    file here could go unnoticed."""
     path = Path(path)
     restore = f"restore it with `git checkout data/{path.name}`"
     try:
@@ -202,8 +203,9 @@ def read_vocabulary(path) -> dict:
 
 
 class StreamDecoder:
-    """Token ids in, complete characters out: a token may hold part of a UTF-8 character ("日" is three bytes), so
-    the bytes go through an incremental UTF-8 decoder. Invalid bytes and unknown ids (padding rows) become U+FFFD."""
+    """Token ids in, complete characters out: a token may hold part of a UTF-8 character ("日" is
+    three bytes), so the bytes go through an incremental UTF-8 decoder. Invalid bytes and unknown
+    ids (padding rows) become U+FFFD."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

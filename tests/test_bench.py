@@ -68,8 +68,8 @@ def test_chunked_loss_equals_unchunked_fp32():
 
 
 def test_chunked_loss_bf16_autocast_dtypes_and_accuracy():
-    """Under autocast the chunked path keeps the dtypes (fp32 loss, fp32 grads of fp32 weights) and is as close
-    to the fp32 gradients as the unchunked bf16 path is."""
+    """Under autocast the chunked path keeps the dtypes (fp32 loss, fp32 grads of fp32 weights) and
+    is as close to the fp32 gradients as the unchunked bf16 path is."""
     net, (x, y) = tiny_model(), batch()
     _, exact = loss_and_grads(net, x, y, chunked=False)
     loss_u, grads_u = loss_and_grads(net, x, y, chunked=False, autocast=True)
@@ -200,8 +200,9 @@ def test_smoke_training_and_sampling_fields(smoke_report):
 
 
 def test_smoke_compiled_case_reports_the_compilation_and_matches_eager(smoke_report):
-    """The compiled contender (the GPU bench's last case, rehearsed here on CPU): the same greedy tokens as eager
-    decoding, and the cost of compiling: its first generation's excess over a timed one, and the break-even."""
+    """The compiled contender (the GPU bench's last case, rehearsed here on CPU): the same greedy
+    tokens as eager decoding, and the cost of compiling: its first generation's excess over a timed
+    one, and the break-even."""
     case = smoke_report[0]["cases"]["sample_B1_compiled"]
     compiled, eager = case["results"]["compiled"], case["results"]["ours"]
     assert case["tokens_match"]["compiled_ours"] == 1.0
@@ -276,8 +277,8 @@ def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
 
 
 def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
-    """An OOM in one model keeps the other's numbers; a case that raises is recorded and the next case runs;
-    the JSON on disk has every case."""
+    """An OOM in one model keeps the other's numbers; a case that raises is recorded and the next
+    case runs; the JSON on disk has every case."""
     train_step, run_case = bench.train_step, bench.run_case
 
     def oom_for_hf(which, *args, **kwargs):
@@ -344,8 +345,8 @@ def test_bad_input_is_an_error_with_exit_2(args, message, capsys):
 
 
 def test_a_trained_checkpoint_gives_the_sampling_cases_their_weights_and_a_text_prompt(tmp_path):
-    """--ckpt: ours and HF decode with the checkpoint's weights and shape, from a prompt of real text (bench.py's own,
-    in the checkpoint's tokenizer); the training cases keep random weights."""
+    """--ckpt: ours and HF decode with the checkpoint's weights and shape, from a prompt of real
+    text (bench.py's own, in the checkpoint's tokenizer); the training cases keep random weights."""
     torch.manual_seed(3)
     net = model.Transformer(
         model.ModelConfig(vocab_size=320, n_layer=1, n_head=2, d_model=32, block_size=64)

@@ -174,8 +174,8 @@ def test_piece_hashes_match_exactly_when_the_pieces_do():
 
 
 def test_near_copies_leave_val_and_the_rest_say_what_they_share(tmp_path):
-    """A val document that mostly repeats a train document is dropped from val; val_seen marks, per val token,
-    whether the 64-token piece ending there occurs in train."""
+    """A val document that mostly repeats a train document is dropped from val; val_seen marks, per
+    val token, whether the 64-token piece ending there occurs in train."""
     rng = np.random.default_rng(1)
     words = ["".join(rng.choice(list("abcdefghij"), 6)) for _ in range(3000)]
     texts = {f"doc{i}.txt": " ".join(words[i * 300 : (i + 1) * 300]) for i in range(10)}

@@ -1,5 +1,6 @@
-"""Tests for eval.py: the perplexity windows score exactly the intended tokens, and the retrieval probe tells a
-perfect copier (100%) from a random model (~0%). Synthetic tokens and tiny models, CPU, a few seconds."""
+"""Tests for eval.py: the perplexity windows score exactly the intended tokens, and the retrieval
+probe tells a perfect copier (100%) from a random model (~0%). Synthetic tokens and tiny models,
+CPU, a few seconds."""
 
 import math
 import subprocess
@@ -60,8 +61,8 @@ class Recorder(nn.Module):
 
 
 class PerfectCopier(nn.Module):
-    """Predicts, at each position, the token that followed the previous occurrence of the current token
-    (an ideal induction head); no opinion where the current token has not occurred before."""
+    """Predicts, at each position, the token that followed the previous occurrence of the current
+    token (an ideal induction head); no opinion where the current token has not occurred before."""
 
     def __init__(self, vocab):
         super().__init__()
@@ -95,7 +96,8 @@ LENGTHS = [10, 40, 100, 70, 33, 65, 200]
 def test_uniform_model_nll_is_log_vocab_and_token_count_is_exact():
     tokens, docs = corpus(LENGTHS)
     max_context, score = 32, 16
-    # only documents with room for the scored region after the longest context's history: 40 and 33 are too short
+    # only documents with room for the scored region after the longest context's history: 40 and 33
+    # are too short
     eligible = [n for n in LENGTHS if n >= max_context + score]
     for context in (8, 16, 32):
         r = E.perplexity(
@@ -157,7 +159,8 @@ def test_windows_are_contiguous_slices_with_full_history():
         len(rec.seen) == len(ends) == 2 * len([n for n in LENGTHS if n >= 48])
     )  # two windows of 8 per region
     for x, (end, _) in zip(rec.seen, ends):
-        # inputs are the context tokens just before the last target; the scored targets are [end - span, end)
+        # inputs are the context tokens just before the last target; the scored targets are [end -
+        # span, end)
         assert x.shape == (1, context)
         assert np.array_equal(x[0].numpy(), stream[end - 1 - context : end - 1])
 
@@ -211,7 +214,8 @@ def test_probe_sequence_layout():
 
 
 def test_retrieval_perfect_copier_scores_100_and_random_model_about_0():
-    # filler tokens from [0, 100), needle words from [100, 164): the copier's only earlier match is the needle
+    # filler tokens from [0, 100), needle words from [100, 164): the copier's only earlier match is
+    # the needle
     rng = np.random.default_rng(0)
     lengths = [300, 400, 500]
     tokens = rng.integers(0, 100, sum(lengths)).astype(np.uint16)
@@ -236,8 +240,9 @@ def test_retrieval_perfect_copier_scores_100_and_random_model_about_0():
 
 
 def test_chance_is_what_a_guesser_knowing_the_needles_tokens_scores():
-    """Not 1/len(vocab): a guesser that knows which tokens remain, striking out those teacher forcing reveals,
-    scores H_n / n for n distinct tokens (0.26 for n = 12, against 1/77 for GPT-2's needle vocabulary)."""
+    """Not 1/len(vocab): a guesser that knows which tokens remain, striking out those teacher
+    forcing reveals, scores H_n / n for n distinct tokens (0.26 for n = 12, against 1/77 for GPT-2's
+    needle vocabulary)."""
     assert E.chance(list(range(12))) == pytest.approx(sum(1 / k for k in range(1, 13)) / 12)
     assert E.chance(list(range(12))) > 0.25
     assert E.chance([5, 5, 5]) == 1.0

@@ -1,10 +1,11 @@
 """Fault injection for train.py: "nothing lost".
 
-A tiny CPU run (d_model 32, 1 layer, block 16, batch 2, 40 steps, a checkpoint every step) is SIGKILLed again and
-again at random moments -- some while out_dir/ckpt.pt is being written -- and resumed with --init_from=resume each
-time. After every kill the checkpoints on disk must load (never half a file); at the end the run must hold exactly
-the weights, optimizer state, step and metrics of the same run done in one go. Also: a NaN loss leaves the last
-good checkpoint byte for byte as it was, and SIGINT saves and exits 130.
+A tiny CPU run (d_model 32, 1 layer, block 16, batch 2, 40 steps, a checkpoint every step) is
+SIGKILLed again and again at random moments -- some while out_dir/ckpt.pt is being written -- and
+resumed with --init_from=resume each time. After every kill the checkpoints on disk must load (never
+half a file); at the end the run must hold exactly the weights, optimizer state, step and metrics of
+the same run done in one go. Also: a NaN loss leaves the last good checkpoint byte for byte as it
+was, and SIGINT saves and exits 130.
 
 Runs are forked from one long-lived launcher process that has imported torch and train.py once (a
 fresh interpreter costs seconds per start on a shared 2-core machine); each forked child runs
@@ -303,7 +304,8 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
         p.name for p in ref.glob("ckpt*.pt")
     )
 
-    # What a kill mid-write leaves: its temp file. Nothing reads it (every load above ignored it) and the later
+    # What a kill mid-write leaves: its temp file. Nothing reads it (every load above ignored it)
+    # and the later
     # saves were not disturbed by it; no clean save leaves one. Whether they pile up: the next test.
     assert temp_files(out) <= stale
 
@@ -335,7 +337,8 @@ def sha(path: Path) -> str:
 def test_nan_loss_leaves_the_last_good_checkpoint_byte_identical(
     launcher, data_dir, tmp_path, ckpt_interval, log_interval
 ):
-    # log_interval 100: the NaN is found only by the check before the next save, which must then not save
+    # log_interval 100: the NaN is found only by the check before the next save, which must then not
+    # save
     out = tmp_path / "nan"
     common = dict(max_steps=12, ckpt_interval=ckpt_interval, log_interval=log_interval)
     child = launcher.start(flags(data_dir, out, stop_at_step=4, **common), tmp_path / "a.txt")
@@ -383,7 +386,8 @@ def test_sigint_saves_and_exits_130(launcher, data_dir, tmp_path):
     assert checkpoint.load(out / "ckpt.pt")["step"] == state["step"] + 2
 
 
-# One run per folder: a lock on out_dir (system.lock_folder), which the operating system drops with its holder
+# One run per folder: a lock on out_dir (system.lock_folder), which the operating system drops with
+# its holder
 def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharmed(
     launcher, data_dir, tmp_path
 ):
@@ -393,7 +397,8 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharm
     )
     first = launcher.start(flags(data_dir, out, **endless), tmp_path / "first.txt")
     assert wait_for(first, lambda: "step 3/" in first.output()), first.output()
-    # a second `python train.py` on the same folder (the launcher runs one child at a time); the timeout is a hang
+    # a second `python train.py` on the same folder (the launcher runs one child at a time); the
+    # timeout is a hang
     # guard: a refused run must not wait for the lock
     second = subprocess.run(
         [sys.executable, "train.py", *flags(data_dir, out, **endless)],
@@ -412,7 +417,8 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharm
     first.kill(signal.SIGINT)
     assert first.wait() == 130, first.output()[-3000:]
     stopped = checkpoint.load(out / "ckpt.pt")
-    # unharmed: the same weights, optimizer state and metrics as the run alone, stopped at the same step
+    # unharmed: the same weights, optimizer state and metrics as the run alone, stopped at the same
+    # step
     ref = tmp_path / "alone"
     child = launcher.start(
         flags(data_dir, ref, stop_at_step=stopped["step"], **endless), tmp_path / "ref.txt"

@@ -377,9 +377,9 @@ def test_smollm2_tokenizer_matches_transformers_on_real_text():
 
 @needs_smollm2
 def test_smollm2_logits_match_transformers_over_1000_tokens_of_real_text(capsys):
-    """The README's measurement: hf.py's import of the shipped GGUF against transformers' loading of the
-    same file, 1,000 tokens of a play (tokens 5,000-5,999 of All's Well That Ends Well), logits within
-    1e-3 (their largest is ~40) and the same top-1."""
+    """The README's measurement: hf.py's import of the shipped GGUF against transformers' loading of
+    the same file, 1,000 tokens of a play (tokens 5,000-5,999 of All's Well That Ends Well), logits
+    within 1e-3 (their largest is ~40) and the same top-1."""
     needs_transformers()
     path = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
     ours, read = hf.import_gguf(path)

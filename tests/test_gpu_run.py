@@ -1,12 +1,13 @@
-"""scripts/gpu_run.sh, rehearsed on CPU (GPU_RUN_TINY=1) as the GPU command runs it (PERF_NOTES.md): a tiny GGUF
-split into two halves by scripts/gpu_prepare.sh, the first call carrying half A and a wheel (env, tests, bench, the
-toy main job), the second half B (the halves joined and checked by sha256, the wheel installed offline, the real
-model's stages: fine-tuning at 4L, the measurements after, the grid without fine-tuning; then the toy job resumed
-from the runs the first call left on the machine). Every stage lands its output in $OUT within what a call hands
-back (at most 8 files, 16 MiB each, 2 folders deep), so the GPU command cannot break unseen; a job cut by its
-timeout still returns a report. No outcome here depends on how fast the machine is: the stage that must be cut is
-one that blocks. About 2 minutes on 2 cores, plus the bench's compilation of the decoding step (seconds with
-inductor's cache warm, up to a minute cold)."""
+"""scripts/gpu_run.sh, rehearsed on CPU (GPU_RUN_TINY=1) as the GPU command runs it (PERF_NOTES.md):
+a tiny GGUF split into two halves by scripts/gpu_prepare.sh, the first call carrying half A and a
+wheel (env, tests, bench, the toy main job), the second half B (the halves joined and checked by
+sha256, the wheel installed offline, the real model's stages: fine-tuning at 4L, the measurements
+after, the grid without fine-tuning; then the toy job resumed from the runs the first call left on
+the machine). Every stage lands its output in $OUT within what a call hands back (at most 8 files,
+16 MiB each, 2 folders deep), so the GPU command cannot break unseen; a job cut by its timeout still
+returns a report. No outcome here depends on how fast the machine is: the stage that must be cut is
+one that blocks. About 2 minutes on 2 cores, plus the bench's compilation of the decoding step
+(seconds with inductor's cache warm, up to a minute cold)."""
 
 import json
 import os
@@ -72,8 +73,8 @@ def dummy_wheel(folder: Path) -> Path:
 
 
 def carried(tmp: Path) -> dict[str, Path]:
-    """A tiny GGUF in halves (scripts/gpu_prepare.sh) and a wheel: {"a": call 1's carried folder (.xfer_a, .whl),
-    "b": call 2's (.xfer_b, .whl), "both": one holding all three}."""
+    """A tiny GGUF in halves (scripts/gpu_prepare.sh) and a wheel: {"a": call 1's carried folder
+    (.xfer_a, .whl), "b": call 2's (.xfer_b, .whl), "both": one holding all three}."""
     import tiny_gguf
 
     tiny_gguf.write(tmp / "tiny.gguf", context=512)
@@ -119,8 +120,8 @@ def within_the_return_limits(out: Path):
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
-    """The two calls, one after the other on the same 'machine': the runs folder (GPU_RUN_WORK) and the stash
-    (GPU_RUN_XFER) outlive a call, as they do while the device machine stays warm."""
+    """The two calls, one after the other on the same 'machine': the runs folder (GPU_RUN_WORK) and
+    the stash (GPU_RUN_XFER) outlive a call, as they do while the device machine stays warm."""
     tmp = tmp_path_factory.mktemp("gpu")
     calls = carried(tmp)
     warm = {"GPU_RUN_WORK": str(tmp / "work"), "GPU_RUN_XFER": str(tmp / "xfer")}
@@ -151,8 +152,9 @@ def test_every_stage_lands_in_out_within_the_limits(rehearsal):
 
 
 def test_the_second_call_joins_the_halves_and_runs_the_real_model_stages(rehearsal):
-    """The GGUF joined from the two calls' halves and checked, the wheel installed, every fine-tuned model measured,
-    the report from all of it, and the fine-tuned checkpoints keep the model's vocabulary."""
+    """The GGUF joined from the two calls' halves and checked, the wheel installed, every fine-tuned
+    model measured, the report from all of it, and the fine-tuned checkpoints keep the model's
+    vocabulary."""
     _, _, out_2, tmp = rehearsal
     log = (out_2 / "smollm2.log").read_text()
     assert "tiny.gguf: OK" in log and (tmp / "xfer" / "site" / "yarn_probe.py").is_file()
@@ -250,9 +252,9 @@ def test_each_stage_output(rehearsal):
 
 
 def blocking_python(tmp_path: Path, templates: Path) -> Path:
-    """A Python for gpu_run.sh whose reproduce.py lays down templates/<the --runs folder's name> as the stages it
-    finished, then blocks until killed: its stage is always cut, part-way, whatever the machine's speed. Everything
-    else runs for real."""
+    """A Python for gpu_run.sh whose reproduce.py lays down templates/<the --runs folder's name> as
+    the stages it finished, then blocks until killed: its stage is always cut, part-way, whatever
+    the machine's speed. Everything else runs for real."""
     stub = tmp_path / "python"
     stub.write_text(f"""#!/bin/sh
 if [ "$1" = reproduce.py ]; then
@@ -268,9 +270,9 @@ exec "{sys.executable}" "$@"
 
 
 def finished_part(rehearsal, tmp_path: Path) -> Path:
-    """The rehearsal's runs folders as a cut would have left them: the toy job after pretraining and its
-    evaluations; the real model after fine-tuning both methods and measuring YaRN's, PI's measurement and the
-    grid without fine-tuning not run."""
+    """The rehearsal's runs folders as a cut would have left them: the toy job after pretraining and
+    its evaluations; the real model after fine-tuning both methods and measuring YaRN's, PI's
+    measurement and the grid without fine-tuning not run."""
     templates, found = tmp_path / "finished", tmp_path / "unpacked"
     for out, archive in ((rehearsal[0], "reproduce.tar.gz"), (rehearsal[2], "smollm2.tar.gz")):
         with tarfile.open(out / archive) as tar:
@@ -300,8 +302,9 @@ def finished_part(rehearsal, tmp_path: Path) -> Path:
 
 
 def test_a_cut_job_returns_a_report_of_what_finished_and_the_next_stage_runs(rehearsal, tmp_path):
-    """Both jobs cut part-way: the claims their finished stages decide are decided, the rest are 'not run', the
-    reports and the stage outputs come back, and the stage after a cut one still runs."""
+    """Both jobs cut part-way: the claims their finished stages decide are decided, the rest are
+    'not run', the reports and the stage outputs come back, and the stage after a cut one still
+    runs."""
     calls = carried(tmp_path)
     out = tmp_path / "out"
     proc = gpu_run(
@@ -353,8 +356,8 @@ def test_an_unknown_stage_is_an_error(tmp_path):
 
 
 def test_the_fine_tuned_model_decodes_and_scores_under_bf16_autocast(rehearsal):
-    """On CUDA the real model's evaluations run under bf16 autocast (pretrained.evaluating): here the same calls
-    under the CPU's bf16 autocast, on a fine-tuned rehearsal model, against fp32."""
+    """On CUDA the real model's evaluations run under bf16 autocast (pretrained.evaluating): here
+    the same calls under the CPU's bf16 autocast, on a fine-tuned rehearsal model, against fp32."""
     import zlib
 
     import checkpoint

@@ -1,8 +1,9 @@
 """hf.py: export to Hugging Face Llama folders and import them back.
 
-The oracle is transformers' LlamaForCausalLM itself: every exported variant must give our logits (eager and
-SDPA attention) at a length beyond the original context, so the scaling is exercised. Then the round trip,
-the refusals, the command line, and the transformers behaviours hf.py's docstring describes."""
+The oracle is transformers' LlamaForCausalLM itself: every exported variant must give our logits
+(eager and SDPA attention) at a length beyond the original context, so the scaling is exercised.
+Then the round trip, the refusals, the command line, and the transformers behaviours hf.py's
+docstring describes."""
 
 import inspect
 import json
@@ -37,7 +38,8 @@ from rope import RopeConfig  # noqa: E402
 L = 32  # original context
 T = 100  # test length: beyond L, inside s*L = 128
 TOL = 1e-4  # ||ours - theirs|| / ||theirs||; observed ~2e-7 (float32 rounding of the frequencies)
-# LongRoPE's divisors for head_dim 16 (8 pairs), Phi-3-like: near 1 up to L, growing towards s = 4 past it
+# LongRoPE's divisors for head_dim 16 (8 pairs), Phi-3-like: near 1 up to L, growing towards s = 4
+# past it
 SHORT = (1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.7)
 LONG = (1.0, 1.1, 1.4, 2.0, 2.8, 3.5, 3.9, 4.0)
 
@@ -91,8 +93,10 @@ def tiny_model(
         **kw,
     )
     model = Transformer(config).eval()
-    # At the init scale (std 0.02) attention is nearly uniform, so positions barely matter: a wrong RoPE moves
-    # the logits by only ~2e-3. With W_q, W_k ten times larger the scores are O(1) and a wrong RoPE moves
+    # At the init scale (std 0.02) attention is nearly uniform, so positions barely matter: a wrong
+    # RoPE moves
+    # the logits by only ~2e-3. With W_q, W_k ten times larger the scores are O(1) and a wrong RoPE
+    # moves
     # them by ~30% (test_parity_is_sensitive), far beyond TOL.
     with torch.no_grad():
         for block in model.blocks:  # the rows of W_q and W_k in the stacked wqkv
@@ -139,8 +143,8 @@ def test_logits_match_transformers(name, tmp_path):
 
 
 def test_parity_is_sensitive():
-    """The parity test would catch a wrong variant, a wrong scale, or a wrong attention factor: each moves
-    the logits by far more than TOL at this weight scale and length."""
+    """The parity test would catch a wrong variant, a wrong scale, or a wrong attention factor: each
+    moves the logits by far more than TOL at this weight scale and length."""
     idx = tokens()
     with torch.no_grad():
         yarn = case_model("yarn")(idx)
@@ -267,8 +271,8 @@ def strip_record(folder: Path) -> dict:
     "name", ["ntk", "dynamic", "ntk_by_parts", "yarn_mscale_untruncated", "longrope"]
 )
 def test_import_without_record_gives_the_same_logits(name, tmp_path):
-    """A folder from elsewhere (no record) imports from the Llama fields alone: other names (or the attention
-    factor written out), same function."""
+    """A folder from elsewhere (no record) imports from the Llama fields alone: other names (or the
+    attention factor written out), same function."""
     model = case_model(name)
     hf.export_hf(model, tmp_path)
     strip_record(tmp_path)
@@ -380,8 +384,8 @@ def test_export_refuses(rope_cfg, match, tmp_path):
 
 
 def test_transformers_llama_cannot_express_partial_rotary():
-    """Why partial rotary is refused: LlamaForCausalLM rotates the whole head for 'default' (the key is
-    ignored) and fails on a shape mismatch for the scaled types."""
+    """Why partial rotary is refused: LlamaForCausalLM rotates the whole head for 'default' (the key
+    is ignored) and fails on a shape mismatch for the scaled types."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     def config(**rope_parameters):
@@ -628,9 +632,11 @@ def test_cli_errors(argv, match, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What hf.py's docstring says about transformers' dynamic variants during generation, and the interleaved layout
+# What hf.py's docstring says about transformers' dynamic variants during generation, and the
+# interleaved layout
 
-# LlamaForCausalLM's KV-cache keyword: past_key_values, renamed cache in later transformers 5 releases
+# LlamaForCausalLM's KV-cache keyword: past_key_values, renamed cache in later transformers 5
+# releases
 CACHE_KEYWORD = (
     "cache"
     if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
@@ -657,10 +663,11 @@ def greedy_decode(model: Transformer, prompt: torch.Tensor, n: int, rule: str):
 
 
 def test_transformers_dynamic_ntk_is_stateful_and_differs_when_cached(tmp_path):
-    """Single forward passes agree (test_logits_match_transformers). But transformers' dynamic frequencies
-    only grow: a forward of 64 tokens after one of 100 keeps the scale for 100 (ours: seq_len 100);
-    and decoding with its KV cache rotates each new token under a larger scale than the cached keys, so the
-    last logits differ from its own full forward pass, while ours equal our full forward pass."""
+    """Single forward passes agree (test_logits_match_transformers). But transformers' dynamic
+    frequencies only grow: a forward of 64 tokens after one of 100 keeps the scale for 100 (ours:
+    seq_len 100); and decoding with its KV cache rotates each new token under a larger scale than
+    the cached keys, so the last logits differ from its own full forward pass, while ours equal our
+    full forward pass."""
     model = case_model("dynamic")
     hf.export_hf(model, tmp_path)
     idx = tokens(T, 1)
@@ -682,12 +689,13 @@ def test_transformers_dynamic_ntk_is_stateful_and_differs_when_cached(tmp_path):
 
 
 def test_transformers_longrope_cache_keeps_short_keys_past_L_ours_follows(tmp_path):
-    """transformers picks longrope's factors in each call from its largest position. Decoding with its KV cache,
-    the token at position L (the sequence passes L) is rotated with the long factors while the L keys before it
-    stay cached under the short ones: its logits are exactly that mixture (our model made to compute it: a cache
-    filled at l' = L, then one token at l' = L + 1), not transformers' own full forward pass. Single forward
-    passes agree on both sides of L. Ours under the rule 'follow' re-prefills when l' passes L, so every step of
-    model.decode equals the full forward pass of its prefix, ours and LlamaForCausalLM's."""
+    """transformers picks longrope's factors in each call from its largest position. Decoding with
+    its KV cache, the token at position L (the sequence passes L) is rotated with the long factors
+    while the L keys before it stay cached under the short ones: its logits are exactly that mixture
+    (our model made to compute it: a cache filled at l' = L, then one token at l' = L + 1), not
+    transformers' own full forward pass. Single forward passes agree on both sides of L. Ours under
+    the rule 'follow' re-prefills when l' passes L, so every step of model.decode equals the full
+    forward pass of its prefix, ours and LlamaForCausalLM's."""
     model = case_model("longrope")
     hf.export_hf(model, tmp_path)
     theirs = load_hf(tmp_path)
@@ -717,10 +725,11 @@ def test_transformers_longrope_cache_keeps_short_keys_past_L_ours_follows(tmp_pa
 
 
 def test_phi3_style_longrope_config_imports_as_transformers_reads_it(tmp_path):
-    """Phi-3's config.json has original_max_position_embeddings at the top level and rope_scaling without a
-    factor: transformers takes L from the top level (over one in rope_scaling) and s = max_position_embeddings / L.
-    The import reads it the same way: the exported model's config back, and LlamaForCausalLM's logits at a length
-    past the top-level L but within the other (where the two readings would differ)."""
+    """Phi-3's config.json has original_max_position_embeddings at the top level and rope_scaling
+    without a factor: transformers takes L from the top level (over one in rope_scaling) and s =
+    max_position_embeddings / L. The import reads it the same way: the exported model's config back,
+    and LlamaForCausalLM's logits at a length past the top-level L but within the other (where the
+    two readings would differ)."""
     model = case_model("longrope")
     hf.export_hf(model, tmp_path)
     config = strip_record(tmp_path)
@@ -760,9 +769,9 @@ def interleaved_rope(
 
 
 def test_interleaved_to_half_split_gives_meta_weights_the_same_scores():
-    """A Meta-layout W_q / W_k with each head's output rows permuted by hf.interleaved_to_half_split and rotated
-    in half-split pairs (rope.apply_rope) gives the same q.k scores as the interleaved rotation of the original
-    weights, and the rotated vectors are the interleaved ones permuted."""
+    """A Meta-layout W_q / W_k with each head's output rows permuted by hf.interleaved_to_half_split
+    and rotated in half-split pairs (rope.apply_rope) gives the same q.k scores as the interleaved
+    rotation of the original weights, and the rotated vectors are the interleaved ones permuted."""
     torch.manual_seed(0)
     n_heads, head_dim, d_in, n = 4, 16, 32, 40
     w_q, w_k = torch.randn(n_heads * head_dim, d_in), torch.randn(n_heads * head_dim, d_in)

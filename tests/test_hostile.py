@@ -131,8 +131,9 @@ def check_frequencies(result) -> None:
 
 @st.composite
 def divisor_lists(draw, pairs):
-    """A short_factor / long_factor for a head of `pairs` frequency pairs: mostly of that length and of plausible
-    numbers (extreme ones among them), else of another length or with one hostile entry."""
+    """A short_factor / long_factor for a head of `pairs` frequency pairs: mostly of that length and
+    of plausible numbers (extreme ones among them), else of another length or with one hostile
+    entry."""
     n = draw(st.sampled_from([pairs, pairs, pairs, pairs, pairs, 0, 1, pairs + 1]))
     values = draw(
         st.lists(
@@ -151,9 +152,10 @@ def mostly(plausible):
 
 @st.composite
 def longrope_cases(draw, type_key, context_key, keys):
-    """(a longrope config as a dict, head_dim): both divisor lists drawn for that head, L (context_key) and some
-    of `keys`, each mostly plausible, else hostile. Random dicts almost never hold two lists of the head's length;
-    these often do, so that valid configs are reached and computed."""
+    """(a longrope config as a dict, head_dim): both divisor lists drawn for that head, L
+    (context_key) and some of `keys`, each mostly plausible, else hostile. Random dicts almost never
+    hold two lists of the head's length; these often do, so that valid configs are reached and
+    computed."""
     head_dim = draw(st.sampled_from(HEAD_DIMS))
     d = draw(st.dictionaries(st.sampled_from(keys), mostly(plausible_number), max_size=len(keys)))
     context = draw(mostly(st.integers(1, 10**6)))
@@ -235,7 +237,8 @@ def frequencies_or_value_error(kwargs, head_dim, seq_len):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# hf.from_hf, hf.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded config.json)
+# hf.from_hf, hf.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded
+# config.json)
 
 
 hf_dicts = st.dictionaries(
@@ -367,7 +370,8 @@ def test_model_config_from_dict_gives_a_config_or_value_error(d):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# train.py's flags: real field names, values hostile for their type (tests/test_train.py fuzzes random strings)
+# train.py's flags: real field names, values hostile for their type (tests/test_train.py fuzzes
+# random strings)
 
 
 hostile_text = st.sampled_from(

@@ -1,7 +1,8 @@
-"""The laptop path of the README (configs/laptop_*.json) keeps working: each config runs a few steps on a small byte
-corpus, with the README's flags, and sample.py and eval.py take the checkpoints it makes. The configs' own models,
-contexts and RoPE; only the step counts, the folders and the number of documents and trials are made small.
-About 15 seconds on 2 cores. (Every config parses: tests/test_train.py.)"""
+"""The laptop path of the README (configs/laptop_*.json) keeps working: each config runs a few steps
+on a small byte corpus, with the README's flags, and sample.py and eval.py take the checkpoints it
+makes. The configs' own models, contexts and RoPE; only the step counts, the folders and the number
+of documents and trials are made small. About 15 seconds on 2 cores. (Every config parses:
+tests/test_train.py.)"""
 
 import json
 import shutil
@@ -48,8 +49,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory) -> Path:
-    """A dozen standard-library modules as bytes (~350 kB), a third held out: documents longer than the eval
-    ladder's longest context plus its scored tokens."""
+    """A dozen standard-library modules as bytes (~350 kB), a third held out: documents longer than
+    the eval ladder's longest context plus its scored tokens."""
     root = tmp_path_factory.mktemp("laptop")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     (root / "corpus").mkdir()

@@ -1,9 +1,11 @@
-"""Tests for model.py: the decoder that carries the RoPE variants of the YaRN paper (Peng et al., arXiv 2309.00071).
+"""Tests for model.py: the decoder that carries the RoPE variants of the YaRN paper (Peng et al.,
+arXiv 2309.00071).
 
-Tiny models (vocab 97, d_model 32, 4 heads of 8, 1-2 layers, pretraining context L = 16), CPU, float64 wherever a
-result is compared with a reference. Rope base 100 rather than 10000 so that every pair turns noticeably inside a
-few dozen positions and a wrong rotation shows. Weights are redrawn at std 1/sqrt(fan_in) (`sharp`) where positions
-must matter: at the init's std 0.02 attention is nearly uniform and RoPE changes hardly reach the logits.
+Tiny models (vocab 97, d_model 32, 4 heads of 8, 1-2 layers, pretraining context L = 16), CPU,
+float64 wherever a result is compared with a reference. Rope base 100 rather than 10000 so that
+every pair turns noticeably inside a few dozen positions and a wrong rotation shows. Weights are
+redrawn at std 1/sqrt(fan_in) (`sharp`) where positions must matter: at the init's std 0.02
+attention is nearly uniform and RoPE changes hardly reach the logits.
 
 The groups:
   1 SDPA parity with a float64 reference (YaRN temperature included), every available backend
@@ -49,8 +51,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def longrope_factors(pairs: int, factor: float) -> dict:
-    """LongRoPE divisors of the shape its search finds: near 1 for the fast pairs, rising to s for the slowest;
-    the short ones milder."""
+    """LongRoPE divisors of the shape its search finds: near 1 for the fast pairs, rising to s for
+    the slowest; the short ones milder."""
     return {
         "short_factor": tuple(1.0 + 0.1 * d for d in range(pairs)),
         "long_factor": tuple(1.0 + (factor - 1.0) * (d + 1) / pairs for d in range(pairs)),
@@ -58,8 +60,9 @@ def longrope_factors(pairs: int, factor: float) -> dict:
 
 
 def rope_config(variant: str, factor: float = S, pairs: int = 4, **kw) -> RopeConfig:
-    """Variant `variant` extending L = 16 by `factor`; the dynamic ones with factor 1 (plain RoPE up to L), except
-    LongRoPE (whose factor only sets its attention factor). pairs: |D|/2, for LongRoPE's per-pair divisors."""
+    """Variant `variant` extending L = 16 by `factor`; the dynamic ones with factor 1 (plain RoPE up
+    to L), except LongRoPE (whose factor only sets its attention factor). pairs: |D|/2, for
+    LongRoPE's per-pair divisors."""
     kw.setdefault("base", BASE)
     if variant == "default":
         return RopeConfig(**kw)
@@ -140,12 +143,14 @@ def fresh_tables(model: Transformer, length: int, seq_len=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in float64
+# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in
+# float64
 
 
 def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotate_half form, float64: x * cos + rotate_half(x) * sin on the first 2*angles.shape[-1]
-    channels (half-split pairs j, j + |D|/2), the rest passed through. angles (T, |D|/2)."""
+    """Hugging Face's rotate_half form, float64: x * cos + rotate_half(x) * sin on the first
+    2*angles.shape[-1] channels (half-split pairs j, j + |D|/2), the rest passed through. angles (T,
+    |D|/2)."""
     half = angles.shape[-1]
     rot, rest = x[..., : 2 * half], x[..., 2 * half :]
     cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
@@ -169,9 +174,9 @@ def attention_weights(attn, config: ModelConfig):
 def reference_attention(
     attn, x: torch.Tensor, config: ModelConfig, inv_t: float | None = None
 ) -> torch.Tensor:
-    """The module's output recomputed from its weights in float64. The temperature multiplies the whole logit, as
-    the paper writes it (softmax(q^T k / (t sqrt(|D|))), default 1/t = yarn_inv_t), not folded into the rotation;
-    only the frequencies come from rope.py."""
+    """The module's output recomputed from its weights in float64. The temperature multiplies the
+    whole logit, as the paper writes it (softmax(q^T k / (t sqrt(|D|))), default 1/t = yarn_inv_t),
+    not folded into the rotation; only the frequencies come from rope.py."""
     x = x.detach().double().cpu()
     wq, wk, wv, wo = attention_weights(attn, config)
     B, T, _ = x.shape
@@ -211,7 +216,8 @@ def under_each_backend(fn) -> dict:
                 with sdpa_kernel(backend):
                     results[backend.name] = fn()
         except RuntimeError as e:
-            # a cuDNN graph that fails to build for these small shapes is cuDNN's limit, not a wrong answer
+            # a cuDNN graph that fails to build for these small shapes is cuDNN's limit, not a wrong
+            # answer
             cudnn_refused = backend == SDPBackend.CUDNN_ATTENTION and "cudnn" in str(e).lower()
             if not cudnn_refused and not any(m in str(e) for m in NOT_AVAILABLE):
                 raise
@@ -264,7 +270,8 @@ def test_attention_equals_float64_reference_with_yarn_temperature(device, dtype,
     )  # the temperature matters for these weights
     outputs = attention_outputs(model, x)
     if device == "cuda" and (dtype == torch.bfloat16 or n_kv_head == model.config.n_head):
-        # measured on an H200, torch 2.11: fp32 with grouped-query heads has only the math kernel (flash and cuDNN
+        # measured on an H200, torch 2.11: fp32 with grouped-query heads has only the math kernel
+        # (flash and cuDNN
         # take half precision, the efficient kernel no enable_gqa); every other case has a fused one
         assert set(outputs) - {"MATH"}, (
             "on CUDA a fused kernel (flash, efficient or cuDNN) should run"
@@ -302,10 +309,11 @@ def test_partial_rotary_attention_equals_reference(variant):
 
 
 def test_yarn_temperature_with_partial_rotary_scales_the_rotated_share():
-    """With partial rotary the attention factor, folded into cos and sin, multiplies only the rotated channels: their
-    share of q.k gets 1/t and the pass-through channels' share keeps temperature 1. This is what transformers'
-    partial-rotary models (Phi, GPT-NeoX) compute; rope.apply_rope documents it. The paper's whole-logit temperature
-    is a different function, and this test tells them apart."""
+    """With partial rotary the attention factor, folded into cos and sin, multiplies only the
+    rotated channels: their share of q.k gets 1/t and the pass-through channels' share keeps
+    temperature 1. This is what transformers' partial-rotary models (Phi, GPT-NeoX) compute;
+    rope.apply_rope documents it. The paper's whole-logit temperature is a different function, and
+    this test tells them apart."""
     model = make_model("yarn", factor=8.0, partial_rotary_factor=0.5, dtype=torch.float32)
     attn, config = model.blocks[0].attn, model.config
     x = random_input(model)
@@ -396,8 +404,9 @@ def test_future_tokens_do_not_change_past_logits(variant, T, data):
 
 @st.composite
 def cache_plans(draw):
-    """(T, prefill, chunk_end, extra capacity, n_kv_head): prefill [0, prefill), one chunk [prefill, chunk_end),
-    then token by token to T; chunk_end == prefill + 1 is pure token-by-token decoding."""
+    """(T, prefill, chunk_end, extra capacity, n_kv_head): prefill [0, prefill), one chunk
+    [prefill, chunk_end), then token by token to T; chunk_end == prefill + 1 is pure
+    token-by-token decoding."""
     T = draw(st.integers(2, 40))
     prefill = draw(st.integers(1, T - 1))
     chunk_end = draw(st.integers(prefill + 1, T))
@@ -500,8 +509,9 @@ def test_cache_dtype_and_shape_follow_the_model():
 
 
 def short_context_twin(variant: str) -> Transformer:
-    """A model with the same weights (same seed) computing what `variant` computes while l' <= L: plain RoPE for
-    the dynamic scalings; for LongRoPE, the same config with the long factors replaced by the short ones."""
+    """A model with the same weights (same seed) computing what `variant` computes while l' <= L:
+    plain RoPE for the dynamic scalings; for LongRoPE, the same config with the long factors
+    replaced by the short ones."""
     if variant != "longrope":
         return make_model("default")
     twin = make_model(variant)
@@ -767,7 +777,8 @@ def test_loss_is_cross_entropy_of_the_logits_with_ignore_index():
     with torch.no_grad():
         logits = model(idx)
         loss = model(idx, targets)
-        # the loss is computed in fp32 (logits.float()) even for this float64 model: compare at fp32 precision
+        # the loss is computed in fp32 (logits.float()) even for this float64 model: compare at fp32
+        # precision
         expected = F.cross_entropy(logits.view(-1, V), targets.view(-1))
         torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6, check_dtype=False)
         masked = targets.clone()
@@ -886,8 +897,9 @@ def decoded_logits(model, idx, n, rule, compile=False):
 
 @pytest.mark.parametrize("variant", DYNAMIC_VARIANTS)
 def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_changes(variant):
-    """Under 'follow', the scale steps at L, 2L and 4L (l' 16 -> 32 -> 64 here) and each step re-prefills; at every
-    step the cached logits equal a full forward pass of that prefix at seq_len = its rounded l'."""
+    """Under 'follow', the scale steps at L, 2L and 4L (l' 16 -> 32 -> 64 here) and each step
+    re-prefills; at every step the cached logits equal a full forward pass of that prefix at seq_len
+    = its rounded l'."""
     model = make_model(variant)
     idx = tokens(2, 5, seed=8)
     n = 50  # prefix lengths 5 .. 54: through L = 16, 32 and 64
@@ -911,8 +923,9 @@ def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_
 
 @pytest.mark.parametrize("variant", ["dynamic", "dynamic_yarn"])
 def test_follow_rule_gives_a_prompt_shorter_than_L_exactly_plain_ropes_logits(variant):
-    """A short prompt headed for a long generation: every step until the sequence passes L is plain RoPE's, bit
-    for bit (under 'capacity' the whole generation runs at s = 60 / 16 from its first token)."""
+    """A short prompt headed for a long generation: every step until the sequence passes L is plain
+    RoPE's, bit for bit (under 'capacity' the whole generation runs at s = 60 / 16 from its first
+    token)."""
     model, plain = make_model(variant), make_model("default")
     idx = tokens(1, 4, seed=9)
     _, ours = decoded_logits(model, idx, 56, "follow")
@@ -1136,8 +1149,8 @@ def compiled_once():
 
 
 def assert_each_step_equals_a_full_forward(model, idx, rule, logits, out):
-    """Step i's logits equal a full forward pass of its prefix at the l' the rule gives that prefix: float64,
-    within 1e-9, the tolerance of the eager tests above."""
+    """Step i's logits equal a full forward pass of its prefix at the l' the rule gives that prefix:
+    float64, within 1e-9, the tolerance of the eager tests above."""
     seq = torch.cat((idx, out), dim=1)
     with torch.no_grad():
         for i in range(out.shape[1]):

@@ -1,6 +1,6 @@
-"""pretrained.py: the smollm2 presets' stages on a tiny GGUF (the GPU preset's rehearsal: every stage,
-every method, contexts L .. 4L, the passkey grid, in seconds), the forwards shared only where the
-RoPE tables are equal, and each claim decided from numbers that make it come out "no"."""
+"""pretrained.py: the smollm2 presets' stages on a tiny GGUF (the GPU preset's rehearsal: every
+stage, every method, contexts L .. 4L, the passkey grid, in seconds), the forwards shared only where
+the RoPE tables are equal, and each claim decided from numbers that make it come out "no"."""
 
 import json
 import math
@@ -27,8 +27,8 @@ L = 512  # the tiny model's trained context
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
-    """The GPU preset's no-fine-tuning stages on a tiny GGUF and small corpora (slices of pydoc's prose and stdlib
-    files); its fine-tuning is rehearsed by tests/test_gpu_run.py."""
+    """The GPU preset's no-fine-tuning stages on a tiny GGUF and small corpora (slices of pydoc's
+    prose and stdlib files); its fine-tuning is rehearsed by tests/test_gpu_run.py."""
     root = tmp_path_factory.mktemp("rehearsal")
     tiny_gguf.write(root / "tiny.gguf", context=L)
     text = tiny_gguf.prose()
@@ -86,9 +86,9 @@ def test_the_gpu_preset_rehearses_every_stage(rehearsal):
 
 
 def test_shared_forwards_are_exactly_the_equal_tables(rehearsal):
-    """Every dynamic variant is plain RoPE at l' <= L; at l' = sL Dynamic YaRN is YaRN at s and Dynamic
-    NTK is NTK-aware at s; at 2L (s = 4) the dynamic ones stand alone. And the shared numbers equal
-    what a forward of their own gives."""
+    """Every dynamic variant is plain RoPE at l' <= L; at l' = sL Dynamic YaRN is YaRN at s and
+    Dynamic NTK is NTK-aware at s; at 2L (s = 4) the dynamic ones stand alone. And the shared
+    numbers equal what a forward of their own gives."""
     run, _ = rehearsal
     doc = json.loads((run.runs / "ppl" / "00.json").read_text())
     assert doc["shared"][str(L)] == [
@@ -304,8 +304,8 @@ def test_reproduce_runs_the_smollm2_preset_from_the_command_line(rehearsal, tmp_
 
 # Fine-tuned at sL (the gpu preset): the claims, each in a world where it comes out "no"
 def ft_world(yarn: float, pi: float, hits=(1, 1, 1), n: int = 6) -> dict:
-    """world()'s results plus YaRN and PI fine-tuned: held-out NLL at sL (200) of yarn / pi (+ noise) on n
-    documents, a curve ending there, and YaRN's passkey hits at sL."""
+    """world()'s results plus YaRN and PI fine-tuned: held-out NLL at sL (200) of yarn / pi (+
+    noise) on n documents, a curve ending there, and YaRN's passkey hits at sL."""
     res = world(BASE, HITS, n)
     res["config"].update(ft_steps=10, ft_batch=1, ft_lr=2e-5, ft_warmup=1, ft_eval_batches=1)
     rng = np.random.default_rng(1)

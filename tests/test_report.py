@@ -1,5 +1,6 @@
-"""report.py's statistics: t critical values, paired per-document intervals, the verdict rule across seeds, and
-the agreement check between two runs. Synthetic numbers, so every expected verdict is known."""
+"""report.py's statistics: t critical values, paired per-document intervals, the verdict rule across
+seeds, and the agreement check between two runs. Synthetic numbers, so every expected verdict is
+known."""
 
 import sys
 from pathlib import Path
@@ -290,8 +291,9 @@ def world(good: bool, seeds: int = 3, docs: int = 16, trials: int = 12) -> dict:
 
 @pytest.mark.parametrize("good", [True, False])
 def test_every_claim_can_come_out_either_way(good):
-    """Numbers built for it turn every claim "yes", and numbers built against it turn every claim "no": none is
-    fixed by construction (the old temperature claims, best-of-the-sweep tested on its own documents, were)."""
+    """Numbers built for it turn every claim "yes", and numbers built against it turn every claim
+    "no": none is fixed by construction (the old temperature claims, best-of-the-sweep tested on its
+    own documents, were)."""
     found = report.claims(world(good))
     assert len(found) == 35
     # the control (claims 5 and 5a) holds in both worlds: were claim 5 "no", claims 5b-5d would
@@ -373,7 +375,8 @@ def test_fitted_a_finds_the_vertex_and_cross_fitting_uses_the_other_half():
     a_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3)
     temp = {"4": {"a": {str(a): {"doc_nll": [3.0 + 4 * (a - 0.13) ** 2] * 6} for a in a_grid}}}
     assert report.fitted_a(temp) == pytest.approx(0.13, abs=1e-9)  # exact for a parabola
-    # documents at even positions are best at a = 0.2, odd ones at a = 0.0: each half gets the other's choice
+    # documents at even positions are best at a = 0.2, odd ones at a = 0.0: each half gets the
+    # other's choice
     nll = {
         a: [
             3.0 - (0.1 if (a == 0.2) == (i % 2 == 0) and a in (0.0, 0.2) else 0.0) for i in range(6)

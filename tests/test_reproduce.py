@@ -1,6 +1,6 @@
-"""The scaled-down pipeline end to end on CPU (`reproduce.py --preset tiny` on a small corpus): it writes the
-report, results.json and every plot, and a second run skips every stage. Part of the normal suite on purpose
-(a CPU test runs the whole pipeline); about a minute on 2 cores."""
+"""The scaled-down pipeline end to end on CPU (`reproduce.py --preset tiny` on a small corpus): it
+writes the report, results.json and every plot, and a second run skips every stage. Part of the
+normal suite on purpose (a CPU test runs the whole pipeline); about a minute on 2 cores."""
 
 import json
 import shutil
@@ -29,8 +29,8 @@ PLOTS = [
 
 
 def small_corpus(folder: Path, n_files: int = 16) -> Path:
-    """The largest top-level modules of the running Python's standard library: long documents (thousands of
-    tokens, as long-context evaluation needs), few enough to tokenize in seconds."""
+    """The largest top-level modules of the running Python's standard library: long documents
+    (thousands of tokens, as long-context evaluation needs), few enough to tokenize in seconds."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
         (p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: (-p.stat().st_size, p.name)
@@ -115,14 +115,16 @@ def test_tiny_pipeline_end_to_end_then_resumes_with_nothing_to_do(tmp_path):
     }
     assert all([int(c) for c in r["ppl"]] == [128, 256] for r in sum(res["long"].values(), []))
     check_curves(res, tmp_path)
-    # the sweep scores the tokens every evaluation scores: its a = 0.1 at s is YaRN at s, no fine-tuning
+    # the sweep scores the tokens every evaluation scores: its a = 0.1 at s is YaRN at s, no
+    # fine-tuning
     assert (
         res["temperature"]["2"]["a"]["0.1"]["nll"]
         == res["no_finetune"]["yarn"]["ppl"]["128"]["nll"]
     )
     assert res["leakage"]["scored_tokens"] == res["no_finetune"]["default"]["ppl"]["64"]["n_tokens"]
     assert 0 <= res["leakage"]["scored_pieces_seen_in_train"] <= 1
-    # every stage ran, so every claim is decided (the tiny model cannot copy: its retrieval claims say so)
+    # every stage ran, so every claim is decided (the tiny model cannot copy: its retrieval claims
+    # say so)
     assert res["claims"] and all(
         c["held"] in ("yes", "no", "within noise", report.CONTROL_FAILED) for c in res["claims"]
     )

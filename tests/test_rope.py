@@ -1,7 +1,8 @@
 """Property tests for rope.py: the RoPE variants of the YaRN paper (Peng et al., arXiv 2309.00071).
 
-Notation as in rope.py: |D| the rotary dim, d the pair index, theta_d = b^(-2d/|D|), lambda_d = 2 pi / theta_d,
-L the original context, s the scale, r_d = L / lambda_d the rotations pair d makes inside L.
+Notation as in rope.py: |D| the rotary dim, d the pair index, theta_d = b^(-2d/|D|), lambda_d = 2 pi
+/ theta_d, L the original context, s the scale, r_d = L / lambda_d the rotations pair d makes inside
+L.
 
 Hypothesis draws the variants, head dims 8..256 (with partial rotary), bases 100..1e6, scales 1..64, original
 contexts 64..16384, LongRoPE divisors 0.05..100 and positions up to 1,000,000. The groups:
@@ -64,9 +65,9 @@ def seq_lens(L):
 @st.composite
 def betas(draw):
     """(beta_fast, beta_slow) with beta_fast >= 4 > beta_slow; the paper's 32/1 half the time.
-    beta_fast >= 4 keeps the ramp's low end inside rope.ramp_bounds' clamp |D| - 1 for every drawn b >= 100,
-    L <= 16384, |D| >= 4 (r_d at d = |D| - 1 is at most 2.6), and L >= 64 > 2 pi beta_slow keeps its high end
-    above 0; outside those the clamps degenerate (see test_ramp_degenerate_*)."""
+    beta_fast >= 4 keeps the ramp's low end inside rope.ramp_bounds' clamp |D| - 1 for every drawn b
+    >= 100, L <= 16384, |D| >= 4 (r_d at d = |D| - 1 is at most 2.6), and L >= 64 > 2 pi beta_slow
+    keeps its high end above 0; outside those the clamps degenerate (see test_ramp_degenerate_*)."""
     if draw(st.booleans()):
         return 32.0, 1.0
     return draw(st.floats(4.0, 64.0)), draw(st.floats(0.25, 4.0, exclude_max=True))
@@ -84,8 +85,9 @@ def heads(draw, partial=True):
 
 @st.composite
 def setups(draw, types=VARIANTS, partial=True, factors=SCALES, temperature=False):
-    """(head_dim, cfg, seq_len): a valid config of a drawn variant; seq_len is drawn for the dynamic variants.
-    temperature: also draw YaRN's attention_factor / mscale knobs (LongRoPE's attention_factor)."""
+    """(head_dim, cfg, seq_len): a valid config of a drawn variant; seq_len is drawn for the dynamic
+    variants. temperature: also draw YaRN's attention_factor / mscale knobs (LongRoPE's
+    attention_factor)."""
     kind = draw(st.sampled_from(types))
     head_dim, p, dim = draw(heads(partial))
     kw = dict(type=kind, base=draw(BASES), partial_rotary_factor=p)
@@ -203,9 +205,9 @@ DEGENERATE = "ramp_bounds clamps the ends to [0, |D| - 1] (as the official code 
 
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
 def test_ramp_degenerate_low_end_past_clamp():
-    """Every pair rotates > beta_fast times in L (r_d >= 41 > 0.375), so every pair should keep theta_d. The low end
-    correction_dim(0.375) = 7.08 lies past |D| - 1 = 7, high is clamped to 7 < low, the ramp's slope flips and every
-    pair is fully interpolated instead (theta/s)."""
+    """Every pair rotates > beta_fast times in L (r_d >= 41 > 0.375), so every pair should keep
+    theta_d. The low end correction_dim(0.375) = 7.08 lies past |D| - 1 = 7, high is clamped to 7 <
+    low, the ramp's slope flips and every pair is fully interpolated instead (theta/s)."""
     cfg = RopeConfig(
         type="ntk_by_parts",
         factor=2.0,
@@ -222,9 +224,10 @@ def test_ramp_degenerate_low_end_past_clamp():
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
 @pytest.mark.parametrize("truncate", [True, False])
 def test_ramp_degenerate_high_end_below_zero(truncate):
-    """L = 64 < 2 pi beta_slow: every pair rotates < beta_slow = 11 times in L (r_0 = 10.19), so every pair should get
-    theta/s. correction_dim(11) = -0.53 < 0; truncated, low = high = 0 and the zero-width guard keeps pair 0 at
-    theta_0; untruncated, high < low = 0 and every pair keeps theta_d."""
+    """L = 64 < 2 pi beta_slow: every pair rotates < beta_slow = 11 times in L (r_0 = 10.19), so
+    every pair should get theta/s. correction_dim(11) = -0.53 < 0; truncated, low = high = 0 and the
+    zero-width guard keeps pair 0 at theta_0; untruncated, high < low = 0 and every pair keeps
+    theta_d."""
     cfg = RopeConfig(
         type="yarn",
         factor=4.0,
@@ -270,8 +273,8 @@ def test_correction_dims_unrounded():
 @given(setup=setups(types=("llama3",), factors=STRETCHES))
 @example(setup=(128, RopeConfig(type="llama3", factor=8.0, base=5e5, original_context=8192), None))
 def test_llama3_bands(setup):
-    """lambda_d < L/high_freq_factor: theta_d exactly; lambda_d > L/low_freq_factor: theta_d/s exactly;
-    in between strictly between the two."""
+    """lambda_d < L/high_freq_factor: theta_d exactly; lambda_d > L/low_freq_factor: theta_d/s
+    exactly; in between strictly between the two."""
     head_dim, cfg, _ = setup
     f, a = frequencies(head_dim, cfg)
     assert a == 1.0
@@ -301,9 +304,9 @@ def test_llama3_bands(setup):
     data=st.data(),
 )
 def test_scale_one_is_plain_rope(setup, data):
-    """s = 1: every variant is plain RoPE, frequencies bit for bit and attention factor 1
-    (the dynamic ones at any seq_len <= L, and with no seq_len). LongRoPE's divisors are set apart from s:
-    its identity (divisors of 1) is test_longrope_unit_factors_are_plain_rope."""
+    """s = 1: every variant is plain RoPE, frequencies bit for bit and attention factor 1 (the
+    dynamic ones at any seq_len <= L, and with no seq_len). LongRoPE's divisors are set apart from
+    s: its identity (divisors of 1) is test_longrope_unit_factors_are_plain_rope."""
     head_dim, cfg, _ = setup
     seq_len = None
     if cfg.is_dynamic:
@@ -317,9 +320,9 @@ def test_scale_one_is_plain_rope(setup, data):
 @given(head=heads(), base=BASES, s=SCALES, positions=st.lists(POSITIONS, min_size=1, max_size=8))
 @example(head=(128, 1.0, 128), base=1e4, s=4.0, positions=[0, 1, 7, 4096, 10**6])
 def test_position_interpolation_is_plain_rope_at_m_over_s(head, base, s, positions):
-    """PI's table at position m equals plain RoPE's at m/s. The two use different fp32 roundings of the
-    frequency (fp32(theta/s) vs fp32(theta)/s), which moves the angle m theta/s by at most 2^-23 of itself;
-    beyond that only the fp32 rounding of cos and sin remains."""
+    """PI's table at position m equals plain RoPE's at m/s. The two use different fp32 roundings of
+    the frequency (fp32(theta/s) vs fp32(theta)/s), which moves the angle m theta/s by at most 2^-23
+    of itself; beyond that only the fp32 rounding of cos and sin remains."""
     head_dim, p, _ = head
     lin = RopeConfig(type="linear", factor=s, base=base, partial_rotary_factor=p)
     f, a = frequencies(head_dim, lin)
@@ -348,8 +351,9 @@ def test_dynamic_is_plain_rope_until_L_and_departs_beyond(head, kind, base, L, d
 
 @pytest.mark.parametrize("alpha, stretch", [(1, 2), (2, 2), (8, 2), (4, 3), (8, 16)])
 def test_dynamic_ntk_factor_is_alpha(alpha, stretch):
-    """rope type "dynamic" with factor alpha at l' = stretch L is static NTK-aware at s = alpha l'/L - (alpha - 1)
-    (Hugging Face's formula): factor 8 at 2L is already s = 9, unlike dynamic_yarn, whose factor is its smallest s."""
+    """rope type "dynamic" with factor alpha at l' = stretch L is static NTK-aware at s = alpha l'/L
+    - (alpha - 1) (Hugging Face's formula): factor 8 at 2L is already s = 9, unlike dynamic_yarn,
+    whose factor is its smallest s."""
     L = 256
     cfg = RopeConfig(type="dynamic", factor=float(alpha), original_context=L)
     assert same(frequencies(128, cfg, L), plain(128, cfg))
@@ -359,8 +363,9 @@ def test_dynamic_ntk_factor_is_alpha(alpha, stretch):
 
 
 def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
-    """head_dim 64, L = 128: r_0 = L / 2 pi = 20.4 < beta_fast = 32, so D(beta_fast) < 0; rounded down and clamped
-    to 0, the ramp still gives pair 0 weight 0, i.e. theta_0 is kept exactly (as the official code does)."""
+    """head_dim 64, L = 128: r_0 = L / 2 pi = 20.4 < beta_fast = 32, so D(beta_fast) < 0; rounded
+    down and clamped to 0, the ramp still gives pair 0 weight 0, i.e. theta_0 is kept exactly (as
+    the official code does)."""
     cfg = RopeConfig(type="yarn", factor=4.0, original_context=128)
     assert rope.correction_dim(cfg.beta_fast, 64, cfg.base, 128) < 0
     assert rope.ramp_bounds(64, cfg)[0] == 0
@@ -370,9 +375,10 @@ def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
 
 @pytest.mark.parametrize("truncate", [True, False])
 def test_zero_width_ramp_guard_matches_transformers(truncate):
-    """L = 64 <= 2 pi beta_slow (beta_slow = 11): truncated, both ramp ends land on pair 0 and the official code's
-    high += 0.001 guard decides the ramp; untruncated, the high end is below 0 (the clamped-ramp edge recorded
-    as expected failures below). Either way rope.py computes what transformers does."""
+    """L = 64 <= 2 pi beta_slow (beta_slow = 11): truncated, both ramp ends land on pair 0 and the
+    official code's high += 0.001 guard decides the ramp; untruncated, the high end is below 0 (the
+    clamped-ramp edge recorded as expected failures below). Either way rope.py computes what
+    transformers does."""
     pytest.importorskip("transformers")
     params = {
         "rope_type": "yarn",
@@ -418,7 +424,8 @@ def test_dynamic_yarn_at_length_sL_is_static_yarn_at_s(setup, data):
 )
 def test_yarn_multiplies_logits_by_temperature(head, base, L, s, m, n, seed):
     """YaRN's logits are those without the temperature times (0.1 ln s + 1)^2 = 1/t (paper Eq. 22).
-    (Full rotary: with partial rotary the factor only reaches the rotated channels, as in transformers.)"""
+    (Full rotary: with partial rotary the factor only reaches the rotated channels, as in
+    transformers.)"""
     head_dim, p, _ = head
     cfg = RopeConfig(type="yarn", factor=s, base=base, original_context=L, partial_rotary_factor=p)
     f, a = frequencies(head_dim, cfg)
@@ -528,14 +535,15 @@ def extension(draw):
 @given(ext=extension(), beta=betas(), truncate=st.booleans())
 @example(ext=(128, 1.0, 1e4, 4096, 16 * 4096), beta=(32.0, 1.0), truncate=True)
 def test_no_unseen_angles(ext, beta, truncate):
-    """Paper Sec. 3.1-3.2. On pairs with lambda_d >= L, plain RoPE never completes a rotation inside the
-    pretraining window: the largest angle it was trained on is L theta_d. At scale s the largest position is
-    sL - 1. PI, NTK-by-parts and YaRN (beta_slow >= 1) keep (sL - 1) theta'_d <= L theta_d on every such pair:
-    no angle the model never saw. Plain RoPE (s >= 2) exceeds it. NTK-aware exceeds it on every such pair but
-    the last, which it interpolates exactly (theta/s, up to rounding): its pair d gets theta_d s^(-2d/(|D|-2)),
-    so (sL - 1) theta'_d > L theta_d exactly when L (s - s^(2d/(|D|-2))) > 1. That holds for all but the last
-    pair unless s L is small against |D| (e.g. s = 2, L = 64, |D| = 256: pair 126 reaches 0.998 L theta);
-    the test checks the exceedance where that margin is clear of fp32 rounding."""
+    """Paper Sec. 3.1-3.2. On pairs with lambda_d >= L, plain RoPE never completes a rotation inside
+    the pretraining window: the largest angle it was trained on is L theta_d. At scale s the largest
+    position is sL - 1. PI, NTK-by-parts and YaRN (beta_slow >= 1) keep (sL - 1) theta'_d <= L
+    theta_d on every such pair: no angle the model never saw. Plain RoPE (s >= 2) exceeds it.
+    NTK-aware exceeds it on every such pair but the last, which it interpolates exactly (theta/s, up
+    to rounding): its pair d gets theta_d s^(-2d/(|D|-2)), so (sL - 1) theta'_d > L theta_d exactly
+    when L (s - s^(2d/(|D|-2))) > 1. That holds for all but the last pair unless s L is small
+    against |D| (e.g. s = 2, L = 64, |D| = 256: pair 126 reaches 0.998 L theta); the test checks the
+    exceedance where that margin is clear of fp32 rounding."""
     head_dim, p, base, L, Lp = ext
     s = Lp / L
     last = Lp - 1  # the largest position inside the extended window
@@ -694,8 +702,9 @@ def test_llama3_band_order_rejected(low, less):
 
 
 def rotate_interleaved(x, cos, sin):
-    """Meta's layout: pair j is channels (2j, 2j+1). float64 reference; cos, sin as cos_sin_table lays them out
-    (pair j's cos at columns j and j + |D|/2, its sin with the sign of column j + |D|/2)."""
+    """Meta's layout: pair j is channels (2j, 2j+1). float64 reference; cos, sin as cos_sin_table
+    lays them out (pair j's cos at columns j and j + |D|/2, its sin with the sign of column j +
+    |D|/2)."""
     x = x.double()
     even, odd = x[..., 0::2], x[..., 1::2]
     half = cos.shape[-1] // 2
@@ -740,9 +749,10 @@ def optional(strategy, absent=True):
 
 @st.composite
 def hf_parameters(draw, rope_type):
-    """(rope_parameters, head_dim, max_position_embeddings, seq_len) that transformers accepts and rope.py
-    must agree with: even rotary dim >= 4, factor >= 1, beta_fast > beta_slow once defaulted, attention_factor > 0,
-    high_freq_factor > low_freq_factor, |D|/2 positive longrope divisors. Optional keys are sometimes absent."""
+    """(rope_parameters, head_dim, max_position_embeddings, seq_len) that transformers accepts and
+    rope.py must agree with: even rotary dim >= 4, factor >= 1, beta_fast > beta_slow once
+    defaulted, attention_factor > 0, high_freq_factor > low_freq_factor, |D|/2 positive longrope
+    divisors. Optional keys are sometimes absent."""
     head_dim = 2 * draw(st.integers(2, 128))
     params = {"rope_type": rope_type}
 
@@ -765,13 +775,15 @@ def hf_parameters(draw, rope_type):
         params["factor"] = draw(SCALES)
     if rope_type == "dynamic":
         seq_len = draw(st.none() | st.integers(1, 64 * mp))
-        # transformers' dynamic type takes L from max_position_embeddings and ignores this key; so must rope.py
+        # transformers' dynamic type takes L from max_position_embeddings and ignores this key; so
+        # must rope.py
         put("original_max_position_embeddings", draw(st.one_of(CONTEXTS, st.just(ABSENT))))
     if rope_type in ("yarn", "llama3", "longrope"):
         put("original_max_position_embeddings", draw(st.one_of(CONTEXTS, st.just(ABSENT))))
     original = params.get("original_max_position_embeddings", mp)
     if rope_type == "longrope":
-        # factor absent or None: transformers takes s = max_position_embeddings / L, also when it is below 1
+        # factor absent or None: transformers takes s = max_position_embeddings / L, also when it is
+        # below 1
         # (then its attention factor is 1, as at s = 1)
         put("factor", draw(optional(SCALES)))
         put("attention_factor", draw(optional(st.floats(0.1, 4.0))))
@@ -799,7 +811,8 @@ def hf_parameters(draw, rope_type):
 
 def hf_oracle(params, head_dim, mp, seq_len):
     """transformers' own frequencies for the config (rope_check's adapter). Its 'default' ignores
-    partial_rotary_factor (Llama has no partial rotary); linear with factor 1 is plain RoPE that honours it."""
+    partial_rotary_factor (Llama has no partial rotary); linear with factor 1 is plain RoPE that
+    honours it."""
     if params["rope_type"] == "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
         params = dict(params, rope_type="linear", factor=1.0)
     return rope_check.transformers_impl(params, head_dim, mp, seq_len)
@@ -902,10 +915,11 @@ EXPRESSED_AS = {
     mp=st.integers(1, 10**6),
 )
 def test_to_hf_round_trip_is_exact(setup, mp):
-    """hf.to_hf then hf.hf_inv_freq gives the same frequencies and attention factor, bit for bit, for every
-    variant transformers can express: ntk as default with base b * s^(|D|/(|D|-2)), ntk_by_parts as yarn with
-    attention_factor 1, the others as themselves. max_position_embeddings does not matter (the factor and L are
-    written out), except for dynamic, where transformers reads L from it."""
+    """hf.to_hf then hf.hf_inv_freq gives the same frequencies and attention factor, bit for bit,
+    for every variant transformers can express: ntk as default with base b * s^(|D|/(|D|-2)),
+    ntk_by_parts as yarn with attention_factor 1, the others as themselves. max_position_embeddings
+    does not matter (the factor and L are written out), except for dynamic, where transformers reads
+    L from it."""
     head_dim, cfg, seq_len = setup
     if cfg.type == "dynamic":
         mp = cfg.original_context
@@ -937,8 +951,8 @@ def test_to_hf_refuses_variants_without_equivalent(setup):
     positions=[10**6],
 )
 def test_tables_are_fp32_with_float64_angles(setup, positions):
-    """cos/sin tables are fp32, but the angle m theta'_d is formed in float64: at m = 1,000,000 an fp32 angle
-    would be off by up to ~0.03 rad."""
+    """cos/sin tables are fp32, but the angle m theta'_d is formed in float64: at m = 1,000,000 an
+    fp32 angle would be off by up to ~0.03 rad."""
     head_dim, cfg, seq_len = setup
     f, a = frequencies(head_dim, cfg, seq_len)
     assert f.dtype == torch.float32
@@ -980,8 +994,8 @@ def assert_divided(freqs, expected):
 @settings(max_examples=60, deadline=None)
 @given(setup=setups(types=("longrope",), temperature=True), data=st.data())
 def test_longrope_long_factors_apply_only_past_L(setup, data):
-    """l' <= L, or unknown: theta_d / short_factor_d, whatever long_factor is. l' > L: theta_d / long_factor_d,
-    whatever short_factor is. The attention factor is the same on both sides."""
+    """l' <= L, or unknown: theta_d / short_factor_d, whatever long_factor is. l' > L: theta_d /
+    long_factor_d, whatever short_factor is. The attention factor is the same on both sides."""
     head_dim, cfg, _ = setup
     L = cfg.original_context
     within = data.draw(st.none() | st.integers(1, L), label="l' <= L")
@@ -1103,8 +1117,8 @@ def test_longrope_factors_that_are_not_lists_rejected(value):
 
 
 def test_longrope_divisors_too_small_for_fp32_rejected():
-    """theta_0 / f_0 = 1 / 1e-300 is no fp32 number: an error naming the list, not infinite frequencies (only the
-    list in use is computed, so the other may be anything positive)."""
+    """theta_0 / f_0 = 1 / 1e-300 is no fp32 number: an error naming the list, not infinite
+    frequencies (only the list in use is computed, so the other may be anything positive)."""
     cfg = RopeConfig(
         type="longrope",
         factor=4.0,

@@ -1,6 +1,7 @@
-"""rope_check.py: the golden file is what rope.py computes and what transformers computes; rope.py and transformers
-pass every case and invariant, and every check of the applied rotation; each bug class, planted in a
-copy of rope.py's function (or of the reference rotation), fails and is named."""
+"""rope_check.py: the golden file is what rope.py computes and what transformers computes;
+rope.py and transformers pass every case and invariant, and every check of the applied rotation;
+each bug class, planted in a copy of rope.py's function (or of the reference rotation), fails and
+is named."""
 
 import json
 import math
@@ -39,8 +40,9 @@ def test_golden_file_is_what_rope_py_computes(tmp_path):
 
 
 def test_golden_file_format():
-    """Every field the docstring documents; every Hugging Face type and every bug class has cases; positions past
-    256 and at 1,000,000; the dynamic cases run from long to short (state kept from a longer call shows)."""
+    """Every field the docstring documents; every Hugging Face type and every bug class has cases;
+    positions past 256 and at 1,000,000; the dynamic cases run from long to short (state kept from a
+    longer call shows)."""
     cases, classes = GOLDEN["cases"], GOLDEN["bug_classes"]
     assert set(GOLDEN["tolerance"]) == {"inv_freq", "attention_factor", "table"}
     assert 257 in GOLDEN["positions"] and 10**6 in GOLDEN["positions"]
@@ -99,8 +101,9 @@ def test_golden_numbers_by_hand():
 
 
 def test_transformers_passes_every_golden_case_and_invariant():
-    """The golden file against transformers' ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding, every case (all six
-    Hugging Face types); its tables form angles in float32, which the table tolerance allows."""
+    """The golden file against transformers' ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding, every
+    case (all six Hugging Face types); its tables form angles in float32, which the table tolerance
+    allows."""
     pytest.importorskip("transformers")
     rows = rope_check.check(*rope_check.ADAPTERS["transformers"], GOLDEN, EXAMPLES)
     assert not failing(rows), [r for r in rows if not r[2]]
@@ -198,8 +201,8 @@ PLANTED = {  # name: (bug class, impl, table)
 
 @pytest.mark.parametrize("name", PLANTED)
 def test_planted_bug_is_caught_and_named(name):
-    """The copy fails at least one golden case of its class, and every failing row (case or invariant) names
-    that class and no other."""
+    """The copy fails at least one golden case of its class, and every failing row (case or
+    invariant) names that class and no other."""
     bug_class, impl, table = PLANTED[name]
     impl = impl() if impl is dynamic_scale_never_shrinks else impl
     rows = rope_check.check(impl, table, GOLDEN, EXAMPLES)
@@ -380,8 +383,8 @@ def test_cli_transformers_passes():
 
 
 def test_cli_user_module_fails_and_names_the_class(tmp_path):
-    """A module where the command runs, given as module:function: exit status 1, the failing rows, and what
-    the class means; tables unchecked without --table."""
+    """A module where the command runs, given as module:function: exit status 1, the failing rows,
+    and what the class means; tables unchecked without --table."""
     (tmp_path / "my_engine.py").write_text(
         "import hf\n\n\ndef init(p, head_dim, mp, seq_len):\n    p.pop('truncate', None)\n"
         "    return hf.hf_inv_freq(p, head_dim, mp, seq_len)\n"

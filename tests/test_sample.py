@@ -1,6 +1,7 @@
-"""Tests for sample.py: cached generation equals a no-cache reference, seeds reproduce, EOT stops, the streaming
-decoder never splits a character, the context policy, the RoPE override, and every bad input exits 2 with a message
-and no traceback. Tiny one-layer models, CPU, about 15 seconds (a third of it three subprocesses importing torch)."""
+"""Tests for sample.py: cached generation equals a no-cache reference, seeds reproduce, EOT stops,
+the streaming decoder never splits a character, the context policy, the RoPE override, and every bad
+input exits 2 with a message and no traceback. Tiny one-layer models, CPU, about 15 seconds (a third
+of it three subprocesses importing torch)."""
 
 import subprocess
 import sys
@@ -26,8 +27,8 @@ LONG_PROMPT = " ".join(["alpha beta gamma delta"] * 10)  # 40 tokens, longer tha
 
 
 def random_model(seed=0) -> Transformer:
-    """Weights of std 0.3 rather than the init's 0.02: at init the tied head just repeats the last token whatever
-    the positions say, so RoPE changes would not show in the text."""
+    """Weights of std 0.3 rather than the init's 0.02: at init the tied head just repeats the last
+    token whatever the positions say, so RoPE changes would not show in the text."""
     torch.manual_seed(seed)
     model = Transformer(CONFIG)
     with torch.no_grad():
@@ -38,9 +39,10 @@ def random_model(seed=0) -> Transformer:
 
 
 def eot_model() -> Transformer:
-    """A model whose next token is EOT after any input. Channel 0 of every embedding is 1 (10 for EOT), no block
-    writes to channel 0 (row 0 of wo and w2 zeroed), and the final norm keeps only channel 0: so the hidden state
-    is (c, 0, ..., 0) with c > 0 and the tied head's logits are c * E[v, 0], largest by far for EOT."""
+    """A model whose next token is EOT after any input. Channel 0 of every embedding is 1 (10 for
+    EOT), no block writes to channel 0 (row 0 of wo and w2 zeroed), and the final norm keeps only
+    channel 0: so the hidden state is (c, 0, ..., 0) with c > 0 and the tied head's logits are c *
+    E[v, 0], largest by far for EOT."""
     torch.manual_seed(0)
     model = Transformer(CONFIG)
     with torch.no_grad():
@@ -113,8 +115,8 @@ def generate_text(model, tok, prompt, n, on_text=None, on_warning=None, **settin
 
 
 def reference_greedy(model, tokens, n, rule):
-    """Greedy decoding the slow way: a full forward pass over the whole sequence for every new token, no cache,
-    with the l' the rule gives for that sequence's length."""
+    """Greedy decoding the slow way: a full forward pass over the whole sequence for every new
+    token, no cache, with the l' the rule gives for that sequence's length."""
     idx = torch.tensor([tokens])
     for _ in range(n):
         seq_len = generate.rope_seq_len(model.config.rope, idx.shape[1], len(tokens) + n, rule)
@@ -320,8 +322,9 @@ def test_greedy_equals_no_cache_reference(tok, prompt):
 
 @pytest.mark.parametrize("rule", ["follow", "capacity"])
 def test_greedy_equals_reference_for_dynamic_yarn_past_the_context(tok, rule):
-    """Cached decoding with a dynamic variant equals the no-cache reference under either rule: l' stepping with
-    the length (40 -> 64 -> 128 here, two re-prefills), or fixed at prompt + new tokens."""
+    """Cached decoding with a dynamic variant equals the no-cache reference under either rule: l'
+    stepping with the length (40 -> 64 -> 128 here, two re-prefills), or fixed at prompt + new
+    tokens."""
     model = random_model()
     model.set_rope(sample.rope_with_overrides(model.config, {"type": "dynamic_yarn"}))
     tokens = tok.encode_ordinary(LONG_PROMPT)

@@ -1,6 +1,7 @@
-"""train.py on CPU with a tiny model (d_model 64, 2 layers, block 32) on a tiny corpus: the whole path (pretrain,
-extend with YaRN, fine-tune, sample), exact resume, DDP with gloo equal to one process, flag parsing (with
-hypothesis throwing hostile strings at it), NaN handling and SIGTERM. About a minute on 2 cores."""
+"""train.py on CPU with a tiny model (d_model 64, 2 layers, block 32) on a tiny corpus: the whole
+path (pretrain, extend with YaRN, fine-tune, sample), exact resume, DDP with gloo equal to one
+process, flag parsing (with hypothesis throwing hostile strings at it), NaN handling and SIGTERM.
+About a minute on 2 cores."""
 
 import json
 import math
@@ -49,8 +50,10 @@ TINY = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # The DDP test compares with one-thread worker processes (torchrun sets OMP_NUM_THREADS=1), and small
-    # matmuls gain nothing from a second thread on a shared 2-core machine. Restored for the other test files.
+    # The DDP test compares with one-thread worker processes (torchrun sets OMP_NUM_THREADS=1), and
+    # small
+    # matmuls gain nothing from a second thread on a shared 2-core machine. Restored for the other
+    # test files.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -129,7 +132,8 @@ def test_pretrain_then_extend_with_yarn_then_finetune_then_sample(data_dir, pret
     )
     assert sorted(p.name for p in pre.glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_15.pt", "ckpt_30.pt"]
 
-    # extend: YaRN s = 4 at 4L; stopped at step 0, the checkpoint holds the extended model before any update
+    # extend: YaRN s = 4 at 4L; stopped at step 0, the checkpoint holds the extended model before
+    # any update
     ext = tmp_path / "yarn"
     ext_flags = [
         f"--init_from={pre}",
@@ -213,8 +217,9 @@ def test_a_final_checkpoint_without_the_optimizer_extends_but_does_not_continue(
 def test_checkpointed_blocks_train_exactly_as_stored_activations(
     data_dir, pretrained, tmp_path, monkeypatch
 ):
-    """--checkpoint_blocks recomputes each block in the backward (torch.utils.checkpoint, once per block and
-    micro-step): the same losses and weights as keeping the activations, only less memory."""
+    """--checkpoint_blocks recomputes each block in the backward (torch.utils.checkpoint, once
+    per block and micro-step): the same losses and weights as keeping the activations, only less
+    memory."""
     import model as model_lib
 
     calls = []
@@ -244,8 +249,8 @@ def test_checkpointed_blocks_train_exactly_as_stored_activations(
 
 
 def test_an_imported_vocabulary_stays_in_every_checkpoint_after_it():
-    """A model imported with its own vocabulary (hf.py) keeps it through an extension, so evaluation and sampling
-    can decode; data tokenized by another tokenizer is refused."""
+    """A model imported with its own vocabulary (hf.py) keeps it through an extension, so evaluation
+    and sampling can decode; data tokenized by another tokenizer is refused."""
     from data.loader import TrainingData
 
     vocab = {"name": "smollm2", "tokens": ["a"], "special": []}
@@ -349,7 +354,8 @@ def test_grad_accum_must_divide_among_processes(data_dir, tmp_path):
 
 
 def test_global_batch_does_not_depend_on_the_process_count():
-    # process r of W takes micro-batches r*A .. r*A + A - 1 of the step; their windows depend on the number only
+    # process r of W takes micro-batches r*A .. r*A + A - 1 of the step; their windows depend on the
+    # number only
     tokens = torch.arange(10_000).numpy()
     one = [
         train.window_starts(tokens, 16, (4,), 7, "train", 3, m) for m in range(4)
