@@ -96,12 +96,25 @@ def check_run(c: RunConfig) -> None:
     for name in ("init_from", "out_dir", "data_dir"):
         if not getattr(c, name).strip():
             raise ValueError(f"--{name} must not be empty")
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                 "log_interval", "ckpt_interval"):
+    for name in (
+        "batch_size",
+        "grad_accum",
+        "max_steps",
+        "eval_interval",
+        "eval_batches",
+        "log_interval",
+        "ckpt_interval",
+    ):
         if getattr(c, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("weight_decay", "grad_clip", "keep_checkpoints", "warmup_steps", "min_lr",
-                 "stop_at_step"):
+    for name in (
+        "weight_decay",
+        "grad_clip",
+        "keep_checkpoints",
+        "warmup_steps",
+        "min_lr",
+        "stop_at_step",
+    ):
         if (getattr(c, name) or 0) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(c, name)}")
     if c.lr <= 0:
@@ -113,8 +126,9 @@ def check_run(c: RunConfig) -> None:
     if c.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be auto, bfloat16 or float32, got {c.dtype!r}")
     if not 0 < c.peak_tflops <= 1e5:
-        raise ValueError(f"--peak_tflops is in TFLOP/s per device (989 for an H100), "
-                         f"got {c.peak_tflops}")
+        raise ValueError(
+            f"--peak_tflops is in TFLOP/s per device (989 for an H100), got {c.peak_tflops}"
+        )
     if c.warmup > c.max_steps:
         raise ValueError(f"--warmup_steps ({c.warmup}) must be <= --max_steps ({c.max_steps})")
     if c.final_lr > c.lr:
@@ -134,14 +148,14 @@ RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
 def parse_args(argv, description: str = "") -> tuple[dict, dict]:
-    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings given, checked
-    where they are complete: the run values unless resuming (they are merged with the saved ones first), and the
-    model of a run from scratch."""
+    """({run field: value}, {model field: value, 'rope': {rope field: value}}) of the settings
+    given, checked where they are complete: the run values unless resuming (they are merged with the
+    saved ones first), and the model of a run from scratch."""
     values = flags.parse(argv, FLAGS, "python train.py", description)
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k not in RUN_FIELDS and not k.startswith("rope.")}
     if any(k.startswith("rope.") for k in values):
-        model["rope"] = {k[len("rope."):]: v for k, v in values.items() if k.startswith("rope.")}
+        model["rope"] = {k[len("rope.") :]: v for k, v in values.items() if k.startswith("rope.")}
     if run.get("init_from", RunConfig.init_from) != "resume":
         RunConfig(**run)
     if run.get("init_from", RunConfig.init_from) == "scratch":
@@ -160,16 +174,19 @@ def resumed_run_config(state: dict, given: dict) -> RunConfig:
     saved = state.get("run_config")
     if not isinstance(saved, dict) or set(saved) - RUN_FIELDS:
         unknown = sorted(set(saved) - RUN_FIELDS) if isinstance(saved, dict) else saved
-        raise ValueError(f"the checkpoint's run_config is missing or has keys this train.py does "
-                         f"not know ({unknown!r}): it was not written by this train.py")
+        raise ValueError(
+            f"the checkpoint's run_config is missing or has keys this train.py does "
+            f"not know ({unknown!r}): it was not written by this train.py"
+        )
     carried = {k: v for k, v in saved.items() if k not in ("init_from", "stop_at_step")}
     cfg = RunConfig(**{**carried, **given, "init_from": saved.get("init_from", "scratch")})
     step = int(state["step"])
     if step > cfg.max_steps:
         raise ValueError(f"the checkpoint is at step {step}, past --max_steps={cfg.max_steps}")
     if "optimizer" not in state and step < cfg.max_steps:
-        raise ValueError(f"the checkpoint in {cfg.out_dir} has no optimizer state (saved with "
-                         "--final_optimizer=false), so it cannot be continued; extend from it with "
-                         "--init_from")
+        raise ValueError(
+            f"the checkpoint in {cfg.out_dir} has no optimizer state (saved with "
+            "--final_optimizer=false), so it cannot be continued; extend from it with "
+            "--init_from"
+        )
     return cfg
-

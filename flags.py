@@ -1,8 +1,9 @@
-"""Command-line settings for every script: argparse built from the script's dataclass fields, each value read as its
-field's type by parse_value (an int as int(), so not 1e4; a float finite; a bool true / false / 1 / 0, a bare
---flag true; a tuple comma-separated; none or null for X | None), the same way in every script; --help says what
-each means (field_help). --config FILE.json sets any of them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"});
-flags win over it. cli() runs a main and turns the project's errors into `error: ...` and exit code 2.
+"""Command-line settings for every script: argparse built from the script's dataclass fields, each
+value read as its field's type by parse_value (an int as int(), so not 1e4; a float finite; a bool
+true / false / 1 / 0, a bare --flag true; a tuple comma-separated; none or null for X | None), the
+same way in every script; --help says what each means (field_help). --config FILE.json sets any of
+them ({"rope": {"type": "yarn"}} or {"rope.type": "yarn"}); flags win over it. cli() runs a main and
+turns the project's errors into `error: ...` and exit code 2.
 """
 
 import argparse
@@ -18,7 +19,10 @@ from dataclasses import MISSING, fields, is_dataclass
 from system import read_json
 
 TRUE, FALSE, NONE = ("true", "1"), ("false", "0"), ("none", "null")
-ERRORS = {ValueError: 2, OSError: 2}  # bad input of any kind: a flag, a file, a checkpoint, the data
+ERRORS = {
+    ValueError: 2,
+    OSError: 2,
+}  # bad input of any kind: a flag, a file, a checkpoint, the data
 
 
 def field_types(cls) -> dict[str, object]:
@@ -40,7 +44,11 @@ def unwrap_optional(typ) -> tuple[object, bool]:
 def type_name(typ) -> str:
     """'int', 'float or none', 'float list', ...: the type as the errors and --help say it."""
     base, optional = unwrap_optional(typ)
-    name = f"{typing.get_args(base)[0].__name__} list" if typing.get_origin(base) is tuple else base.__name__
+    name = (
+        f"{typing.get_args(base)[0].__name__} list"
+        if typing.get_origin(base) is tuple
+        else base.__name__
+    )
     return name + (" or none" if optional else "")
 
 
@@ -55,7 +63,9 @@ def parse_value(key: str, raw: str, typ) -> object:
     if typing.get_origin(base) is tuple:
         element = typing.get_args(base)[0]
         try:
-            return tuple(parse_value(key, part, element) for part in text.split(",")) if text else ()
+            return (
+                tuple(parse_value(key, part, element) for part in text.split(",")) if text else ()
+            )
         except ValueError:
             raise ValueError(f"{expected} (comma-separated), got {raw!r}") from None
     if base is bool:
@@ -77,7 +87,9 @@ def parse_value(key: str, raw: str, typ) -> object:
         return value
     if base is str:
         return raw
-    raise TypeError(f"no parser for field type {typ}")  # a new field of an unhandled type: a programming error
+    raise TypeError(
+        f"no parser for field type {typ}"
+    )  # a new field of an unhandled type: a programming error
 
 
 def int_hint(text: str) -> str:
@@ -90,8 +102,9 @@ def int_hint(text: str) -> str:
 
 
 def check_types(obj) -> None:
-    """Each field of a dataclass instance holds a value of its declared type: an int where a float is declared
-    becomes that float, a bool is never taken for a number; a ValueError naming the field otherwise."""
+    """Each field of a dataclass instance holds a value of its declared type: an int where a float
+    is declared becomes that float, a bool is never taken for a number; a ValueError naming the
+    field otherwise."""
     for name, typ in field_types(type(obj)).items():
         base, optional = unwrap_optional(typ)
         value = getattr(obj, name)
@@ -100,22 +113,28 @@ def check_types(obj) -> None:
         if base is float and type(value) is int and abs(value) < 2**1023:
             value = float(value)
             object.__setattr__(obj, name, value)  # frozen dataclasses too
-        ok = isinstance(value, typing.get_origin(base) or base) and (base is bool or not isinstance(value, bool))
+        ok = isinstance(value, typing.get_origin(base) or base) and (
+            base is bool or not isinstance(value, bool)
+        )
         if not ok or (base is float and not math.isfinite(value)):
             raise ValueError(f"--{name} must be {type_name(typ)}, got {value!r}")
 
 
 # Parsing a command line
 def flag_table(*groups) -> dict[str, tuple[object, object, str]]:
-    """{flag key: (type, default, what it means)} for groups of (dataclass, prefix); a field holding a dataclass is
-    left out (it comes as its own group, e.g. (RopeConfig, "rope."))."""
+    """{flag key: (type, default, what it means)} for groups of (dataclass, prefix); a field holding
+    a dataclass is left out (it comes as its own group, e.g. (RopeConfig, "rope."))."""
     table = {}
     for cls, prefix in groups:
         meanings = field_help(cls)  # what each field means: the table in the class's docstring
         for f in fields(cls):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if not is_dataclass(default):
-                table[prefix + f.name] = (field_types(cls)[f.name], default, meanings.get(f.name, ""))
+                table[prefix + f.name] = (
+                    field_types(cls)[f.name],
+                    default,
+                    meanings.get(f.name, ""),
+                )
     return table
 
 
@@ -145,15 +164,29 @@ class Parser(argparse.ArgumentParser):
 
 def parse(argv, table: dict, prog: str, description: str = "") -> dict[str, object]:
     """{key: typed value} of the settings given, from --config FILE.json and then the flags; absent keys absent."""
-    parser = Parser(prog=prog, usage=f"{prog} [--key=value ...]", description=description, allow_abbrev=False,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog=prog,
+        usage=f"{prog} [--key=value ...]",
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for key, (typ, default, meaning) in table.items():
-        bare = {"nargs": "?", "const": "true"} if unwrap_optional(typ)[0] is bool else {}  # a bare --flag is true
+        bare = (
+            {"nargs": "?", "const": "true"} if unwrap_optional(typ)[0] is bool else {}
+        )  # a bare --flag is true
         given = "required" if default is MISSING else f"default {default!r}"
-        parser.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, **bare,
-                            metavar=type_name(typ).upper().replace(" ", "_"),
-                            help=f"{meaning} ({given})".strip().replace("%", "%%"))
-    parser.add_argument("--config", metavar="FILE.json", help="a JSON object of any of these; flags override it")
+        parser.add_argument(
+            f"--{key}",
+            dest=key,
+            default=argparse.SUPPRESS,
+            **bare,
+            metavar=type_name(typ).upper().replace(" ", "_"),
+            help=f"{meaning} ({given})".strip().replace("%", "%%"),
+        )
+    parser.add_argument(
+        "--config", metavar="FILE.json", help="a JSON object of any of these; flags override it"
+    )
     given, rest = parser.parse_known_args([str(a) for a in argv])
     if rest:
         raise unknown_flag(rest[0], table)
@@ -161,7 +194,9 @@ def parse(argv, table: dict, prog: str, description: str = "") -> dict[str, obje
     path = given.pop("config", None)
     values = read_config(path, table) if path is not None else {}
     for key, text in given.items():
-        if not isinstance(text, str):  # `--key=--` reaches here as [] (argparse's option terminator)
+        if not isinstance(
+            text, str
+        ):  # `--key=--` reaches here as [] (argparse's option terminator)
             raise ValueError(f"--{key} needs a value, got '--'")
         values[key] = parse_value(key, text, table[key][0])
     return values
@@ -172,9 +207,13 @@ def unknown_flag(arg: str, table: dict) -> ValueError:
         return ValueError(f"unexpected argument {arg!r}: settings look like --key=value")
     key = arg[2:].partition("=")[0]
     if key.split(".")[0] in {k.split(".")[0] for k in table if "." in k} and "." not in key:
-        return ValueError(f"unknown option --{key}; settings of a group are --{key}.<field>, e.g. --{key}.type")
+        return ValueError(
+            f"unknown option --{key}; settings of a group are --{key}.<field>, e.g. --{key}.type"
+        )
     close = difflib.get_close_matches(key, list(table), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; --help lists them"
+    hint = (
+        f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; --help lists them"
+    )
     return ValueError(f"unknown option --{key}{hint}")
 
 
@@ -198,7 +237,9 @@ def read_config(path: str, table: dict) -> dict[str, object]:
 def json_text(key: str, value, typ, source: str) -> str:
     """A JSON value written as a flag's text, so that parse_value reads both the same way."""
     listed = typing.get_origin(unwrap_optional(typ)[0]) is tuple
-    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    numbers = isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
     if isinstance(value, dict) or isinstance(value, list) != listed or (listed and not numbers):
         raise ValueError(f"{source}: {key} must be {type_name(typ)}, got {json.dumps(value)[:60]}")
     if isinstance(value, list):
@@ -209,8 +250,9 @@ def json_text(key: str, value, typ, source: str) -> str:
 
 
 def cli(main, argv=None, errors=ERRORS) -> int:
-    """Run main(argv) as a script: the errors listed (type -> exit code) become `error: message` on stderr and
-    that exit code, never a traceback; SystemExit (--help, a signal) gives its own code."""
+    """Run main(argv) as a script: the errors listed (type -> exit code) become `error: message`
+    on stderr and that exit code, never a traceback; SystemExit (--help, a signal) gives its own
+    code."""
     try:
         main(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as e:
@@ -226,8 +268,11 @@ def cli(main, argv=None, errors=ERRORS) -> int:
 
 def build(cls, values: dict):
     """cls(**values), with a ValueError naming the required fields not given."""
-    missing = [f"--{f.name}" for f in fields(cls)
-               if f.default is MISSING and f.default_factory is MISSING and f.name not in values]
+    missing = [
+        f"--{f.name}"
+        for f in fields(cls)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in values
+    ]
     if missing:
         raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     return cls(**values)

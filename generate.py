@@ -80,8 +80,15 @@ def compiled_step(device_type: str):
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, choose=greedy,
-             rule: str = "follow", compile: bool = False, stop_token: int | None = None):
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    choose=greedy,
+    rule: str = "follow",
+    compile: bool = False,
+    stop_token: int | None = None,
+):
     """Yield the new tokens (B,), each choose(logits (B, V)), until all rows drew stop_token. The
     prefix is prefilled first and when the rule's l' changes; other tokens are one step each."""
     B, P = prompt.shape

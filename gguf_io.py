@@ -40,16 +40,23 @@ ARCHITECTURE = "llama"
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
 # (GGUF name, Hugging Face name); in LAYER_NAMES, blk.N.<gguf> is model.layers.N.<hf>
-GLOBAL_NAMES = (("token_embd.weight", "model.embed_tokens.weight"),
-                ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight"))
+GLOBAL_NAMES = (
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+)
 LAYER_NAMES = (
     ("attn_norm.weight", "input_layernorm.weight"),
-    ("attn_q.weight", "self_attn.q_proj.weight"), ("attn_q.bias", "self_attn.q_proj.bias"),
-    ("attn_k.weight", "self_attn.k_proj.weight"), ("attn_k.bias", "self_attn.k_proj.bias"),
-    ("attn_v.weight", "self_attn.v_proj.weight"), ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
     ("attn_output.weight", "self_attn.o_proj.weight"),
     ("ffn_norm.weight", "post_attention_layernorm.weight"),
-    ("ffn_gate.weight", "mlp.gate_proj.weight"), ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
     ("ffn_down.weight", "mlp.down_proj.weight"),
 )
 _LAYER = re.compile(r"(?:blk|model\.layers)\.(\d+)\.(.+)")
@@ -112,12 +119,16 @@ def open_reader(path):
     try:
         reader = _gguf().GGUFReader(path)
     except Exception as e:  # ValueError, IndexError, KeyError, ...: a foreign or cut file
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may "
-                         "be truncated (download it again) or not GGUF at all") from None
+        raise ValueError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may "
+            "be truncated (download it again) or not GGUF at all"
+        ) from None
     for t in reader.tensors:
         if t.data.nbytes != t.n_bytes:
-            raise ValueError(f"{path} is truncated: tensor {t.name} needs {t.n_bytes} bytes and "
-                             f"the file holds {t.data.nbytes} of them; download it again")
+            raise ValueError(
+                f"{path} is truncated: tensor {t.name} needs {t.n_bytes} bytes and "
+                f"the file holds {t.data.nbytes} of them; download it again"
+            )
     return reader
 
 
@@ -137,50 +148,65 @@ def read(path) -> GGUFModel:
     reader = open_reader(path)
     arch = field(reader, "general.architecture")
     if arch != ARCHITECTURE:
-        raise ValueError(f"{path} holds a {arch!r} model; only the {ARCHITECTURE!r} architecture "
-                         "(Llama, SmolLM, TinyLlama, ...) can be imported")
+        raise ValueError(
+            f"{path} holds a {arch!r} model; only the {ARCHITECTURE!r} architecture "
+            "(Llama, SmolLM, TinyLlama, ...) can be imported"
+        )
     config = llama_config(reader, path)
     tensors = read_tensors(reader, path, config)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    metadata = {"name": field(reader, "general.name"), "file": Path(path).name,
-                "file_type": field(reader, "general.file_type"),
-                "context_length": config["max_position_embeddings"],
-                "tensor_types": sorted({t.tensor_type.name for t in reader.tensors})}
+    metadata = {
+        "name": field(reader, "general.name"),
+        "file": Path(path).name,
+        "file_type": field(reader, "general.file_type"),
+        "context_length": config["max_position_embeddings"],
+        "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
+    }
     return GGUFModel(config, tensors, read_vocabulary(reader, path), metadata)
 
 
 def llama_config(reader, path) -> dict:
     """config.json's fields from the GGUF metadata of a Llama model."""
+
     def need(key: str, kind=int, default=None):
         value = field(reader, f"{ARCHITECTURE}.{key}", default)
         if value is None:
             raise ValueError(f"{path} lacks the metadata key {ARCHITECTURE}.{key}")
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (ok and math.isfinite(value) and value > 0):
-            raise ValueError(f"{path}: metadata {ARCHITECTURE}.{key} must be a positive number, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{path}: metadata {ARCHITECTURE}.{key} must be a positive number, got {value!r}"
+            )
         return kind(value)
 
     d_model, n_head = need("embedding_length"), need("attention.head_count")
     head_dim = d_model // n_head
     if need("rope.dimension_count", int, head_dim) != head_dim:
-        raise ValueError(f"{path}: RoPE rotates {need('rope.dimension_count')} of each head's "
-                         f"{head_dim} channels; this model rotates whole heads")
+        raise ValueError(
+            f"{path}: RoPE rotates {need('rope.dimension_count')} of each head's "
+            f"{head_dim} channels; this model rotates whole heads"
+        )
     vocab_size = need("vocab_size", int, len(field(reader, "tokenizer.ggml.tokens", [])) or None)
-    return {"model_type": "llama", "hidden_act": "silu", "hidden_size": d_model,
-            "num_attention_heads": n_head, "head_dim": head_dim,
-            "num_key_value_heads": need("attention.head_count_kv", int, n_head),
-            "num_hidden_layers": need("block_count"),
-            "intermediate_size": need("feed_forward_length"),
-            "max_position_embeddings": need("context_length"),
-            # stored as float32: its shortest decimal (1e-05, not 9.99999974738e-06)
-            "rms_norm_eps": float(str(np.float32(need("attention.layer_norm_rms_epsilon", float)))),
-            "vocab_size": vocab_size,
-            "rope_parameters": rope_parameters(reader, path, need("rope.freq_base", float, 1e4))}
+    return {
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": d_model,
+        "num_attention_heads": n_head,
+        "head_dim": head_dim,
+        "num_key_value_heads": need("attention.head_count_kv", int, n_head),
+        "num_hidden_layers": need("block_count"),
+        "intermediate_size": need("feed_forward_length"),
+        "max_position_embeddings": need("context_length"),
+        # stored as float32: its shortest decimal (1e-05, not 9.99999974738e-06)
+        "rms_norm_eps": float(str(np.float32(need("attention.layer_norm_rms_epsilon", float)))),
+        "vocab_size": vocab_size,
+        "rope_parameters": rope_parameters(reader, path, need("rope.freq_base", float, 1e4)),
+    }
 
 
 def rope_parameters(reader, path, base: float) -> dict:
     """Hugging Face rope_parameters from llama.cpp's {arch}.rope.scaling.* keys."""
+
     def key(name, default=None):
         return field(reader, f"{ARCHITECTURE}.rope.scaling.{name}", default)
 
@@ -190,13 +216,19 @@ def rope_parameters(reader, path, base: float) -> dict:
     if kind == "linear" and factor:
         return {"rope_type": "linear", "factor": float(factor), "rope_theta": base}
     if kind == "yarn" and factor and L:
-        return {"rope_type": "yarn", "factor": float(factor), "rope_theta": base,
-                "original_max_position_embeddings": int(L),
-                "beta_fast": float(key("yarn_beta_fast", 32.0)),
-                "beta_slow": float(key("yarn_beta_slow", 1.0))}
-    raise ValueError(f"{path}: rope scaling {kind!r} (factor {factor}) is not one this import "
-                     "reads: none, linear (with a factor), yarn (with a factor and "
-                     "original_context_length)")
+        return {
+            "rope_type": "yarn",
+            "factor": float(factor),
+            "rope_theta": base,
+            "original_max_position_embeddings": int(L),
+            "beta_fast": float(key("yarn_beta_fast", 32.0)),
+            "beta_slow": float(key("yarn_beta_slow", 1.0)),
+        }
+    raise ValueError(
+        f"{path}: rope scaling {kind!r} (factor {factor}) is not one this import "
+        "reads: none, linear (with a factor), yarn (with a factor and "
+        "original_context_length)"
+    )
 
 
 def read_tensors(reader, path, config: dict) -> dict[str, torch.Tensor]:
@@ -208,16 +240,21 @@ def read_tensors(reader, path, config: dict) -> dict[str, torch.Tensor]:
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
-            raise ValueError(f"{path} holds the tensor {t.name!r}, which has no place in a Llama "
-                             "model (rope_freqs.weight: Llama 3's scaling, not supported)")
+            raise ValueError(
+                f"{path} holds the tensor {t.name!r}, which has no place in a Llama "
+                "model (rope_freqs.weight: Llama 3's scaling, not supported)"
+            )
         if t.tensor_type.name not in SUPPORTED:
-            raise ValueError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}; supported: "
-                             f"{', '.join(SUPPORTED)} (llama.cpp's llama-quantize converts)")
+            raise ValueError(
+                f"{path}: tensor {t.name} is of type {t.tensor_type.name}; supported: "
+                f"{', '.join(SUPPORTED)} (llama.cpp's llama-quantize converts)"
+            )
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists the inner dim first
         if tuple(w.shape) != shape:
-            raise ValueError(f"{path}: tensor {t.name} de-quantizes to {tuple(w.shape)}, its "
-                             f"header says {shape}")
+            raise ValueError(
+                f"{path}: tensor {t.name} de-quantizes to {tuple(w.shape)}, its header says {shape}"
+            )
         qk = re.search(r"\.attn_([qk])\.", t.name)
         tensors[name] = unpermute(w, heads[qk[1]]) if qk else w
     return tensors
@@ -242,8 +279,10 @@ def read_vocabulary(reader, path) -> dict:
     split pattern is GPT-2's; end-of-text is <|endoftext|> where the vocabulary has it, else EOS."""
     model = field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"{path}: its tokenizer is {model!r}; only byte-level BPE ('gpt2') "
-                         "tokenizers can be built with tiktoken")
+        raise ValueError(
+            f"{path}: its tokenizer is {model!r}; only byte-level BPE ('gpt2') "
+            "tokenizers can be built with tiktoken"
+        )
     texts = field(reader, "tokenizer.ggml.tokens", [])
     types = field(reader, "tokenizer.ggml.token_type", [])
     if not texts or len(types) != len(texts):
@@ -258,13 +297,21 @@ def read_vocabulary(reader, path) -> dict:
         else:
             raise ValueError(f"{path}: token {i} ({text!r}) is not byte-level BPE text")
     check_merge_order(path, texts, field(reader, "tokenizer.ggml.merges", []))
-    eot = texts.index("<|endoftext|>") if "<|endoftext|>" in texts else \
-        field(reader, "tokenizer.ggml.eos_token_id")
+    eot = (
+        texts.index("<|endoftext|>")
+        if "<|endoftext|>" in texts
+        else field(reader, "tokenizer.ggml.eos_token_id")
+    )
     if not isinstance(eot, int) or not 0 <= eot < len(texts):
         raise ValueError(f"{path}: its tokenizer has no <|endoftext|> and no valid EOS ({eot!r})")
     name = field(reader, "general.basename") or Path(path).stem.split(".")[0]
-    return {"name": str(name).lower(), "pat_str": GPT2_PAT_STR, "tokens": tokens,
-            "special": special, "eot": eot}
+    return {
+        "name": str(name).lower(),
+        "pat_str": GPT2_PAT_STR,
+        "tokens": tokens,
+        "special": special,
+        "eot": eot,
+    }
 
 
 def check_merge_order(path, texts: list[str], merges: list[str]) -> None:
@@ -275,9 +322,11 @@ def check_merge_order(path, texts: list[str], merges: list[str]) -> None:
     for k, merge in enumerate(merges):
         token = ids.get(merge.replace(" ", "", 1), -1)
         if token <= last:
-            raise ValueError(f"{path}: merge {k} ({merge!r}) makes token {token}, not above the "
-                             f"previous merge's {last}: its ids are not in merge order, which "
-                             "tiktoken needs")
+            raise ValueError(
+                f"{path}: merge {k} ({merge!r}) makes token {token}, not above the "
+                f"previous merge's {last}: its ids are not in merge order, which "
+                "tiktoken needs"
+            )
         last = token
 
 
@@ -298,20 +347,30 @@ def rope_metadata(cfg: RopeConfig, dim: int, arch: str = ARCHITECTURE) -> dict:
     if cfg.type in ("default", "ntk"):
         return {k.format(arch=arch): v for k, v in meta.items()}
     if cfg.type not in ("linear", "yarn"):
-        raise ValueError(f"rope type {cfg.type!r} cannot be exported to GGUF: llama.cpp computes "
-                         "default, ntk (as a changed base), linear and yarn only (no dynamic "
-                         "scaling, no LongRoPE or Llama 3 here); extend with one of those")
+        raise ValueError(
+            f"rope type {cfg.type!r} cannot be exported to GGUF: llama.cpp computes "
+            "default, ntk (as a changed base), linear and yarn only (no dynamic "
+            "scaling, no LongRoPE or Llama 3 here); extend with one of those"
+        )
     meta.update({keys.SCALING_TYPE: cfg.type, keys.SCALING_FACTOR: cfg.factor})
     if cfg.type == "yarn":
         if not cfg.truncate:
-            raise ValueError("rope truncate=false cannot be exported to GGUF: llama.cpp rounds "
-                             "the YaRN ramp's ends out to whole pairs (truncate=true)")
+            raise ValueError(
+                "rope truncate=false cannot be exported to GGUF: llama.cpp rounds "
+                "the YaRN ramp's ends out to whole pairs (truncate=true)"
+            )
         if rope.yarn_attention_factor(cfg, cfg.factor) != rope.yarn_mscale(cfg.factor):
-            raise ValueError("a YaRN attention factor other than 0.1 ln s + 1 cannot be exported "
-                             "to GGUF: llama.cpp fixes it there (drop attention_factor / mscale)")
-        meta.update({keys.SCALING_ORIG_CTX_LEN: cfg.original_context,
-                     keys.SCALING_YARN_BETA_FAST: cfg.beta_fast,
-                     keys.SCALING_YARN_BETA_SLOW: cfg.beta_slow})
+            raise ValueError(
+                "a YaRN attention factor other than 0.1 ln s + 1 cannot be exported "
+                "to GGUF: llama.cpp fixes it there (drop attention_factor / mscale)"
+            )
+        meta.update(
+            {
+                keys.SCALING_ORIG_CTX_LEN: cfg.original_context,
+                keys.SCALING_YARN_BETA_FAST: cfg.beta_fast,
+                keys.SCALING_YARN_BETA_SLOW: cfg.beta_slow,
+            }
+        )
     return {k.format(arch=arch): v for k, v in meta.items()}
 
 
@@ -321,20 +380,34 @@ def export_vocabulary(tokenizer: str | dict) -> dict:
     (id 257, a padding row), so that the ids of any text are the byte tokenizer's."""
     if isinstance(tokenizer, dict):
         if tokenizer.get("pat_str") != GPT2_PAT_STR:
-            raise ValueError("this tokenizer splits text with another pattern than GPT-2's, which "
-                             "a GGUF's byte-level BPE ('gpt2' pre-tokenizer) would not")
+            raise ValueError(
+                "this tokenizer splits text with another pattern than GPT-2's, which "
+                "a GGUF's byte-level BPE ('gpt2' pre-tokenizer) would not"
+            )
         return tokenizer
     if tokenizer == "bytes":  # llama.cpp's BPE needs a merge: one of bytes UTF-8 never has (0xFF)
-        return {"name": "bytes", "pat_str": GPT2_PAT_STR, "special": [256], "eot": 256,
-                "tokens": [*(bytes([b]) for b in range(256)), b"<|endoftext|>", b"\xff\xff"]}
+        return {
+            "name": "bytes",
+            "pat_str": GPT2_PAT_STR,
+            "special": [256],
+            "eot": 256,
+            "tokens": [*(bytes([b]) for b in range(256)), b"<|endoftext|>", b"\xff\xff"],
+        }
     if tokenizer != "gpt2":
-        raise ValueError(f"tokenizer {tokenizer!r} is not one this export knows (gpt2, bytes, or "
-                         "an imported vocabulary)")
+        raise ValueError(
+            f"tokenizer {tokenizer!r} is not one this export knows (gpt2, bytes, or "
+            "an imported vocabulary)"
+        )
     ranks = load_ranks()
     tokens = sorted(ranks, key=ranks.get)
     assert [ranks[t] for t in tokens] == list(range(EOT))
-    return {"name": "gpt2", "pat_str": GPT2_PAT_STR, "tokens": tokens + [b"<|endoftext|>"],
-            "special": [EOT], "eot": EOT}
+    return {
+        "name": "gpt2",
+        "pat_str": GPT2_PAT_STR,
+        "tokens": tokens + [b"<|endoftext|>"],
+        "special": [EOT],
+        "eot": EOT,
+    }
 
 
 def bpe_merges(tokens: list[bytes], special) -> list[tuple[bytes, bytes]]:
@@ -346,16 +419,20 @@ def bpe_merges(tokens: list[bytes], special) -> list[tuple[bytes, bytes]]:
     for i, t in enumerate(tokens):
         if i in special or len(t) == 1:
             continue
-        parts = [t[j:j + 1] for j in range(len(t))]
+        parts = [t[j : j + 1] for j in range(len(t))]
         while len(parts) > 2:
-            rank, j = min((ranks.get(a + b, math.inf), j)
-                          for j, (a, b) in enumerate(itertools.pairwise(parts)))
+            rank, j = min(
+                (ranks.get(a + b, math.inf), j)
+                for j, (a, b) in enumerate(itertools.pairwise(parts))
+            )
             if rank >= i:
                 break
-            parts[j:j + 2] = [parts[j] + parts[j + 1]]
+            parts[j : j + 2] = [parts[j] + parts[j + 1]]
         if len(parts) != 2 or not all(ranks.get(p, i) < i for p in parts):
-            raise ValueError(f"token {i} ({t!r}) is not made by merging two tokens ranked below "
-                             "it: the vocabulary is not a byte-level BPE that llama.cpp can read")
+            raise ValueError(
+                f"token {i} ({t!r}) is not made by merging two tokens ranked below "
+                "it: the vocabulary is not a byte-level BPE that llama.cpp can read"
+            )
         merges.append(tuple(parts))
     return merges
 
@@ -365,11 +442,15 @@ def add_vocabulary(w, vocab: dict, n_vocab: int) -> None:
     rows past the vocabulary (a padded embedding) as control tokens <|pad_N|>."""
     tokens, special = vocab["tokens"], set(vocab["special"])
     if len(tokens) > n_vocab:
-        raise ValueError(f"the tokenizer has {len(tokens)} ids in GGUF, the model {n_vocab} "
-                         "rows (a byte model needs vocab_size 258 or more); pad its vocabulary")
+        raise ValueError(
+            f"the tokenizer has {len(tokens)} ids in GGUF, the model {n_vocab} "
+            "rows (a byte model needs vocab_size 258 or more); pad its vocabulary"
+        )
     encoder = {b: c for c, b in byte_decoder().items()}
-    texts = [t.decode("utf-8") if i in special else "".join(encoder[b] for b in t)
-             for i, t in enumerate(tokens)]
+    texts = [
+        t.decode("utf-8") if i in special else "".join(encoder[b] for b in t)
+        for i, t in enumerate(tokens)
+    ]
     texts += [f"<|pad_{i}|>" for i in range(len(tokens), n_vocab)]
     types = [CONTROL if i in special or i >= len(tokens) else 1 for i in range(n_vocab)]
     merges = bpe_merges(tokens, special)
@@ -383,8 +464,15 @@ def add_vocabulary(w, vocab: dict, n_vocab: int) -> None:
     w.add_add_bos_token(False)
 
 
-def write(path, hparams: dict, tensors: dict[str, torch.Tensor], vocab: dict, rope_keys: dict,
-          name: str, ftype: str = "F32") -> None:
+def write(
+    path,
+    hparams: dict,
+    tensors: dict[str, torch.Tensor],
+    vocab: dict,
+    rope_keys: dict,
+    name: str,
+    ftype: str = "F32",
+) -> None:
     """One GGUF file at path, written atomically: hparams ({arch}.* keys without the prefix:
     context_length, ...), Hugging Face-named tensors (W_q, W_k in half-split rows, permuted here;
     2-D ones in ftype, the norms F32 as llama.cpp keeps them), the vocabulary and the rope keys."""
@@ -393,8 +481,10 @@ def write(path, hparams: dict, tensors: dict[str, torch.Tensor], vocab: dict, ro
     w.add_name(name)
     w.add_basename(vocab["name"])
     w.add_file_type(FILE_TYPES[ftype])
-    for key, value in {**{f"{ARCHITECTURE}.{k}": v for k, v in hparams.items()},
-                       **rope_keys}.items():
+    for key, value in {
+        **{f"{ARCHITECTURE}.{k}": v for k, v in hparams.items()},
+        **rope_keys,
+    }.items():
         kind = {str: "STRING", int: "UINT32", float: "FLOAT32"}[type(value)]
         w.add_key_value(key, value, gguf.GGUFValueType[kind])
     add_vocabulary(w, vocab, hparams["vocab_size"])

@@ -8,12 +8,13 @@ reads it as a Llama folder's config and tensors).
     python hf.py import --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2/ckpt.pt
     python hf.py export --gguf --ckpt out/yarn --out yarn.gguf   # for llama.cpp (docs/llama_cpp.md)
 
-`LlamaForCausalLM.from_pretrained(folder)` computes the same logits: our half-split pairs are its `rotate_half`.
-A variant without a Hugging Face type exports as an exact equivalent (to_hf); dynamic_yarn, partial rotary and
-previous-token embeddings are refused. config.json also keeps our ModelConfig (RECORD_KEY), which import trusts
-only if exporting it gives config.json's Llama fields exactly (they cannot tell ntk from default).
-Import also takes an untied output head and Qwen2's q/k/v biases (model_type qwen2, no sliding
-window); export writes Llama. A GGUF import also keeps the model's tokenizer in the checkpoint.
+`LlamaForCausalLM.from_pretrained(folder)` computes the same logits: our half-split pairs are its
+`rotate_half`. A variant without a Hugging Face type exports as an exact equivalent (to_hf);
+dynamic_yarn, partial rotary and previous-token embeddings are refused. config.json also keeps our
+ModelConfig (RECORD_KEY), which import trusts only if exporting it gives config.json's Llama fields
+exactly (they cannot tell ntk from default). Import also takes an untied output head and Qwen2's
+q/k/v biases (model_type qwen2, no sliding window); export writes Llama. A GGUF import also keeps
+the model's tokenizer in the checkpoint.
 """
 
 import json
@@ -34,28 +35,55 @@ from system import DTYPES, atomic_write, check_writable, dtype_name, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints: {"weight_map": {tensor name: shard file}}
-RECORD_KEY = "yarn_from_scratch"  # our exact ModelConfig, kept in config.json for a lossless round trip
+INDEX_FILE = (
+    "model.safetensors.index.json"  # sharded checkpoints: {"weight_map": {tensor name: shard file}}
+)
+RECORD_KEY = (
+    "yarn_from_scratch"  # our exact ModelConfig, kept in config.json for a lossless round trip
+)
 
-# The config.json keys that define the network; import compares these when it decides to trust the record.
-ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
-                     "tie_word_embeddings", "attention_bias", "mlp_bias", "rope_parameters")
+# The config.json keys that define the network; import compares these when it decides to trust the
+# record.
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "rope_parameters",
+)
 
 # Names: our state_dict <-> Hugging Face Llama
-# (our name, the Hugging Face names it holds): a stacked weight of ours is theirs concatenated along the rows
+# (our name, the Hugging Face names it holds): a stacked weight of ours is theirs concatenated along
+# the rows
 PER_LAYER_NAMES = (
     ("attn_norm.weight", ("input_layernorm.weight",)),
-    ("attn.wqkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    (
+        "attn.wqkv.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ),
     ("attn.wo.weight", ("self_attn.o_proj.weight",)),
     ("mlp_norm.weight", ("post_attention_layernorm.weight",)),
-    ("mlp.w13.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),  # SwiGLU: down(silu(gate x) * up x)
+    (
+        "mlp.w13.weight",
+        ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    ),  # SwiGLU: down(silu(gate x) * up x)
     ("mlp.w2.weight", ("mlp.down_proj.weight",)),
 )
 
 
-QKV_BIAS = ("attn.wqkv.bias",  # Qwen2's
-            ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"))
+QKV_BIAS = (
+    "attn.wqkv.bias",  # Qwen2's
+    ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+)
 
 
 def weight_names(n_layer: int, qkv_bias: bool = False, tied: bool = True):
@@ -63,8 +91,10 @@ def weight_names(n_layer: int, qkv_bias: bool = False, tied: bool = True):
     names = [("tok_emb.weight", ("model.embed_tokens.weight",))]
     per_layer = PER_LAYER_NAMES + ((QKV_BIAS,) if qkv_bias else ())
     for i in range(n_layer):
-        names += [(f"blocks.{i}.{ours}", tuple(f"model.layers.{i}.{t}" for t in theirs))
-                  for ours, theirs in per_layer]
+        names += [
+            (f"blocks.{i}.{ours}", tuple(f"model.layers.{i}.{t}" for t in theirs))
+            for ours, theirs in per_layer
+        ]
     head = [] if tied else [("lm_head.weight", ("lm_head.weight",))]
     return names + [("norm.weight", ("model.norm.weight",))] + head
 
@@ -84,7 +114,12 @@ def hf_tensors(state: dict, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state_dict as Hugging Face's Llama tensors (the stacked weights split)."""
     out = {}
     for ours, theirs in config_names(config):
-        out.update(zip(theirs, state[ours].split(row_split(config, ours)) if len(theirs) > 1 else [state[ours]]))
+        out.update(
+            zip(
+                theirs,
+                state[ours].split(row_split(config, ours)) if len(theirs) > 1 else [state[ours]],
+            )
+        )
     return out
 
 
@@ -93,40 +128,61 @@ HF_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
-    """The RopeConfig of a Hugging Face `rope_parameters` dict (`rope_scaling` in older configs), reading every
-    key transformers reads, with its defaults: rope_theta 10000; L = original_max_position_embeddings, default
-    max_position_embeddings (the dynamic type always takes max_position_embeddings); a missing yarn or longrope
-    factor is max_position_embeddings / L (for longrope at least 1: below 1 it only sets the attention factor to 1,
-    as 1 does); falsy beta_fast / beta_slow are 32 / 1; truncate True."""
+    """The RopeConfig of a Hugging Face `rope_parameters` dict (`rope_scaling` in older configs),
+    reading every key transformers reads, with its defaults: rope_theta 10000; L =
+    original_max_position_embeddings, default max_position_embeddings (the dynamic type always takes
+    max_position_embeddings); a missing yarn or longrope factor is max_position_embeddings / L (for
+    longrope at least 1: below 1 it only sets the attention factor to 1, as 1 does); falsy beta_fast
+    / beta_slow are 32 / 1; truncate True."""
     if not isinstance(rope_parameters, dict):
         raise ValueError(f"rope_parameters must be a dict, got {type(rope_parameters).__name__}")
     p = rope_parameters
     kind = p.get("rope_type", p.get("type", "default"))
     if kind not in HF_TYPES:
-        raise ValueError(f"rope_type {kind!r} is not supported; supported Hugging Face types: {', '.join(HF_TYPES)}")
+        raise ValueError(
+            f"rope_type {kind!r} is not supported; supported Hugging Face types: {', '.join(HF_TYPES)}"
+        )
     if not isinstance(max_position_embeddings, int) or not 0 < max_position_embeddings <= 2**40:
-        raise ValueError(f"max_position_embeddings must be a positive int (at most 2^40), "
-                         f"got {max_position_embeddings!r}")
-    cfg = {"type": kind, "base": _number(p, "rope_theta", 10000.0),
-           "partial_rotary_factor": _number(p, "partial_rotary_factor", 1.0)}
+        raise ValueError(
+            f"max_position_embeddings must be a positive int (at most 2^40), "
+            f"got {max_position_embeddings!r}"
+        )
+    cfg = {
+        "type": kind,
+        "base": _number(p, "rope_theta", 10000.0),
+        "partial_rotary_factor": _number(p, "partial_rotary_factor", 1.0),
+    }
     if kind in ("linear", "dynamic", "llama3"):
         cfg["factor"] = _number(p, "factor")
     if kind == "dynamic":
         cfg["original_context"] = max_position_embeddings
-    if kind in ("yarn", "llama3", "longrope"):  # the types transformers reads original_max_position_embeddings for
-        L = cfg["original_context"] = p.get("original_max_position_embeddings") or max_position_embeddings
+    if kind in (
+        "yarn",
+        "llama3",
+        "longrope",
+    ):  # the types transformers reads original_max_position_embeddings for
+        L = cfg["original_context"] = (
+            p.get("original_max_position_embeddings") or max_position_embeddings
+        )
         if not isinstance(L, int) or isinstance(L, bool):
             raise ValueError(f"original_max_position_embeddings must be an int, got {L!r}")
     if kind == "llama3":
-        cfg.update(low_freq_factor=_number(p, "low_freq_factor"), high_freq_factor=_number(p, "high_freq_factor"))
+        cfg.update(
+            low_freq_factor=_number(p, "low_freq_factor"),
+            high_freq_factor=_number(p, "high_freq_factor"),
+        )
     if kind in ("yarn", "longrope"):
         derived = max_position_embeddings / L
         cfg["factor"] = _number(p, "factor", max(derived, 1.0) if kind == "longrope" else derived)
         cfg["attention_factor"] = _number(p, "attention_factor", None)
     if kind == "yarn":
-        cfg.update(beta_fast=_number(p, "beta_fast", None) or 32.0, beta_slow=_number(p, "beta_slow", None) or 1.0,
-                   truncate=bool(p.get("truncate", True)), mscale=_number(p, "mscale", None),
-                   mscale_all_dim=_number(p, "mscale_all_dim", None))
+        cfg.update(
+            beta_fast=_number(p, "beta_fast", None) or 32.0,
+            beta_slow=_number(p, "beta_slow", None) or 1.0,
+            truncate=bool(p.get("truncate", True)),
+            mscale=_number(p, "mscale", None),
+            mscale_all_dim=_number(p, "mscale_all_dim", None),
+        )
     if kind == "longrope":
         cfg.update(short_factor=_numbers(p, "short_factor"), long_factor=_numbers(p, "long_factor"))
     return RopeConfig(**cfg)
@@ -139,7 +195,9 @@ def _number(p: dict, key: str, default=_REQUIRED):
     """p[key] as a float; default where it is absent or None (a ValueError naming the key if there is none)."""
     if p.get(key) is None:
         if default is _REQUIRED:
-            raise ValueError(f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}")
+            raise ValueError(
+                f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}"
+            )
         return default
     if not rope.is_number(p[key]):
         raise ValueError(f"rope_parameters[{key!r}] must be a finite number, got {p[key]!r}")
@@ -150,28 +208,33 @@ def _numbers(p: dict, key: str) -> tuple[float, ...]:
     """p[key], a list of finite numbers (longrope's short_factor / long_factor), as a tuple of floats."""
     values = p.get(key)
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"rope_parameters of type 'longrope' needs {key!r}: a list of numbers, one per frequency "
-                         f"pair, got {values!r}")
+        raise ValueError(
+            f"rope_parameters of type 'longrope' needs {key!r}: a list of numbers, one per frequency "
+            f"pair, got {values!r}"
+        )
     for i, v in enumerate(values):
         if not rope.is_number(v):
             raise ValueError(f"rope_parameters[{key!r}][{i}] must be a finite number, got {v!r}")
     return tuple(float(v) for v in values)
 
 
-def hf_inv_freq(rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None):
+def hf_inv_freq(
+    rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+):
     """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
     return rope.frequencies(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
 
 
 def interleaved_to_half_split(dim: int) -> torch.Tensor:
-    """The permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1) become (j, j + dim/2)
-    (on the output rows of W_q and W_k it converts a Meta-layout checkpoint to ours)."""
+    """The permutation p with x_half_split = x_interleaved[..., p]: Meta's pairs (2j, 2j+1)
+    become (j, j + dim/2) (on the output rows of W_q and W_k it converts a Meta-layout checkpoint
+    to ours)."""
     return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
 def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
-    """The `rope_parameters` under which transformers computes our frequencies and attention factor; a ValueError
-    for dynamic_yarn, which transformers has no type for."""
+    """The `rope_parameters` under which transformers computes our frequencies and attention factor;
+    a ValueError for dynamic_yarn, which transformers has no type for."""
     common = {"rope_theta": cfg.base}
     if cfg.partial_rotary_factor != 1.0:
         common["partial_rotary_factor"] = cfg.partial_rotary_factor
@@ -180,51 +243,97 @@ def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
         return {"rope_type": "default", **common}
     if cfg.type == "linear":
         return {"rope_type": "linear", "factor": cfg.factor, **common}
-    if cfg.type == "ntk":  # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
-        return {"rope_type": "default", **common,
-                "rope_theta": rope.ntk_base(cfg.base, rope.rotary_dim(head_dim, cfg), cfg.factor)}
+    if (
+        cfg.type == "ntk"
+    ):  # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
+        return {
+            "rope_type": "default",
+            **common,
+            "rope_theta": rope.ntk_base(cfg.base, rope.rotary_dim(head_dim, cfg), cfg.factor),
+        }
     if cfg.type == "dynamic":  # L travels as max_position_embeddings (hf_config)
         return {"rope_type": "dynamic", "factor": cfg.factor, **common}
     if cfg.type == "llama3":
-        return {"rope_type": "llama3", **scaled, "low_freq_factor": cfg.low_freq_factor,
-                "high_freq_factor": cfg.high_freq_factor, **common}
+        return {
+            "rope_type": "llama3",
+            **scaled,
+            "low_freq_factor": cfg.low_freq_factor,
+            "high_freq_factor": cfg.high_freq_factor,
+            **common,
+        }
     if cfg.type in ("yarn", "ntk_by_parts"):  # NTK-by-parts is YaRN's ramp without its temperature
         factor = 1.0 if cfg.type == "ntk_by_parts" else rope.yarn_attention_factor(cfg, cfg.factor)
-        return {"rope_type": "yarn", **scaled, "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
-                "truncate": cfg.truncate, "attention_factor": factor, **common}
+        return {
+            "rope_type": "yarn",
+            **scaled,
+            "beta_fast": cfg.beta_fast,
+            "beta_slow": cfg.beta_slow,
+            "truncate": cfg.truncate,
+            "attention_factor": factor,
+            **common,
+        }
     if cfg.type == "longrope":
         attention = rope.longrope_rope(rope.rotary_dim(head_dim, cfg), cfg)[1]
-        return {"rope_type": "longrope", **scaled, "short_factor": list(cfg.short_factor),
-                "long_factor": list(cfg.long_factor), "attention_factor": attention, **common}
-    raise ValueError(f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); extend "
-                     "with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using this model")
+        return {
+            "rope_type": "longrope",
+            **scaled,
+            "short_factor": list(cfg.short_factor),
+            "long_factor": list(cfg.long_factor),
+            "attention_factor": attention,
+            **common,
+        }
+    raise ValueError(
+        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); extend "
+        "with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using this model"
+    )
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for LlamaForCausalLM (a plain dict; every key LlamaConfig reads that matters here)."""
     if config.prev_tokens:
-        raise ValueError(f"prev_tokens={config.prev_tokens} (previous-token embeddings) cannot be exported: "
-                         "LlamaForCausalLM has no such input")
+        raise ValueError(
+            f"prev_tokens={config.prev_tokens} (previous-token embeddings) cannot be exported: "
+            "LlamaForCausalLM has no such input"
+        )
     if config.qkv_bias:
-        raise ValueError("q/k/v biases cannot be exported: LlamaForCausalLM's attention_bias "
-                         "biases o_proj too")
+        raise ValueError(
+            "q/k/v biases cannot be exported: LlamaForCausalLM's attention_bias biases o_proj too"
+        )
     if config.rope.partial_rotary_factor != 1.0:
-        raise ValueError(f"rope partial_rotary_factor={config.rope.partial_rotary_factor} cannot be exported: "
-                         "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor "
-                         "for rope_type 'default' and fails on the others)")
+        raise ValueError(
+            f"rope partial_rotary_factor={config.rope.partial_rotary_factor} cannot be exported: "
+            "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor "
+            "for rope_type 'default' and fails on the others)"
+        )
     rope_parameters = to_hf(config.rope, config.head_dim)
-    # transformers takes the dynamic type's L from max_position_embeddings; the others read L from rope_parameters
-    max_positions = config.rope.original_context if config.rope.type == "dynamic" else config.block_size
+    # transformers takes the dynamic type's L from max_position_embeddings; the others read L from
+    # rope_parameters
+    max_positions = (
+        config.rope.original_context if config.rope.type == "dynamic" else config.block_size
+    )
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim,
-        "max_position_embeddings": max_positions, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "rope_parameters": rope_parameters, "use_cache": True,
-        "bos_token_id": None, "eos_token_id": None,  # the tokenizer's business; LlamaConfig would say 1 and 2
-        "torch_dtype": dtype_name(dtype), "dtype": dtype_name(dtype),  # the names transformers 4.x and 5.x read
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "rope_parameters": rope_parameters,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,  # the tokenizer's business; LlamaConfig would say 1 and 2
+        "torch_dtype": dtype_name(dtype),
+        "dtype": dtype_name(dtype),  # the names transformers 4.x and 5.x read
         RECORD_KEY: {"model_config": config.to_dict()},
     }
 
@@ -234,25 +343,38 @@ def _safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise ValueError("the Hugging Face format needs the safetensors package: pip install safetensors") from None
+        raise ValueError(
+            "the Hugging Face format needs the safetensors package: pip install safetensors"
+        ) from None
     return safetensors.torch
 
 
-def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, force: bool = False) -> dict:
-    """Write config.json and model.safetensors for LlamaForCausalLM into out_dir; returns the config dict.
-    dtype: cast the weights (default: as they are). Refuses a non-empty out_dir unless force (which overwrites
-    those two files and leaves any others)."""
+def export_hf(
+    model: Transformer, out_dir, dtype: torch.dtype | None = None, force: bool = False
+) -> dict:
+    """Write config.json and model.safetensors for LlamaForCausalLM into out_dir; returns the config
+    dict. dtype: cast the weights (default: as they are). Refuses a non-empty out_dir unless force
+    (which overwrites those two files and leaves any others)."""
     state = model.state_dict()
     dtype = dtype or state["tok_emb.weight"].dtype
-    config_json = hf_config(model.config, dtype)  # raises for unexportable variants before touching the disk
+    config_json = hf_config(
+        model.config, dtype
+    )  # raises for unexportable variants before touching the disk
     tied = model.config.tie_embeddings
     if tied and not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
-        raise ValueError("the model's lm_head differs from its embedding; this exporter writes tied weights only")
-    tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in hf_tensors(state, model.config).items()}
+        raise ValueError(
+            "the model's lm_head differs from its embedding; this exporter writes tied weights only"
+        )
+    tensors = {
+        k: t.detach().to("cpu", dtype).contiguous()
+        for k, t in hf_tensors(state, model.config).items()
+    }
     out = check_writable(out_dir, "--out")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"--out {out} is not empty; choose a new folder, or pass --force to overwrite "
-                         f"{CONFIG_FILE} and {WEIGHTS_FILE} there")
+        raise ValueError(
+            f"--out {out} is not empty; choose a new folder, or pass --force to overwrite "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE} there"
+        )
     out.mkdir(parents=True, exist_ok=True)
     st = _safetensors()
     # metadata format=pt: what transformers writes and expects of a PyTorch safetensors file
@@ -265,7 +387,9 @@ def export_hf(model: Transformer, out_dir, dtype: torch.dtype | None = None, for
 def read_hf_config(hf_dir) -> dict:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
-        raise ValueError(f"{hf_dir} is not a folder; pass the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise ValueError(
+            f"{hf_dir} is not a folder; pass the folder holding {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
     path = hf_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: a Hugging Face model folder needs its {CONFIG_FILE}")
@@ -288,23 +412,32 @@ def _key(c: dict, key: str, kind: type, default=None):
 
 
 def hf_rope_from_config(c: dict) -> RopeConfig:
-    """The RopeConfig of a Llama config.json, read the way transformers reads it: `rope_parameters`, or the
-    legacy `rope_scaling` + `rope_theta`; a top-level original_max_position_embeddings or partial_rotary_factor
-    applies as transformers applies it (standardize_rope_params)."""
-    params = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 5 lets rope_scaling win
+    """The RopeConfig of a Llama config.json, read the way transformers reads it: `rope_parameters`,
+    or the legacy `rope_scaling` + `rope_theta`; a top-level original_max_position_embeddings or
+    partial_rotary_factor applies as transformers applies it (standardize_rope_params)."""
+    params = (
+        c.get("rope_scaling") or c.get("rope_parameters") or {}
+    )  # transformers 5 lets rope_scaling win
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"config.json 'rope_parameters' must be one flat dict (per-layer-type RoPE is not "
-                         f"supported), got {params!r}")
+        raise ValueError(
+            f"config.json 'rope_parameters' must be one flat dict (per-layer-type RoPE is not "
+            f"supported), got {params!r}"
+        )
     params = dict(params)
     params.setdefault("rope_theta", c.get("rope_theta", 10000.0))
     if c.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", c["partial_rotary_factor"])
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind in ("yarn", "llama3", "longrope") and c.get("original_max_position_embeddings") is not None:
+    if (
+        kind in ("yarn", "llama3", "longrope")
+        and c.get("original_max_position_embeddings") is not None
+    ):
         params["original_max_position_embeddings"] = c["original_max_position_embeddings"]
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"config.json partial_rotary_factor={params['partial_rotary_factor']}: partial rotary "
-                         "is not something LlamaForCausalLM computes, so there is nothing exact to import")
+        raise ValueError(
+            f"config.json partial_rotary_factor={params['partial_rotary_factor']}: partial rotary "
+            "is not something LlamaForCausalLM computes, so there is nothing exact to import"
+        )
     try:
         return from_hf(params, _key(c, "max_position_embeddings", int, 2048))
     except ValueError as e:
@@ -312,40 +445,60 @@ def hf_rope_from_config(c: dict) -> RopeConfig:
 
 
 def model_config_from_hf(c: dict) -> ModelConfig:
-    """Our ModelConfig for a Llama config.json: the recorded one if it exports to exactly these Llama fields
-    (see the module docstring), else one derived from them. ValueError naming the key for what we lack."""
+    """Our ModelConfig for a Llama config.json: the recorded one if it exports to exactly these
+    Llama fields (see the module docstring), else one derived from them. ValueError naming the key
+    for what we lack."""
     kind = c.get("model_type", "llama")
     if kind not in ("llama", "qwen2"):
-        raise ValueError(f"config.json 'model_type' is {kind!r}; only 'llama' and 'qwen2' models "
-                         "can be imported")
+        raise ValueError(
+            f"config.json 'model_type' is {kind!r}; only 'llama' and 'qwen2' models can be imported"
+        )
     sliding = c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or ())
     if kind == "qwen2" and sliding:
-        raise ValueError("config.json sets sliding-window attention (use_sliding_window / "
-                         "layer_types); this model attends to the whole context")
+        raise ValueError(
+            "config.json sets sliding-window attention (use_sliding_window / "
+            "layer_types); this model attends to the whole context"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
-            raise ValueError(f"config.json {key!r} is true; this model's MLP and output projection "
-                             "have no biases (Qwen2's q/k/v biases import with model_type 'qwen2')")
+            raise ValueError(
+                f"config.json {key!r} is true; this model's MLP and output projection "
+                "have no biases (Qwen2's q/k/v biases import with model_type 'qwen2')"
+            )
     if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json 'hidden_act' is {c['hidden_act']!r}; this model's MLP is SwiGLU (silu) only")
+        raise ValueError(
+            f"config.json 'hidden_act' is {c['hidden_act']!r}; this model's MLP is SwiGLU (silu) only"
+        )
     d_model, n_head = _key(c, "hidden_size", int), _key(c, "num_attention_heads", int)
     head_dim = c.get("head_dim")
     if head_dim is not None and (n_head <= 0 or head_dim * n_head != d_model):
-        raise ValueError(f"config.json 'head_dim' is {head_dim} but hidden_size / num_attention_heads = "
-                         f"{d_model} / {n_head}; this model needs head_dim * num_attention_heads == hidden_size")
+        raise ValueError(
+            f"config.json 'head_dim' is {head_dim} but hidden_size / num_attention_heads = "
+            f"{d_model} / {n_head}; this model needs head_dim * num_attention_heads == hidden_size"
+        )
     n_kv_head = _key(c, "num_key_value_heads", int, n_head)
     intermediate = _key(c, "intermediate_size", int)
     try:
         derived = ModelConfig(
-            vocab_size=_key(c, "vocab_size", int), n_layer=_key(c, "num_hidden_layers", int), n_head=n_head,
-            n_kv_head=0 if n_kv_head == n_head else n_kv_head, d_model=d_model,
-            ffn_hidden=0 if intermediate == 64 * math.ceil(8 * d_model / 3 / 64) else intermediate,  # model.py's rule
-            block_size=_key(c, "max_position_embeddings", int, 2048), norm_eps=_key(c, "rms_norm_eps", float, 1e-6),
-            qkv_bias=kind == "qwen2", rope=hf_rope_from_config(c))
+            vocab_size=_key(c, "vocab_size", int),
+            n_layer=_key(c, "num_hidden_layers", int),
+            n_head=n_head,
+            n_kv_head=0 if n_kv_head == n_head else n_kv_head,
+            d_model=d_model,
+            ffn_hidden=0
+            if intermediate == 64 * math.ceil(8 * d_model / 3 / 64)
+            else intermediate,  # model.py's rule
+            block_size=_key(c, "max_position_embeddings", int, 2048),
+            norm_eps=_key(c, "rms_norm_eps", float, 1e-6),
+            qkv_bias=kind == "qwen2",
+            rope=hf_rope_from_config(c),
+        )
     except ValueError as e:
         if str(e).startswith("config.json"):
             raise
-        raise ValueError(f"config.json describes a model this repository cannot build: {e}") from None
+        raise ValueError(
+            f"config.json describes a model this repository cannot build: {e}"
+        ) from None
     return _recorded_config(c) or derived
 
 
@@ -356,7 +509,9 @@ def _recorded_config(c: dict) -> ModelConfig | None:
         return None
     try:
         recorded = ModelConfig.from_dict(record["model_config"])
-        expected = json.loads(json.dumps(hf_config(recorded)))  # JSON's view of it: what config.json would hold
+        expected = json.loads(
+            json.dumps(hf_config(recorded))
+        )  # JSON's view of it: what config.json would hold
     except (TypeError, ValueError):
         return None
     return recorded if all(expected[k] == c.get(k) for k in ARCHITECTURE_KEYS) else None
@@ -364,8 +519,8 @@ def _recorded_config(c: dict) -> ModelConfig | None:
 
 # Import: safetensors -> Transformer
 def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists (the former wins,
-    as in transformers)."""
+    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists (the
+    former wins, as in transformers)."""
     hf_dir = Path(hf_dir)
     st = _safetensors()
     if (hf_dir / WEIGHTS_FILE).is_file():
@@ -376,7 +531,11 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
         files = [hf_dir / name for name in sorted(set(index["weight_map"].values()))]
     else:
         bins = any(hf_dir.glob("pytorch_model*.bin"))
-        hint = "; it has pytorch_model*.bin files: load and re-save them with safetensors first" if bins else ""
+        hint = (
+            "; it has pytorch_model*.bin files: load and re-save them with safetensors first"
+            if bins
+            else ""
+        )
         raise ValueError(f"{hf_dir} has no {WEIGHTS_FILE} (nor a sharded {INDEX_FILE}){hint}")
     tensors = {}
     for path in files:
@@ -384,15 +543,24 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
             raise ValueError(f"weights file {path} is missing (named in {INDEX_FILE})")
         try:
             tensors.update(st.load_file(path))
-        except Exception as e:  # safetensors raises its own SafetensorError for a truncated or foreign file
-            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        except (
+            Exception
+        ) as e:  # safetensors raises its own SafetensorError for a truncated or foreign file
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(e).__name__}: {e})"
+            ) from None
     return tensors
 
 
-def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tied: bool,
-                       config: ModelConfig) -> dict:
-    """Our state_dict from Hugging Face tensors, checked against `expected` (a state_dict of the model the config
-    describes); ValueError naming missing, unexpected, misshapen or non-float tensors."""
+def state_dict_from_hf(
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    tied: bool,
+    config: ModelConfig,
+) -> dict:
+    """Our state_dict from Hugging Face tensors, checked against `expected` (a state_dict of the
+    model the config describes); ValueError naming missing, unexpected, misshapen or non-float
+    tensors."""
     tensors = dict(tensors)
     state, missing = {}, []
     for ours, theirs in config_names(config):
@@ -401,32 +569,48 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], expected: dict[str, tor
             missing += absent
             continue
         parts = [tensors.pop(t) for t in theirs]
-        wanted = expected[ours].split(row_split(config, ours)) if len(theirs) > 1 else [expected[ours]]
+        wanted = (
+            expected[ours].split(row_split(config, ours)) if len(theirs) > 1 else [expected[ours]]
+        )
         for name, tensor, want in zip(theirs, parts, wanted):
             if not tensor.is_floating_point():
-                raise ValueError(f"tensor {name} has dtype {tensor.dtype}; only floating-point weights can be imported")
+                raise ValueError(
+                    f"tensor {name} has dtype {tensor.dtype}; only floating-point weights can be imported"
+                )
             if tensor.shape != want.shape:
-                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                                 f"{tuple(want.shape)}")
+                raise ValueError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                    f"{tuple(want.shape)}"
+                )
         state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
     if missing:
-        raise ValueError(f"the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}")
+        raise ValueError(
+            f"the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}"
+        )
     if config.tie_embeddings:  # an untied head was taken with the other weights
         head = tensors.pop("lm_head.weight", None)
         if head is not None and not same_head(head, state["tok_emb.weight"]):
-            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, and "
-                             "tie_word_embeddings is true, so transformers would ignore it; set it "
-                             "to false to import the head as it is")
+            raise ValueError(
+                "lm_head.weight differs from model.embed_tokens.weight, and "
+                "tie_word_embeddings is true, so transformers would ignore it; set it "
+                "to false to import the head as it is"
+            )
         if head is None and not tied:
-            raise ValueError("config.json 'tie_word_embeddings' is false but there is no "
-                             "lm_head.weight; set it to true if the head is the embedding")
+            raise ValueError(
+                "config.json 'tie_word_embeddings' is false but there is no "
+                "lm_head.weight; set it to true if the head is the embedding"
+            )
         state["lm_head.weight"] = state["tok_emb.weight"]
-    unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))  # old files store inv_freq
+    unexpected = sorted(
+        k for k in tensors if not k.endswith("rotary_emb.inv_freq")
+    )  # old files store inv_freq
     if unexpected:
         biases = any(k.endswith(".bias") for k in unexpected)
         hint = " (biases: this model has only Qwen2's q/k/v ones)" if biases else ""
-        raise ValueError(f"the weights hold {len(unexpected)} tensors this model has no place for{hint}, "
-                         f"e.g. {unexpected[:3]}")
+        raise ValueError(
+            f"the weights hold {len(unexpected)} tensors this model has no place for{hint}, "
+            f"e.g. {unexpected[:3]}"
+        )
     return state
 
 
@@ -459,8 +643,14 @@ def import_gguf(path) -> tuple[Transformer, gguf_io.GGUFModel]:
     return model, read._replace(tensors={})
 
 
-def export_gguf(model: Transformer, tokenizer, out, dtype: torch.dtype | None = None,
-                force: bool = False, name: str = "yarn-from-scratch") -> dict:
+def export_gguf(
+    model: Transformer,
+    tokenizer,
+    out,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    name: str = "yarn-from-scratch",
+) -> dict:
     """Write the model as one GGUF file for llama.cpp (gguf_io.write): F32, or F16 with dtype
     float16; its tokenizer (a name or an imported vocabulary) and its RoPE as llama.cpp's keys.
     Refuses, before writing, what a Llama in llama.cpp cannot compute; returns the rope keys."""
@@ -469,8 +659,9 @@ def export_gguf(model: Transformer, tokenizer, out, dtype: torch.dtype | None = 
     hf_config(c)  # the refusals Llama has (previous-token embeddings, q/k/v biases, partial rotary)
     ftype = {None: "F32", torch.float32: "F32", torch.float16: "F16"}.get(dtype)
     if ftype is None:
-        raise ValueError(f"--dtype {dtype_name(dtype)} cannot be written to GGUF here; use float32 "
-                         "or float16")
+        raise ValueError(
+            f"--dtype {dtype_name(dtype)} cannot be written to GGUF here; use float32 or float16"
+        )
     vocab = gguf_io.export_vocabulary(tokenizer)
     path = check_writable(out, "--out", folder=False)
     if path.exists() and not force:
@@ -479,10 +670,16 @@ def export_gguf(model: Transformer, tokenizer, out, dtype: torch.dtype | None = 
     tensors = hf_tensors(state, c)
     if not c.tie_embeddings:
         tensors["lm_head.weight"] = state["lm_head.weight"]
-    hparams = {"context_length": c.block_size, "embedding_length": c.d_model,
-               "block_count": c.n_layer, "feed_forward_length": c.hidden_dim,
-               "attention.head_count": c.n_head, "attention.head_count_kv": c.kv_heads,
-               "attention.layer_norm_rms_epsilon": float(c.norm_eps), "vocab_size": c.vocab_size}
+    hparams = {
+        "context_length": c.block_size,
+        "embedding_length": c.d_model,
+        "block_count": c.n_layer,
+        "feed_forward_length": c.hidden_dim,
+        "attention.head_count": c.n_head,
+        "attention.head_count_kv": c.kv_heads,
+        "attention.layer_norm_rms_epsilon": float(c.norm_eps),
+        "vocab_size": c.vocab_size,
+    }
     gguf_io.write(path, hparams, tensors, vocab, rope_keys, name, ftype)
     return rope_keys
 
@@ -521,42 +718,67 @@ class ImportConfig:
 
     def __post_init__(self):
         if (self.hf_dir is None) == (self.gguf is None):
-            raise ValueError("give one of --hf_dir DIR (a Hugging Face folder) and --gguf FILE (a "
-                             "GGUF file)")
+            raise ValueError(
+                "give one of --hf_dir DIR (a Hugging Face folder) and --gguf FILE (a GGUF file)"
+            )
 
 
 def main(argv) -> None:
     commands = {"export": ExportConfig, "import": ImportConfig}
     if not argv or argv[0] not in commands:
-        raise ValueError("usage: python hf.py export --ckpt RUN --out DIR | python hf.py import "
-                         "(--hf_dir DIR | --gguf FILE) --out CKPT (`python hf.py export --help` "
-                         "lists the options)")
+        raise ValueError(
+            "usage: python hf.py export --ckpt RUN --out DIR | python hf.py import "
+            "(--hf_dir DIR | --gguf FILE) --out CKPT (`python hf.py export --help` "
+            "lists the options)"
+        )
     cls = commands[argv[0]]
-    args = flags.build(cls, flags.parse(argv[1:], flags.flag_table((cls, "")), f"python hf.py {argv[0]}"))
+    args = flags.build(
+        cls, flags.parse(argv[1:], flags.flag_table((cls, "")), f"python hf.py {argv[0]}")
+    )
     if cls is ExportConfig:
         if args.dtype is not None and args.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
         model, state = checkpoint.load_model(args.ckpt)
         if args.gguf:
-            keys = export_gguf(model, state.get("tokenizer", "gpt2"), args.out,
-                               DTYPES.get(args.dtype), args.force, f"{Path(args.ckpt).name}")
-            print(f"exported {args.ckpt} to {args.out} (GGUF, {args.dtype or 'float32'}): "
-                  + ", ".join(f"{k} {v}" for k, v in keys.items()))
+            keys = export_gguf(
+                model,
+                state.get("tokenizer", "gpt2"),
+                args.out,
+                DTYPES.get(args.dtype),
+                args.force,
+                f"{Path(args.ckpt).name}",
+            )
+            print(
+                f"exported {args.ckpt} to {args.out} (GGUF, {args.dtype or 'float32'}): "
+                + ", ".join(f"{k} {v}" for k, v in keys.items())
+            )
             r = model.config.rope
             if r.type == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
-                print(f"note: llama.cpp takes YaRN's betas from its options, not the file: run it "
-                      f"with --yarn-beta-fast {r.beta_fast:g} --yarn-beta-slow {r.beta_slow:g}")
+                print(
+                    f"note: llama.cpp takes YaRN's betas from its options, not the file: run it "
+                    f"with --yarn-beta-fast {r.beta_fast:g} --yarn-beta-slow {r.beta_slow:g}"
+                )
             return
         c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
-        print(f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
-              f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
-              f"{model.num_params():,} parameters, {c['dtype']}")
+        print(
+            f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
+            f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
+            f"{model.num_params():,} parameters, {c['dtype']}"
+        )
     elif args.hf_dir is not None:
         check_writable(args.out, "--out", folder=False)
         model = import_hf(args.hf_dir)
-        checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
-                         "provenance": {"imported_from_hf": str(args.hf_dir)}}, args.out)
-        print(f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, {model.num_params():,} parameters")
+        checkpoint.save(
+            {
+                "model_config": model.config.to_dict(),
+                "model": model.state_dict(),
+                "provenance": {"imported_from_hf": str(args.hf_dir)},
+            },
+            args.out,
+        )
+        print(
+            f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, {model.num_params():,} parameters"
+        )
     else:
         check_writable(args.out, "--out", folder=False)
         print(save_gguf_import(args.gguf, args.out))
@@ -566,16 +788,24 @@ def save_gguf_import(gguf, out) -> str:
     """Import a GGUF file and save it as a checkpoint at out, its vocabulary under "tokenizer";
     returns what was imported, in a line."""
     model, read = import_gguf(gguf)
-    checkpoint.save({"model_config": model.config.to_dict(), "model": model.state_dict(),
-                     "tokenizer": read.vocabulary,
-                     "provenance": {"imported_from_gguf": read.metadata}}, out)
+    checkpoint.save(
+        {
+            "model_config": model.config.to_dict(),
+            "model": model.state_dict(),
+            "tokenizer": read.vocabulary,
+            "provenance": {"imported_from_gguf": read.metadata},
+        },
+        out,
+    )
     c, types = model.config, ", ".join(read.metadata["tensor_types"])
-    return (f"imported {gguf} ({read.metadata['name']}; {types}) to {out}: {c.n_layer} layers, "
-            f"{c.n_head} heads ({c.kv_heads} key-value) of {c.head_dim}, rope {c.rope.type} base "
-            f"{c.rope.base:g}, "
-            f"trained context {c.block_size}, {'tied' if c.tie_embeddings else 'untied'} head, "
-            f"{model.num_params():,} parameters, tokenizer {read.vocabulary['name']} "
-            f"({len(read.vocabulary['tokens']):,} ids)")
+    return (
+        f"imported {gguf} ({read.metadata['name']}; {types}) to {out}: {c.n_layer} layers, "
+        f"{c.n_head} heads ({c.kv_heads} key-value) of {c.head_dim}, rope {c.rope.type} base "
+        f"{c.rope.base:g}, "
+        f"trained context {c.block_size}, {'tied' if c.tie_embeddings else 'untied'} head, "
+        f"{model.num_params():,} parameters, tokenizer {read.vocabulary['name']} "
+        f"({len(read.vocabulary['tokens']):,} ids)"
+    )
 
 
 if __name__ == "__main__":

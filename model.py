@@ -58,15 +58,12 @@ class ModelConfig:
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value <= 2**31:
                 raise ValueError(f"model {name} must be an int in [0, 2^31], got {value!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"model d_model ({self.d_model}) must be divisible by n_head "
-                             f"({self.n_head})")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"model n_head ({self.n_head}) must be divisible by n_kv_head "
-                             f"({self.kv_heads})")
-        if type(self.qkv_bias) is not bool or type(self.tie_embeddings) is not bool:
-            raise ValueError(f"model qkv_bias and tie_embeddings must be true or false, got "
-                             f"{self.qkv_bias!r} and {self.tie_embeddings!r}")
+        d, h, kv = self.d_model, self.n_head, self.kv_heads
+        if d % h or h % kv:
+            raise ValueError(f"model n_head {h} must divide d_model {d}, and n_kv_head {kv} n_head")
+        for name in ("qkv_bias", "tie_embeddings"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"model {name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.norm_eps, float) and 0 < self.norm_eps < 1):
             raise ValueError(f"model norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
         if not isinstance(self.rope, RopeConfig):
@@ -92,13 +89,16 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         """The config to_dict wrote; a ValueError naming unknown keys."""
         if not isinstance(d, dict) or not isinstance(d.get("rope", {}), dict):
-            raise ValueError(f"model config must be a dict whose 'rope' is a dict, "
-                             f"got {type(d).__name__}")
+            raise ValueError(
+                f"model config must be a dict, its 'rope' a dict; got {type(d).__name__}"
+            )
         for given, kind in ((d, cls), (d.get("rope", {}), RopeConfig)):
             known = [f.name for f in fields(kind)]
             if set(given) - set(known):
-                raise ValueError(f"unknown {kind.__name__} keys {sorted(set(given) - set(known))}; "
-                                 f"known: {known}")
+                raise ValueError(
+                    f"unknown {kind.__name__} keys {sorted(set(given) - set(known))}; "
+                    f"known: {known}"
+                )
         return cls(**{**d, "rope": RopeConfig(**d.get("rope", {}))})
 
 
@@ -267,8 +267,7 @@ class Transformer(nn.Module):
         device = next(self.parameters()).device
         self.rotary = Rotary(self.config.head_dim, cfg, self.config.block_size).to(device)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
-                seq_len: int | None = None, last_n: int | None = None):
+    def forward(self, idx, targets=None, cache=None, seq_len=None, last_n=None):
         """idx (B, T) -> logits (B, T, vocab), or with targets the mean cross-entropy (-1 ignored).
         With a cache, idx continues its sequence. seq_len: l' (default the cache's, else the
         sequence's). last_n: the head runs on the last n positions."""
@@ -279,8 +278,9 @@ class Transformer(nn.Module):
         if cache is not None:
             start, seq_len = cache.pos, seq_len or cache.seq_len
             if start + T > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} positions, {start} used; "
-                                 f"{T} more do not fit")
+                raise ValueError(
+                    f"KV cache holds {cache.max_len} positions, {start} used; {T} more do not fit"
+                )
         cos, sin = self.rotary(start, T, seq_len or start + T)
         x = self.embed(idx, start, cache)
         mask = None  # is_causal does it; a single query sees every key so far

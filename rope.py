@@ -191,23 +191,34 @@ def longrope_rope(dim, cfg, seq_len=None):
     divisors = torch.tensor(getattr(cfg, name), dtype=torch.float64)
     inv_freq = (base_inv_freq(dim, cfg.base) / divisors).float()
     if not bool(torch.isfinite(inv_freq).all()):
-        raise ValueError(f"rope {name} has entries so small that theta_d / {name}_d overflows "
-                         f"float32: {getattr(cfg, name)!r}")
+        raise ValueError(
+            f"rope {name} has entries so small that theta_d / {name}_d overflows "
+            f"float32: {getattr(cfg, name)!r}"
+        )
     if cfg.attention_factor is not None:
         return inv_freq, float(cfg.attention_factor)
     if s <= 1:
         return inv_freq, 1.0
     if L < 2:
-        raise ValueError(f"rope type 'longrope' with factor {s} > 1 needs original_context >= 2 "
-                         f"(its attention factor divides by ln L), got {L}; or attention_factor")
+        raise ValueError(
+            f"rope type 'longrope' with factor {s} > 1 needs original_context >= 2 "
+            f"(its attention factor divides by ln L), got {L}; or attention_factor"
+        )
     return inv_freq, math.sqrt(1 + math.log(s) / math.log(L))
 
 
 # The dispatch: a variant's name -> its function
-ROPE_VARIANTS = {"default": default_rope, "linear": linear_rope, "ntk": ntk_rope,
-                 "dynamic": dynamic_ntk_rope, "ntk_by_parts": ntk_by_parts_rope, "yarn": yarn_rope,
-                 "dynamic_yarn": dynamic_yarn_rope, "llama3": llama3_rope,
-                 "longrope": longrope_rope}
+ROPE_VARIANTS = {
+    "default": default_rope,
+    "linear": linear_rope,
+    "ntk": ntk_rope,
+    "dynamic": dynamic_ntk_rope,
+    "ntk_by_parts": ntk_by_parts_rope,
+    "yarn": yarn_rope,
+    "dynamic_yarn": dynamic_yarn_rope,
+    "llama3": llama3_rope,
+    "longrope": longrope_rope,
+}
 VARIANTS = tuple(ROPE_VARIANTS)
 DYNAMIC_VARIANTS = ("dynamic", "dynamic_yarn", "longrope")  # they read l'
 NEEDS_ORIGINAL_CONTEXT = tuple(v for v in VARIANTS if v not in ("default", "linear", "ntk"))  # L
@@ -220,12 +231,16 @@ def rotary_dim(head_dim: int, cfg: RopeConfig) -> int:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     dim = int(head_dim * cfg.partial_rotary_factor)
     if dim < 2 or dim % 2:
-        raise ValueError(f"rotary dim int(head_dim {head_dim} x partial_rotary_factor "
-                         f"{cfg.partial_rotary_factor}) = {dim} must be even and >= 2")
+        raise ValueError(
+            f"rotary dim int(head_dim {head_dim} x partial_rotary_factor "
+            f"{cfg.partial_rotary_factor}) = {dim} must be even and >= 2"
+        )
     for name in ("short_factor", "long_factor"):
         if cfg.type == "longrope" and len(getattr(cfg, name)) != dim // 2:
-            raise ValueError(f"rope {name} has {len(getattr(cfg, name))} numbers; rotary dim "
-                             f"{dim} has {dim // 2} frequency pairs (LongRoPE: one divisor each)")
+            raise ValueError(
+                f"rope {name} has {len(getattr(cfg, name))} numbers; rotary dim "
+                f"{dim} has {dim // 2} frequency pairs (LongRoPE: one divisor each)"
+            )
     return dim
 
 
@@ -263,8 +278,15 @@ def is_number(x) -> bool:
 
 
 OPTIONAL = ("attention_factor", "mscale", "mscale_all_dim")
-NUMBERS = ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor",
-           "high_freq_factor") + OPTIONAL
+NUMBERS = (
+    "base",
+    "factor",
+    "partial_rotary_factor",
+    "beta_fast",
+    "beta_slow",
+    "low_freq_factor",
+    "high_freq_factor",
+) + OPTIONAL
 
 
 def validate(cfg: RopeConfig) -> None:
@@ -274,12 +296,15 @@ def validate(cfg: RopeConfig) -> None:
     for name in NUMBERS:
         value, optional = getattr(cfg, name), name in OPTIONAL
         if not (is_number(value) or (optional and value is None)):
-            raise ValueError(f"rope {name} must be a finite number{' or None' * optional}, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"rope {name} must be a finite number{' or None' * optional}, got {value!r}"
+            )
     L = cfg.original_context
     if type(L) is not int or type(cfg.truncate) is not bool:
-        raise ValueError(f"rope original_context must be an int and truncate a bool, got {L!r} "
-                         f"and {cfg.truncate!r}")
+        raise ValueError(
+            f"rope original_context must be an int and truncate a bool, got {L!r} "
+            f"and {cfg.truncate!r}"
+        )
     for name in ("short_factor", "long_factor"):
         value = getattr(cfg, name)
         positive = isinstance(value, tuple) and all(is_number(v) and v > 0 for v in value)
@@ -290,24 +315,31 @@ def validate(cfg: RopeConfig) -> None:
     if cfg.factor < 1.0:
         raise ValueError(f"rope factor (the scale s) must be >= 1, got {cfg.factor}")
     if not 0.0 < cfg.partial_rotary_factor <= 1.0:
-        raise ValueError(f"rope partial_rotary_factor must be in (0, 1], "
-                         f"got {cfg.partial_rotary_factor}")
+        raise ValueError(
+            f"rope partial_rotary_factor must be in (0, 1], got {cfg.partial_rotary_factor}"
+        )
     if cfg.type in NEEDS_ORIGINAL_CONTEXT and L <= 0:
-        raise ValueError(f"rope type {cfg.type!r} needs original_context > 0 (L, the block size "
-                         f"it was pretrained at), got {L}")
+        raise ValueError(
+            f"rope type {cfg.type!r} needs original_context > 0 (L, the block size "
+            f"it was pretrained at), got {L}"
+        )
     if not 0 <= L <= 2**40:
         raise ValueError(f"rope original_context must be in [0, 2^40], got {L}")
     if cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"):
         if cfg.beta_slow <= 0:
             raise ValueError(f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}")
         if cfg.beta_fast <= cfg.beta_slow:
-            raise ValueError(f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow "
-                             f"({cfg.beta_slow}); the defaults are 32 and 1")
+            raise ValueError(
+                f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow "
+                f"({cfg.beta_slow}); the defaults are 32 and 1"
+            )
     if cfg.type == "llama3" and cfg.low_freq_factor <= 0:
         raise ValueError(f"rope low_freq_factor must be > 0, got {cfg.low_freq_factor}")
     if cfg.type == "llama3" and cfg.high_freq_factor <= cfg.low_freq_factor:
-        raise ValueError(f"rope high_freq_factor ({cfg.high_freq_factor}) must be > "
-                         f"low_freq_factor ({cfg.low_freq_factor})")
+        raise ValueError(
+            f"rope high_freq_factor ({cfg.high_freq_factor}) must be > "
+            f"low_freq_factor ({cfg.low_freq_factor})"
+        )
     if cfg.attention_factor is not None and cfg.attention_factor <= 0:
         raise ValueError(f"rope attention_factor must be > 0, got {cfg.attention_factor}")
     for name in ("short_factor", "long_factor"):

@@ -77,47 +77,63 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode_ordinary(prompt) if prompt else [tokenizer.eot_token]
 
 
-def fit_context(n_prompt: int, max_new_tokens: int, context: int, truncate_prompt: bool = False,
-                block_size: int | None = None) -> tuple[int, int, list[str]]:
+def fit_context(
+    n_prompt: int,
+    max_new_tokens: int,
+    context: int,
+    truncate_prompt: bool = False,
+    block_size: int | None = None,
+) -> tuple[int, int, list[str]]:
     """(prompt tokens kept from its end, new tokens, warnings) for P prompt and N new tokens in a
     context C: N lowered to C - P if P < C < P + N; a ContextError if P >= C, unless
     truncate_prompt keeps the last max(C - N, 1)."""
     warnings, keep = [], n_prompt
     if truncate_prompt and keep + max_new_tokens > context and keep > 1:
         keep = max(context - max_new_tokens, 1)
-        warnings.append(f"--truncate_prompt: kept the last {keep} of the prompt's {n_prompt} "
-                        f"tokens, to fit the context of {context}")
+        warnings.append(
+            f"--truncate_prompt: kept the last {keep} of the prompt's {n_prompt} "
+            f"tokens, to fit the context of {context}"
+        )
     if keep >= context:
         raise ContextError(
             f"the prompt is {n_prompt} tokens, too long for the context of {context} tokens (it "
             "must leave room for a new token); pass --truncate_prompt to keep its last tokens, or "
-            f"--max_context N (e.g. N = {n_prompt + max_new_tokens}) to run longer knowingly")
+            f"--max_context N (e.g. N = {n_prompt + max_new_tokens}) to run longer knowingly"
+        )
     if keep + max_new_tokens > context:
-        warnings.append(f"max_new_tokens lowered from {max_new_tokens} to {context - keep} to fit "
-                        f"the context of {context} (--max_context allows more)")
+        warnings.append(
+            f"max_new_tokens lowered from {max_new_tokens} to {context - keep} to fit "
+            f"the context of {context} (--max_context allows more)"
+        )
         max_new_tokens = context - keep
     if block_size is not None and keep + max_new_tokens > block_size:
-        warnings.append(f"the sequence (up to {keep + max_new_tokens} tokens) runs past the "
-                        f"context the model was trained at ({block_size})")
+        warnings.append(
+            f"the sequence (up to {keep + max_new_tokens} tokens) runs past the "
+            f"context the model was trained at ({block_size})"
+        )
     return keep, max_new_tokens, warnings
 
 
-def generate_text(model, tokenizer, prompt: str, args: SampleConfig, generator=None, on_text=None,
-                  on_warning=None) -> str:
+def generate_text(
+    model, tokenizer, prompt: str, args: SampleConfig, generator=None, on_text=None, on_warning=None
+) -> str:
     """The text after the prompt; on_text(piece) gets each run of whole characters as decoded,
     on_warning(message) fit_context's warnings."""
     tokens, block_size = encode_prompt(tokenizer, prompt), model.config.block_size
     if max(tokens) >= model.config.vocab_size:
-        raise ValueError(f"the prompt has token id {max(tokens)}, outside the model's vocabulary "
-                         f"of {model.config.vocab_size}: a checkpoint of another tokenizer")
+        raise ValueError(
+            f"the prompt has token id {max(tokens)}, outside the model's vocabulary "
+            f"of {model.config.vocab_size}: a checkpoint of another tokenizer"
+        )
     context = args.max_context or block_size
-    keep, n, warnings = fit_context(len(tokens), args.max_new_tokens, context, args.truncate_prompt,
-                                    block_size)
+    keep, n, warnings = fit_context(
+        len(tokens), args.max_new_tokens, context, args.truncate_prompt, block_size
+    )
     for message in warnings if on_warning else ():
         on_warning(message)
     choose = sampler(args.temperature, args.top_k, generator, vocab_limit=tokenizer.n_vocab)
     stop = tokenizer.eot_token if args.stop_at_eot else None
-    idx = torch.tensor([tokens[len(tokens) - keep:]], device=model.tok_emb.weight.device)  # (1, P)
+    idx = torch.tensor([tokens[len(tokens) - keep :]], device=model.tok_emb.weight.device)  # (1, P)
     decoder = StreamDecoder(tokenizer)
 
     def emit(piece: str) -> str:
@@ -143,16 +159,21 @@ def main(argv) -> None:
     model.to(dtype)  # the RoPE tables stay fp32
     tokenizer = get_tokenizer(state.get("tokenizer", "gpt2"))
     context, block_size = args.max_context or model.config.block_size, model.config.block_size
-    print(f"sample.py: checkpoint {args.ckpt}, step {state.get('step', '?')}, rope {rope_text}, "
-          f"context {context} (trained at {block_size}), device {device}, {dtype_name(dtype)}, "
-          f"tokenizer {tokenizer.name}", file=sys.stderr, flush=True)
+    print(
+        f"sample.py: checkpoint {args.ckpt}, step {state.get('step', '?')}, rope {rope_text}, "
+        f"context {context} (trained at {block_size}), device {device}, {dtype_name(dtype)}, "
+        f"tokenizer {tokenizer.name}",
+        file=sys.stderr,
+        flush=True,
+    )
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if i:
             print(SEPARATOR, flush=True)
         warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if i == 0 else None
-        generate_text(model, tokenizer, prompt, args, generator, partial(print, end="", flush=True),
-                      warn)
+        generate_text(
+            model, tokenizer, prompt, args, generator, partial(print, end="", flush=True), warn
+        )
         print(flush=True)
 
 

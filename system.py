@@ -32,7 +32,9 @@ def pick_device(name: str = "auto") -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={name} but CUDA is not available here; use --device=cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA devices from 0")
+        raise ValueError(
+            f"--device={name} but this machine has {torch.cuda.device_count()} CUDA devices from 0"
+        )
     return name
 
 
@@ -50,8 +52,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def atomic_write(path, data) -> None:
-    """Write data (bytes, str, or a function that writes to a binary file) to a temporary file beside path, fsync
-    it, rename it over path and fsync the folder: a crash at any moment leaves the old file or the new one."""
+    """Write data (bytes, str, or a function that writes to a binary file) to a temporary file
+    beside path, fsync it, rename it over path and fsync the folder: a crash at any moment leaves
+    the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -79,8 +82,9 @@ def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def read_json(path, fix: str, shape=None, name: str | None = None, lines: bool = False,
-              limit: int = 1 << 28):
+def read_json(
+    path, fix: str, shape=None, name: str | None = None, lines: bool = False, limit: int = 1 << 28
+):
     """The JSON value of a file the project reads back, of the shape given (shape_problem); with
     lines, the list of a JSON Lines file's values, each of that shape. Otherwise a ValueError that
     names the file (as `name`, e.g. '--config c.json'), says what is wrong, then `fix`: what wrote
@@ -92,8 +96,11 @@ def read_json(path, fix: str, shape=None, name: str | None = None, lines: bool =
             raise ValueError(f"it is over {limit:,} bytes")
         text = data.decode("utf-8")
         if lines:
-            numbered = [(i, json_line(i, line)) for i, line in enumerate(text.splitlines(), 1)
-                        if line.strip()]
+            numbered = [
+                (i, json_line(i, line))
+                for i, line in enumerate(text.splitlines(), 1)
+                if line.strip()
+            ]
             value = [v for _, v in numbered]
             problem = first(shape_problem(v, shape, f"line {i}") for i, v in numbered)
         else:
@@ -119,14 +126,22 @@ def first(problems) -> str | None:
     return next(filter(None, problems), None)
 
 
-KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
-         bool: "a bool", type(None): "null"}
+KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a bool",
+    type(None): "null",
+}
 
 
 def shape_problem(value, shape, where: str = "it") -> str | None:
     """What in a JSON value differs from shape, else None. shape: None (anything), a type or a
     tuple of types (a bool is no number), [shape] (a list of such), {key: shape} (an object with
     these keys, and maybe others), or {str: shape} (an object, every value such)."""
+
     def at(key):
         return key if where == "it" else f"{where}.{key}"
 
@@ -164,23 +179,28 @@ def check_writable(path, flag: str, folder: bool = True) -> Path:
     nearest = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
     nearest = nearest.parent if nearest == path and not folder else nearest
     if not nearest.is_dir():
-        raise ValueError(f"{flag} {path}: {nearest} is a file, so no {kind} can be made in it; "
-                         f"choose another {flag}")
+        raise ValueError(
+            f"{flag} {path}: {nearest} is a file, so no {kind} can be made in it; "
+            f"choose another {flag}"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: this process cannot write in {nearest}; "
-                         f"choose another {flag}")
+        raise ValueError(
+            f"{flag} {path}: this process cannot write in {nearest}; choose another {flag}"
+        )
     return path
 
 
 class FolderInUse(RuntimeError):
     """Another process holds the run folder's lock: exit 75 (EX_TEMPFAIL, try later), not 2: no input was wrong."""
+
     exit_code = 75
 
 
 @contextmanager
 def lock_folder(folder, flag: str):
-    """Hold folder (made if missing) while a run writes to it: flock on folder/.lock, dropped by the OS with the
-    process however it ends (no stale lock after a SIGKILL). A second process gets FolderInUse at once."""
+    """Hold folder (made if missing) while a run writes to it: flock on folder/.lock, dropped by the
+    OS with the process however it ends (no stale lock after a SIGKILL). A second process gets
+    FolderInUse at once."""
     check_writable(folder, flag)
     Path(folder).mkdir(parents=True, exist_ok=True)
     fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -188,8 +208,12 @@ def lock_folder(folder, flag: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "unknown"  # empty while it starts
-            raise FolderInUse(f"{folder} is in use by another run (pid {pid}); wait for it, or choose another {flag}")
+            pid = (
+                os.pread(fd, 20, 0).decode(errors="replace").strip() or "unknown"
+            )  # empty while it starts
+            raise FolderInUse(
+                f"{folder} is in use by another run (pid {pid}); wait for it, or choose another {flag}"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -199,10 +223,16 @@ def lock_folder(folder, flag: str):
 
 def git_commit() -> tuple[str | None, bool]:
     """(HEAD's commit hash, whether tracked files differ from it); (None, False) outside a git checkout."""
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        )
+
     try:
-        return git("rev-parse", "HEAD").stdout.strip(), bool(git("status", "--porcelain", "-uno").stdout.strip())
+        return git("rev-parse", "HEAD").stdout.strip(), bool(
+            git("status", "--porcelain", "-uno").stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         return None, False
 
@@ -216,15 +246,21 @@ def device_name(device: str) -> str:
 def provenance(device: str, argv=None) -> dict:
     """Where a run came from: commit, versions, hardware, command line."""
     commit, dirty = git_commit()
-    return {"git_commit": commit, "git_dirty": dirty, "torch": str(torch.__version__),
-            "python": platform.python_version(), "device": device_name(device),
-            "argv": None if argv is None else [str(a) for a in argv],
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "device": device_name(device),
+        "argv": None if argv is None else [str(a) for a in argv],
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 class StopOnSignal:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each step; a second SIGINT interrupts at once.
-    Handlers can only be installed from the main thread; elsewhere (a test's worker thread) signals keep theirs."""
+    """Turns SIGINT and SIGTERM into a flag the loop reads after each step; a second SIGINT
+    interrupts at once. Handlers can only be installed from the main thread; elsewhere (a test's
+    worker thread) signals keep theirs."""
 
     def __init__(self):
         self.signum, self.previous = 0, {}
@@ -236,7 +272,9 @@ class StopOnSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {
+                sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
         return self
 
     def __exit__(self, *exc):
@@ -264,10 +302,15 @@ def dist_from_env() -> Dist:
     if "RANK" not in os.environ:
         return Dist()
     try:
-        d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
+        d = Dist(
+            int(os.environ["RANK"]),
+            int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ["WORLD_SIZE"]),
+        )
     except (KeyError, ValueError) as e:
-        raise ValueError(f"RANK is set but the torchrun environment is incomplete ({e}); "
-                         "launch with torchrun") from None
+        raise ValueError(
+            f"RANK is set but the torchrun environment is incomplete ({e}); launch with torchrun"
+        ) from None
     return d if d.world > 1 else Dist()
 
 
@@ -287,9 +330,12 @@ def duration(seconds: float) -> str:
 class Throughput:
     """Tokens/s and MFU of training steps alone: mark() after an eval or a save leaves their time out."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, step: int):
+    def __init__(
+        self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, step: int
+    ):
         self.tokens_per_step, self.flops, self.peak = tokens_per_step, flops_per_token, peak_flops
-        self.intervals = []  # (steps, seconds) per measure(); the first holds start-up and compilation
+        # (steps, seconds) per measure(); the first holds start-up and compilation
+        self.intervals = []
         self.mark(step)
 
     def mark(self, step: int):
@@ -300,7 +346,9 @@ class Throughput:
         if steps_done is not None:
             self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
             self.mark(steps_done)
-        counted = self.intervals[-1:] if steps_done is not None else self.intervals[1:] or self.intervals
+        counted = (
+            self.intervals[-1:] if steps_done is not None else self.intervals[1:] or self.intervals
+        )
         steps, seconds = sum(n for n, _ in counted), sum(t for _, t in counted)
         tokens_per_s = steps * self.tokens_per_step / seconds if steps else None
         return tokens_per_s, tokens_per_s and self.peak and self.flops * tokens_per_s / self.peak
@@ -322,19 +370,24 @@ class RunLog:
         r, m, p = config["resolved"], config["model"], config["provenance"]
         step, resume = r["start_step"], r["phase"] == "resume"
         fix = "train.py logs an event a line there: delete it (the log is lost, not the checkpoint)"
-        logged = read_json(self.path, fix, {"event": str, "step": int}, lines=True) \
-            if resume and self.path.exists() else []
+        logged = (
+            read_json(self.path, fix, {"event": str, "step": int}, lines=True)
+            if resume and self.path.exists()
+            else []
+        )
         kept = [e for e in logged if e["step"] < step or (e["event"], e["step"]) == ("eval", step)]
         self.path.write_text("".join(json.dumps(event) + "\n" for event in kept))
         write_json(self.out_dir / "config.json", config)
         commit = (p["git_commit"] or "unknown")[:12] + (" (dirty)" if p["git_dirty"] else "")
         rope = m["rope"]
-        self.print(f"train.py: {r['phase']} {r['extended_from'] or ''} step {step} -> "
-                   f"{config['run']['max_steps']}, {r['params'] / 1e6:.1f}M parameters, block "
-                   f"{m['block_size']}, rope {rope['type']} (factor {rope['factor']}, L "
-                   f"{rope['original_context']}), {r['tokens_per_step']:,} tokens/step\n  "
-                   f"{p['device']} x {r['world_size']}, {r['dtype']}, torch {p['torch']}, "
-                   f"commit {commit}")
+        self.print(
+            f"train.py: {r['phase']} {r['extended_from'] or ''} step {step} -> "
+            f"{config['run']['max_steps']}, {r['params'] / 1e6:.1f}M parameters, block "
+            f"{m['block_size']}, rope {rope['type']} (factor {rope['factor']}, L "
+            f"{rope['original_context']}), {r['tokens_per_step']:,} tokens/step\n  "
+            f"{p['device']} x {r['world_size']}, {r['dtype']}, torch {p['torch']}, "
+            f"commit {commit}"
+        )
 
     def print(self, text: str):
         if self.master:
@@ -355,4 +408,5 @@ def read_text(path, what: str) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(
             f"{what} {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start} "
-            f"({e.reason}); convert it, e.g. with iconv -t utf-8") from None
+            f"({e.reason}); convert it, e.g. with iconv -t utf-8"
+        ) from None

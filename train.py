@@ -28,9 +28,21 @@ from checkpoint import check_kept, extended_config
 from config import RunConfig, new_model_config, parse_args, resumed_run_config
 from data.loader import TrainingData, load_training_data, stream_seed, window_starts, windows
 from model import ModelConfig, Transformer
-from system import (Dist, FolderInUse, RunLog, StopOnSignal, Throughput, all_reduce_sum,
-                    dist_from_env, duration, dtype_name, lock_folder, pick_device, pick_dtype,
-                    provenance)
+from system import (
+    Dist,
+    FolderInUse,
+    RunLog,
+    StopOnSignal,
+    Throughput,
+    all_reduce_sum,
+    dist_from_env,
+    duration,
+    dtype_name,
+    lock_folder,
+    pick_device,
+    pick_dtype,
+    provenance,
+)
 
 
 class TrainingError(RuntimeError):
@@ -55,8 +67,10 @@ def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
     if init == "resume":  # out_dir's checkpoint, its model and run (the settings given on top)
         path = Path(run.get("out_dir", RunConfig.out_dir)) / "ckpt.pt"
         if state is None and not path.exists():
-            raise ValueError(f"--init_from=resume but {path} does not exist; check --out_dir, or "
-                             "start with --init_from=scratch or a checkpoint to extend")
+            raise ValueError(
+                f"--init_from=resume but {path} does not exist; check --out_dir, or "
+                "start with --init_from=scratch or a checkpoint to extend"
+            )
         state = state or checkpoint.load(path)
         config = ModelConfig.from_dict(state["model_config"])
         check_kept(config, model, "a resumed run keeps its model: change it in a new --out_dir")
@@ -64,8 +78,10 @@ def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
         return Start("resume", cfg, config, state, state.get("extended_from"))
     cfg = RunConfig(**run)
     if (Path(cfg.out_dir) / "ckpt.pt").exists():
-        raise ValueError(f"{cfg.out_dir} already holds a checkpoint: continue it with "
-                         "--init_from=resume, or choose another --out_dir")
+        raise ValueError(
+            f"{cfg.out_dir} already holds a checkpoint: continue it with "
+            "--init_from=resume, or choose another --out_dir"
+        )
     if init == "scratch":
         return Start("scratch", cfg, new_model_config(model), None, None)
     path = Path(init) / "ckpt.pt" if Path(init).is_dir() else Path(init)  # a checkpoint to extend
@@ -78,8 +94,10 @@ def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
 def make_optimizer(model: Transformer, cfg: RunConfig, on_cuda: bool) -> torch.optim.AdamW:
     """AdamW, weight decay on the 2-D weights (matmuls, the tied embedding), none on norm gains."""
     params = list(model.parameters())  # the tied embedding once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     betas, fused = (cfg.beta1, cfg.beta2), True if on_cuda else None
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
 
@@ -110,8 +128,10 @@ class Run:
 def setup(start: Start, d: Dist) -> Run:
     cfg, config, state = start.cfg, start.model_config, start.state
     if cfg.grad_accum % d.world:
-        raise ValueError(f"--grad_accum ({cfg.grad_accum}) must be divisible by the number of "
-                         f"processes ({d.world}), so that the global batch stays the same")
+        raise ValueError(
+            f"--grad_accum ({cfg.grad_accum}) must be divisible by the number of "
+            f"processes ({d.world}), so that the global batch stays the same"
+        )
     data = load_training_data(cfg.data_dir, config.block_size, config.vocab_size, cfg.data_mix)
     device = pick_device(cfg.device)
     on_cuda = device.startswith("cuda")
@@ -134,8 +154,17 @@ def setup(start: Start, d: Dist) -> Run:
     if d.world > 1:  # last, once everything is checked: join the other processes
         dist.init_process_group("nccl" if on_cuda else "gloo")
         trained = DDP(model, device_ids=[d.local_rank] if on_cuda else None)
-    return Run(cfg, d, device, pick_dtype(cfg.dtype, device), model, trained, optimizer, data,
-               kept_vocabulary(state, data))
+    return Run(
+        cfg,
+        d,
+        device,
+        pick_dtype(cfg.dtype, device),
+        model,
+        trained,
+        optimizer,
+        data,
+        kept_vocabulary(state, data),
+    )
 
 
 def kept_vocabulary(state: dict | None, data: TrainingData) -> str | dict:
@@ -145,8 +174,10 @@ def kept_vocabulary(state: dict | None, data: TrainingData) -> str | dict:
     if not isinstance(vocab, dict):
         return data.tokenizer
     if vocab.get("name") != data.tokenizer:
-        raise ValueError(f"the checkpoint's vocabulary is {vocab.get('name')!r} but the data was "
-                         f"tokenized by {data.tokenizer!r}: prepare it with --tokenizer CKPT")
+        raise ValueError(
+            f"the checkpoint's vocabulary is {vocab.get('name')!r} but the data was "
+            f"tokenized by {data.tokenizer!r}: prepare it with --tokenizer CKPT"
+        )
     return vocab
 
 
@@ -207,14 +238,27 @@ def save_checkpoint(run: Run, step: int, record: dict) -> None:
     """out_dir/ckpt.pt, with record's metrics, extended_from and provenance."""
     cfg = run.cfg
     with_optimizer = step < cfg.max_steps or cfg.final_optimizer
-    checkpoint.save_numbered({
-        "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
-        "tokenizer": run.tokenizer, "step": step, "run_config": asdict(cfg),
-        **({"optimizer": run.optimizer.state_dict()} if with_optimizer else {}),
-        "metrics": dict(record["metrics"]), "extended_from": record["extended_from"],
-        "data_state": {"order": "windows seeded by (seed, step, micro-batch)", "seed": cfg.seed,
-                       "step": step}, "provenance": record["provenance"],
-    }, Path(cfg.out_dir), step, cfg.keep_checkpoints)
+    checkpoint.save_numbered(
+        {
+            "model_config": run.model.config.to_dict(),
+            "model": run.model.state_dict(),
+            "tokenizer": run.tokenizer,
+            "step": step,
+            "run_config": asdict(cfg),
+            **({"optimizer": run.optimizer.state_dict()} if with_optimizer else {}),
+            "metrics": dict(record["metrics"]),
+            "extended_from": record["extended_from"],
+            "data_state": {
+                "order": "windows seeded by (seed, step, micro-batch)",
+                "seed": cfg.seed,
+                "step": step,
+            },
+            "provenance": record["provenance"],
+        },
+        Path(cfg.out_dir),
+        step,
+        cfg.keep_checkpoints,
+    )
 
 
 def check_finite(pending: list, metrics: dict, cfg: RunConfig, saved: int | None) -> None:
@@ -222,8 +266,10 @@ def check_finite(pending: list, metrics: dict, cfg: RunConfig, saved: int | None
     values = torch.stack([loss for _, loss in pending]).tolist() if pending else []
     for (step, _), value in zip(pending, values):
         if not math.isfinite(value):
-            raise TrainingError(f"loss is {value} at step {step}; {not_saved(cfg, saved)}. "
-                                "Lower --lr or check the data")
+            raise TrainingError(
+                f"loss is {value} at step {step}; {not_saved(cfg, saved)}. "
+                "Lower --lr or check the data"
+            )
         metrics["last_train_loss"] = value
     pending.clear()
 
@@ -257,14 +303,20 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
             best = metrics["best_val_loss"]
             metrics["best_val_loss"] = val_loss if best is None else min(best, val_loss)
             log.print(f"step {step}/{cfg.max_steps} | val loss {val_loss:.4f}")
-            log.event(event="eval", step=step, val_loss=val_loss,
-                      elapsed_s=round(time.time() - t_start, 3))
+            log.event(
+                event="eval",
+                step=step,
+                val_loss=val_loss,
+                elapsed_s=round(time.time() - t_start, 3),
+            )
             speed.mark(step)
         if stopped or last or (step % cfg.ckpt_interval == 0 and step > first):
             check_finite(pending, metrics, cfg, saved)  # no save after a non-finite loss
             if not all(p.isfinite().all() for p in run.model.parameters()):
-                raise TrainingError(f"the weights became NaN/inf by step {step}; "
-                                    f"{not_saved(cfg, saved)}. Lower --lr")
+                raise TrainingError(
+                    f"the weights became NaN/inf by step {step}; "
+                    f"{not_saved(cfg, saved)}. Lower --lr"
+                )
             if run.dist.rank == 0:
                 save_checkpoint(run, step, record)
             saved = step
@@ -279,19 +331,36 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
             to_go = (cfg.max_steps - step - 1) * tokens / tokens_per_s  # start-up aside
             eta = f" | eta {duration(to_go)}" if step > first else ""
             mfu_text, elapsed = "n/a" if mfu is None else f"{100 * mfu:.1f}%", time.time() - t_start
-            log.print(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                      f"{tokens_per_s:,.0f} tok/s | mfu {mfu_text} | {elapsed:.0f}s{eta}")
+            log.print(
+                f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_s:,.0f} tok/s | mfu {mfu_text} | {elapsed:.0f}s{eta}"
+            )
             if step % cfg.log_interval == 0:  # not the early line: the curves keep their steps
-                log.event(event="train", step=step, train_loss=loss, lr=lr,
-                          tokens_per_s=tokens_per_s, mfu=mfu, elapsed_s=round(elapsed, 3))
+                log.event(
+                    event="train",
+                    step=step,
+                    train_loss=loss,
+                    lr=lr,
+                    tokens_per_s=tokens_per_s,
+                    mfu=mfu,
+                    elapsed_s=round(elapsed, 3),
+                )
         step += 1
     tokens_per_s, mfu = speed.rates()
-    return {"final_val_loss": metrics["last_val_loss"] if last else None, **metrics,
-            "final_train_loss": metrics["last_train_loss"], "steps": step,
-            "max_steps": cfg.max_steps, "tokens_per_s": tokens_per_s, "mfu": mfu,
-            "elapsed_s": round(time.time() - t_start, 3), "out_dir": str(Path(cfg.out_dir)),
-            "checkpoint": str(Path(cfg.out_dir) / "ckpt.pt"), "phase": start.phase,
-            "stopped": stopped}
+    return {
+        "final_val_loss": metrics["last_val_loss"] if last else None,
+        **metrics,
+        "final_train_loss": metrics["last_train_loss"],
+        "steps": step,
+        "max_steps": cfg.max_steps,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "elapsed_s": round(time.time() - t_start, 3),
+        "out_dir": str(Path(cfg.out_dir)),
+        "checkpoint": str(Path(cfg.out_dir) / "ckpt.pt"),
+        "phase": start.phase,
+        "stopped": stopped,
+    }
 
 
 # === The entry point
@@ -300,33 +369,57 @@ def train(run: dict, model: dict, state: dict | None = None, argv=None) -> dict:
     FolderInUse, TrainingError, SystemExit(128 + signal)."""
     d = dist_from_env()
     try:
-        with lock_folder(run.get("out_dir", RunConfig.out_dir), "--out_dir") if d.rank == 0 \
-                else nullcontext():
+        with (
+            lock_folder(run.get("out_dir", RunConfig.out_dir), "--out_dir")
+            if d.rank == 0
+            else nullcontext()
+        ):
             start = init_from(run, model, state)
             r = setup(start, d)  # under torchrun: joins the other processes
             resume = start.phase == "resume"
             step = int(start.state["step"]) if resume else 0
             metrics = {"best_val_loss": None, "last_val_loss": None, "last_train_loss": None}
             metrics.update(start.state.get("metrics", {}) if resume else {})
-            record = {"metrics": metrics, "extended_from": start.extended_from,
-                      "provenance": {**provenance(r.device, argv), "world_size": d.world}}
-            resolved = {"phase": start.phase, "device": r.device, "dtype": dtype_name(r.dtype),
-                        "world_size": d.world, "tokens_per_step": tokens_per_step(r),
-                        "warmup_steps": r.cfg.warmup, "min_lr": r.cfg.final_lr, "start_step": step,
-                        "extended_from": start.extended_from, "tokenizer": r.data.tokenizer,
-                        "params": r.model.num_params()}
+            record = {
+                "metrics": metrics,
+                "extended_from": start.extended_from,
+                "provenance": {**provenance(r.device, argv), "world_size": d.world},
+            }
+            resolved = {
+                "phase": start.phase,
+                "device": r.device,
+                "dtype": dtype_name(r.dtype),
+                "world_size": d.world,
+                "tokens_per_step": tokens_per_step(r),
+                "warmup_steps": r.cfg.warmup,
+                "min_lr": r.cfg.final_lr,
+                "start_step": step,
+                "extended_from": start.extended_from,
+                "tokenizer": r.data.tokenizer,
+                "params": r.model.num_params(),
+            }
             log = RunLog(r.cfg.out_dir, master=d.rank == 0)
-            log.start({"run": asdict(r.cfg), "model": r.model.config.to_dict(),  # config.json
-                       "provenance": record["provenance"], "resolved": resolved})
+            log.start(
+                {
+                    "run": asdict(r.cfg),
+                    "model": r.model.config.to_dict(),  # config.json
+                    "provenance": record["provenance"],
+                    "resolved": resolved,
+                }
+            )
             with StopOnSignal() as stopper:
                 summary = loop(r, start, record, log, stopper)
         if summary["stopped"] is None:
-            log.print(f"done: val loss {summary['final_val_loss']:.4f} at step {summary['steps']}; "
-                      f"checkpoint {summary['checkpoint']}")
+            log.print(
+                f"done: val loss {summary['final_val_loss']:.4f} at step {summary['steps']}; "
+                f"checkpoint {summary['checkpoint']}"
+            )
         else:
-            log.print(f"stopped ({summary['stopped']}) at step {summary['steps']}; checkpoint "
-                      f"{summary['checkpoint']}; continue with --init_from=resume "
-                      f"--out_dir={r.cfg.out_dir}")
+            log.print(
+                f"stopped ({summary['stopped']}) at step {summary['steps']}; checkpoint "
+                f"{summary['checkpoint']}; continue with --init_from=resume "
+                f"--out_dir={r.cfg.out_dir}"
+            )
         if summary["stopped"] not in (None, "stop_at_step"):
             raise SystemExit(128 + signal.Signals[summary["stopped"]].value)
         return summary

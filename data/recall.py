@@ -1,8 +1,9 @@
-"""Recall-shaped training data, so that a small model learns to copy within CPU minutes (the main job's cpu preset).
-A mix rewrites the windows train.py draws, seeded by (seed, step, micro-batch) like them, so a resume sees the same
-data. `induction` tiles a random string over each window, the task on which a copy (induction) circuit forms in a
-few hundred steps; `recall` mixes natural windows, natural ones with random strings planted twice, and tiled
-strings. The strings are bytes (lowercase, as the probe's needles, or printable ASCII): the byte tokenizer only.
+"""Recall-shaped training data, so that a small model learns to copy within CPU minutes (the main
+job's cpu preset). A mix rewrites the windows train.py draws, seeded by (seed, step, micro-batch)
+like them, so a resume sees the same data. `induction` tiles a random string over each window, the
+task on which a copy (induction) circuit forms in a few hundred steps; `recall` mixes natural
+windows, natural ones with random strings planted twice, and tiled strings. The strings are bytes
+(lowercase, as the probe's needles, or printable ASCII): the byte tokenizer only.
 """
 
 import numpy as np
@@ -17,21 +18,25 @@ def random_string(rng: np.random.Generator, n: int, alphabet: np.ndarray) -> np.
     return rng.choice(alphabet, size=n, replace=n > len(alphabet))
 
 
-def tiled(rng: np.random.Generator, length: int, shortest: int, longest: int, alphabet: np.ndarray) -> np.ndarray:
+def tiled(
+    rng: np.random.Generator, length: int, shortest: int, longest: int, alphabet: np.ndarray
+) -> np.ndarray:
     """One random string of shortest..longest symbols, repeated to fill `length`."""
     s = random_string(rng, int(rng.integers(shortest, longest + 1)), alphabet)
     return np.tile(s, length // len(s) + 1)[:length]
 
 
 def plant_pairs(window: np.ndarray, rng: np.random.Generator, pairs: int) -> None:
-    """Write `pairs` random strings of 8-32 symbols into the window, each twice: at p and again d >= its length
-    later, d uniform up to what the window allows."""
+    """Write `pairs` random strings of 8-32 symbols into the window, each twice: at p and again d >=
+    its length later, d uniform up to what the window allows."""
     length = len(window)
     for _ in range(pairs):
         n = min(int(rng.integers(8, 33)), length // 2)
         d = int(rng.integers(n, max(n, length - n) + 1))
         p = int(rng.integers(0, length - n - d + 1))
-        window[p : p + n] = window[p + d : p + d + n] = random_string(rng, n, (LOWERCASE, PRINTABLE)[rng.integers(2)])
+        window[p : p + n] = window[p + d : p + d + n] = random_string(
+            rng, n, (LOWERCASE, PRINTABLE)[rng.integers(2)]
+        )
 
 
 def mix(windows: np.ndarray, kind: str, seed: int) -> np.ndarray:

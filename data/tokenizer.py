@@ -36,18 +36,23 @@ class DataError(ValueError):
 
 
 def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
-    """Read a .tiktoken ranks file ("<base64 token> <rank>" per line) after checking its hash. Not with tiktoken's
-    load_tiktoken_bpe, which returns a cached copy when one is present, so a corrupt file here could go unnoticed."""
+    """Read a .tiktoken ranks file ("<base64 token> <rank>" per line) after checking its hash. Not
+    with tiktoken's load_tiktoken_bpe, which returns a cached copy when one is present, so a corrupt
+    file here could go unnoticed."""
     path = Path(path)
     restore = f"restore it with `git checkout data/{path.name}`"
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(f"cannot read the GPT-2 BPE ranks file {path} ({e.strerror}); {restore}") from None
+        raise DataError(
+            f"cannot read the GPT-2 BPE ranks file {path} ({e.strerror}); {restore}"
+        ) from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
-        raise DataError(f"the GPT-2 BPE ranks file {path} is corrupt (sha256 {digest[:12]}..., "
-                        f"expected {expected_sha256[:12]}...); {restore}")
+        raise DataError(
+            f"the GPT-2 BPE ranks file {path} is corrupt (sha256 {digest[:12]}..., "
+            f"expected {expected_sha256[:12]}...); {restore}"
+        )
     ranks = {}
     for line in data.splitlines():
         if line:
@@ -95,10 +100,16 @@ def named_tokenizer(name: str):
     if name == "bytes":
         return ByteTokenizer()
     if name != "gpt2":
-        raise DataError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}, or a "
-                        "checkpoint holding a vocabulary (hf.py import --gguf writes one)")
-    enc = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=load_ranks(),
-                            special_tokens={"<|endoftext|>": EOT})
+        raise DataError(
+            f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}, or a "
+            "checkpoint holding a vocabulary (hf.py import --gguf writes one)"
+        )
+    enc = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=load_ranks(),
+        special_tokens={"<|endoftext|>": EOT},
+    )
     assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT
     return enc
 
@@ -108,10 +119,12 @@ class VocabularyEncoding(tiktoken.Encoding):
 
     def __init__(self, vocab: dict):
         tokens, special = vocab["tokens"], set(vocab["special"])
-        super().__init__(name=vocab["name"], pat_str=vocab["pat_str"],
-                         mergeable_ranks={t: i for i, t in enumerate(tokens) if i not in special},
-                         special_tokens={tokens[i].decode("utf-8", "replace"): i
-                                         for i in sorted(special)})
+        super().__init__(
+            name=vocab["name"],
+            pat_str=vocab["pat_str"],
+            mergeable_ranks={t: i for i, t in enumerate(tokens) if i not in special},
+            special_tokens={tokens[i].decode("utf-8", "replace"): i for i in sorted(special)},
+        )
         self._eot = vocab["eot"]
 
     @property
@@ -125,9 +138,11 @@ _BUILT: dict[str, VocabularyEncoding] = {}  # by the vocabulary's sha256
 def vocabulary_sha256(vocab: dict) -> str:
     """A hash of all that decides a vocabulary's ids; a DataError if it is not a vocabulary."""
     if not _valid(vocab):
-        raise DataError("a tokenizer vocabulary must be a dict of name and pat_str (strings), "
-                        "tokens (distinct non-empty bytes, one per id), special (ids) and eot (an "
-                        "id); this one is not: import the model again")
+        raise DataError(
+            "a tokenizer vocabulary must be a dict of name and pat_str (strings), "
+            "tokens (distinct non-empty bytes, one per id), special (ids) and eot (an "
+            "id); this one is not: import the model again"
+        )
     h = hashlib.sha256(repr([vocab["pat_str"], sorted(vocab["special"]), vocab["eot"]]).encode())
     for t in vocab["tokens"]:
         h.update(len(t).to_bytes(4, "little") + t)
@@ -139,11 +154,15 @@ def _valid(vocab) -> bool:
     if not isinstance(vocab, dict) or not keys <= set(vocab):
         return False
     tokens, ids = vocab["tokens"], vocab["special"]
-    return (all(isinstance(vocab[k], str) and vocab[k] for k in ("name", "pat_str"))
-            and isinstance(tokens, list) and len(tokens) > 0
-            and all(isinstance(t, bytes) and t for t in tokens) and len(set(tokens)) == len(tokens)
-            and isinstance(ids, list) and all(type(i) is int and 0 <= i < len(tokens)
-                                              for i in [*ids, vocab["eot"]]))
+    return (
+        all(isinstance(vocab[k], str) and vocab[k] for k in ("name", "pat_str"))
+        and isinstance(tokens, list)
+        and len(tokens) > 0
+        and all(isinstance(t, bytes) and t for t in tokens)
+        and len(set(tokens)) == len(tokens)
+        and isinstance(ids, list)
+        and all(type(i) is int and 0 <= i < len(tokens) for i in [*ids, vocab["eot"]])
+    )
 
 
 def describe(name: str | dict) -> dict:
@@ -152,8 +171,10 @@ def describe(name: str | dict) -> dict:
     if isinstance(name, dict):
         return {"name": name.get("name"), "sha256": vocabulary_sha256(name)}
     get_tokenizer(name)
-    return {"name": name, **({"file": RANKS_PATH.name, "sha256": RANKS_SHA256} if name == "gpt2"
-                             else {})}
+    return {
+        "name": name,
+        **({"file": RANKS_PATH.name, "sha256": RANKS_SHA256} if name == "gpt2" else {}),
+    }
 
 
 def read_vocabulary(path) -> dict:
@@ -164,23 +185,27 @@ def read_vocabulary(path) -> dict:
     path = Path(path)
     path = path / "ckpt.pt" if path.is_dir() else path
     if not path.is_file() or not zipfile.is_zipfile(path):
-        raise DataError(f"tokenizer {str(path)!r} is neither {' nor '.join(TOKENIZERS)} nor a "
-                        "checkpoint file")
+        raise DataError(
+            f"tokenizer {str(path)!r} is neither {' nor '.join(TOKENIZERS)} nor a checkpoint file"
+        )
     try:
         vocab = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("tokenizer")
     except Exception as e:  # a corrupt archive, a refused pickle
         raise DataError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e})") from None
     if not isinstance(vocab, dict):
-        raise DataError(f"checkpoint {path} holds no vocabulary (its tokenizer is "
-                        f"{vocab or 'gpt2'!r}); pass that name, or a checkpoint from "
-                        "`hf.py import --gguf`")
+        raise DataError(
+            f"checkpoint {path} holds no vocabulary (its tokenizer is "
+            f"{vocab or 'gpt2'!r}); pass that name, or a checkpoint from "
+            "`hf.py import --gguf`"
+        )
     vocabulary_sha256(vocab)
     return vocab
 
 
 class StreamDecoder:
-    """Token ids in, complete characters out: a token may hold part of a UTF-8 character ("日" is three bytes), so
-    the bytes go through an incremental UTF-8 decoder. Invalid bytes and unknown ids (padding rows) become U+FFFD."""
+    """Token ids in, complete characters out: a token may hold part of a UTF-8 character ("日" is
+    three bytes), so the bytes go through an incremental UTF-8 decoder. Invalid bytes and unknown
+    ids (padding rows) become U+FFFD."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -188,8 +213,12 @@ class StreamDecoder:
 
     def push(self, tokens) -> str:
         """The characters that the new tokens complete (possibly "")."""
-        known = [self.tokenizer.decode_bytes([t]) if 0 <= t < self.tokenizer.n_vocab else "\ufffd".encode()
-                 for t in tokens]
+        known = [
+            self.tokenizer.decode_bytes([t])
+            if 0 <= t < self.tokenizer.n_vocab
+            else "\ufffd".encode()
+            for t in tokens
+        ]
         return self.utf8.decode(b"".join(known))
 
     def flush(self) -> str:

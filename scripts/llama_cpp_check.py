@@ -63,15 +63,23 @@ def bins(n: int, L: int | None) -> list[tuple[int, int]]:
 
 def compare(ours: np.ndarray, theirs: np.ndarray, tokens: list[int], L: int | None) -> list[dict]:
     """Per bin of positions [a, b): mean |delta log p(true next token)| and top-1 agreement of
-    two (n, V) log-prob arrays; position i predicts tokens[i + 1] (the last position predicts nothing)."""
+    two (n, V) log-prob arrays; position i predicts tokens[i + 1] (the last position predicts
+    nothing)."""
     n = len(tokens) - 1
     target = np.asarray(tokens[1:])
     lp = [a[np.arange(n), target] for a in (ours[:n], theirs[:n])]
     agree = ours[:n].argmax(-1) == theirs[:n].argmax(-1)
     delta = np.abs(lp[0] - lp[1])
-    return [{"positions": f"{a}-{min(b, n)}", "mean_abs_delta": float(delta[a:b].mean()),
-             "top1_agreement": float(agree[a:b].mean()), "ours_nll": float(-lp[0][a:b].mean()),
-             "llama_cpp_nll": float(-lp[1][a:b].mean())} for a, b in bins(n + 1, L)]
+    return [
+        {
+            "positions": f"{a}-{min(b, n)}",
+            "mean_abs_delta": float(delta[a:b].mean()),
+            "top1_agreement": float(agree[a:b].mean()),
+            "ours_nll": float(-lp[0][a:b].mean()),
+            "llama_cpp_nll": float(-lp[1][a:b].mean()),
+        }
+        for a, b in bins(n + 1, L)
+    ]
 
 
 def log_softmax(logits) -> np.ndarray:
@@ -91,18 +99,23 @@ def llama_cpp_log_probs(path, tokens: list[int], rope, explicit: bool) -> np.nda
 
     settings = {"yarn_beta_fast": rope.beta_fast, "yarn_beta_slow": rope.beta_slow}
     if explicit and rope.type == "yarn":
-        settings.update(rope_scaling_type=llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
-                        rope_freq_scale=1 / rope.factor, yarn_orig_ctx=rope.original_context,
-                        yarn_ext_factor=1.0)
-    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens), n_batch=512, logits_all=True,
-                          verbose=False, **settings)
+        settings.update(
+            rope_scaling_type=llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
+            rope_freq_scale=1 / rope.factor,
+            yarn_orig_ctx=rope.original_context,
+            yarn_ext_factor=1.0,
+        )
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=len(tokens), n_batch=512, logits_all=True, verbose=False, **settings
+    )
     llm.eval(tokens)
     return log_softmax(llm.scores[: len(tokens)])
 
 
 def main(argv) -> None:
-    args, overrides = checkpoint.parse_rope_swap(argv, LlamaCppConfig,
-                                                 "python scripts/llama_cpp_check.py", __doc__)
+    args, overrides = checkpoint.parse_rope_swap(
+        argv, LlamaCppConfig, "python scripts/llama_cpp_check.py", __doc__
+    )
     for name in ("text", "gguf"):
         if getattr(args, name) and not Path(getattr(args, name)).is_file():
             raise ValueError(f"--{name} {getattr(args, name)} is not a file; give a file's path")
@@ -118,8 +131,10 @@ def main(argv) -> None:
     text = Path(args.text).read_text(encoding="utf-8")
     tokens = tokenizer.encode_ordinary(text)[: args.tokens]
     if len(tokens) < args.tokens:
-        raise ValueError(f"--text {args.text} has {len(tokens)} tokens, fewer than --tokens "
-                         f"{args.tokens}; give a longer document")
+        raise ValueError(
+            f"--text {args.text} has {len(tokens)} tokens, fewer than --tokens "
+            f"{args.tokens}; give a longer document"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.gguf or args.out or Path(tmp) / "model.gguf")
         if not args.gguf:
@@ -128,15 +143,21 @@ def main(argv) -> None:
     rope = model.config.rope
     L = rope.original_context or None if rope.type != "default" else None
     scaled = f" (s {rope.factor:g}, L {L})" if L else ""
-    print(f"{args.ckpt}: rope {rope.type}{scaled}, {len(tokens)} tokens of "
-          f"{Path(args.text).name}, llama.cpp on {args.gguf or 'its F32 export'}, settings from "
-          f"the file{' and passed explicitly' if args.explicit else ''}")
-    print(f"{'positions':>13} {'mean |d logp|':>14} {'top-1 agree':>12} {'nll ours':>9} "
-          f"{'llama.cpp':>9}")
+    print(
+        f"{args.ckpt}: rope {rope.type}{scaled}, {len(tokens)} tokens of "
+        f"{Path(args.text).name}, llama.cpp on {args.gguf or 'its F32 export'}, settings from "
+        f"the file{' and passed explicitly' if args.explicit else ''}"
+    )
+    print(
+        f"{'positions':>13} {'mean |d logp|':>14} {'top-1 agree':>12} {'nll ours':>9} "
+        f"{'llama.cpp':>9}"
+    )
     for row in compare(ours(model, tokens), theirs, tokens, L):
-        print(f"{row['positions']:>13} {row['mean_abs_delta']:>14.6f} "
-              f"{100 * row['top1_agreement']:>11.1f}% {row['ours_nll']:>9.4f} "
-              f"{row['llama_cpp_nll']:>9.4f}")
+        print(
+            f"{row['positions']:>13} {row['mean_abs_delta']:>14.6f} "
+            f"{100 * row['top1_agreement']:>11.1f}% {row['ours_nll']:>9.4f} "
+            f"{row['llama_cpp_nll']:>9.4f}"
+        )
 
 
 if __name__ == "__main__":

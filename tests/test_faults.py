@@ -1,10 +1,11 @@
 """Fault injection for train.py: "nothing lost".
 
-A tiny CPU run (d_model 32, 1 layer, block 16, batch 2, 40 steps, a checkpoint every step) is SIGKILLed again and
-again at random moments -- some while out_dir/ckpt.pt is being written -- and resumed with --init_from=resume each
-time. After every kill the checkpoints on disk must load (never half a file); at the end the run must hold exactly
-the weights, optimizer state, step and metrics of the same run done in one go. Also: a NaN loss leaves the last
-good checkpoint byte for byte as it was, and SIGINT saves and exits 130.
+A tiny CPU run (d_model 32, 1 layer, block 16, batch 2, 40 steps, a checkpoint every step) is
+SIGKILLed again and again at random moments -- some while out_dir/ckpt.pt is being written -- and
+resumed with --init_from=resume each time. After every kill the checkpoints on disk must load (never
+half a file); at the end the run must hold exactly the weights, optimizer state, step and metrics of
+the same run done in one go. Also: a NaN loss leaves the last good checkpoint byte for byte as it
+was, and SIGINT saves and exits 130.
 
 Runs are forked from one long-lived launcher process that has imported torch and train.py once (a
 fresh interpreter costs seconds per start on a shared 2-core machine); each forked child runs
@@ -40,9 +41,24 @@ BLOCK = 16
 MAX_STEPS = 40
 TARGET_KILLS = 10  # kills attempted before the run is let finish
 MIN_KILLS = 8
-TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "block_size": BLOCK, "batch_size": 2, "max_steps": MAX_STEPS,
-        "ckpt_interval": 1, "keep_checkpoints": 2, "eval_interval": 20, "eval_batches": 1, "log_interval": 1,
-        "lr": 3e-3, "seed": 1234, "dtype": "float32", "compile": "false", "device": "cpu"}
+TINY = {
+    "d_model": 32,
+    "n_layer": 1,
+    "n_head": 2,
+    "block_size": BLOCK,
+    "batch_size": 2,
+    "max_steps": MAX_STEPS,
+    "ckpt_interval": 1,
+    "keep_checkpoints": 2,
+    "eval_interval": 20,
+    "eval_batches": 1,
+    "log_interval": 1,
+    "lr": 3e-3,
+    "seed": 1234,
+    "dtype": "float32",
+    "compile": "false",
+    "device": "cpu",
+}
 
 # A process that imports train.py once, then forks one child per request; the child runs train.py's
 # command line with its stdout/stderr in a log file and exits with the CLI's code. Replies: the
@@ -88,8 +104,14 @@ for line in sys.stdin:
 class Launcher:
     def __init__(self):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=REPO, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def start(self, argv: list[str], log: Path, nan_at_step: int | None = None) -> "Child":
@@ -152,7 +174,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def flags(data_dir: Path, out_dir: Path, **overrides) -> list[str]:
-    return [f"--{k}={v}" for k, v in {**TINY, "data_dir": data_dir, "out_dir": out_dir, **overrides}.items()]
+    return [
+        f"--{k}={v}"
+        for k, v in {**TINY, "data_dir": data_dir, "out_dir": out_dir, **overrides}.items()
+    ]
 
 
 def temp_files(out_dir: Path) -> set[str]:
@@ -226,13 +251,16 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
             assert child.wait() == 0, child.output()[-3000:]
             break
         mode = rng.choice(["write", "write", "delay", "early"])
-        if mode == "write":  # the k-th checkpoint write of this attempt: kill while its temp file exists
+        if (
+            mode == "write"
+        ):  # the k-th checkpoint write of this attempt: kill while its temp file exists
             k = rng.randint(1, 3)
             seen: set[str] = set()
 
             def writing():
                 seen.update(temp_files(out) - before)
                 return len(seen) >= k
+
             alive = wait_for(child, writing)
             if alive:
                 time.sleep(rng.uniform(0, 0.004))
@@ -255,8 +283,10 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
             stale |= left
         last_step = check_on_disk(out, last_step)
 
-    print(f"survived {kills} SIGKILLs ({during_write} left a checkpoint half-written) in {attempts} runs; "
-          f"stale temp files: {len(temp_files(out))}")
+    print(
+        f"survived {kills} SIGKILLs ({during_write} left a checkpoint half-written) in {attempts} runs; "
+        f"stale temp files: {len(temp_files(out))}"
+    )
     assert kills >= MIN_KILLS
     assert during_write >= 2, "no kill landed during a checkpoint write"
 
@@ -270,9 +300,12 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
     same(a["optimizer"], b["optimizer"], "optimizer")
     same(a["metrics"], b["metrics"], "metrics")
     assert events(out) == events(ref)  # every step's loss logged once, the same as uninterrupted
-    assert sorted(p.name for p in out.glob("ckpt*.pt")) == sorted(p.name for p in ref.glob("ckpt*.pt"))
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == sorted(
+        p.name for p in ref.glob("ckpt*.pt")
+    )
 
-    # What a kill mid-write leaves: its temp file. Nothing reads it (every load above ignored it) and the later
+    # What a kill mid-write leaves: its temp file. Nothing reads it (every load above ignored it)
+    # and the later
     # saves were not disturbed by it; no clean save leaves one. Whether they pile up: the next test.
     assert temp_files(out) <= stale
 
@@ -286,10 +319,14 @@ def test_stale_temp_file_is_ignored_by_load_and_save(launcher, data_dir, tmp_pat
     stale = out / ".ckpt.pt.k1ll3d.tmp"
     stale.write_bytes(good[: len(good) // 2])
     assert checkpoint.load(out)["step"] == 2
-    child = launcher.start(flags(data_dir, out, init_from="resume", max_steps=4), tmp_path / "b.txt")
+    child = launcher.start(
+        flags(data_dir, out, init_from="resume", max_steps=4), tmp_path / "b.txt"
+    )
     assert child.wait() == 0, child.output()
     assert checkpoint.load(out)["step"] == 4
-    assert not stale.exists(), "a resumed run leaves the stale temp file of the interrupted one in out_dir"
+    assert not stale.exists(), (
+        "a resumed run leaves the stale temp file of the interrupted one in out_dir"
+    )
 
 
 def sha(path: Path) -> str:
@@ -297,20 +334,26 @@ def sha(path: Path) -> str:
 
 
 @pytest.mark.parametrize("ckpt_interval, log_interval", [(2, 1), (1, 100)])
-def test_nan_loss_leaves_the_last_good_checkpoint_byte_identical(launcher, data_dir, tmp_path, ckpt_interval,
-                                                                  log_interval):
-    # log_interval 100: the NaN is found only by the check before the next save, which must then not save
+def test_nan_loss_leaves_the_last_good_checkpoint_byte_identical(
+    launcher, data_dir, tmp_path, ckpt_interval, log_interval
+):
+    # log_interval 100: the NaN is found only by the check before the next save, which must then not
+    # save
     out = tmp_path / "nan"
     common = dict(max_steps=12, ckpt_interval=ckpt_interval, log_interval=log_interval)
     child = launcher.start(flags(data_dir, out, stop_at_step=4, **common), tmp_path / "a.txt")
     assert child.wait() == 0, child.output()[-3000:]
     files = {p.name: sha(p) for p in out.glob("ckpt*.pt")}
     assert "ckpt.pt" in files and "ckpt_4.pt" in files
-    child = launcher.start(flags(data_dir, out, init_from="resume", **common), tmp_path / "b.txt", nan_at_step=4)
+    child = launcher.start(
+        flags(data_dir, out, init_from="resume", **common), tmp_path / "b.txt", nan_at_step=4
+    )
     assert child.wait() == 1, child.output()[-3000:]
     err = child.output()
     assert "error: loss is nan at step 4" in err and "step 4" in err and "Traceback" not in err, err
-    assert {p.name: sha(p) for p in out.glob("ckpt*.pt")} == files  # nothing written, nothing deleted
+    assert {
+        p.name: sha(p) for p in out.glob("ckpt*.pt")
+    } == files  # nothing written, nothing deleted
     assert not temp_files(out)
     state = checkpoint.load(out / "ckpt.pt")
     assert state["step"] == 4
@@ -323,8 +366,10 @@ def test_nan_loss_leaves_the_last_good_checkpoint_byte_identical(launcher, data_
 
 def test_sigint_saves_and_exits_130(launcher, data_dir, tmp_path):
     out = tmp_path / "int"
-    child = launcher.start(flags(data_dir, out, max_steps=100000, ckpt_interval=100000, eval_interval=100000),
-                           tmp_path / "int.txt")
+    child = launcher.start(
+        flags(data_dir, out, max_steps=100000, ckpt_interval=100000, eval_interval=100000),
+        tmp_path / "int.txt",
+    )
     assert wait_for(child, lambda: "step 3/" in child.output()), child.output()
     child.kill(signal.SIGINT)
     assert child.wait() == 130, child.output()[-3000:]
@@ -334,30 +379,50 @@ def test_sigint_saves_and_exits_130(launcher, data_dir, tmp_path):
     logged = max(s for (kind, s) in events(out) if kind == "train")
     assert state["step"] == logged + 1  # the step in progress was finished and saved
     assert not temp_files(out)
-    child = launcher.start(flags(data_dir, out, init_from="resume", max_steps=state["step"] + 2), tmp_path / "r.txt")
+    child = launcher.start(
+        flags(data_dir, out, init_from="resume", max_steps=state["step"] + 2), tmp_path / "r.txt"
+    )
     assert child.wait() == 0, child.output()[-3000:]
     assert checkpoint.load(out / "ckpt.pt")["step"] == state["step"] + 2
 
 
-# One run per folder: a lock on out_dir (system.lock_folder), which the operating system drops with its holder
-def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharmed(launcher, data_dir, tmp_path):
-    out, endless = tmp_path / "busy", dict(max_steps=100000, ckpt_interval=100000, eval_interval=100000)
+# One run per folder: a lock on out_dir (system.lock_folder), which the operating system drops with
+# its holder
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharmed(
+    launcher, data_dir, tmp_path
+):
+    out, endless = (
+        tmp_path / "busy",
+        dict(max_steps=100000, ckpt_interval=100000, eval_interval=100000),
+    )
     first = launcher.start(flags(data_dir, out, **endless), tmp_path / "first.txt")
     assert wait_for(first, lambda: "step 3/" in first.output()), first.output()
-    # a second `python train.py` on the same folder (the launcher runs one child at a time); the timeout is a hang
+    # a second `python train.py` on the same folder (the launcher runs one child at a time); the
+    # timeout is a hang
     # guard: a refused run must not wait for the lock
-    second = subprocess.run([sys.executable, "train.py", *flags(data_dir, out, **endless)], cwd=REPO, timeout=300,
-                            capture_output=True, text=True)
+    second = subprocess.run(
+        [sys.executable, "train.py", *flags(data_dir, out, **endless)],
+        cwd=REPO,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert second.returncode == 75, second.stderr[-3000:]
-    assert f"error: {out} is in use by another run (pid {first.pid}); wait for it, or choose another --out_dir" \
-        in second.stderr and "Traceback" not in second.stderr, second.stderr
+    assert (
+        f"error: {out} is in use by another run (pid {first.pid}); wait for it, or choose another --out_dir"
+        in second.stderr
+        and "Traceback" not in second.stderr
+    ), second.stderr
     assert first.poll() is None  # refused while the first still held the folder, not after it ended
     first.kill(signal.SIGINT)
     assert first.wait() == 130, first.output()[-3000:]
     stopped = checkpoint.load(out / "ckpt.pt")
-    # unharmed: the same weights, optimizer state and metrics as the run alone, stopped at the same step
+    # unharmed: the same weights, optimizer state and metrics as the run alone, stopped at the same
+    # step
     ref = tmp_path / "alone"
-    child = launcher.start(flags(data_dir, ref, stop_at_step=stopped["step"], **endless), tmp_path / "ref.txt")
+    child = launcher.start(
+        flags(data_dir, ref, stop_at_step=stopped["step"], **endless), tmp_path / "ref.txt"
+    )
     assert child.wait() == 0, child.output()[-3000:]
     alone = checkpoint.load(ref / "ckpt.pt")
     for key in ("step", "model", "optimizer", "metrics"):
@@ -366,24 +431,53 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharm
 
 def test_a_sigkilled_run_leaves_an_out_dir_the_next_run_can_take(launcher, data_dir, tmp_path):
     out = tmp_path / "killed"
-    child = launcher.start(flags(data_dir, out, max_steps=100000, ckpt_interval=2), tmp_path / "a.txt")
+    child = launcher.start(
+        flags(data_dir, out, max_steps=100000, ckpt_interval=2), tmp_path / "a.txt"
+    )
     assert wait_for(child, lambda: "step 5/" in child.output()), child.output()
     child.kill()
     assert child.wait() == -signal.SIGKILL
-    assert (out / ".lock").read_text().split() == [str(child.pid)]  # the file stays; its lock went with the process
-    child = launcher.start(flags(data_dir, out, init_from="resume", max_steps=8), tmp_path / "b.txt")
+    assert (out / ".lock").read_text().split() == [
+        str(child.pid)
+    ]  # the file stays; its lock went with the process
+    child = launcher.start(
+        flags(data_dir, out, init_from="resume", max_steps=8), tmp_path / "b.txt"
+    )
     assert child.wait() == 0, child.output()[-3000:]
     assert checkpoint.load(out / "ckpt.pt")["step"] == 8
 
 
 def test_reproduce_on_a_busy_runs_folder_exits_75_before_writing(tmp_path):
     runs = tmp_path / "runs"
-    with system.lock_folder(runs, "--runs"):  # this process holds the folder, as a running main job would
-        proc = subprocess.run([sys.executable, "reproduce.py", "--preset", "tiny", "--device", "cpu", "--runs", runs,
-                               "--out", tmp_path / "report", "--data_dir", tmp_path / "data", "--data_source",
-                               Path(sysconfig.get_paths()["stdlib"]) / "json"],
-                              cwd=REPO, timeout=300, capture_output=True, text=True)  # the timeout: a hang guard
+    with system.lock_folder(
+        runs, "--runs"
+    ):  # this process holds the folder, as a running main job would
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "reproduce.py",
+                "--preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--runs",
+                runs,
+                "--out",
+                tmp_path / "report",
+                "--data_dir",
+                tmp_path / "data",
+                "--data_source",
+                Path(sysconfig.get_paths()["stdlib"]) / "json",
+            ],
+            cwd=REPO,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )  # the timeout: a hang guard
     assert proc.returncode == 75, proc.stderr[-3000:]
-    assert f"error: {runs} is in use by another run (pid {os.getpid()}); wait for it, or choose another --runs" \
-        in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        f"error: {runs} is in use by another run (pid {os.getpid()}); wait for it, or choose another --runs"
+        in proc.stderr
+        and "Traceback" not in proc.stderr
+    ), proc.stderr
     assert [p.name for p in runs.iterdir()] == [".lock"] and not (tmp_path / "data").exists()

@@ -31,29 +31,42 @@ from rope import RopeConfig  # noqa: E402
 PLAIN = RopeConfig()
 YARN = RopeConfig(type="yarn", factor=4.0, original_context=32)
 TEXT = tiny_gguf.prose()[:3000] + "\nnaïve café — 日本語 🙂 \t  x = f(1, 2)  \n"
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="pip install llama-cpp-python")
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="pip install llama-cpp-python"
+)
 
 
 def toy(tmp_path, rope=PLAIN, tokenizer="bytes", vocab_size=320, seed=0, **kw) -> Path:
     """A random toy checkpoint; W_q and W_k scaled up so that attention depends on position."""
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                         block_size=128, rope=rope, **kw)
+    config = ModelConfig(
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        block_size=128,
+        rope=rope,
+        **kw,
+    )
     model = Transformer(config)
     with torch.no_grad():
         for block in model.blocks:
             block.attn.wqkv.weight.mul_(8)
     path = tmp_path / "toy.pt"
-    checkpoint.save({"model_config": config.to_dict(), "model": model.state_dict(),
-                     "tokenizer": tokenizer}, path)
+    checkpoint.save(
+        {"model_config": config.to_dict(), "model": model.state_dict(), "tokenizer": tokenizer},
+        path,
+    )
     return path
 
 
 def round_trip(tmp_path, ckpt: Path, *extra) -> tuple[Path, Path]:
     out, back = tmp_path / "toy.gguf", tmp_path / "back.pt"
-    assert flags.cli(hf.main, ["export", "--gguf", "--ckpt", str(ckpt), "--out", str(out),
-                               *extra]) == 0
+    assert (
+        flags.cli(hf.main, ["export", "--gguf", "--ckpt", str(ckpt), "--out", str(out), *extra])
+        == 0
+    )
     assert flags.cli(hf.main, ["import", "--gguf", str(out), "--out", str(back)]) == 0
     return out, back
 
@@ -65,8 +78,11 @@ def logits(ckpt: Path, n: int = 120) -> torch.Tensor:
         return model(x)
 
 
-@pytest.mark.parametrize("rope, tied", [(PLAIN, True), (YARN, True), (YARN, False)],
-                         ids=["plain", "yarn s=4", "yarn s=4, untied head"])
+@pytest.mark.parametrize(
+    "rope, tied",
+    [(PLAIN, True), (YARN, True), (YARN, False)],
+    ids=["plain", "yarn s=4", "yarn s=4, untied head"],
+)
 def test_f32_round_trip_gives_identical_logits_rope_and_config(tmp_path, rope, tied):
     ckpt = toy(tmp_path, rope, tie_embeddings=tied)
     out, back = round_trip(tmp_path, ckpt)
@@ -79,8 +95,13 @@ def test_f32_round_trip_gives_identical_logits_rope_and_config(tmp_path, rope, t
     assert meta["llama.rope.scaling.type"] == ("yarn" if rope.type == "yarn" else "none")
     if rope.type == "yarn":
         scaling = {k.split(".")[-1]: v for k, v in meta.items() if ".scaling." in k}
-        assert scaling == {"type": "yarn", "factor": 4.0, "original_context_length": 32,
-                           "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0}
+        assert scaling == {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_context_length": 32,
+            "yarn_beta_fast": 32.0,
+            "yarn_beta_slow": 1.0,
+        }
     assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
     assert ("output.weight" in {t.name for t in reader.tensors}) == (not tied)
 
@@ -114,8 +135,10 @@ def test_builtin_tokenizers_give_the_same_ids(tmp_path, tokenizer):
 def test_an_imported_model_round_trips_with_its_vocabulary(tmp_path):
     tiny_gguf.write(tmp_path / "tiny.gguf", qk_scale=1.0)
     first = tmp_path / "first.pt"
-    assert flags.cli(hf.main, ["import", "--gguf", str(tmp_path / "tiny.gguf"), "--out",
-                               str(first)]) == 0
+    assert (
+        flags.cli(hf.main, ["import", "--gguf", str(tmp_path / "tiny.gguf"), "--out", str(first)])
+        == 0
+    )
     _, back = round_trip(tmp_path, first)
     a, b = checkpoint.load(first), checkpoint.load(back)
     assert a["tokenizer"] == b["tokenizer"] and a["model_config"] == b["model_config"]
@@ -137,15 +160,30 @@ def test_ntk_exports_exactly_as_a_changed_base(tmp_path):
 
 
 BAD = {
-    "dynamic yarn": ({"rope": RopeConfig(type="dynamic_yarn", factor=4.0, original_context=32)},
-                     "rope type 'dynamic_yarn' cannot be exported to GGUF"),
-    "dynamic ntk": ({"rope": RopeConfig(type="dynamic", factor=2.0, original_context=32)},
-                    "rope type 'dynamic' cannot"),
-    "longrope": ({"rope": RopeConfig(type="longrope", factor=4.0, original_context=32,
-                                     short_factor=(1.0,) * 8, long_factor=(2.0,) * 8)},
-                 "rope type 'longrope' cannot"),
-    "yarn without temperature": ({"rope": YARN.replace(attention_factor=1.0)},
-                                 "attention factor other than 0.1 ln s"),
+    "dynamic yarn": (
+        {"rope": RopeConfig(type="dynamic_yarn", factor=4.0, original_context=32)},
+        "rope type 'dynamic_yarn' cannot be exported to GGUF",
+    ),
+    "dynamic ntk": (
+        {"rope": RopeConfig(type="dynamic", factor=2.0, original_context=32)},
+        "rope type 'dynamic' cannot",
+    ),
+    "longrope": (
+        {
+            "rope": RopeConfig(
+                type="longrope",
+                factor=4.0,
+                original_context=32,
+                short_factor=(1.0,) * 8,
+                long_factor=(2.0,) * 8,
+            )
+        },
+        "rope type 'longrope' cannot",
+    ),
+    "yarn without temperature": (
+        {"rope": YARN.replace(attention_factor=1.0)},
+        "attention factor other than 0.1 ln s",
+    ),
     "yarn untruncated": ({"rope": YARN.replace(truncate=False)}, "truncate=false"),
     "previous tokens": ({"prev_tokens": 2}, "prev_tokens=2"),
     "q/k/v biases": ({"qkv_bias": True}, "q/k/v biases"),
@@ -219,6 +257,8 @@ def test_llama_cpp_takes_yarn_betas_from_its_options_not_the_file(tmp_path, caps
 
     def worst(r):
         theirs = llama_cpp_check.llama_cpp_log_probs(out, tokens, r, False)
-        return max(row["mean_abs_delta"] for row in llama_cpp_check.compare(ours, theirs, tokens, 32))
+        return max(
+            row["mean_abs_delta"] for row in llama_cpp_check.compare(ours, theirs, tokens, 32)
+        )
 
     assert worst(rope) < 1e-3 and worst(YARN) > 1e-2  # YARN: llama-cpp-python's own 32 / 1

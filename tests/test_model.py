@@ -1,9 +1,11 @@
-"""Tests for model.py: the decoder that carries the RoPE variants of the YaRN paper (Peng et al., arXiv 2309.00071).
+"""Tests for model.py: the decoder that carries the RoPE variants of the YaRN paper (Peng et al.,
+arXiv 2309.00071).
 
-Tiny models (vocab 97, d_model 32, 4 heads of 8, 1-2 layers, pretraining context L = 16), CPU, float64 wherever a
-result is compared with a reference. Rope base 100 rather than 10000 so that every pair turns noticeably inside a
-few dozen positions and a wrong rotation shows. Weights are redrawn at std 1/sqrt(fan_in) (`sharp`) where positions
-must matter: at the init's std 0.02 attention is nearly uniform and RoPE changes hardly reach the logits.
+Tiny models (vocab 97, d_model 32, 4 heads of 8, 1-2 layers, pretraining context L = 16), CPU,
+float64 wherever a result is compared with a reference. Rope base 100 rather than 10000 so that
+every pair turns noticeably inside a few dozen positions and a wrong rotation shows. Weights are
+redrawn at std 1/sqrt(fan_in) (`sharp`) where positions must matter: at the init's std 0.02
+attention is nearly uniform and RoPE changes hardly reach the logits.
 
 The groups:
   1 SDPA parity with a float64 reference (YaRN temperature included), every available backend
@@ -49,31 +51,45 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def longrope_factors(pairs: int, factor: float) -> dict:
-    """LongRoPE divisors of the shape its search finds: near 1 for the fast pairs, rising to s for the slowest;
-    the short ones milder."""
-    return {"short_factor": tuple(1.0 + 0.1 * d for d in range(pairs)),
-            "long_factor": tuple(1.0 + (factor - 1.0) * (d + 1) / pairs for d in range(pairs))}
+    """LongRoPE divisors of the shape its search finds: near 1 for the fast pairs, rising to s for
+    the slowest; the short ones milder."""
+    return {
+        "short_factor": tuple(1.0 + 0.1 * d for d in range(pairs)),
+        "long_factor": tuple(1.0 + (factor - 1.0) * (d + 1) / pairs for d in range(pairs)),
+    }
 
 
 def rope_config(variant: str, factor: float = S, pairs: int = 4, **kw) -> RopeConfig:
-    """Variant `variant` extending L = 16 by `factor`; the dynamic ones with factor 1 (plain RoPE up to L), except
-    LongRoPE (whose factor only sets its attention factor). pairs: |D|/2, for LongRoPE's per-pair divisors."""
+    """Variant `variant` extending L = 16 by `factor`; the dynamic ones with factor 1 (plain RoPE up
+    to L), except LongRoPE (whose factor only sets its attention factor). pairs: |D|/2, for
+    LongRoPE's per-pair divisors."""
     kw.setdefault("base", BASE)
     if variant == "default":
         return RopeConfig(**kw)
     if variant in ("linear", "ntk"):
         return RopeConfig(type=variant, factor=factor, **kw)
     if variant == "longrope":
-        return RopeConfig(type=variant, factor=factor, original_context=L, **longrope_factors(pairs, factor), **kw)
+        return RopeConfig(
+            type=variant, factor=factor, original_context=L, **longrope_factors(pairs, factor), **kw
+        )
     if variant in DYNAMIC_VARIANTS:
         return RopeConfig(type=variant, factor=1.0, original_context=L, **kw)
     return RopeConfig(type=variant, factor=factor, original_context=L, **kw)
 
 
-def model_config(variant="default", n_layer=2, n_head=4, n_kv_head=0, d_model=32, **rope_kw) -> ModelConfig:
+def model_config(
+    variant="default", n_layer=2, n_head=4, n_kv_head=0, d_model=32, **rope_kw
+) -> ModelConfig:
     pairs = int(d_model // n_head * rope_kw.get("partial_rotary_factor", 1.0)) // 2
-    return ModelConfig(vocab_size=V, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
-                       block_size=L, rope=rope_config(variant, pairs=pairs, **rope_kw))
+    return ModelConfig(
+        vocab_size=V,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        d_model=d_model,
+        block_size=L,
+        rope=rope_config(variant, pairs=pairs, **rope_kw),
+    )
 
 
 def make_model(variant="default", seed=0, dtype=torch.float64, sharp=True, **kw) -> Transformer:
@@ -95,8 +111,17 @@ def max_diff(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def sample_tokens(model, idx, n, temperature=1.0, top_k=None, generator=None, vocab_limit=None,
-                  rule="follow", stop_token=None):
+def sample_tokens(
+    model,
+    idx,
+    n,
+    temperature=1.0,
+    top_k=None,
+    generator=None,
+    vocab_limit=None,
+    rule="follow",
+    stop_token=None,
+):
     """generate.generate choosing with generate.sampler: the new tokens (B,), one by one."""
     choose = generate.sampler(temperature, top_k, generator, vocab_limit)
     return generate.generate(model, idx, n, choose, rule, stop_token=stop_token)
@@ -118,12 +143,14 @@ def fresh_tables(model: Transformer, length: int, seq_len=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in float64
+# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in
+# float64
 
 
 def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotate_half form, float64: x * cos + rotate_half(x) * sin on the first 2*angles.shape[-1]
-    channels (half-split pairs j, j + |D|/2), the rest passed through. angles (T, |D|/2)."""
+    """Hugging Face's rotate_half form, float64: x * cos + rotate_half(x) * sin on the first
+    2*angles.shape[-1] channels (half-split pairs j, j + |D|/2), the rest passed through. angles (T,
+    |D|/2)."""
     half = angles.shape[-1]
     rot, rest = x[..., : 2 * half], x[..., 2 * half :]
     cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
@@ -144,10 +171,12 @@ def attention_weights(attn, config: ModelConfig):
     return wq, wk, wv, attn.wo.weight.detach().double().cpu()
 
 
-def reference_attention(attn, x: torch.Tensor, config: ModelConfig, inv_t: float | None = None) -> torch.Tensor:
-    """The module's output recomputed from its weights in float64. The temperature multiplies the whole logit, as
-    the paper writes it (softmax(q^T k / (t sqrt(|D|))), default 1/t = yarn_inv_t), not folded into the rotation;
-    only the frequencies come from rope.py."""
+def reference_attention(
+    attn, x: torch.Tensor, config: ModelConfig, inv_t: float | None = None
+) -> torch.Tensor:
+    """The module's output recomputed from its weights in float64. The temperature multiplies the
+    whole logit, as the paper writes it (softmax(q^T k / (t sqrt(|D|))), default 1/t = yarn_inv_t),
+    not folded into the rotation; only the frequencies come from rope.py."""
     x = x.detach().double().cpu()
     wq, wk, wv, wo = attention_weights(attn, config)
     B, T, _ = x.shape
@@ -168,7 +197,12 @@ def reference_attention(attn, x: torch.Tensor, config: ModelConfig, inv_t: float
     return y.transpose(1, 2).reshape(B, T, H * hd) @ wo.T
 
 
-BACKENDS = (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+BACKENDS = (
+    SDPBackend.MATH,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+)
 NOT_AVAILABLE = ("No available kernel", "No viable backend")
 
 
@@ -182,7 +216,8 @@ def under_each_backend(fn) -> dict:
                 with sdpa_kernel(backend):
                     results[backend.name] = fn()
         except RuntimeError as e:
-            # a cuDNN graph that fails to build for these small shapes is cuDNN's limit, not a wrong answer
+            # a cuDNN graph that fails to build for these small shapes is cuDNN's limit, not a wrong
+            # answer
             cudnn_refused = backend == SDPBackend.CUDNN_ATTENTION and "cudnn" in str(e).lower()
             if not cudnn_refused and not any(m in str(e) for m in NOT_AVAILABLE):
                 raise
@@ -230,16 +265,26 @@ def test_attention_equals_float64_reference_with_yarn_temperature(device, dtype,
     attn = model.blocks[0].attn
     expected = reference_attention(attn, x, model.config)
     without_temperature = reference_attention(attn, x, model.config, inv_t=1.0)
-    assert max_diff(expected, without_temperature) > 20 * tol  # the temperature matters for these weights
+    assert (
+        max_diff(expected, without_temperature) > 20 * tol
+    )  # the temperature matters for these weights
     outputs = attention_outputs(model, x)
     if device == "cuda" and (dtype == torch.bfloat16 or n_kv_head == model.config.n_head):
-        # measured on an H200, torch 2.11: fp32 with grouped-query heads has only the math kernel (flash and cuDNN
+        # measured on an H200, torch 2.11: fp32 with grouped-query heads has only the math kernel
+        # (flash and cuDNN
         # take half precision, the efficient kernel no enable_gqa); every other case has a fused one
-        assert set(outputs) - {"MATH"}, "on CUDA a fused kernel (flash, efficient or cuDNN) should run"
+        assert set(outputs) - {"MATH"}, (
+            "on CUDA a fused kernel (flash, efficient or cuDNN) should run"
+        )
     for name, out in outputs.items():
         assert out.dtype == dtype and out.shape == expected.shape
-        torch.testing.assert_close(out.double().cpu(), expected, atol=tol, rtol=tol,
-                                   msg=lambda m, name=name: f"backend {name}: {m}")
+        torch.testing.assert_close(
+            out.double().cpu(),
+            expected,
+            atol=tol,
+            rtol=tol,
+            msg=lambda m, name=name: f"backend {name}: {m}",
+        )
         assert not torch.allclose(out.double().cpu(), without_temperature, atol=tol, rtol=tol), (
             f"backend {name}: the output also matches attention without the YaRN temperature"
         )
@@ -254,15 +299,21 @@ def test_partial_rotary_attention_equals_reference(variant):
     x = random_input(model)
     expected = reference_attention(model.blocks[0].attn, x, model.config, inv_t=1.0)
     for name, out in attention_outputs(model, x).items():
-        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, name=name: f"backend {name}: {m}")
+        torch.testing.assert_close(
+            out.double(),
+            expected,
+            atol=1e-5,
+            rtol=1e-5,
+            msg=lambda m, name=name: f"backend {name}: {m}",
+        )
 
 
 def test_yarn_temperature_with_partial_rotary_scales_the_rotated_share():
-    """With partial rotary the attention factor, folded into cos and sin, multiplies only the rotated channels: their
-    share of q.k gets 1/t and the pass-through channels' share keeps temperature 1. This is what transformers'
-    partial-rotary models (Phi, GPT-NeoX) compute; rope.apply_rope documents it. The paper's whole-logit temperature
-    is a different function, and this test tells them apart."""
+    """With partial rotary the attention factor, folded into cos and sin, multiplies only the
+    rotated channels: their share of q.k gets 1/t and the pass-through channels' share keeps
+    temperature 1. This is what transformers' partial-rotary models (Phi, GPT-NeoX) compute;
+    rope.apply_rope documents it. The paper's whole-logit temperature is a different function, and
+    this test tells them apart."""
     model = make_model("yarn", factor=8.0, partial_rotary_factor=0.5, dtype=torch.float32)
     attn, config = model.blocks[0].attn, model.config
     x = random_input(model)
@@ -289,8 +340,13 @@ def test_yarn_temperature_with_partial_rotary_scales_the_rotated_share():
     whole_logit = attend((rotated_share + passed_share) * yarn_inv_t(config) / math.sqrt(hd))
     assert (expected - whole_logit).abs().max() > 1e-3  # the two conventions really differ here
     for name, out in attention_outputs(model, x).items():
-        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, name=name: f"backend {name}: {m}")
+        torch.testing.assert_close(
+            out.double(),
+            expected,
+            atol=1e-5,
+            rtol=1e-5,
+            msg=lambda m, name=name: f"backend {name}: {m}",
+        )
 
 
 def test_attention_factor_of_yarn_is_the_papers_temperature():
@@ -299,16 +355,24 @@ def test_attention_factor_of_yarn_is_the_papers_temperature():
         model = make_model("yarn", factor=s)
         cos, sin = model.rotary(0, 40, 40)
         norm = (cos.double() ** 2 + sin.double() ** 2).sqrt()
-        torch.testing.assert_close(norm, torch.full_like(norm, 0.1 * math.log(s) + 1), atol=1e-6, rtol=0)
-    cos, sin = make_model("default").rotary(0, 40, 40)  # a column per rotated channel: 8 of head_dim 8
-    torch.testing.assert_close(cos.double() ** 2 + sin.double() ** 2, torch.ones(40, 8, dtype=torch.float64))
+        torch.testing.assert_close(
+            norm, torch.full_like(norm, 0.1 * math.log(s) + 1), atol=1e-6, rtol=0
+        )
+    cos, sin = make_model("default").rotary(
+        0, 40, 40
+    )  # a column per rotated channel: 8 of head_dim 8
+    torch.testing.assert_close(
+        cos.double() ** 2 + sin.double() ** 2, torch.ones(40, 8, dtype=torch.float64)
+    )
 
 
 def test_cache_mask_shape_and_pattern():
     """Queries at positions 4, 5, 6 of a cache of 8 see the keys up to their own position, never the rest."""
     mask = make_model("default").new_cache(1, 8).mask(torch.tensor([4, 5, 6]))
-    expected = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]],
-                            dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
 
 
@@ -325,7 +389,9 @@ def test_future_tokens_do_not_change_past_logits(variant, T, data):
     model = make_model(variant, n_kv_head=data.draw(st.sampled_from([4, 2, 1]), label="n_kv_head"))
     idx = tokens(2, T, seed=T)
     other = idx.clone()
-    other[:, cut:] = (idx[:, cut:] + 1 + tokens(2, T - cut, seed=cut) % (V - 1)) % V  # every future token differs
+    other[:, cut:] = (
+        idx[:, cut:] + 1 + tokens(2, T - cut, seed=cut) % (V - 1)
+    ) % V  # every future token differs
     with torch.no_grad():
         a, b = model(idx, seq_len=seq_len), model(other, seq_len=seq_len)
     torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=1e-12, rtol=0)
@@ -338,8 +404,9 @@ def test_future_tokens_do_not_change_past_logits(variant, T, data):
 
 @st.composite
 def cache_plans(draw):
-    """(T, prefill, chunk_end, extra capacity, n_kv_head): prefill [0, prefill), one chunk [prefill, chunk_end),
-    then token by token to T; chunk_end == prefill + 1 is pure token-by-token decoding."""
+    """(T, prefill, chunk_end, extra capacity, n_kv_head): prefill [0, prefill), one chunk
+    [prefill, chunk_end), then token by token to T; chunk_end == prefill + 1 is pure
+    token-by-token decoding."""
     T = draw(st.integers(2, 40))
     prefill = draw(st.integers(1, T - 1))
     chunk_end = draw(st.integers(prefill + 1, T))
@@ -430,7 +497,9 @@ def test_cache_dtype_and_shape_follow_the_model():
     model = make_model("default", n_kv_head=2, dtype=torch.float32)
     cache = model.new_cache(3, 11)
     assert len(cache.k) == len(cache.v) == model.config.n_layer
-    assert cache.k[0].shape == (3, 2, 11, model.config.head_dim) and cache.k[0].dtype == torch.float32
+    assert (
+        cache.k[0].shape == (3, 2, 11, model.config.head_dim) and cache.k[0].dtype == torch.float32
+    )
     assert make_model("default").new_cache(1, 4).v[1].dtype == torch.float64
 
 
@@ -440,8 +509,9 @@ def test_cache_dtype_and_shape_follow_the_model():
 
 
 def short_context_twin(variant: str) -> Transformer:
-    """A model with the same weights (same seed) computing what `variant` computes while l' <= L: plain RoPE for
-    the dynamic scalings; for LongRoPE, the same config with the long factors replaced by the short ones."""
+    """A model with the same weights (same seed) computing what `variant` computes while l' <= L:
+    plain RoPE for the dynamic scalings; for LongRoPE, the same config with the long factors
+    replaced by the short ones."""
     if variant != "longrope":
         return make_model("default")
     twin = make_model(variant)
@@ -466,9 +536,15 @@ def test_dynamic_variant_depends_on_seq_len_only_past_L(variant):
         else:
             assert max_diff(at_64, at_32) > 1e-3
         long = tokens(2, 40)
-        assert max_diff(model(long), plain(long)) > 1e-3  # a forward pass past L scales for its own length
-        cached = decode_in_pieces(model, idx, [(0, 5)] + [(i, i + 1) for i in range(5, 12)], max_len=64)
-        torch.testing.assert_close(cached, at_64, atol=1e-9, rtol=0)  # the cache's capacity sets the scale
+        assert (
+            max_diff(model(long), plain(long)) > 1e-3
+        )  # a forward pass past L scales for its own length
+        cached = decode_in_pieces(
+            model, idx, [(0, 5)] + [(i, i + 1) for i in range(5, 12)], max_len=64
+        )
+        torch.testing.assert_close(
+            cached, at_64, atol=1e-9, rtol=0
+        )  # the cache's capacity sets the scale
         assert max_diff(cached, reference) > 1e-3
 
 
@@ -499,7 +575,9 @@ def test_set_rope_keeps_every_parameter_and_changes_logits_past_L(variant):
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], value) for name, value in before.items())
-    assert {name: id(p) for name, p in model.named_parameters()} == ids  # the same tensors, not copies
+    assert {
+        name: id(p) for name, p in model.named_parameters()
+    } == ids  # the same tensors, not copies
     assert model.lm_head.weight is model.tok_emb.weight
     assert model.config.rope == rope_config(variant) and model.config.block_size == L
     assert max_diff(new[:, L:], old[:, L:]) > 1e-3
@@ -511,7 +589,10 @@ def test_set_rope_keeps_every_parameter_and_changes_logits_past_L(variant):
 def test_set_rope_block_size_and_device():
     model = make_model("default", dtype=torch.float32)
     model.set_rope(rope_config("yarn"), block_size=24)
-    assert model.config.block_size == 24 and model.rotary.cos.shape == (24, 8)  # a column per rotated channel
+    assert model.config.block_size == 24 and model.rotary.cos.shape == (
+        24,
+        8,
+    )  # a column per rotated channel
     assert model.rotary.cos.device == model.tok_emb.weight.device
 
 
@@ -533,7 +614,9 @@ def test_tables_stay_fp32_after_casting_the_model(variant, cast):
     with torch.no_grad():
         model(tokens(1, 40))  # built (and, for dynamic, built at l' = 40) before the cast
         getattr(model, cast)() if cast != "bfloat16" else model.to(torch.bfloat16)
-        param_dtype = {"bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+        param_dtype = {"bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[
+            cast
+        ]
         assert model.tok_emb.weight.dtype == param_dtype
         assert model.rotary.cos.dtype == model.rotary.sin.dtype == torch.float32
         if not model.config.rope.is_dynamic:
@@ -586,7 +669,10 @@ def test_default_config_is_valid_and_derived_sizes():
         (dict(n_head=4, n_kv_head=3), "n_kv_head"),
         (dict(n_head=4, n_kv_head=8), "n_kv_head"),
         (dict(d_model=24, n_head=8), "head_dim"),  # head_dim 3: odd rotary dim
-        (dict(d_model=40, n_head=4, rope=RopeConfig(partial_rotary_factor=0.5)), "rotary dim"),  # 10 * 0.5 = 5
+        (
+            dict(d_model=40, n_head=4, rope=RopeConfig(partial_rotary_factor=0.5)),
+            "rotary dim",
+        ),  # 10 * 0.5 = 5
         (dict(vocab_size=0), "vocab_size"),
         (dict(n_layer=-1), "n_layer"),
         (dict(n_head=0), "n_head"),
@@ -613,8 +699,13 @@ def test_bad_config_raises_naming_the_field(changes, field_name):
 
 
 INT_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "block_size", "n_kv_head", "ffn_hidden")
-NON_INTS = st.one_of(st.booleans(), st.text(max_size=5), st.floats(allow_nan=True), st.none(),
-                     st.lists(st.integers(), max_size=2))
+NON_INTS = st.one_of(
+    st.booleans(),
+    st.text(max_size=5),
+    st.floats(allow_nan=True),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -642,16 +733,31 @@ def test_from_dict_rejects_unknown_keys_and_bad_values(d, field_name):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    variant=st.sampled_from(VARIANTS), n_kv=st.sampled_from([0, 1, 2, 4]), n_layer=st.integers(1, 12),
-    factor=st.floats(1.0, 64.0), ffn=st.sampled_from([0, 96]), eps=st.sampled_from([1e-5, 1e-6]),
+    variant=st.sampled_from(VARIANTS),
+    n_kv=st.sampled_from([0, 1, 2, 4]),
+    n_layer=st.integers(1, 12),
+    factor=st.floats(1.0, 64.0),
+    ffn=st.sampled_from([0, 96]),
+    eps=st.sampled_from([1e-5, 1e-6]),
 )
 def test_to_dict_from_dict_round_trip(variant, n_kv, n_layer, factor, ffn, eps):
-    c = ModelConfig(vocab_size=V, n_layer=n_layer, n_head=4, n_kv_head=n_kv, d_model=32, ffn_hidden=ffn,
-                    norm_eps=eps, block_size=L, rope=rope_config(variant, factor=factor))
+    c = ModelConfig(
+        vocab_size=V,
+        n_layer=n_layer,
+        n_head=4,
+        n_kv_head=n_kv,
+        d_model=32,
+        ffn_hidden=ffn,
+        norm_eps=eps,
+        block_size=L,
+        rope=rope_config(variant, factor=factor),
+    )
     d = c.to_dict()
     assert isinstance(d["rope"], dict)
     assert ModelConfig.from_dict(d) == c
-    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == c  # as a checkpoint or config file stores it
+    assert (
+        ModelConfig.from_dict(json.loads(json.dumps(d))) == c
+    )  # as a checkpoint or config file stores it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -671,16 +777,23 @@ def test_loss_is_cross_entropy_of_the_logits_with_ignore_index():
     with torch.no_grad():
         logits = model(idx)
         loss = model(idx, targets)
-        # the loss is computed in fp32 (logits.float()) even for this float64 model: compare at fp32 precision
+        # the loss is computed in fp32 (logits.float()) even for this float64 model: compare at fp32
+        # precision
         expected = F.cross_entropy(logits.view(-1, V), targets.view(-1))
         torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6, check_dtype=False)
         masked = targets.clone()
         masked[0, :7] = -1
         masked[2, 15:] = -1
         keep = masked != -1
-        expected = F.cross_entropy(logits[keep], targets[keep])  # the mean over the kept targets only
-        torch.testing.assert_close(model(idx, masked), expected, atol=1e-6, rtol=1e-6, check_dtype=False)
-        assert abs(model(idx, masked).item() - loss.item()) > 1e-3  # the ignored targets did count before
+        expected = F.cross_entropy(
+            logits[keep], targets[keep]
+        )  # the mean over the kept targets only
+        torch.testing.assert_close(
+            model(idx, masked), expected, atol=1e-6, rtol=1e-6, check_dtype=False
+        )
+        assert (
+            abs(model(idx, masked).item() - loss.item()) > 1e-3
+        )  # the ignored targets did count before
     assert loss.dim() == 0
 
 
@@ -709,10 +822,17 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients():
     # both compute the cross-entropy in fp32: agreement at fp32 precision
     torch.testing.assert_close(chunked, plain, atol=2e-6, rtol=0)
     for name in g_plain:
-        torch.testing.assert_close(g_chunked[name], g_plain[name], atol=1e-7, rtol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            g_chunked[name],
+            g_plain[name],
+            atol=1e-7,
+            rtol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, targets), plain, atol=2e-6, rtol=0)  # the no-grad branch
+        torch.testing.assert_close(
+            model(idx, targets), plain, atol=2e-6, rtol=0
+        )  # the no-grad branch
 
 
 def test_loss_at_init_is_about_ln_vocab_and_training_lowers_it():
@@ -777,8 +897,9 @@ def decoded_logits(model, idx, n, rule, compile=False):
 
 @pytest.mark.parametrize("variant", DYNAMIC_VARIANTS)
 def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_changes(variant):
-    """Under 'follow', the scale steps at L, 2L and 4L (l' 16 -> 32 -> 64 here) and each step re-prefills; at every
-    step the cached logits equal a full forward pass of that prefix at seq_len = its rounded l'."""
+    """Under 'follow', the scale steps at L, 2L and 4L (l' 16 -> 32 -> 64 here) and each step
+    re-prefills; at every step the cached logits equal a full forward pass of that prefix at seq_len
+    = its rounded l'."""
     model = make_model(variant)
     idx = tokens(2, 5, seed=8)
     n = 50  # prefix lengths 5 .. 54: through L = 16, 32 and 64
@@ -795,13 +916,16 @@ def test_follow_rule_every_step_equals_a_full_forward_at_its_scale_across_scale_
             torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
     assert lengths == {L, 2 * L, 4 * L}  # three scales, two changes
     capacity = decoded_logits(model, idx, n, "capacity")[1]
-    assert max_diff(capacity[:, : L - idx.shape[1]], logits[:, : L - idx.shape[1]]) > 1e-3  # the rules do differ
+    assert (
+        max_diff(capacity[:, : L - idx.shape[1]], logits[:, : L - idx.shape[1]]) > 1e-3
+    )  # the rules do differ
 
 
 @pytest.mark.parametrize("variant", ["dynamic", "dynamic_yarn"])
 def test_follow_rule_gives_a_prompt_shorter_than_L_exactly_plain_ropes_logits(variant):
-    """A short prompt headed for a long generation: every step until the sequence passes L is plain RoPE's, bit
-    for bit (under 'capacity' the whole generation runs at s = 60 / 16 from its first token)."""
+    """A short prompt headed for a long generation: every step until the sequence passes L is plain
+    RoPE's, bit for bit (under 'capacity' the whole generation runs at s = 60 / 16 from its first
+    token)."""
     model, plain = make_model(variant), make_model("default")
     idx = tokens(1, 4, seed=9)
     _, ours = decoded_logits(model, idx, 56, "follow")
@@ -809,7 +933,10 @@ def test_follow_rule_gives_a_prompt_shorter_than_L_exactly_plain_ropes_logits(va
     within = L - idx.shape[1] + 1  # the steps predicting from prefixes of 4 .. 16 tokens
     assert torch.equal(ours[:, :within], theirs[:, :within])
     assert max_diff(ours[:, within:], theirs[:, within:]) > 1e-3
-    assert max_diff(decoded_logits(model, idx, 56, "capacity")[1][:, :within], theirs[:, :within]) > 1e-3
+    assert (
+        max_diff(decoded_logits(model, idx, 56, "capacity")[1][:, :within], theirs[:, :within])
+        > 1e-3
+    )
 
 
 def test_rope_seq_len_rules():
@@ -860,7 +987,9 @@ def test_negative_temperature_raises(temperature):
 
 
 def test_seeded_sampling_is_reproducible():
-    model = make_model("yarn", sharp=False)  # nearly uniform next-token distributions: samples vary with the seed
+    model = make_model(
+        "yarn", sharp=False
+    )  # nearly uniform next-token distributions: samples vary with the seed
     idx = tokens(2, 4)
 
     def sample(seed, **kw):
@@ -893,8 +1022,15 @@ def test_top_k_only_samples_among_the_k_best():
 @pytest.mark.parametrize("n_kv_head, ffn_hidden", [(0, 0), (2, 0), (1, 72)])
 def test_num_params_counts_the_tied_weight_once_and_flops_formula(n_kv_head, ffn_hidden):
     vocab, n_layer, n_head, d = V, 2, 4, 32
-    c = ModelConfig(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, d_model=d,
-                    ffn_hidden=ffn_hidden, block_size=L)
+    c = ModelConfig(
+        vocab_size=vocab,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        d_model=d,
+        ffn_hidden=ffn_hidden,
+        block_size=L,
+    )
     model = Transformer(c)
     hd = d // n_head
     kv = (n_kv_head or n_head) * hd
@@ -923,7 +1059,9 @@ def test_training_after_decoding_a_dynamic_variant():
 
 def test_prev_tokens_embed_exactly_the_k_tokens_before_each_position():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, block_size=L, prev_tokens=3))
+    model = Transformer(
+        ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, block_size=L, prev_tokens=3)
+    )
     idx = tokens(2, 9)
     x = model.embed(idx, 0)
     E, P = model.tok_emb.weight, model.prev_emb.weight
@@ -931,15 +1069,31 @@ def test_prev_tokens_embed_exactly_the_k_tokens_before_each_position():
         prev = [idx[:, t - k] if t - k >= 0 else torch.full((2,), V - 1) for k in (1, 2, 3)]
         want = E[idx[:, t]] + sum(P[(k - 1) * V + p] for k, p in zip((1, 2, 3), prev))
         torch.testing.assert_close(x[:, t], want)
-    assert model.num_params() == (V + 3 * V) * 16 + sum(p.numel() for p in model.blocks.parameters()) + 16
+    assert (
+        model.num_params()
+        == (V + 3 * V) * 16 + sum(p.numel() for p in model.blocks.parameters()) + 16
+    )
     assert model.flops_per_token(10) < 6 * model.num_params()  # lookups are not matmuls
 
 
 @pytest.mark.parametrize("variant", ["default", "dynamic_yarn"])
 def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=16, block_size=L, prev_tokens=2,
-                                    rope=rope_config(variant))).double().eval()
+    model = (
+        Transformer(
+            ModelConfig(
+                vocab_size=V,
+                n_layer=2,
+                n_head=2,
+                d_model=16,
+                block_size=L,
+                prev_tokens=2,
+                rope=rope_config(variant),
+            )
+        )
+        .double()
+        .eval()
+    )
     idx = tokens(2, 5, seed=3)
     out, logits = decoded_logits(model, idx, 30, "follow")
     seq = torch.cat((idx, out), dim=1)
@@ -957,13 +1111,29 @@ def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
 #     every variant, and one with previous-token embeddings) and then forbids any recompilation: a
 #     new variant, rule, l' or cache must reuse the graph.
 
-P, N = 5, 50  # prompt and new tokens: prefixes 5 .. 54, through L = 16, 32 and 64 under the follow rule
+P, N = (
+    5,
+    50,
+)  # prompt and new tokens: prefixes 5 .. 54, through L = 16, 32 and 64 under the follow rule
 
 
 def prev_tokens_model(variant: str) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=16, block_size=L, prev_tokens=2,
-                                   rope=rope_config(variant))).double().eval()
+    return (
+        Transformer(
+            ModelConfig(
+                vocab_size=V,
+                n_layer=2,
+                n_head=2,
+                d_model=16,
+                block_size=L,
+                prev_tokens=2,
+                rope=rope_config(variant),
+            )
+        )
+        .double()
+        .eval()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -971,14 +1141,16 @@ def compiled_once():
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for model in (make_model("yarn"), prev_tokens_model("default")):
         decoded_logits(model, tokens(2, P), N, "follow", compile=True)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it compiled, and did not fall back
+    assert (
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    )  # it compiled, and did not fall back
     with torch._dynamo.config.patch(error_on_recompile=True):
         yield
 
 
 def assert_each_step_equals_a_full_forward(model, idx, rule, logits, out):
-    """Step i's logits equal a full forward pass of its prefix at the l' the rule gives that prefix: float64,
-    within 1e-9, the tolerance of the eager tests above."""
+    """Step i's logits equal a full forward pass of its prefix at the l' the rule gives that prefix:
+    float64, within 1e-9, the tolerance of the eager tests above."""
     seq = torch.cat((idx, out), dim=1)
     with torch.no_grad():
         for i in range(out.shape[1]):

@@ -1,7 +1,8 @@
 """Property tests for rope.py: the RoPE variants of the YaRN paper (Peng et al., arXiv 2309.00071).
 
-Notation as in rope.py: |D| the rotary dim, d the pair index, theta_d = b^(-2d/|D|), lambda_d = 2 pi / theta_d,
-L the original context, s the scale, r_d = L / lambda_d the rotations pair d makes inside L.
+Notation as in rope.py: |D| the rotary dim, d the pair index, theta_d = b^(-2d/|D|), lambda_d = 2 pi
+/ theta_d, L the original context, s the scale, r_d = L / lambda_d the rotations pair d makes inside
+L.
 
 Hypothesis draws the variants, head dims 8..256 (with partial rotary), bases 100..1e6, scales 1..64, original
 contexts 64..16384, LongRoPE divisors 0.05..100 and positions up to 1,000,000. The groups:
@@ -34,13 +35,21 @@ BY_PARTS = ("ntk_by_parts", "yarn", "dynamic_yarn")
 # ----------------------------------------------------------------------------------------------------------
 # Strategies
 
-BASES = st.one_of(st.sampled_from([100.0, 1e4, 5e5, 1e6]), st.floats(2.0, 6.0).map(lambda e: 10.0**e))
+BASES = st.one_of(
+    st.sampled_from([100.0, 1e4, 5e5, 1e6]), st.floats(2.0, 6.0).map(lambda e: 10.0**e)
+)
 SCALES = st.one_of(st.sampled_from([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]), st.floats(1.0, 64.0))
-STRETCHES = st.one_of(st.sampled_from([2.0, 4.0, 8.0, 16.0, 32.0, 64.0]), st.floats(1.01, 64.0))  # s > 1
-CONTEXTS = st.one_of(st.sampled_from([64, 256, 1024, 2048, 4096, 8192, 16384]), st.integers(64, 16384))
+STRETCHES = st.one_of(
+    st.sampled_from([2.0, 4.0, 8.0, 16.0, 32.0, 64.0]), st.floats(1.01, 64.0)
+)  # s > 1
+CONTEXTS = st.one_of(
+    st.sampled_from([64, 256, 1024, 2048, 4096, 8192, 16384]), st.integers(64, 16384)
+)
 POSITIONS = st.integers(0, 10**6)
 SEEDS = st.integers(0, 2**32 - 1)
-DIVISORS = st.one_of(st.sampled_from([1.0, 1, 2, 0.5]), st.floats(0.05, 100.0))  # LongRoPE's f_d (JSON gives ints too)
+DIVISORS = st.one_of(
+    st.sampled_from([1.0, 1, 2, 0.5]), st.floats(0.05, 100.0)
+)  # LongRoPE's f_d (JSON gives ints too)
 
 
 def divisor_lists(pairs):
@@ -56,9 +65,9 @@ def seq_lens(L):
 @st.composite
 def betas(draw):
     """(beta_fast, beta_slow) with beta_fast >= 4 > beta_slow; the paper's 32/1 half the time.
-    beta_fast >= 4 keeps the ramp's low end inside rope.ramp_bounds' clamp |D| - 1 for every drawn b >= 100,
-    L <= 16384, |D| >= 4 (r_d at d = |D| - 1 is at most 2.6), and L >= 64 > 2 pi beta_slow keeps its high end
-    above 0; outside those the clamps degenerate (see test_ramp_degenerate_*)."""
+    beta_fast >= 4 keeps the ramp's low end inside rope.ramp_bounds' clamp |D| - 1 for every drawn b
+    >= 100, L <= 16384, |D| >= 4 (r_d at d = |D| - 1 is at most 2.6), and L >= 64 > 2 pi beta_slow
+    keeps its high end above 0; outside those the clamps degenerate (see test_ramp_degenerate_*)."""
     if draw(st.booleans()):
         return 32.0, 1.0
     return draw(st.floats(4.0, 64.0)), draw(st.floats(0.25, 4.0, exclude_max=True))
@@ -76,8 +85,9 @@ def heads(draw, partial=True):
 
 @st.composite
 def setups(draw, types=VARIANTS, partial=True, factors=SCALES, temperature=False):
-    """(head_dim, cfg, seq_len): a valid config of a drawn variant; seq_len is drawn for the dynamic variants.
-    temperature: also draw YaRN's attention_factor / mscale knobs (LongRoPE's attention_factor)."""
+    """(head_dim, cfg, seq_len): a valid config of a drawn variant; seq_len is drawn for the dynamic
+    variants. temperature: also draw YaRN's attention_factor / mscale knobs (LongRoPE's
+    attention_factor)."""
     kind = draw(st.sampled_from(types))
     head_dim, p, dim = draw(heads(partial))
     kw = dict(type=kind, base=draw(BASES), partial_rotary_factor=p)
@@ -86,7 +96,9 @@ def setups(draw, types=VARIANTS, partial=True, factors=SCALES, temperature=False
     if kind in rope.NEEDS_ORIGINAL_CONTEXT:
         kw["original_context"] = draw(CONTEXTS)
     if kind == "longrope":
-        kw.update(short_factor=draw(divisor_lists(dim // 2)), long_factor=draw(divisor_lists(dim // 2)))
+        kw.update(
+            short_factor=draw(divisor_lists(dim // 2)), long_factor=draw(divisor_lists(dim // 2))
+        )
         if temperature:
             kw["attention_factor"] = draw(st.none() | st.floats(0.1, 4.0))
     if kind in BY_PARTS:
@@ -115,8 +127,15 @@ def plain(head_dim, cfg):
 
 def interpolated(head_dim, cfg):
     """Position Interpolation (linear) at cfg's scale, base and partial rotary factor."""
-    return frequencies(head_dim, RopeConfig(type="linear", factor=cfg.factor, base=cfg.base,
-                                         partial_rotary_factor=cfg.partial_rotary_factor))
+    return frequencies(
+        head_dim,
+        RopeConfig(
+            type="linear",
+            factor=cfg.factor,
+            base=cfg.base,
+            partial_rotary_factor=cfg.partial_rotary_factor,
+        ),
+    )
 
 
 def same(a, b):
@@ -142,14 +161,23 @@ def random_vectors(seed, n, head_dim):
 @given(head=heads(partial=False), base=BASES, L=CONTEXTS, beta=betas(), truncate=st.booleans())
 def test_ramp_in_unit_interval_and_monotone_in_wavelength(head, base, L, beta, truncate):
     _, _, dim = head
-    cfg = RopeConfig(type="yarn", factor=2.0, base=base, original_context=L, beta_fast=beta[0], beta_slow=beta[1],
-                     truncate=truncate)
+    cfg = RopeConfig(
+        type="yarn",
+        factor=2.0,
+        base=base,
+        original_context=L,
+        beta_fast=beta[0],
+        beta_slow=beta[1],
+        truncate=truncate,
+    )
     w = rope.ramp(dim, cfg)
     assert w.shape == (dim // 2,)
     assert torch.all((w >= 0) & (w <= 1))
     assert torch.all(w[1:] >= w[:-1])  # non-decreasing in d ...
     wavelength = 2 * math.pi / rope.base_inv_freq(dim, base)
-    assert torch.all(wavelength[1:] > wavelength[:-1])  # ... and lambda_d grows with d, so also in wavelength
+    assert torch.all(
+        wavelength[1:] > wavelength[:-1]
+    )  # ... and lambda_d grows with d, so also in wavelength
 
 
 @settings(max_examples=80, deadline=None)
@@ -163,7 +191,9 @@ def test_by_parts_keeps_fast_pairs_and_interpolates_slow_pairs_exactly(setup):
     f, _ = frequencies(head_dim, cfg)
     keep, interp = plain(head_dim, cfg)[0], interpolated(head_dim, cfg)[0]
     r = rotations(cfg.original_context, 2 * f.numel(), cfg.base)
-    fast = r > cfg.beta_fast * (1 + 1e-9)  # a hair of margin: the ramp bounds come from logs, r_d from powers
+    fast = r > cfg.beta_fast * (
+        1 + 1e-9
+    )  # a hair of margin: the ramp bounds come from logs, r_d from powers
     slow = r < cfg.beta_slow * (1 - 1e-9)
     assert torch.equal(f[fast], keep[fast])
     assert torch.equal(f[slow], interp[slow])
@@ -175,11 +205,18 @@ DEGENERATE = "ramp_bounds clamps the ends to [0, |D| - 1] (as the official code 
 
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
 def test_ramp_degenerate_low_end_past_clamp():
-    """Every pair rotates > beta_fast times in L (r_d >= 41 > 0.375), so every pair should keep theta_d. The low end
-    correction_dim(0.375) = 7.08 lies past |D| - 1 = 7, high is clamped to 7 < low, the ramp's slope flips and every
-    pair is fully interpolated instead (theta/s)."""
-    cfg = RopeConfig(type="ntk_by_parts", factor=2.0, base=100.0, original_context=8192, beta_fast=0.375,
-                     beta_slow=0.25, truncate=False)
+    """Every pair rotates > beta_fast times in L (r_d >= 41 > 0.375), so every pair should keep
+    theta_d. The low end correction_dim(0.375) = 7.08 lies past |D| - 1 = 7, high is clamped to 7 <
+    low, the ramp's slope flips and every pair is fully interpolated instead (theta/s)."""
+    cfg = RopeConfig(
+        type="ntk_by_parts",
+        factor=2.0,
+        base=100.0,
+        original_context=8192,
+        beta_fast=0.375,
+        beta_slow=0.25,
+        truncate=False,
+    )
     assert torch.all(rotations(8192, 8, 100.0) > cfg.beta_fast)
     assert torch.equal(frequencies(8, cfg)[0], plain(8, cfg)[0])
 
@@ -187,11 +224,19 @@ def test_ramp_degenerate_low_end_past_clamp():
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
 @pytest.mark.parametrize("truncate", [True, False])
 def test_ramp_degenerate_high_end_below_zero(truncate):
-    """L = 64 < 2 pi beta_slow: every pair rotates < beta_slow = 11 times in L (r_0 = 10.19), so every pair should get
-    theta/s. correction_dim(11) = -0.53 < 0; truncated, low = high = 0 and the zero-width guard keeps pair 0 at
-    theta_0; untruncated, high < low = 0 and every pair keeps theta_d."""
-    cfg = RopeConfig(type="yarn", factor=4.0, base=1e4, original_context=64, beta_fast=32.0, beta_slow=11.0,
-                     truncate=truncate)
+    """L = 64 < 2 pi beta_slow: every pair rotates < beta_slow = 11 times in L (r_0 = 10.19), so
+    every pair should get theta/s. correction_dim(11) = -0.53 < 0; truncated, low = high = 0 and the
+    zero-width guard keeps pair 0 at theta_0; untruncated, high < low = 0 and every pair keeps
+    theta_d."""
+    cfg = RopeConfig(
+        type="yarn",
+        factor=4.0,
+        base=1e4,
+        original_context=64,
+        beta_fast=32.0,
+        beta_slow=11.0,
+        truncate=truncate,
+    )
     assert torch.all(rotations(64, 128, 1e4) < cfg.beta_slow)
     assert torch.equal(frequencies(128, cfg)[0], interpolated(128, cfg)[0])
 
@@ -199,12 +244,20 @@ def test_ramp_degenerate_high_end_below_zero(truncate):
 @pytest.mark.parametrize(
     "dim, L, bounds",
     [
-        (128, 4096, (20, 46)), (128, 2048, (16, 41)), (128, 1024, (11, 36)), (64, 2048, (8, 21)),
-        (64, 1024, (5, 18)), (64, 512, (3, 16)), (64, 256, (0, 13)), (32, 256, (0, 7)),
+        (128, 4096, (20, 46)),
+        (128, 2048, (16, 41)),
+        (128, 1024, (11, 36)),
+        (64, 2048, (8, 21)),
+        (64, 1024, (5, 18)),
+        (64, 512, (3, 16)),
+        (64, 256, (0, 13)),
+        (32, 256, (0, 7)),
     ],
 )
 def test_ramp_bounds_unit_values(dim, L, bounds):
-    cfg = RopeConfig(type="yarn", factor=8.0, base=1e4, original_context=L, beta_fast=32.0, beta_slow=1.0)
+    cfg = RopeConfig(
+        type="yarn", factor=8.0, base=1e4, original_context=L, beta_fast=32.0, beta_slow=1.0
+    )
     assert rope.ramp_bounds(dim, cfg) == bounds
 
 
@@ -220,8 +273,8 @@ def test_correction_dims_unrounded():
 @given(setup=setups(types=("llama3",), factors=STRETCHES))
 @example(setup=(128, RopeConfig(type="llama3", factor=8.0, base=5e5, original_context=8192), None))
 def test_llama3_bands(setup):
-    """lambda_d < L/high_freq_factor: theta_d exactly; lambda_d > L/low_freq_factor: theta_d/s exactly;
-    in between strictly between the two."""
+    """lambda_d < L/high_freq_factor: theta_d exactly; lambda_d > L/low_freq_factor: theta_d/s
+    exactly; in between strictly between the two."""
     head_dim, cfg, _ = setup
     f, a = frequencies(head_dim, cfg)
     assert a == 1.0
@@ -246,11 +299,14 @@ def test_llama3_bands(setup):
 
 
 @settings(max_examples=80, deadline=None)
-@given(setup=setups(types=tuple(v for v in VARIANTS if v != "longrope"), factors=st.just(1.0)), data=st.data())
+@given(
+    setup=setups(types=tuple(v for v in VARIANTS if v != "longrope"), factors=st.just(1.0)),
+    data=st.data(),
+)
 def test_scale_one_is_plain_rope(setup, data):
-    """s = 1: every variant is plain RoPE, frequencies bit for bit and attention factor 1
-    (the dynamic ones at any seq_len <= L, and with no seq_len). LongRoPE's divisors are set apart from s:
-    its identity (divisors of 1) is test_longrope_unit_factors_are_plain_rope."""
+    """s = 1: every variant is plain RoPE, frequencies bit for bit and attention factor 1 (the
+    dynamic ones at any seq_len <= L, and with no seq_len). LongRoPE's divisors are set apart from
+    s: its identity (divisors of 1) is test_longrope_unit_factors_are_plain_rope."""
     head_dim, cfg, _ = setup
     seq_len = None
     if cfg.is_dynamic:
@@ -264,9 +320,9 @@ def test_scale_one_is_plain_rope(setup, data):
 @given(head=heads(), base=BASES, s=SCALES, positions=st.lists(POSITIONS, min_size=1, max_size=8))
 @example(head=(128, 1.0, 128), base=1e4, s=4.0, positions=[0, 1, 7, 4096, 10**6])
 def test_position_interpolation_is_plain_rope_at_m_over_s(head, base, s, positions):
-    """PI's table at position m equals plain RoPE's at m/s. The two use different fp32 roundings of the
-    frequency (fp32(theta/s) vs fp32(theta)/s), which moves the angle m theta/s by at most 2^-23 of itself;
-    beyond that only the fp32 rounding of cos and sin remains."""
+    """PI's table at position m equals plain RoPE's at m/s. The two use different fp32 roundings of
+    the frequency (fp32(theta/s) vs fp32(theta)/s), which moves the angle m theta/s by at most 2^-23
+    of itself; beyond that only the fp32 rounding of cos and sin remains."""
     head_dim, p, _ = head
     lin = RopeConfig(type="linear", factor=s, base=base, partial_rotary_factor=p)
     f, a = frequencies(head_dim, lin)
@@ -295,8 +351,9 @@ def test_dynamic_is_plain_rope_until_L_and_departs_beyond(head, kind, base, L, d
 
 @pytest.mark.parametrize("alpha, stretch", [(1, 2), (2, 2), (8, 2), (4, 3), (8, 16)])
 def test_dynamic_ntk_factor_is_alpha(alpha, stretch):
-    """rope type "dynamic" with factor alpha at l' = stretch L is static NTK-aware at s = alpha l'/L - (alpha - 1)
-    (Hugging Face's formula): factor 8 at 2L is already s = 9, unlike dynamic_yarn, whose factor is its smallest s."""
+    """rope type "dynamic" with factor alpha at l' = stretch L is static NTK-aware at s = alpha l'/L
+    - (alpha - 1) (Hugging Face's formula): factor 8 at 2L is already s = 9, unlike dynamic_yarn,
+    whose factor is its smallest s."""
     L = 256
     cfg = RopeConfig(type="dynamic", factor=float(alpha), original_context=L)
     assert same(frequencies(128, cfg, L), plain(128, cfg))
@@ -306,8 +363,9 @@ def test_dynamic_ntk_factor_is_alpha(alpha, stretch):
 
 
 def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
-    """head_dim 64, L = 128: r_0 = L / 2 pi = 20.4 < beta_fast = 32, so D(beta_fast) < 0; rounded down and clamped
-    to 0, the ramp still gives pair 0 weight 0, i.e. theta_0 is kept exactly (as the official code does)."""
+    """head_dim 64, L = 128: r_0 = L / 2 pi = 20.4 < beta_fast = 32, so D(beta_fast) < 0; rounded
+    down and clamped to 0, the ramp still gives pair 0 weight 0, i.e. theta_0 is kept exactly (as
+    the official code does)."""
     cfg = RopeConfig(type="yarn", factor=4.0, original_context=128)
     assert rope.correction_dim(cfg.beta_fast, 64, cfg.base, 128) < 0
     assert rope.ramp_bounds(64, cfg)[0] == 0
@@ -317,12 +375,20 @@ def test_ramp_lower_end_is_clamped_so_pair_0_is_kept_even_below_beta_fast():
 
 @pytest.mark.parametrize("truncate", [True, False])
 def test_zero_width_ramp_guard_matches_transformers(truncate):
-    """L = 64 <= 2 pi beta_slow (beta_slow = 11): truncated, both ramp ends land on pair 0 and the official code's
-    high += 0.001 guard decides the ramp; untruncated, the high end is below 0 (the clamped-ramp edge recorded
-    as expected failures below). Either way rope.py computes what transformers does."""
+    """L = 64 <= 2 pi beta_slow (beta_slow = 11): truncated, both ramp ends land on pair 0 and the
+    official code's high += 0.001 guard decides the ramp; untruncated, the high end is below 0 (the
+    clamped-ramp edge recorded as expected failures below). Either way rope.py computes what
+    transformers does."""
     pytest.importorskip("transformers")
-    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-              "beta_fast": 32.0, "beta_slow": 11.0, "truncate": truncate}
+    params = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32.0,
+        "beta_slow": 11.0,
+        "truncate": truncate,
+    }
     cfg = hf.from_hf(params, max_position_embeddings=256)
     if truncate:
         assert rope.ramp_bounds(64, cfg) == (0, 0)
@@ -347,10 +413,19 @@ def test_dynamic_yarn_at_length_sL_is_static_yarn_at_s(setup, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(head=heads(partial=False), base=BASES, L=CONTEXTS, s=SCALES, m=POSITIONS, n=POSITIONS, seed=SEEDS)
+@given(
+    head=heads(partial=False),
+    base=BASES,
+    L=CONTEXTS,
+    s=SCALES,
+    m=POSITIONS,
+    n=POSITIONS,
+    seed=SEEDS,
+)
 def test_yarn_multiplies_logits_by_temperature(head, base, L, s, m, n, seed):
     """YaRN's logits are those without the temperature times (0.1 ln s + 1)^2 = 1/t (paper Eq. 22).
-    (Full rotary: with partial rotary the factor only reaches the rotated channels, as in transformers.)"""
+    (Full rotary: with partial rotary the factor only reaches the rotated channels, as in
+    transformers.)"""
     head_dim, p, _ = head
     cfg = RopeConfig(type="yarn", factor=s, base=base, original_context=L, partial_rotary_factor=p)
     f, a = frequencies(head_dim, cfg)
@@ -362,12 +437,18 @@ def test_yarn_multiplies_logits_by_temperature(head, base, L, s, m, n, seed):
 
     def logit(factor):
         cos, sin = cos_sin_table(f, factor, torch.tensor([m, n]))
-        return float(apply_rope(q[None], cos[:1], sin[:1])[0] @ apply_rope(k[None], cos[1:], sin[1:])[0])
+        return float(
+            apply_rope(q[None], cos[:1], sin[:1])[0] @ apply_rope(k[None], cos[1:], sin[1:])[0]
+        )
 
-    assert logit(a) == pytest.approx(root**2 * logit(1.0), abs=1e-5 * root**2 * float(q.norm() * k.norm()))
+    assert logit(a) == pytest.approx(
+        root**2 * logit(1.0), abs=1e-5 * root**2 * float(q.norm() * k.norm())
+    )
 
 
-@pytest.mark.parametrize("s, root", [(2, 1.0693), (4, 1.1386), (8, 1.2079), (16, 1.2773), (32, 1.3466)])
+@pytest.mark.parametrize(
+    "s, root", [(2, 1.0693), (4, 1.1386), (8, 1.2079), (16, 1.2773), (32, 1.3466)]
+)
 def test_yarn_temperature_values(s, root):
     _, a = frequencies(128, RopeConfig(type="yarn", factor=float(s), original_context=4096))
     assert round(a, 4) == root
@@ -395,8 +476,13 @@ def test_ntk_aware_interpolates_only_the_last_pair(head, base, s):
 
 @settings(max_examples=120, deadline=None)
 @given(setup=setups(temperature=True), m=POSITIONS, n=POSITIONS, delta=POSITIONS, seed=SEEDS)
-@example(setup=(128, RopeConfig(type="yarn", factor=16.0, original_context=4096), None), m=10**6, n=3, delta=10**6,
-         seed=0)
+@example(
+    setup=(128, RopeConfig(type="yarn", factor=16.0, original_context=4096), None),
+    m=10**6,
+    n=3,
+    delta=10**6,
+    seed=0,
+)
 def test_logits_depend_only_on_relative_position(setup, m, n, delta, seed):
     """<R(m) q, R(n) k> = <R(m + delta) q, R(n + delta) k> for every variant (fp32 rotation: rtol 1e-4 of a^2|q||k|)."""
     head_dim, cfg, seq_len = setup
@@ -410,7 +496,11 @@ def test_logits_depend_only_on_relative_position(setup, m, n, delta, seed):
 
 
 @settings(max_examples=80, deadline=None)
-@given(setup=setups(temperature=True), positions=st.lists(POSITIONS, min_size=1, max_size=6), seed=SEEDS)
+@given(
+    setup=setups(temperature=True),
+    positions=st.lists(POSITIONS, min_size=1, max_size=6),
+    seed=SEEDS,
+)
 def test_rotation_scales_norm_by_attention_factor(setup, positions, seed):
     """|R(m) x| = a |x| on the rotated channels; the others pass through unchanged."""
     head_dim, cfg, seq_len = setup
@@ -420,7 +510,9 @@ def test_rotation_scales_norm_by_attention_factor(setup, positions, seed):
     x = random_vectors(seed, len(positions), head_dim)
     y = apply_rope(x, cos, sin)
     assert y.shape == x.shape and y.dtype == x.dtype
-    torch.testing.assert_close(y[:, :dim].norm(dim=-1), a * x[:, :dim].norm(dim=-1), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(
+        y[:, :dim].norm(dim=-1), a * x[:, :dim].norm(dim=-1), rtol=1e-5, atol=0.0
+    )
     assert torch.equal(y[:, dim:], x[:, dim:])
 
 
@@ -443,14 +535,15 @@ def extension(draw):
 @given(ext=extension(), beta=betas(), truncate=st.booleans())
 @example(ext=(128, 1.0, 1e4, 4096, 16 * 4096), beta=(32.0, 1.0), truncate=True)
 def test_no_unseen_angles(ext, beta, truncate):
-    """Paper Sec. 3.1-3.2. On pairs with lambda_d >= L, plain RoPE never completes a rotation inside the
-    pretraining window: the largest angle it was trained on is L theta_d. At scale s the largest position is
-    sL - 1. PI, NTK-by-parts and YaRN (beta_slow >= 1) keep (sL - 1) theta'_d <= L theta_d on every such pair:
-    no angle the model never saw. Plain RoPE (s >= 2) exceeds it. NTK-aware exceeds it on every such pair but
-    the last, which it interpolates exactly (theta/s, up to rounding): its pair d gets theta_d s^(-2d/(|D|-2)),
-    so (sL - 1) theta'_d > L theta_d exactly when L (s - s^(2d/(|D|-2))) > 1. That holds for all but the last
-    pair unless s L is small against |D| (e.g. s = 2, L = 64, |D| = 256: pair 126 reaches 0.998 L theta);
-    the test checks the exceedance where that margin is clear of fp32 rounding."""
+    """Paper Sec. 3.1-3.2. On pairs with lambda_d >= L, plain RoPE never completes a rotation inside
+    the pretraining window: the largest angle it was trained on is L theta_d. At scale s the largest
+    position is sL - 1. PI, NTK-by-parts and YaRN (beta_slow >= 1) keep (sL - 1) theta'_d <= L
+    theta_d on every such pair: no angle the model never saw. Plain RoPE (s >= 2) exceeds it.
+    NTK-aware exceeds it on every such pair but the last, which it interpolates exactly (theta/s, up
+    to rounding): its pair d gets theta_d s^(-2d/(|D|-2)), so (sL - 1) theta'_d > L theta_d exactly
+    when L (s - s^(2d/(|D|-2))) > 1. That holds for all but the last pair unless s L is small
+    against |D| (e.g. s = 2, L = 64, |D| = 256: pair 126 reaches 0.998 L theta); the test checks the
+    exceedance where that margin is clear of fp32 rounding."""
     head_dim, p, base, L, Lp = ext
     s = Lp / L
     last = Lp - 1  # the largest position inside the extended window
@@ -462,9 +555,18 @@ def test_no_unseen_angles(ext, beta, truncate):
     bound = L * theta[unseen]
     extended = [
         RopeConfig(type="linear", factor=s, **common),
-        *(RopeConfig(type=kind, factor=s, original_context=L, beta_fast=beta[0], beta_slow=max(beta[1], 1.0),
-                     truncate=truncate, **common)
-          for kind in ("ntk_by_parts", "yarn")),
+        *(
+            RopeConfig(
+                type=kind,
+                factor=s,
+                original_context=L,
+                beta_fast=beta[0],
+                beta_slow=max(beta[1], 1.0),
+                truncate=truncate,
+                **common,
+            )
+            for kind in ("ntk_by_parts", "yarn")
+        ),
     ]
     for cfg in extended:
         f = frequencies(head_dim, cfg)[0].double()
@@ -473,7 +575,9 @@ def test_no_unseen_angles(ext, beta, truncate):
     ntk = frequencies(head_dim, RopeConfig(type="ntk", factor=s, **common))[0].double()
     assert last * ntk[-1] <= L * theta[-1]  # the last pair is interpolated
     d = torch.arange(dim // 2, dtype=torch.float64)
-    ideal = last * s ** (-2 * d / (dim - 2)) / L - 1  # relative excess of NTK-aware's angle, exact arithmetic
+    ideal = (
+        last * s ** (-2 * d / (dim - 2)) / L - 1
+    )  # relative excess of NTK-aware's angle, exact arithmetic
     clear = unseen & (d < dim // 2 - 1) & (ideal > 1e-5)
     assert torch.all(last * ntk[clear] > L * theta[clear])
 
@@ -486,7 +590,9 @@ FINITE = dict(allow_nan=False, allow_infinity=False)
 
 def unit_divisors(kind, pairs):
     """The short_factor / long_factor a longrope config needs to exist (divisors of 1); nothing for the others."""
-    return dict(short_factor=(1.0,) * pairs, long_factor=(1.0,) * pairs) if kind == "longrope" else {}
+    return (
+        dict(short_factor=(1.0,) * pairs, long_factor=(1.0,) * pairs) if kind == "longrope" else {}
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -502,7 +608,9 @@ def test_factor_below_one_rejected(kind, factor):
 @example(kind="yarn", slow=1.0, less=0.0)
 def test_beta_fast_not_above_beta_slow_rejected(kind, slow, less):
     with pytest.raises(ValueError, match=r"rope beta_fast\b"):
-        RopeConfig(type=kind, factor=2.0, original_context=4096, beta_fast=slow - less, beta_slow=slow)
+        RopeConfig(
+            type=kind, factor=2.0, original_context=4096, beta_fast=slow - less, beta_slow=slow
+        )
 
 
 @settings(max_examples=30, deadline=None)
@@ -513,7 +621,9 @@ def test_odd_head_dim_rejected(kind, half):
         frequencies(2 * half + 1, cfg)
 
 
-@pytest.mark.parametrize("head_dim, partial", [(10, 0.5), (64, 0.25 + 1 / 64), (6, 0.5), (20, 0.25)])
+@pytest.mark.parametrize(
+    "head_dim, partial", [(10, 0.5), (64, 0.25 + 1 / 64), (6, 0.5), (20, 0.25)]
+)
 def test_odd_partial_rotary_dim_rejected(head_dim, partial):
     assert int(head_dim * partial) % 2 == 1
     cfg = RopeConfig(type="yarn", factor=2.0, original_context=4096, partial_rotary_factor=partial)
@@ -549,8 +659,18 @@ def test_base_not_above_one_rejected(base):
         RopeConfig(base=base)
 
 
-NUMERIC_FIELDS = ("base", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "low_freq_factor",
-                  "high_freq_factor", "attention_factor", "mscale", "mscale_all_dim")
+NUMERIC_FIELDS = (
+    "base",
+    "factor",
+    "partial_rotary_factor",
+    "beta_fast",
+    "beta_slow",
+    "low_freq_factor",
+    "high_freq_factor",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -568,7 +688,13 @@ def test_non_finite_values_rejected(kind, name, value):
 @example(low=1.0, less=0.0)
 def test_llama3_band_order_rejected(low, less):
     with pytest.raises(ValueError, match=r"rope high_freq_factor\b"):
-        RopeConfig(type="llama3", factor=8.0, original_context=8192, low_freq_factor=low, high_freq_factor=low - less)
+        RopeConfig(
+            type="llama3",
+            factor=8.0,
+            original_context=8192,
+            low_freq_factor=low,
+            high_freq_factor=low - less,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -576,8 +702,9 @@ def test_llama3_band_order_rejected(low, less):
 
 
 def rotate_interleaved(x, cos, sin):
-    """Meta's layout: pair j is channels (2j, 2j+1). float64 reference; cos, sin as cos_sin_table lays them out
-    (pair j's cos at columns j and j + |D|/2, its sin with the sign of column j + |D|/2)."""
+    """Meta's layout: pair j is channels (2j, 2j+1). float64 reference; cos, sin as cos_sin_table
+    lays them out (pair j's cos at columns j and j + |D|/2, its sin with the sign of column j +
+    |D|/2)."""
     x = x.double()
     even, odd = x[..., 0::2], x[..., 1::2]
     half = cos.shape[-1] // 2
@@ -589,8 +716,11 @@ def rotate_interleaved(x, cos, sin):
 
 
 @settings(max_examples=60, deadline=None)
-@given(setup=setups(partial=False, temperature=True), positions=st.lists(POSITIONS, min_size=1, max_size=6),
-       seed=SEEDS)
+@given(
+    setup=setups(partial=False, temperature=True),
+    positions=st.lists(POSITIONS, min_size=1, max_size=6),
+    seed=SEEDS,
+)
 def test_interleaved_layout_is_a_permutation_of_half_split(setup, positions, seed):
     head_dim, cfg, seq_len = setup
     perm = hf.interleaved_to_half_split(head_dim)
@@ -599,7 +729,9 @@ def test_interleaved_layout_is_a_permutation_of_half_split(setup, positions, see
     cos, sin = cos_sin_table(f, a, torch.tensor(positions))
     x = random_vectors(seed, len(positions), head_dim)
     expected = rotate_interleaved(x, cos, sin)[..., perm]
-    torch.testing.assert_close(apply_rope(x[..., perm], cos, sin), expected, rtol=0.0, atol=2e-6 * a)
+    torch.testing.assert_close(
+        apply_rope(x[..., perm], cos, sin), expected, rtol=0.0, atol=2e-6 * a
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -617,9 +749,10 @@ def optional(strategy, absent=True):
 
 @st.composite
 def hf_parameters(draw, rope_type):
-    """(rope_parameters, head_dim, max_position_embeddings, seq_len) that transformers accepts and rope.py
-    must agree with: even rotary dim >= 4, factor >= 1, beta_fast > beta_slow once defaulted, attention_factor > 0,
-    high_freq_factor > low_freq_factor, |D|/2 positive longrope divisors. Optional keys are sometimes absent."""
+    """(rope_parameters, head_dim, max_position_embeddings, seq_len) that transformers accepts and
+    rope.py must agree with: even rotary dim >= 4, factor >= 1, beta_fast > beta_slow once
+    defaulted, attention_factor > 0, high_freq_factor > low_freq_factor, |D|/2 positive longrope
+    divisors. Optional keys are sometimes absent."""
     head_dim = 2 * draw(st.integers(2, 128))
     params = {"rope_type": rope_type}
 
@@ -628,7 +761,9 @@ def hf_parameters(draw, rope_type):
             params[key] = value
 
     put("rope_theta", draw(st.one_of(BASES, st.just(ABSENT))))
-    partial = draw(st.one_of(st.just(ABSENT), st.sampled_from([1.0, 0.5, 0.25]), st.floats(0.05, 1.0)))
+    partial = draw(
+        st.one_of(st.just(ABSENT), st.sampled_from([1.0, 0.5, 0.25]), st.floats(0.05, 1.0))
+    )
     dim = head_dim
     if partial is not ABSENT:
         dim = int(head_dim * partial)
@@ -640,17 +775,21 @@ def hf_parameters(draw, rope_type):
         params["factor"] = draw(SCALES)
     if rope_type == "dynamic":
         seq_len = draw(st.none() | st.integers(1, 64 * mp))
-        # transformers' dynamic type takes L from max_position_embeddings and ignores this key; so must rope.py
+        # transformers' dynamic type takes L from max_position_embeddings and ignores this key; so
+        # must rope.py
         put("original_max_position_embeddings", draw(st.one_of(CONTEXTS, st.just(ABSENT))))
     if rope_type in ("yarn", "llama3", "longrope"):
         put("original_max_position_embeddings", draw(st.one_of(CONTEXTS, st.just(ABSENT))))
     original = params.get("original_max_position_embeddings", mp)
     if rope_type == "longrope":
-        # factor absent or None: transformers takes s = max_position_embeddings / L, also when it is below 1
+        # factor absent or None: transformers takes s = max_position_embeddings / L, also when it is
+        # below 1
         # (then its attention factor is 1, as at s = 1)
         put("factor", draw(optional(SCALES)))
         put("attention_factor", draw(optional(st.floats(0.1, 4.0))))
-        params.update(short_factor=draw(divisor_lists(dim // 2)), long_factor=draw(divisor_lists(dim // 2)))
+        params.update(
+            short_factor=draw(divisor_lists(dim // 2)), long_factor=draw(divisor_lists(dim // 2))
+        )
         seq_len = draw(seq_lens(original))
     if rope_type == "yarn":
         factor = draw(st.one_of(SCALES, st.none()))
@@ -672,7 +811,8 @@ def hf_parameters(draw, rope_type):
 
 def hf_oracle(params, head_dim, mp, seq_len):
     """transformers' own frequencies for the config (rope_check's adapter). Its 'default' ignores
-    partial_rotary_factor (Llama has no partial rotary); linear with factor 1 is plain RoPE that honours it."""
+    partial_rotary_factor (Llama has no partial rotary); linear with factor 1 is plain RoPE that
+    honours it."""
     if params["rope_type"] == "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
         params = dict(params, rope_type="linear", factor=1.0)
     return rope_check.transformers_impl(params, head_dim, mp, seq_len)
@@ -694,7 +834,7 @@ def hf_tolerance(params, head_dim, mp, seq_len, ours):
     base = float(params.get("rope_theta", 10000.0))
     dim = 2 * ours.numel()
     x = torch.arange(0, dim, 2, dtype=torch.float64) / dim
-    theta = base ** -x
+    theta = base**-x
     kind = params["rope_type"]
     effective = base
     if kind == "dynamic":
@@ -763,17 +903,23 @@ def test_hugging_face_parity(rope_type):
 # 8. to_hf round trip
 
 
-EXPRESSED_AS = {"ntk": "default", "ntk_by_parts": "yarn"}  # hf.to_hf's rope_type where it is not ours
+EXPRESSED_AS = {
+    "ntk": "default",
+    "ntk_by_parts": "yarn",
+}  # hf.to_hf's rope_type where it is not ours
 
 
 @settings(max_examples=100, deadline=None)
-@given(setup=setups(types=tuple(v for v in VARIANTS if v != "dynamic_yarn"), temperature=True),
-       mp=st.integers(1, 10**6))
+@given(
+    setup=setups(types=tuple(v for v in VARIANTS if v != "dynamic_yarn"), temperature=True),
+    mp=st.integers(1, 10**6),
+)
 def test_to_hf_round_trip_is_exact(setup, mp):
-    """hf.to_hf then hf.hf_inv_freq gives the same frequencies and attention factor, bit for bit, for every
-    variant transformers can express: ntk as default with base b * s^(|D|/(|D|-2)), ntk_by_parts as yarn with
-    attention_factor 1, the others as themselves. max_position_embeddings does not matter (the factor and L are
-    written out), except for dynamic, where transformers reads L from it."""
+    """hf.to_hf then hf.hf_inv_freq gives the same frequencies and attention factor, bit for bit,
+    for every variant transformers can express: ntk as default with base b * s^(|D|/(|D|-2)),
+    ntk_by_parts as yarn with attention_factor 1, the others as themselves. max_position_embeddings
+    does not matter (the factor and L are written out), except for dynamic, where transformers reads
+    L from it."""
     head_dim, cfg, seq_len = setup
     if cfg.type == "dynamic":
         mp = cfg.original_context
@@ -796,11 +942,17 @@ def test_to_hf_refuses_variants_without_equivalent(setup):
 
 
 @settings(max_examples=60, deadline=None)
-@given(setup=setups(temperature=True), positions=st.lists(st.integers(0, 10**6), min_size=1, max_size=6))
-@example(setup=(128, RopeConfig(type="yarn", factor=16.0, original_context=4096), None), positions=[10**6])
+@given(
+    setup=setups(temperature=True),
+    positions=st.lists(st.integers(0, 10**6), min_size=1, max_size=6),
+)
+@example(
+    setup=(128, RopeConfig(type="yarn", factor=16.0, original_context=4096), None),
+    positions=[10**6],
+)
 def test_tables_are_fp32_with_float64_angles(setup, positions):
-    """cos/sin tables are fp32, but the angle m theta'_d is formed in float64: at m = 1,000,000 an fp32 angle
-    would be off by up to ~0.03 rad."""
+    """cos/sin tables are fp32, but the angle m theta'_d is formed in float64: at m = 1,000,000 an
+    fp32 angle would be off by up to ~0.03 rad."""
     head_dim, cfg, seq_len = setup
     f, a = frequencies(head_dim, cfg, seq_len)
     assert f.dtype == torch.float32
@@ -809,11 +961,19 @@ def test_tables_are_fp32_with_float64_angles(setup, positions):
     assert cos.dtype == sin.dtype == torch.float32
     assert cos.shape == sin.shape == (len(positions), 2 * f.numel())  # a column per rotated channel
     freqs = f.tolist()
-    want_cos = torch.tensor([[math.cos(m * w) * a for w in freqs] for m in positions], dtype=torch.float64)
-    want_sin = torch.tensor([[math.sin(m * w) * a for w in freqs] for m in positions], dtype=torch.float64)
+    want_cos = torch.tensor(
+        [[math.cos(m * w) * a for w in freqs] for m in positions], dtype=torch.float64
+    )
+    want_sin = torch.tensor(
+        [[math.sin(m * w) * a for w in freqs] for m in positions], dtype=torch.float64
+    )
     half = f.numel()  # pair j is (j, j + half): cos in both columns, -sin then +sin
-    for got, want in ((cos[:, :half], want_cos), (cos[:, half:], want_cos), (sin[:, :half], -want_sin),
-                      (sin[:, half:], want_sin)):
+    for got, want in (
+        (cos[:, :half], want_cos),
+        (cos[:, half:], want_cos),
+        (sin[:, :half], -want_sin),
+        (sin[:, half:], want_sin),
+    ):
         assert (got.double() - want).abs().max() < 1e-6 * max(a, 1.0)
 
 
@@ -834,8 +994,8 @@ def assert_divided(freqs, expected):
 @settings(max_examples=60, deadline=None)
 @given(setup=setups(types=("longrope",), temperature=True), data=st.data())
 def test_longrope_long_factors_apply_only_past_L(setup, data):
-    """l' <= L, or unknown: theta_d / short_factor_d, whatever long_factor is. l' > L: theta_d / long_factor_d,
-    whatever short_factor is. The attention factor is the same on both sides."""
+    """l' <= L, or unknown: theta_d / short_factor_d, whatever long_factor is. l' > L: theta_d /
+    long_factor_d, whatever short_factor is. The attention factor is the same on both sides."""
     head_dim, cfg, _ = setup
     L = cfg.original_context
     within = data.draw(st.none() | st.integers(1, L), label="l' <= L")
@@ -852,8 +1012,13 @@ def test_longrope_long_factors_apply_only_past_L(setup, data):
 
 def test_longrope_switches_at_L_exactly():
     """Phi-3-mini-128k's shape (L = 4096, s = 32, |D| = 96): the short factors at l' = L, the long ones at L + 1."""
-    cfg = RopeConfig(type="longrope", factor=32.0, original_context=4096, short_factor=(1.0,) * 48,
-                     long_factor=tuple(1.0 + d for d in range(48)))
+    cfg = RopeConfig(
+        type="longrope",
+        factor=32.0,
+        original_context=4096,
+        short_factor=(1.0,) * 48,
+        long_factor=tuple(1.0 + d for d in range(48)),
+    )
     assert same(frequencies(96, cfg, 4096), frequencies(96, cfg))
     assert_divided(frequencies(96, cfg, 4096)[0], divided(96, cfg, cfg.short_factor))
     assert_divided(frequencies(96, cfg, 4097)[0], divided(96, cfg, cfg.long_factor))
@@ -871,15 +1036,28 @@ def test_longrope_unit_factors_are_plain_rope(setup, unit_attention, data):
     assert same(frequencies(head_dim, cfg, seq_len), plain(head_dim, cfg))
 
 
-@pytest.mark.parametrize("s, L, attention_factor, expected", [
-    (32.0, 4096, None, math.sqrt(17 / 12)),  # Phi-3-mini-128k: s = 131072 / 4096, ln 32 / ln 4096 = 5/12
-    (4.0, 32, None, math.sqrt(1.4)),  # ln 4 / ln 32 = 2/5
-    (1.0, 4096, None, 1.0),  # no extension, no temperature
-    (32.0, 4096, 0.75, 0.75),  # given: it wins
-])
+@pytest.mark.parametrize(
+    "s, L, attention_factor, expected",
+    [
+        (
+            32.0,
+            4096,
+            None,
+            math.sqrt(17 / 12),
+        ),  # Phi-3-mini-128k: s = 131072 / 4096, ln 32 / ln 4096 = 5/12
+        (4.0, 32, None, math.sqrt(1.4)),  # ln 4 / ln 32 = 2/5
+        (1.0, 4096, None, 1.0),  # no extension, no temperature
+        (32.0, 4096, 0.75, 0.75),  # given: it wins
+    ],
+)
 def test_longrope_attention_factor_values(s, L, attention_factor, expected):
-    cfg = RopeConfig(type="longrope", factor=s, original_context=L, attention_factor=attention_factor,
-                     **unit_divisors("longrope", 8))
+    cfg = RopeConfig(
+        type="longrope",
+        factor=s,
+        original_context=L,
+        attention_factor=attention_factor,
+        **unit_divisors("longrope", 8),
+    )
     for seq_len in (None, L, L + 1):
         assert frequencies(16, cfg, seq_len)[1] == pytest.approx(expected, rel=1e-15)
 
@@ -903,7 +1081,9 @@ def test_longrope_factors_of_the_wrong_length_rejected(head, name, data):
     head_dim, p, dim = head
     n = data.draw(st.integers(1, 160).filter(lambda n: n != dim // 2), label="entries")
     kw = {**unit_divisors("longrope", dim // 2), name: (1.0,) * n}
-    cfg = RopeConfig(type="longrope", factor=4.0, original_context=4096, partial_rotary_factor=p, **kw)
+    cfg = RopeConfig(
+        type="longrope", factor=4.0, original_context=4096, partial_rotary_factor=p, **kw
+    )
     match = rf"rope {name} has {n} numbers; rotary dim {dim} has {dim // 2} frequency pairs"
     with pytest.raises(ValueError, match=match):
         rope.rotary_dim(head_dim, cfg)
@@ -913,7 +1093,9 @@ def test_longrope_factors_of_the_wrong_length_rejected(head, name, data):
         ModelConfig(n_head=2, d_model=2 * head_dim, rope=cfg)
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -1.0, math.nan, math.inf, -math.inf, True, "1", None, 10**400])
+@pytest.mark.parametrize(
+    "bad", [0, 0.0, -1.0, math.nan, math.inf, -math.inf, True, "1", None, 10**400]
+)
 @pytest.mark.parametrize("name", ["short_factor", "long_factor"])
 def test_longrope_non_positive_or_non_finite_divisors_rejected(name, bad):
     factors = [1.0, 2.0, bad, 4.0]
@@ -925,14 +1107,25 @@ def test_longrope_non_positive_or_non_finite_divisors_rejected(name, bad):
 @pytest.mark.parametrize("value", ["1111", 1.0, {0: 1.0}])
 def test_longrope_factors_that_are_not_lists_rejected(value):
     with pytest.raises(ValueError, match=r"rope short_factor must be a tuple"):
-        RopeConfig(type="longrope", factor=4.0, original_context=4096, short_factor=value, long_factor=(1.0,) * 4)
+        RopeConfig(
+            type="longrope",
+            factor=4.0,
+            original_context=4096,
+            short_factor=value,
+            long_factor=(1.0,) * 4,
+        )
 
 
 def test_longrope_divisors_too_small_for_fp32_rejected():
-    """theta_0 / f_0 = 1 / 1e-300 is no fp32 number: an error naming the list, not infinite frequencies (only the
-    list in use is computed, so the other may be anything positive)."""
-    cfg = RopeConfig(type="longrope", factor=4.0, original_context=64, short_factor=(1.0,) * 8,
-                     long_factor=(1e-300,) + (1.0,) * 7)
+    """theta_0 / f_0 = 1 / 1e-300 is no fp32 number: an error naming the list, not infinite
+    frequencies (only the list in use is computed, so the other may be anything positive)."""
+    cfg = RopeConfig(
+        type="longrope",
+        factor=4.0,
+        original_context=64,
+        short_factor=(1.0,) * 8,
+        long_factor=(1e-300,) + (1.0,) * 7,
+    )
     assert torch.isfinite(frequencies(16, cfg)[0]).all()
     with pytest.raises(ValueError, match=r"rope long_factor has entries so small"):
         frequencies(16, cfg, 65)
@@ -940,7 +1133,9 @@ def test_longrope_divisors_too_small_for_fp32_rejected():
 
 def test_longrope_attention_factor_needs_L_above_one():
     """sqrt(1 + ln s / ln L) divides by ln L = 0 at L = 1: a ValueError, unless attention_factor is given."""
-    cfg = RopeConfig(type="longrope", factor=4.0, original_context=1, **unit_divisors("longrope", 8))
+    cfg = RopeConfig(
+        type="longrope", factor=4.0, original_context=1, **unit_divisors("longrope", 8)
+    )
     with pytest.raises(ValueError, match=r"original_context >= 2"):
         frequencies(16, cfg)
     assert frequencies(16, cfg.replace(attention_factor=1.5))[1] == 1.5

@@ -1,6 +1,7 @@
-"""rope_check.py: the golden file is what rope.py computes and what transformers computes; rope.py and transformers
-pass every case and invariant, and every check of the applied rotation; each bug class, planted in a
-copy of rope.py's function (or of the reference rotation), fails and is named."""
+"""rope_check.py: the golden file is what rope.py computes and what transformers computes;
+rope.py and transformers pass every case and invariant, and every check of the applied rotation;
+each bug class, planted in a copy of rope.py's function (or of the reference rotation), fails and
+is named."""
 
 import json
 import math
@@ -39,8 +40,9 @@ def test_golden_file_is_what_rope_py_computes(tmp_path):
 
 
 def test_golden_file_format():
-    """Every field the docstring documents; every Hugging Face type and every bug class has cases; positions past
-    256 and at 1,000,000; the dynamic cases run from long to short (state kept from a longer call shows)."""
+    """Every field the docstring documents; every Hugging Face type and every bug class has cases;
+    positions past 256 and at 1,000,000; the dynamic cases run from long to short (state kept from a
+    longer call shows)."""
     cases, classes = GOLDEN["cases"], GOLDEN["bug_classes"]
     assert set(GOLDEN["tolerance"]) == {"inv_freq", "attention_factor", "table"}
     assert 257 in GOLDEN["positions"] and 10**6 in GOLDEN["positions"]
@@ -48,9 +50,25 @@ def test_golden_file_format():
     assert {c["rope_parameters"]["rope_type"] for c in cases} == set(hf.HF_TYPES)
     assert {c["bug_class"] for c in cases} == set(classes)
     for c in cases:
-        assert set(c) == {"name", "bug_class", "why", "rope_parameters", "head_dim", "max_position_embeddings",
-                          "seq_len", "inv_freq", "attention_factor", "cos", "sin"}, c["name"]
-        pairs = rope.rotary_dim(c["head_dim"], hf.from_hf(c["rope_parameters"], c["max_position_embeddings"])) // 2
+        assert set(c) == {
+            "name",
+            "bug_class",
+            "why",
+            "rope_parameters",
+            "head_dim",
+            "max_position_embeddings",
+            "seq_len",
+            "inv_freq",
+            "attention_factor",
+            "cos",
+            "sin",
+        }, c["name"]
+        pairs = (
+            rope.rotary_dim(
+                c["head_dim"], hf.from_hf(c["rope_parameters"], c["max_position_embeddings"])
+            )
+            // 2
+        )
         assert len(c["inv_freq"]) == pairs
         assert [len(row) for row in c["cos"] + c["sin"]] == [pairs] * 2 * len(GOLDEN["positions"])
     dynamic = [c["seq_len"] or 0 for c in cases if c["rope_parameters"]["rope_type"] == "dynamic"]
@@ -62,22 +80,30 @@ def test_golden_numbers_by_hand():
     answer = {c["name"]: c for c in GOLDEN["cases"]}
     assert answer["yarn_attention_factor_given"]["attention_factor"] == 1.25
     assert answer["mscale_equal_s16"]["attention_factor"] == 1.0
-    assert answer["yarn_paper"]["attention_factor"] == pytest.approx(0.1 * math.log(16) + 1)  # 1.2773
-    assert answer["mscale_ratio"]["attention_factor"] == pytest.approx((0.0707 * math.log(40) + 1) /
-                                                                       (0.1 * math.log(40) + 1))
-    assert answer["longrope_factor_null"]["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(32) /
-                                                                                         math.log(4096)))
+    assert answer["yarn_paper"]["attention_factor"] == pytest.approx(
+        0.1 * math.log(16) + 1
+    )  # 1.2773
+    assert answer["mscale_ratio"]["attention_factor"] == pytest.approx(
+        (0.0707 * math.log(40) + 1) / (0.1 * math.log(40) + 1)
+    )
+    assert answer["longrope_factor_null"]["attention_factor"] == pytest.approx(
+        math.sqrt(1 + math.log(32) / math.log(4096))
+    )
     theta = [10000.0 ** (-2 * d / 128) for d in range(64)]
     assert answer["default_llama2"]["inv_freq"] == pytest.approx(theta, rel=1e-7)
     assert answer["linear_pi"]["inv_freq"] == pytest.approx([t / 4 for t in theta[::2]], rel=1e-7)
-    m, d = 10**6, 1  # position 1,000,000 of pair 1: angle 1e6 * inv_freq, from the float32 frequency in the file
+    m, d = (
+        10**6,
+        1,
+    )  # position 1,000,000 of pair 1: angle 1e6 * inv_freq, from the float32 frequency in the file
     angle = m * float(torch.tensor(answer["default_llama2"]["inv_freq"][d]))
     assert answer["default_llama2"]["cos"][-1][d] == pytest.approx(math.cos(angle), abs=1e-7)
 
 
 def test_transformers_passes_every_golden_case_and_invariant():
-    """The golden file against transformers' ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding, every case (all six
-    Hugging Face types); its tables form angles in float32, which the table tolerance allows."""
+    """The golden file against transformers' ROPE_INIT_FUNCTIONS and LlamaRotaryEmbedding, every
+    case (all six Hugging Face types); its tables form angles in float32, which the table tolerance
+    allows."""
     pytest.importorskip("transformers")
     rows = rope_check.check(*rope_check.ADAPTERS["transformers"], GOLDEN, EXAMPLES)
     assert not failing(rows), [r for r in rows if not r[2]]
@@ -100,7 +126,9 @@ def without(p: dict, *keys) -> dict:
 def attention_factor_as_input(p, head_dim, mp, seq_len):
     """A given attention_factor run through 0.1 ln s + 1 again, instead of used as the final multiplier."""
     inv_freq, a = hf.hf_inv_freq(p, head_dim, mp, seq_len)
-    return inv_freq, a * rope.yarn_mscale(p["factor"]) if "attention_factor" in p and p["rope_type"] == "yarn" else a
+    return inv_freq, a * rope.yarn_mscale(p["factor"]) if "attention_factor" in p and p[
+        "rope_type"
+    ] == "yarn" else a
 
 
 def mscale_ignored(p, head_dim, mp, seq_len):
@@ -131,7 +159,9 @@ def dynamic_scale_never_shrinks():
 def longrope_switch_at_L(p, head_dim, mp, seq_len):  # noqa: N802
     """long_factor from l' >= L instead of l' > L."""
     L = p.get("original_max_position_embeddings") or mp
-    return hf.hf_inv_freq(p, head_dim, mp, seq_len + 1 if p["rope_type"] == "longrope" and seq_len == L else seq_len)
+    return hf.hf_inv_freq(
+        p, head_dim, mp, seq_len + 1 if p["rope_type"] == "longrope" and seq_len == L else seq_len
+    )
 
 
 def inv_freq_in_bf16(p, head_dim, mp, seq_len):
@@ -149,10 +179,18 @@ def tables_in_bf16(inv_freq, a, positions):
 
 
 PLANTED = {  # name: (bug class, impl, table)
-    "attention_factor_as_input": ("attention_factor", attention_factor_as_input, rope_check.rope_table),
+    "attention_factor_as_input": (
+        "attention_factor",
+        attention_factor_as_input,
+        rope_check.rope_table,
+    ),
     "mscale_ignored": ("mscale", mscale_ignored, rope_check.rope_table),
     "truncate_ignored": ("truncate", truncate_ignored, rope_check.rope_table),
-    "L_from_max_position_embeddings": ("factor_vs_L", L_from_max_position_embeddings, rope_check.rope_table),
+    "L_from_max_position_embeddings": (
+        "factor_vs_L",
+        L_from_max_position_embeddings,
+        rope_check.rope_table,
+    ),
     "dynamic_scale_never_shrinks": ("dynamic", dynamic_scale_never_shrinks, rope_check.rope_table),
     "longrope_switch_at_L": ("longrope_switch", longrope_switch_at_L, rope_check.rope_table),
     "inv_freq_in_bf16": ("bf16", inv_freq_in_bf16, rope_check.rope_table),
@@ -163,8 +201,8 @@ PLANTED = {  # name: (bug class, impl, table)
 
 @pytest.mark.parametrize("name", PLANTED)
 def test_planted_bug_is_caught_and_named(name):
-    """The copy fails at least one golden case of its class, and every failing row (case or invariant) names
-    that class and no other."""
+    """The copy fails at least one golden case of its class, and every failing row (case or
+    invariant) names that class and no other."""
     bug_class, impl, table = PLANTED[name]
     impl = impl() if impl is dynamic_scale_never_shrinks else impl
     rows = rope_check.check(impl, table, GOLDEN, EXAMPLES)
@@ -202,8 +240,13 @@ def test_softmax_scale_by_hand():
     """DeepSeek-V2's numbers: s = 40, mscale = mscale_all_dim = 0.707, a 192-channel head: YaRN's
     factor in q and k is 1 and the softmax scale (0.0707 ln 40 + 1)^2 / sqrt(192); none without
     mscale_all_dim."""
-    p = {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707,
-         "original_max_position_embeddings": 4096}
+    p = {
+        "rope_type": "yarn",
+        "factor": 40.0,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+    }
     assert hf.hf_inv_freq(p, 64, 163840)[1] == 1.0
     m = 0.0707 * math.log(40) + 1
     assert rope_check.softmax_scale(p, 192) == pytest.approx(m * m / math.sqrt(192), rel=1e-12)
@@ -220,7 +263,9 @@ def scale_folded_into_q_and_k(q, k, positions, p, head_dim, mp):
 def factor_in_softmax_scale(q, k, positions, p, head_dim, mp):
     """Pure rotations (no factor in cos and sin) and YaRN's a^2 in the softmax scale instead."""
     a = hf.hf_inv_freq(p, head_dim, mp)[1]
-    q, k, scale = rope_check.rope_apply(q, k, positions, dict(p, attention_factor=1.0), head_dim, mp)
+    q, k, scale = rope_check.rope_apply(
+        q, k, positions, dict(p, attention_factor=1.0), head_dim, mp
+    )
     return q, k, scale * a * a
 
 
@@ -300,8 +345,14 @@ def test_planted_rotation_bug_is_caught_and_named(name):
 def test_missing_softmax_mscale_shows_as_its_factor():
     """DeepSeek-V2's settings without the softmax scale's m^2: logits 1 / (0.0707 ln 40 + 1)^2
     = 0.6291 times the reference's, and the detail says so."""
-    p = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 0.707,
-         "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096}
+    p = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+    }
     check = rope_check.applied(rope_check.logits_error, softmax_mscale_missing, "half_split")
     ratio, detail = check(((p, 64, 163840), [0, 1, 2, 3], 0))
     factor = 1 / (0.0707 * math.log(40) + 1) ** 2
@@ -314,8 +365,13 @@ def test_missing_softmax_mscale_shows_as_its_factor():
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "rope_check.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "rope_check.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_cli_transformers_passes():
@@ -327,11 +383,12 @@ def test_cli_transformers_passes():
 
 
 def test_cli_user_module_fails_and_names_the_class(tmp_path):
-    """A module where the command runs, given as module:function: exit status 1, the failing rows, and what
-    the class means; tables unchecked without --table."""
+    """A module where the command runs, given as module:function: exit status 1, the failing rows,
+    and what the class means; tables unchecked without --table."""
     (tmp_path / "my_engine.py").write_text(
         "import hf\n\n\ndef init(p, head_dim, mp, seq_len):\n    p.pop('truncate', None)\n"
-        "    return hf.hf_inv_freq(p, head_dim, mp, seq_len)\n")
+        "    return hf.hf_inv_freq(p, head_dim, mp, seq_len)\n"
+    )
     out = run_cli("--impl", "my_engine:init", "--examples", "5", cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "gpt_oss_truncate_false" in out.stdout
@@ -344,41 +401,55 @@ def test_cli_user_hook_in_the_wrong_layout(tmp_path):
     message names both layouts."""
     (tmp_path / "my_engine.py").write_text(
         "import rope_check\n\n\ndef rotate(q, k, positions, p, head_dim, mp):\n"
-        "    return rope_check.rope_apply(q, k, positions, p, head_dim, mp)\n")
-    out = run_cli("--apply", "my_engine:rotate", "--layout", "interleaved", "--examples", "5",
-                  cwd=tmp_path)
+        "    return rope_check.rope_apply(q, k, positions, p, head_dim, mp)\n"
+    )
+    out = run_cli(
+        "--apply", "my_engine:rotate", "--layout", "interleaved", "--examples", "5", cwd=tmp_path
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert [line.split(":")[0] for line in out.stdout.splitlines() if line.startswith("FAIL")] == [
-        "FAIL layout"]
+        "FAIL layout"
+    ]
     said = "layout: half_split pairs (j, j + |D|/2), --layout interleaved (2j, 2j + 1)"
     assert said in out.stdout
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--impl", "nonsense"], "must be package.module:function"),
-    (["--impl", "no_such_module:f"], "No module named 'no_such_module'"),
-    (["--impl", "rope:no_such_function"], "has no attribute 'no_such_function'"),
-    (["--golden", "/nonexistent.json"], "not a golden cases file"),
-    (["--examples", "-1"], "--examples must be >= 0"),
-    (["--layout", "diagonal"], "--layout must be half_split or interleaved"),
-    (["--apply", "nonsense"], "--apply must be package.module:function"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--impl", "nonsense"], "must be package.module:function"),
+        (["--impl", "no_such_module:f"], "No module named 'no_such_module'"),
+        (["--impl", "rope:no_such_function"], "has no attribute 'no_such_function'"),
+        (["--golden", "/nonexistent.json"], "not a golden cases file"),
+        (["--examples", "-1"], "--examples must be >= 0"),
+        (["--layout", "diagonal"], "--layout must be half_split or interleaved"),
+        (["--apply", "nonsense"], "--apply must be package.module:function"),
+    ],
+)
 def test_cli_errors(args, match):
     out = run_cli(*args)
-    assert out.returncode == 2 and out.stderr.startswith("error: ") and match in out.stderr, out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and match in out.stderr, (
+        out.stderr
+    )
     assert "Traceback" not in out.stderr
 
 
 def test_golden_json_reads_without_this_repository():
     """Plain JSON: numbers, strings, lists, objects (no NaN or Infinity, which other languages' parsers reject)."""
-    json.loads(rope_check.GOLDEN.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    json.loads(
+        rope_check.GOLDEN.read_text(),
+        parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"),
+    )
 
 
 def test_the_docs_counts_are_the_checker_s():
     """docs/rope_check.md gives the number of cases and invariants and every bug class."""
     section = (ROOT / "docs" / "rope_check.md").read_text()
     assert f"the {len(GOLDEN['cases'])} cases" in section
-    assert f"{len(rope_check.invariants(None, rope_check.rope_table, GOLDEN['tolerance']))} invariants" in section
+    assert (
+        f"{len(rope_check.invariants(None, rope_check.rope_table, GOLDEN['tolerance']))} invariants"
+        in section
+    )
     assert all(f"| `{bug_class}` |" in section for bug_class in GOLDEN["bug_classes"])
     assert f"{len(rope_check.applied_checks(None, 'half_split'))} checks of the applied" in section
     assert all(f"| `{bug_class}` |" in section for bug_class in rope_check.APPLIED_CLASSES)

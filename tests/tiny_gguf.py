@@ -21,9 +21,18 @@ def prose() -> str:
     tree = ast.parse((STDLIB / "pydoc_data" / "topics.py").read_text(encoding="utf-8"))
     topics = next(n.value for n in tree.body if isinstance(n, ast.Assign))
     return "\n\n".join(ast.literal_eval(topics).values())
+
+
 # (GGUF name, tensor type) of the weights, per layer: every type hf.py's import reads
-LAYER_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "F16",
-               "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "BF16"}
+LAYER_TYPES = {
+    "attn_q": "Q8_0",
+    "attn_k": "Q4_0",
+    "attn_v": "Q4_1",
+    "attn_output": "F16",
+    "ffn_gate": "Q5_0",
+    "ffn_up": "Q5_1",
+    "ffn_down": "BF16",
+}
 
 
 def byte_encoder() -> dict[int, str]:
@@ -73,9 +82,25 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write(path, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn=128, context=64, base=10000.0,
-          n_merges=60, seed=0, tied=True, arch="llama", types=None, extra=None, qk_scale=0.3,
-          tokenizer="gpt2", merges_reversed=False):
+def write(
+    path,
+    n_layer=2,
+    d_model=64,
+    n_head=4,
+    n_kv_head=2,
+    ffn=128,
+    context=64,
+    base=10000.0,
+    n_merges=60,
+    seed=0,
+    tied=True,
+    arch="llama",
+    types=None,
+    extra=None,
+    qk_scale=0.3,
+    tokenizer="gpt2",
+    merges_reversed=False,
+):
     """Write the GGUF; returns the Hugging Face-layout weights it holds before quantization. types:
     {gguf layer tensor kind: type name} (default LAYER_TYPES); extra(writer) adds to the file;
     tokenizer: tokenizer.ggml.model; merges_reversed lists the merges in the wrong order."""
@@ -125,18 +150,40 @@ def write(path, n_layer=2, d_model=64, n_head=4, n_kv_head=2, ffn=128, context=6
     for i in range(n_layer):
         hf = f"model.layers.{i}."
         tensor(f"blk.{i}.attn_norm.weight", (d_model,), hf=hf + "input_layernorm.weight")
-        tensor(f"blk.{i}.attn_q.weight", (n_head * head_dim, d_model), types["attn_q"], qk_scale,
-               hf + "self_attn.q_proj.weight", n_head)
-        tensor(f"blk.{i}.attn_k.weight", (n_kv_head * head_dim, d_model), types["attn_k"], qk_scale,
-               hf + "self_attn.k_proj.weight", n_kv_head)
-        tensor(f"blk.{i}.attn_v.weight", (n_kv_head * head_dim, d_model), types["attn_v"],
-               hf=hf + "self_attn.v_proj.weight")
-        tensor(f"blk.{i}.attn_output.weight", (d_model, n_head * head_dim), types["attn_output"],
-               hf=hf + "self_attn.o_proj.weight")
+        tensor(
+            f"blk.{i}.attn_q.weight",
+            (n_head * head_dim, d_model),
+            types["attn_q"],
+            qk_scale,
+            hf + "self_attn.q_proj.weight",
+            n_head,
+        )
+        tensor(
+            f"blk.{i}.attn_k.weight",
+            (n_kv_head * head_dim, d_model),
+            types["attn_k"],
+            qk_scale,
+            hf + "self_attn.k_proj.weight",
+            n_kv_head,
+        )
+        tensor(
+            f"blk.{i}.attn_v.weight",
+            (n_kv_head * head_dim, d_model),
+            types["attn_v"],
+            hf=hf + "self_attn.v_proj.weight",
+        )
+        tensor(
+            f"blk.{i}.attn_output.weight",
+            (d_model, n_head * head_dim),
+            types["attn_output"],
+            hf=hf + "self_attn.o_proj.weight",
+        )
         tensor(f"blk.{i}.ffn_norm.weight", (d_model,), hf=hf + "post_attention_layernorm.weight")
-        for kind, name, shape in (("ffn_gate", "gate_proj", (ffn, d_model)),
-                                  ("ffn_up", "up_proj", (ffn, d_model)),
-                                  ("ffn_down", "down_proj", (d_model, ffn))):
+        for kind, name, shape in (
+            ("ffn_gate", "gate_proj", (ffn, d_model)),
+            ("ffn_up", "up_proj", (ffn, d_model)),
+            ("ffn_down", "down_proj", (d_model, ffn)),
+        ):
             tensor(f"blk.{i}.{kind}.weight", shape, types[kind], hf=f"{hf}mlp.{name}.weight")
     tensor("output_norm.weight", (d_model,), hf="model.norm.weight")
     if not tied:
