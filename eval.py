@@ -38,9 +38,8 @@ from data.tokenizer import describe, get_tokenizer
 from system import check_writable, pick_device, write_json
 
 # Ordinary English words, each one GPT-2 token with its leading space: a GPT-2 needle looks like
-# plain text
-# (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is lowercase
-# letters.
+# plain text (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is
+# lowercase letters.
 NEEDLE_WORDS = (
     "apple river stone garden window paper orange silver yellow market island winter summer forest doctor letter "
     "bridge castle engine planet pocket house water table chair music money green black white horse train glass "

@@ -35,12 +35,10 @@ from system import DTYPES, atomic_write, check_writable, dtype_name, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = (
-    "model.safetensors.index.json"  # sharded checkpoints: {"weight_map": {tensor name: shard file}}
-)
-RECORD_KEY = (
-    "yarn_from_scratch"  # our exact ModelConfig, kept in config.json for a lossless round trip
-)
+# sharded checkpoints: {"weight_map": {tensor name: shard file}}
+INDEX_FILE = "model.safetensors.index.json"
+# our exact ModelConfig, kept in config.json for a lossless round trip
+RECORD_KEY = "yarn_from_scratch"
 
 # The config.json keys that define the network; import compares these when it decides to trust the
 # record.
@@ -61,9 +59,8 @@ ARCHITECTURE_KEYS = (
     "rope_parameters",
 )
 
-# Names: our state_dict <-> Hugging Face Llama
-# (our name, the Hugging Face names it holds): a stacked weight of ours is theirs concatenated along
-# the rows
+# Names: our state_dict <-> Hugging Face Llama (our name, the Hugging Face names it holds): a
+# stacked weight of ours is theirs concatenated along the rows
 PER_LAYER_NAMES = (
     ("attn_norm.weight", ("input_layernorm.weight",)),
     (
@@ -72,10 +69,8 @@ PER_LAYER_NAMES = (
     ),
     ("attn.wo.weight", ("self_attn.o_proj.weight",)),
     ("mlp_norm.weight", ("post_attention_layernorm.weight",)),
-    (
-        "mlp.w13.weight",
-        ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    ),  # SwiGLU: down(silu(gate x) * up x)
+    # SwiGLU: down(silu(gate x) * up x)
+    ("mlp.w13.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     ("mlp.w2.weight", ("mlp.down_proj.weight",)),
 )
 
@@ -156,11 +151,8 @@ def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
         cfg["factor"] = _number(p, "factor")
     if kind == "dynamic":
         cfg["original_context"] = max_position_embeddings
-    if kind in (
-        "yarn",
-        "llama3",
-        "longrope",
-    ):  # the types transformers reads original_max_position_embeddings for
+    # the types transformers reads original_max_position_embeddings for
+    if kind in ("yarn", "llama3", "longrope"):
         L = cfg["original_context"] = (
             p.get("original_max_position_embeddings") or max_position_embeddings
         )
@@ -243,9 +235,8 @@ def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
         return {"rope_type": "default", **common}
     if cfg.type == "linear":
         return {"rope_type": "linear", "factor": cfg.factor, **common}
-    if (
-        cfg.type == "ntk"
-    ):  # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
+    # paper Eq. 16: static NTK-aware scaling is plain RoPE with base b' = b * s^(|D|/(|D|-2))
+    if cfg.type == "ntk":
         return {
             "rope_type": "default",
             **common,
@@ -330,10 +321,12 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "attention_dropout": 0.0,
         "rope_parameters": rope_parameters,
         "use_cache": True,
+        # the tokenizer's business; LlamaConfig would say 1 and 2
         "bos_token_id": None,
-        "eos_token_id": None,  # the tokenizer's business; LlamaConfig would say 1 and 2
+        "eos_token_id": None,
+        # the names transformers 4.x and 5.x read
         "torch_dtype": dtype_name(dtype),
-        "dtype": dtype_name(dtype),  # the names transformers 4.x and 5.x read
+        "dtype": dtype_name(dtype),
         RECORD_KEY: {"model_config": config.to_dict()},
     }
 
@@ -357,9 +350,8 @@ def export_hf(
     (which overwrites those two files and leaves any others)."""
     state = model.state_dict()
     dtype = dtype or state["tok_emb.weight"].dtype
-    config_json = hf_config(
-        model.config, dtype
-    )  # raises for unexportable variants before touching the disk
+    # raises for unexportable variants before touching the disk
+    config_json = hf_config(model.config, dtype)
     tied = model.config.tie_embeddings
     if tied and not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
         raise ValueError(
@@ -415,9 +407,8 @@ def hf_rope_from_config(c: dict) -> RopeConfig:
     """The RopeConfig of a Llama config.json, read the way transformers reads it: `rope_parameters`,
     or the legacy `rope_scaling` + `rope_theta`; a top-level original_max_position_embeddings or
     partial_rotary_factor applies as transformers applies it (standardize_rope_params)."""
-    params = (
-        c.get("rope_scaling") or c.get("rope_parameters") or {}
-    )  # transformers 5 lets rope_scaling win
+    # transformers 5 lets rope_scaling win
+    params = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise ValueError(
             f"config.json 'rope_parameters' must be one flat dict (per-layer-type RoPE is not "
@@ -485,9 +476,8 @@ def model_config_from_hf(c: dict) -> ModelConfig:
             n_head=n_head,
             n_kv_head=0 if n_kv_head == n_head else n_kv_head,
             d_model=d_model,
-            ffn_hidden=0
-            if intermediate == 64 * math.ceil(8 * d_model / 3 / 64)
-            else intermediate,  # model.py's rule
+            # model.py's rule
+            ffn_hidden=0 if intermediate == 64 * math.ceil(8 * d_model / 3 / 64) else intermediate,
             block_size=_key(c, "max_position_embeddings", int, 2048),
             norm_eps=_key(c, "rms_norm_eps", float, 1e-6),
             qkv_bias=kind == "qwen2",
@@ -509,9 +499,8 @@ def _recorded_config(c: dict) -> ModelConfig | None:
         return None
     try:
         recorded = ModelConfig.from_dict(record["model_config"])
-        expected = json.loads(
-            json.dumps(hf_config(recorded))
-        )  # JSON's view of it: what config.json would hold
+        # JSON's view of it: what config.json would hold
+        expected = json.loads(json.dumps(hf_config(recorded)))
     except (TypeError, ValueError):
         return None
     return recorded if all(expected[k] == c.get(k) for k in ARCHITECTURE_KEYS) else None
@@ -543,9 +532,8 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
             raise ValueError(f"weights file {path} is missing (named in {INDEX_FILE})")
         try:
             tensors.update(st.load_file(path))
-        except (
-            Exception
-        ) as e:  # safetensors raises its own SafetensorError for a truncated or foreign file
+        # safetensors raises its own SafetensorError for a truncated or foreign file
+        except Exception as e:
             raise ValueError(
                 f"{path} is not a readable safetensors file ({type(e).__name__}: {e})"
             ) from None
@@ -601,9 +589,8 @@ def state_dict_from_hf(
                 "lm_head.weight; set it to true if the head is the embedding"
             )
         state["lm_head.weight"] = state["tok_emb.weight"]
-    unexpected = sorted(
-        k for k in tensors if not k.endswith("rotary_emb.inv_freq")
-    )  # old files store inv_freq
+    # old files store inv_freq
+    unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         biases = any(k.endswith(".bias") for k in unexpected)
         hint = " (biases: this model has only Qwen2's q/k/v ones)" if biases else ""

@@ -91,9 +91,8 @@ class Preset:
     finetune_batch: int
     # the pretraining's final lr (lr / 10), as the paper fine-tunes Llama 2 at about its own
     finetune_lr: float
-    data_mix: str = (
-        "natural"  # pretraining windows (data/recall.py); fine-tuning is always on natural text
-    )
+    # pretraining windows (data/recall.py); fine-tuning is always on natural text
+    data_mix: str = "natural"
     warmup_steps: int = 0  # a warm-up run on the induction task before pretraining (0 = none) ...
     warmup_block: int = 128  # ... at this context
     warmup_batch: int = 16
@@ -120,7 +119,7 @@ class Preset:
         0.16,
         0.2,
         0.3,
-    )  # sqrt(1/t) = a ln s + 1; the paper's a = 0.1
+    )  # sqrt(1/t) = a ln s + 1; paper: 0.1
     data_source: str = "stdlib"
     val_fraction: float = 0.05
     train_eval_batches: int = 4  # train.py's own validation loss, batches per evaluation
@@ -140,18 +139,13 @@ class Preset:
 
 PRESETS = {
     # One H100 / H200. The cpu preset's design at 25.9M parameters (d_model 512, 8 layers, head_dim
-    # 128: pairs
-    # 0..6 make more than 32 rotations in L = 512), without previous-token embeddings: a plain
-    # LLaMA-style model,
-    # so that this report is also the ablation without them. Copying must then form from the
-    # induction warm-up and
-    # the recall mix alone. Measured on an H200 (PERF_NOTES.md): after a 1,500-step warm-up it had
-    # not (control
-    # recall 0.026, chance 0.26); after 5,000 steps (the same model, data and seed) it had, by step
-    # ~500, and the
-    # control recalled 0.964. If it does not, the report says so instead of deciding claims 5b and
-    # 5c.
-    # Sized from the stage times of the first H200 run (results/gpu): every training step here is
+    # 128: pairs 0..6 make more than 32 rotations in L = 512), without previous-token embeddings: a
+    # plain LLaMA-style model, so that this report is also the ablation without them. Copying must
+    # then form from the induction warm-up and the recall mix alone. Measured on an H200
+    # (PERF_NOTES.md): after a 1,500-step warm-up it had not (control recall 0.026, chance 0.26);
+    # after 5,000 steps (the same model, data and seed) it had, by step ~500, and the control
+    # recalled 0.964. If it does not, the report says so instead of deciding claims 5b and 5c. Sized
+    # from the stage times of the first H200 run (results/gpu): every training step here is
     # launch-bound at ~24 ms (eager PyTorch's ~1,000 kernels; 16-18% MFU at 16k tokens a step), so
     # time is steps, not tokens:
     #   start-up, data (and the near-copy check, ~10 s on CPU)     ~18 s (measured 7 + 0.7 before)
@@ -168,18 +162,41 @@ PRESETS = {
     #   total ~295 s: not measured (no GPU since). The GPU command (PERF_NOTES.md) runs it in two
     #   pieces, resumed on the warm machine. The first seed's runs past 2.5x run last: a cut costs
     #   only claims there.
+    "gpu": Preset(
+        tokenizer="bytes",
+        vocab_size=320,
+        d_model=512,
+        n_layer=8,
+        n_head=4,
+        prev_tokens=0,
+        L=512,
+        s=8,
+        s_long=16,
+        pretrain_steps=1000,
+        pretrain_batch=32,
+        lr=1e-3,
+        finetune_steps=30,
+        finetune_batch=4,
+        finetune_lr=1e-4,
+        data_mix="recall",
+        warmup_steps=5000,
+        warmup_block=128,
+        warmup_batch=32,
+        scratch_long=True,
+        curve_steps=(5, 15, 30, 75, 150, 300),  # 30 steps, 2.5x (claim 6), 10x; claim 2 at 15, 75
+        budgets=(15, 75),
+        score=2048,
+        max_docs=16,
+    ),
     # Bytes, so that the output head is cheap and 2 cores train a model of head_dim 64 at L = 512
-    # (pairs 0..3 make
-    # more than 32 rotations in L). Copying, which the retrieval probe needs, does not form from
-    # natural text in
-    # CPU minutes: a warm-up on the induction task, previous-token embeddings and the recall mix
-    # make it form in a
-    # few hundred steps (3 of 3 seeds tried). About 4M tokens of pretraining, 82k (2%) per
-    # fine-tune.
-    # Sized in one-thread CPU seconds, each piece measured (a fine-tune step, 2 x 2,048: 0.82 s, and
-    # 0.9 s to start or continue a run; a pretraining step, 8 x 512: 0.56 s; perplexity at L' 2.2 s,
-    # at 2L' 7.1 s; recall at L' 7.1 s) and summed, against the same sum for the job before issue 30
-    # (~1,560 s, which ran ~19.5 min on 2 idle cores):
+    # (pairs 0..3 make more than 32 rotations in L). Copying, which the retrieval probe needs, does
+    # not form from natural text in CPU minutes: a warm-up on the induction task, previous-token
+    # embeddings and the recall mix make it form in a few hundred steps (3 of 3 seeds tried). About
+    # 4M tokens of pretraining, 82k (2%) per fine-tune. Sized in one-thread CPU seconds, each piece
+    # measured (a fine-tune step, 2 x 2,048: 0.82 s, and 0.9 s to start or continue a run; a
+    # pretraining step, 8 x 512: 0.56 s; perplexity at L' 2.2 s, at 2L' 7.1 s; recall at L' 7.1 s)
+    # and summed, against the same sum for the job before issue 30 (~1,560 s, which ran ~19.5 min on
+    # 2 idle cores):
     #   start-up, data, warm-up, pretraining, leakage, report         ~560 s
     #   7 evaluations without fine-tuning, the temperature sweep      ~200 s
     #   per seed: YaRN, NTK-aware, RoPE 20 steps, PI 50 (claim 6), 3 x 20 at s_long, 12 points
@@ -510,8 +527,8 @@ def leakage(job: Job, out: Path):
 
 
 # The whole job, in the order the claims need their inputs: a run cut part-way still decides the
-# primary claims
-# (report.py marks the rest "not run"). Each model is evaluated as soon as it is trained.
+# primary claims (report.py marks the rest "not run"). Each model is evaluated as soon as it is
+# trained.
 FINETUNE_ORDER = ("yarn", "linear", "ntk", "default")  # claims 2, 2b, 2c, 5b-5d and 6
 CURVES = ("yarn", "linear", "ntk")  # fine-tuned in pieces, scored at L' after each curve step
 FULL = ("yarn", "linear")  # scored at L, L', 2L' and for recall (2b, 2e, 5b-5d); others at L' only

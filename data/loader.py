@@ -139,11 +139,9 @@ def load_training_data(
 
 
 # Batches. Training step `step` takes grad_accum micro-batches, numbered 0..grad_accum-1 over all
-# processes, their
-# windows of block_size + 1 tokens drawn by a generator seeded by a hash of (seed, step, number):
-# the global batch is
-# the same for any world size, a resume needs no sampler state, and no two processes draw the same
-# windows.
+# processes, their windows of block_size + 1 tokens drawn by a generator seeded by a hash of (seed,
+# step, number): the global batch is the same for any world size, a resume needs no sampler state,
+# and no two processes draw the same windows.
 def stream_seed(seed: int, *key) -> int:
     digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)

@@ -370,8 +370,7 @@ def prepare(cfg):
 def write_outputs(out_dir, packed, val_seen, meta):
     out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json marks a folder as complete: drop the old one first, so that a run dying halfway
-    # leaves a folder
-    # the loader rejects rather than new .bin files next to old metadata
+    # leaves a folder the loader rejects rather than new .bin files next to old metadata
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split, (stream, docs) in packed.items():
         atomic_write(out_dir / f"{split}.bin", stream.astype("<u2").tobytes())

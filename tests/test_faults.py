@@ -305,8 +305,8 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
     )
 
     # What a kill mid-write leaves: its temp file. Nothing reads it (every load above ignored it)
-    # and the later
-    # saves were not disturbed by it; no clean save leaves one. Whether they pile up: the next test.
+    # and the later saves were not disturbed by it; no clean save leaves one. Whether they pile up:
+    # the next test.
     assert temp_files(out) <= stale
 
 
@@ -398,8 +398,7 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharm
     first = launcher.start(flags(data_dir, out, **endless), tmp_path / "first.txt")
     assert wait_for(first, lambda: "step 3/" in first.output()), first.output()
     # a second `python train.py` on the same folder (the launcher runs one child at a time); the
-    # timeout is a hang
-    # guard: a refused run must not wait for the lock
+    # timeout is a hang guard: a refused run must not wait for the lock
     second = subprocess.run(
         [sys.executable, "train.py", *flags(data_dir, out, **endless)],
         cwd=REPO,

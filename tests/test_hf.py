@@ -94,10 +94,8 @@ def tiny_model(
     )
     model = Transformer(config).eval()
     # At the init scale (std 0.02) attention is nearly uniform, so positions barely matter: a wrong
-    # RoPE moves
-    # the logits by only ~2e-3. With W_q, W_k ten times larger the scores are O(1) and a wrong RoPE
-    # moves
-    # them by ~30% (test_parity_is_sensitive), far beyond TOL.
+    # RoPE moves the logits by only ~2e-3. With W_q, W_k ten times larger the scores are O(1) and a
+    # wrong RoPE moves them by ~30% (test_parity_is_sensitive), far beyond TOL.
     with torch.no_grad():
         for block in model.blocks:  # the rows of W_q and W_k in the stacked wqkv
             block.attn.wqkv.weight[: (config.n_head + config.kv_heads) * config.head_dim].mul_(10.0)

@@ -143,8 +143,7 @@ def fresh_tables(model: Transformer, length: int, seq_len=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in
-# float64
+# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in float64
 
 
 def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -271,8 +270,8 @@ def test_attention_equals_float64_reference_with_yarn_temperature(device, dtype,
     outputs = attention_outputs(model, x)
     if device == "cuda" and (dtype == torch.bfloat16 or n_kv_head == model.config.n_head):
         # measured on an H200, torch 2.11: fp32 with grouped-query heads has only the math kernel
-        # (flash and cuDNN
-        # take half precision, the efficient kernel no enable_gqa); every other case has a fused one
+        # (flash and cuDNN take half precision, the efficient kernel no enable_gqa); every other
+        # case has a fused one
         assert set(outputs) - {"MATH"}, (
             "on CUDA a fused kernel (flash, efficient or cuDNN) should run"
         )

@@ -783,8 +783,7 @@ def hf_parameters(draw, rope_type):
     original = params.get("original_max_position_embeddings", mp)
     if rope_type == "longrope":
         # factor absent or None: transformers takes s = max_position_embeddings / L, also when it is
-        # below 1
-        # (then its attention factor is 1, as at s = 1)
+        # below 1 (then its attention factor is 1, as at s = 1)
         put("factor", draw(optional(SCALES)))
         put("attention_factor", draw(optional(st.floats(0.1, 4.0))))
         params.update(

@@ -51,9 +51,8 @@ TINY = {
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # The DDP test compares with one-thread worker processes (torchrun sets OMP_NUM_THREADS=1), and
-    # small
-    # matmuls gain nothing from a second thread on a shared 2-core machine. Restored for the other
-    # test files.
+    # small matmuls gain nothing from a second thread on a shared 2-core machine. Restored for the
+    # other test files.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
