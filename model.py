@@ -32,7 +32,7 @@ class ModelConfig:
     block_size      the context the model trains at
     norm_eps        RMSNorm's epsilon
     prev_tokens     K > 0: each position also embeds the K tokens before it (prev_tokens.py)
-    qkv_bias        biases on W_q, W_k, W_v (Qwen2 has them; LLaMA has none)
+    qkv_bias        biases on W_q, W_k, W_v (Qwen2 has them)
     tie_embeddings  the output head is the token embedding (False: its own matrix)
     """
 
@@ -178,13 +178,14 @@ class Attention(nn.Module):
         # W_q, W_k, W_v stacked: H query heads, H_kv key heads, H_kv value heads
         qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim
         self.wqkv = nn.Linear(config.d_model, qkv, bias=config.qkv_bias)
+        self.qkv_bias = config.qkv_bias
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start=0):
-        # F.linear, F.rms_norm, not module calls: batch-1 decoding is Python-bound
+        # F.linear, F.rms_norm, a bool for the bias, not module calls: decoding is Python-bound
         B, T, _ = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)
+        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias if self.qkv_bias else None)
         qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
         # qkv (B, H + 2 H_kv, T, hd)
         qk = rope.apply_rope(qkv[:, : H + H_kv], cos, sin)  # queries and keys rotated at once
@@ -238,7 +239,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.prev_emb = None  # the CPU preset's previous-token embeddings (prev_tokens.py)
+        self.prev_emb = None  # previous-token embeddings (prev_tokens.py)
         if config.prev_tokens:
             self.prev_emb = PreviousTokens(config.prev_tokens, config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
