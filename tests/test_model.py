@@ -1077,22 +1077,7 @@ def test_prev_tokens_embed_exactly_the_k_tokens_before_each_position():
 
 @pytest.mark.parametrize("variant", ["default", "dynamic_yarn"])
 def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
-    torch.manual_seed(0)
-    model = (
-        Transformer(
-            ModelConfig(
-                vocab_size=V,
-                n_layer=2,
-                n_head=2,
-                d_model=16,
-                block_size=L,
-                prev_tokens=2,
-                rope=rope_config(variant),
-            )
-        )
-        .double()
-        .eval()
-    )
+    model = prev_tokens_model(variant)
     idx = tokens(2, 5, seed=3)
     out, logits = decoded_logits(model, idx, 30, "follow")
     seq = torch.cat((idx, out), dim=1)
