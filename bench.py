@@ -1,9 +1,10 @@
 """Speed of this repository's Transformer (model.py) against Hugging Face's LlamaForCausalLM with
 the same shape and the same weights, side by side in one process and one JSON.
 
-    python bench.py --preset=cpu --threads=1 --ckpt=CKPT --out=results/bench_cpu.json  # the README's (~4 min)
-    python bench.py --preset=gpu --out=bench.json    # one GPU, ~2 min with a compilation (scripts/gpu_run.sh)
-    python bench.py --preset=smoke --out=/tmp/s.json # tiny shapes on CPU, every code path, seconds to a minute
+    python bench.py --preset=cpu --threads=1 --ckpt=CKPT \\
+        --out=results/bench_cpu.json                  # the README's (~4 min)
+    python bench.py --preset=gpu --out=bench.json     # one GPU (scripts/gpu_run.sh), ~2 min
+    python bench.py --preset=smoke --out=/tmp/s.json  # tiny shapes on CPU, every code path, < 1 min
 
 The cases (PRESETS) use the main job's model shapes. train_T<T>[_yarn]: training steps (forward with
 loss, backward, AdamW) on random tokens, bf16 autocast on CUDA, YaRN at s = T / L. sample_*: greedy
@@ -181,7 +182,8 @@ def resolve(cfg: BenchConfig) -> tuple[str, torch.device, list[Case]]:
 def configs(
     p: reproduce.Preset, case: Case, base: model.ModelConfig | None = None
 ) -> model.ModelConfig:
-    """The case's model: the preset's shape, or a checkpoint's (base), with the case's RoPE and room for its length."""
+    """The case's model: the preset's shape, or a checkpoint's (base), with the case's RoPE and room
+    for its length."""
     L = base.block_size if base else p.L
     rope_cfg = (
         RopeConfig(type="yarn", factor=case.T / L, original_context=L)
@@ -226,7 +228,7 @@ def build(which: str, cfg: model.ModelConfig, device, dtype, weights: dict | Non
 
 
 def train_step(which: str, net, case: Case, device):
-    """One training step of `net` as a function: random tokens, forward with loss, backward, AdamW."""
+    """`net`'s training step as a function: random tokens, forward with loss, backward, AdamW."""
     g = torch.Generator().manual_seed(1)
     x, y = (
         torch.randint(0, net.config.vocab_size, (case.B, case.T), generator=g).to(device)
@@ -251,7 +253,8 @@ def train_step(which: str, net, case: Case, device):
 
 
 def prompts(case: Case, vocab_size: int, state: dict | None) -> torch.Tensor:
-    """(B, T) prompt ids: random ones, or with a checkpoint (its state) consecutive pieces of this file's text."""
+    """(B, T) prompt ids: random ones, or with a checkpoint (its state) consecutive pieces of this
+    file's text."""
     if state is None:
         return torch.randint(
             0, vocab_size, (case.B, case.T), generator=torch.Generator().manual_seed(2)
@@ -486,13 +489,18 @@ def table(report: dict) -> str:
     ]
     for name, c in report["cases"].items():
         r = c.get("results", {})
-        get = lambda w, k, f: format(r[w][k], f) if r.get(w, {}).get(k) is not None else "-"  # noqa: E731
+
+        def get(w, k, f):
+            return format(r[w][k], f) if r.get(w, {}).get(k) is not None else "-"
+
         for pair, ratio in ratios(c).items() or {"-/-": None}.items():
             a, b = pair.split("/")
             rows.append(
-                f"| {name} | {a} | {get(a, 'tokens_per_s', ',.0f')} | {b} | {get(b, 'tokens_per_s', ',.0f')} | "
-                f"{f'{ratio:.2f}x' if ratio else c.get('error', '-')[:60]} | {get(a, 'peak_mem_gb', '.2f')} / "
-                f"{get(b, 'peak_mem_gb', '.2f')} | {get(a, 'mfu', '.1%')} |"
+                f"| {name} | {a} | {get(a, 'tokens_per_s', ',.0f')} | {b} | "
+                f"{get(b, 'tokens_per_s', ',.0f')} | "
+                f"{f'{ratio:.2f}x' if ratio else c.get('error', '-')[:60]} | "
+                f"{get(a, 'peak_mem_gb', '.2f')} / {get(b, 'peak_mem_gb', '.2f')} | "
+                f"{get(a, 'mfu', '.1%')} |"
             )
     return "\n".join(rows)
 
@@ -521,8 +529,8 @@ def main(argv) -> dict:
         )  # a config or weights that do not fit: an error before any case runs
     report = header(cfg, preset, device, argv)
     print(
-        f"bench: {report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
-        f"{report['threads']} threads, cases {[c.name for c in cases]}",
+        f"bench: {report['device']}, torch {report['torch']}, transformers "
+        f"{report['transformers']}, {report['threads']} threads, cases {[c.name for c in cases]}",
         flush=True,
     )
     try:

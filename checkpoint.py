@@ -1,5 +1,6 @@
-"""Checkpoints: one file per save, written atomically, loaded without running pickled code: a plain dict of tensors,
-numbers, strings, lists and dicts, which `torch.load(weights_only=True)` reads (a full unpickle could run code). Keys:
+"""Checkpoints: one file per save, written atomically, loaded without running pickled code: a plain
+dict of tensors, numbers, strings, lists and dicts, which `torch.load(weights_only=True)` reads (a
+full unpickle could run code). Keys:
     format            "yarn-from-scratch" and version  FORMAT_VERSION
     model_config      ModelConfig.to_dict() (rope config included), enough to rebuild the model
     model             the raw module's state_dict (never a compiled or DDP wrapper's)
@@ -26,11 +27,13 @@ FORMAT_VERSION = 2  # 2: stacked wqkv and w13 weights
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or not one of ours; the message says which and what to do."""
+    """A checkpoint that is missing, corrupt, or not one of ours; the message says which and what
+    to do."""
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
-    """Write state atomically (system.atomic_write), after removing temporary files a killed save left behind."""
+    """Write state atomically (system.atomic_write), after removing temporary files a killed save
+    left behind."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -40,7 +43,8 @@ def save(state: dict, path: str | os.PathLike) -> None:
 
 
 def save_numbered(state: dict, out_dir: Path, step: int, keep: int) -> None:
-    """out_dir/ckpt.pt, and ckpt_<step>.pt for the last `keep` saves (older numbered ones are removed)."""
+    """out_dir/ckpt.pt, and ckpt_<step>.pt for the last `keep` saves (older numbered ones are
+    removed)."""
     path = out_dir / "ckpt.pt"
     save(state, path)
     if keep > 0:

@@ -1,7 +1,8 @@
 """Evaluation against context length: sliding-window perplexity on long held-out documents, and a
 retrieval probe.
 
-    python eval.py --ckpt out/yarn8 --contexts 512,1024,2048,4096 --out yarn8.json    # --rope.<field>=... too
+    python eval.py --ckpt out/yarn8 --contexts 512,1024,2048,4096 \\
+        --out yarn8.json  # --rope.<field>=... too
 
 Perplexity: each chosen held-out document scores `score` consecutive tokens from its body (not its
 ending, which is boilerplate), the very same tokens at every context of a ladder (scored_regions).
@@ -41,11 +42,11 @@ from system import check_writable, pick_device, write_json
 # plain text (no rare tokens the model never learned) yet cannot be guessed. A byte-level needle is
 # lowercase letters.
 NEEDLE_WORDS = (
-    "apple river stone garden window paper orange silver yellow market island winter summer forest doctor letter "
-    "bridge castle engine planet pocket house water table chair music money green black white horse train glass "
-    "heart light night field power story color party family friend school mother father city dog cat bird fish tree "
-    "road car ship king queen sun moon star rain snow fire wind gold iron salt milk bread wine coffee tea sugar egg "
-    "honey ocean lemon"
+    "apple river stone garden window paper orange silver yellow market island winter summer "
+    "forest doctor letter bridge castle engine planet pocket house water table chair music money "
+    "green black white horse train glass heart light night field power story color party family "
+    "friend school mother father city dog cat bird fish tree road car ship king queen sun moon "
+    "star rain snow fire wind gold iron salt milk bread wine coffee tea sugar egg honey ocean lemon"
 ).split()
 
 
@@ -101,8 +102,8 @@ def perplexity(
     span = min(context // 2, score)  # S: tokens scored per window
     if not (0 < span and context <= max_context and score % span == 0):
         raise ValueError(
-            f"need 2 <= context ({context}) <= max_context ({max_context}) and a score ({score}) that "
-            f"is a multiple of min(context / 2, score)"
+            f"need 2 <= context ({context}) <= max_context ({max_context}) and a score ({score}) "
+            "that is a multiple of min(context / 2, score)"
         )
     chosen, firsts = scored_regions(docs, max_context, score, max_docs, seed)
     windows, owner = [], []  # (inputs, targets) per window, and the document it came from
@@ -160,7 +161,8 @@ def needle_vocab(tokenizer) -> list[int]:
 
 
 def probe_sequence(filler: np.ndarray, needle: np.ndarray, depth: float) -> np.ndarray:
-    """filler[:k] + needle + filler[k:] + needle, k = round(depth * len(filler)); the model reads it all."""
+    """filler[:k] + needle + filler[k:] + needle, k = round(depth * len(filler)): what the model
+    reads."""
     k = int(round(depth * len(filler)))
     return np.concatenate([filler[:k], needle, filler[k:], needle])
 
@@ -220,7 +222,8 @@ def retrieval(
     )  # room for the control's longer filler too
     if len(eligible) == 0:
         raise ValueError(
-            f"no held-out document has the {n_fill + needle_len} tokens of text context {context} needs"
+            f"no held-out document has the {n_fill + needle_len} tokens of text context {context} "
+            "needs"
         )
     for t in range(trials):
         rng = np.random.default_rng([seed, t])

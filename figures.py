@@ -65,7 +65,8 @@ def plot_ppl(plt, runs: dict[str, list[dict]], c: dict, title: str):
 
 
 def plot_recall(plt, runs: dict[str, list[dict]], title: str):
-    """One heat map per method: teacher-forced recall (mean over seeds) by needle depth and context."""
+    """One heat map per method: teacher-forced recall (mean over seeds) by needle depth and
+    context."""
     cols = min(4, len(runs))
     rows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)

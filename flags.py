@@ -53,7 +53,8 @@ def type_name(typ) -> str:
 
 
 def parse_value(key: str, raw: str, typ) -> object:
-    """The text of flag --key as a value of type typ; a ValueError naming the flag and the type otherwise."""
+    """The text of flag --key as a value of type typ; a ValueError naming the flag and the type
+    otherwise."""
     base, optional = unwrap_optional(typ)
     text = raw.strip()
     if optional and text.lower() in NONE:
@@ -163,7 +164,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse(argv, table: dict, prog: str, description: str = "") -> dict[str, object]:
-    """{key: typed value} of the settings given, from --config FILE.json and then the flags; absent keys absent."""
+    """{key: typed value} of the settings given, from --config FILE.json and then the flags; absent
+    keys absent."""
     parser = Parser(
         prog=prog,
         usage=f"{prog} [--key=value ...]",
@@ -218,7 +220,8 @@ def unknown_flag(arg: str, table: dict) -> ValueError:
 
 
 def read_config(path: str, table: dict) -> dict[str, object]:
-    """Typed values from a JSON object of settings; a ValueError naming the file and the problem otherwise."""
+    """Typed values from a JSON object of settings; a ValueError naming the file and the problem
+    otherwise."""
     source = f"--config {path}"
     fix = 'give a JSON object of settings, e.g. {"lr": 3e-4, "rope": {"type": "yarn"}}'
     obj = read_json(path, fix, {}, source, limit=10_000_000)

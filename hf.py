@@ -135,7 +135,8 @@ def from_hf(rope_parameters: dict, max_position_embeddings: int) -> RopeConfig:
     kind = p.get("rope_type", p.get("type", "default"))
     if kind not in HF_TYPES:
         raise ValueError(
-            f"rope_type {kind!r} is not supported; supported Hugging Face types: {', '.join(HF_TYPES)}"
+            f"rope_type {kind!r} is not supported; supported Hugging Face types: "
+            f"{', '.join(HF_TYPES)}"
         )
     if not isinstance(max_position_embeddings, int) or not 0 < max_position_embeddings <= 2**40:
         raise ValueError(
@@ -184,11 +185,13 @@ _REQUIRED = object()
 
 
 def _number(p: dict, key: str, default=_REQUIRED):
-    """p[key] as a float; default where it is absent or None (a ValueError naming the key if there is none)."""
+    """p[key] as a float; default where it is absent or None (a ValueError naming the key if there
+    is none)."""
     if p.get(key) is None:
         if default is _REQUIRED:
             raise ValueError(
-                f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key {key!r}"
+                f"rope_parameters of type {p.get('rope_type', p.get('type'))!r} needs the key "
+                f"{key!r}"
             )
         return default
     if not rope.is_number(p[key]):
@@ -197,12 +200,12 @@ def _number(p: dict, key: str, default=_REQUIRED):
 
 
 def _numbers(p: dict, key: str) -> tuple[float, ...]:
-    """p[key], a list of finite numbers (longrope's short_factor / long_factor), as a tuple of floats."""
+    """p[key], a list of finite numbers (longrope's short_factor / long_factor), as floats."""
     values = p.get(key)
     if not isinstance(values, (list, tuple)):
         raise ValueError(
-            f"rope_parameters of type 'longrope' needs {key!r}: a list of numbers, one per frequency "
-            f"pair, got {values!r}"
+            f"rope_parameters of type 'longrope' needs {key!r}: a list of numbers, one per "
+            f"frequency pair, got {values!r}"
         )
     for i, v in enumerate(values):
         if not rope.is_number(v):
@@ -213,7 +216,8 @@ def _numbers(p: dict, key: str) -> tuple[float, ...]:
 def hf_inv_freq(
     rope_parameters: dict, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
 ):
-    """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor), computed here."""
+    """transformers' ROPE_INIT_FUNCTIONS for a rope_parameters dict, (inv_freq, attention_factor),
+    computed here."""
     return rope.frequencies(head_dim, from_hf(rope_parameters, max_position_embeddings), seq_len)
 
 
@@ -274,13 +278,15 @@ def to_hf(cfg: RopeConfig, head_dim: int) -> dict:
             **common,
         }
     raise ValueError(
-        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); extend "
-        "with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using this model"
+        f"rope type {cfg.type!r} has no Hugging Face equivalent (it has {', '.join(HF_TYPES)}); "
+        "extend with 'yarn', 'linear', 'dynamic', 'llama3' or 'longrope' to export, or keep using "
+        "this model"
     )
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for LlamaForCausalLM (a plain dict; every key LlamaConfig reads that matters here)."""
+    """config.json for LlamaForCausalLM (a plain dict; every key LlamaConfig reads that matters
+    here)."""
     if config.prev_tokens:
         raise ValueError(
             f"prev_tokens={config.prev_tokens} (previous-token embeddings) cannot be exported: "
@@ -293,8 +299,8 @@ def hf_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     if config.rope.partial_rotary_factor != 1.0:
         raise ValueError(
             f"rope partial_rotary_factor={config.rope.partial_rotary_factor} cannot be exported: "
-            "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores partial_rotary_factor "
-            "for rope_type 'default' and fails on the others)"
+            "Hugging Face's LlamaForCausalLM rotates the whole head (it ignores "
+            "partial_rotary_factor for rope_type 'default' and fails on the others)"
         )
     rope_parameters = to_hf(config.rope, config.head_dim)
     # transformers takes the dynamic type's L from max_position_embeddings; the others read L from
@@ -390,7 +396,7 @@ def read_hf_config(hf_dir) -> dict:
 
 
 def _key(c: dict, key: str, kind: type, default=None):
-    """c[key] (or default where absent or null), checked to be of `kind`; ValueError naming the key."""
+    """c[key] (default where absent or null), checked to be of `kind`; ValueError naming the key."""
     value = c.get(key)
     if value is None:
         if default is None:
@@ -458,7 +464,8 @@ def model_config_from_hf(c: dict) -> ModelConfig:
             )
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(
-            f"config.json 'hidden_act' is {c['hidden_act']!r}; this model's MLP is SwiGLU (silu) only"
+            f"config.json 'hidden_act' is {c['hidden_act']!r}; this model's MLP is SwiGLU (silu) "
+            "only"
         )
     d_model, n_head = _key(c, "hidden_size", int), _key(c, "num_attention_heads", int)
     head_dim = c.get("head_dim")
@@ -493,7 +500,8 @@ def model_config_from_hf(c: dict) -> ModelConfig:
 
 
 def _recorded_config(c: dict) -> ModelConfig | None:
-    """The ModelConfig stored at export, if present, valid, and exporting it gives exactly c's Llama fields."""
+    """The ModelConfig stored at export, if present, valid, and exporting it gives exactly c's Llama
+    fields."""
     record = c.get(RECORD_KEY)
     if not isinstance(record, dict) or not isinstance(record.get("model_config"), dict):
         return None
@@ -563,7 +571,8 @@ def state_dict_from_hf(
         for name, tensor, want in zip(theirs, parts, wanted):
             if not tensor.is_floating_point():
                 raise ValueError(
-                    f"tensor {name} has dtype {tensor.dtype}; only floating-point weights can be imported"
+                    f"tensor {name} has dtype {tensor.dtype}; only floating-point weights can be "
+                    "imported"
                 )
             if tensor.shape != want.shape:
                 raise ValueError(
@@ -749,8 +758,8 @@ def main(argv) -> None:
         c = export_hf(model, args.out, dtype=DTYPES.get(args.dtype), force=args.force)
         print(
             f"exported {args.ckpt} (rope {model.config.rope.type}) to {args.out}: rope_type "
-            f"{c['rope_parameters']['rope_type']}, max_position_embeddings {c['max_position_embeddings']}, "
-            f"{model.num_params():,} parameters, {c['dtype']}"
+            f"{c['rope_parameters']['rope_type']}, max_position_embeddings "
+            f"{c['max_position_embeddings']}, {model.num_params():,} parameters, {c['dtype']}"
         )
     elif args.hf_dir is not None:
         check_writable(args.out, "--out", folder=False)
@@ -764,7 +773,8 @@ def main(argv) -> None:
             args.out,
         )
         print(
-            f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, {model.num_params():,} parameters"
+            f"imported {args.hf_dir} to {args.out}: rope {model.config.rope.type}, "
+            f"{model.num_params():,} parameters"
         )
     else:
         check_writable(args.out, "--out", folder=False)

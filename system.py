@@ -191,7 +191,8 @@ def check_writable(path, flag: str, folder: bool = True) -> Path:
 
 
 class FolderInUse(RuntimeError):
-    """Another process holds the run folder's lock: exit 75 (EX_TEMPFAIL, try later), not 2: no input was wrong."""
+    """Another process holds the run folder's lock: exit 75 (EX_TEMPFAIL, try later), not 2: no
+    input was wrong."""
 
     exit_code = 75
 
@@ -212,7 +213,8 @@ def lock_folder(folder, flag: str):
                 os.pread(fd, 20, 0).decode(errors="replace").strip() or "unknown"
             )  # empty while it starts
             raise FolderInUse(
-                f"{folder} is in use by another run (pid {pid}); wait for it, or choose another {flag}"
+                f"{folder} is in use by another run (pid {pid}); wait for it, or choose another "
+                f"{flag}"
             )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -222,7 +224,8 @@ def lock_folder(folder, flag: str):
 
 
 def git_commit() -> tuple[str | None, bool]:
-    """(HEAD's commit hash, whether tracked files differ from it); (None, False) outside a git checkout."""
+    """(HEAD's commit hash, whether tracked files differ from it); (None, False) outside a git
+    checkout."""
 
     def git(*args):
         return subprocess.run(
@@ -282,7 +285,8 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
     def agreed(self, d: "Dist", device: str) -> int:
-        """The signal every process stops for (0 = none): under DDP they must stop at the same step, or hang."""
+        """The signal every process stops for (0 = none): under DDP they must stop at the same
+        step, or hang."""
         if d.world == 1:
             return self.signum
         flag = torch.tensor(float(self.signum), device=device)
@@ -328,7 +332,8 @@ def duration(seconds: float) -> str:
 
 
 class Throughput:
-    """Tokens/s and MFU of training steps alone: mark() after an eval or a save leaves their time out."""
+    """Tokens/s and MFU of training steps alone: mark() after an eval or a save leaves their time
+    out."""
 
     def __init__(
         self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, step: int
@@ -342,7 +347,8 @@ class Throughput:
         self.time, self.step = time.perf_counter(), step
 
     def rates(self, steps_done: int | None = None) -> tuple[float | None, float | None]:
-        """(tokens/s, mfu) since the mark, which moves to steps_done; with no step, the run's average so far."""
+        """(tokens/s, mfu) since the mark, which moves to steps_done; with no step, the run's
+        average so far."""
         if steps_done is not None:
             self.intervals.append((steps_done - self.step, time.perf_counter() - self.time))
             self.mark(steps_done)

@@ -43,15 +43,16 @@ def read_meta(data_dir):
     enc = get_tokenizer(name) if name in TOKENIZERS else None
     if enc is None or meta.get("vocab_size") != enc.n_vocab or meta.get("eot") != enc.eot_token:
         raise DataError(
-            f"{data_dir} was prepared with tokenizer {name!r}, vocab_size {meta.get('vocab_size')} and "
-            f"eot {meta.get('eot')}, which is not one of this code's tokenizers (gpt2: 50257 / 50256, "
-            f"bytes: 257 / 256); {rerun}"
+            f"{data_dir} was prepared with tokenizer {name!r}, vocab_size {meta.get('vocab_size')} "
+            f"and eot {meta.get('eot')}, which is not one of this code's tokenizers (gpt2: 50257 / "
+            f"50256, bytes: 257 / 256); {rerun}"
         )
     return meta
 
 
 def load_split(data_dir, split):
-    """(tokens, docs, meta) for one split of a prepared folder; DataError if anything is missing or inconsistent."""
+    """(tokens, docs, meta) for one split of a prepared folder; DataError if anything is missing or
+    inconsistent."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     data_dir = Path(data_dir)
@@ -66,7 +67,8 @@ def load_split(data_dir, split):
     n_bytes = bin_path.stat().st_size
     if n_bytes != 2 * expected or expected == 0:
         raise DataError(
-            f"{bin_path} is corrupt: {n_bytes} bytes, meta.json says {expected} uint16 tokens; {rerun}"
+            f"{bin_path} is corrupt: {n_bytes} bytes, meta.json says {expected} uint16 tokens; "
+            f"{rerun}"
         )
     try:
         docs = np.load(docs_path, allow_pickle=False)
@@ -75,7 +77,8 @@ def load_split(data_dir, split):
     n_docs = meta["splits"][split]["n_docs"]
     if docs.dtype != np.int64 or docs.shape != (n_docs, 2):
         raise DataError(
-            f"{docs_path} is corrupt: {docs.dtype} {docs.shape}, expected int64 ({n_docs}, 2); {rerun}"
+            f"{docs_path} is corrupt: {docs.dtype} {docs.shape}, expected int64 ({n_docs}, 2); "
+            f"{rerun}"
         )
     # every document plus its EOT, back to back, must fill the .bin exactly
     if n_docs and (
@@ -90,7 +93,8 @@ def load_split(data_dir, split):
 
 
 def load_seen(data_dir) -> np.ndarray:
-    """One bool per val token: whether the piece of tokens ending there occurs in train (data.prepare)."""
+    """One bool per val token: whether the piece of tokens ending there occurs in train
+    (data.prepare)."""
     path = Path(data_dir) / "val_seen.npy"
     read_meta(data_dir)
     try:
@@ -102,7 +106,8 @@ def load_seen(data_dir) -> np.ndarray:
 
 
 def check_block_size(tokens, block_size, split):
-    """Training samples block_size + 1 consecutive tokens (inputs and shifted targets), so a split needs that many."""
+    """Training samples block_size + 1 consecutive tokens (inputs and shifted targets), so a split
+    needs that many."""
     if len(tokens) < block_size + 1:
         raise DataError(
             f"{split} split has {len(tokens)} tokens, too few for block size {block_size} "
@@ -127,13 +132,13 @@ def load_training_data(
         check_block_size(tokens, block_size, split)
     if meta["vocab_size"] > vocab_size:
         raise DataError(
-            f"--vocab_size={vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']} "
-            f"tokens, tokenizer {meta['tokenizer']['name']})"
+            f"--vocab_size={vocab_size} is smaller than the data's vocabulary "
+            f"({meta['vocab_size']} tokens, tokenizer {meta['tokenizer']['name']})"
         )
     if data_mix != "natural" and meta["tokenizer"]["name"] != "bytes":
         raise DataError(
-            f"--data_mix={data_mix} writes random bytes into the windows: it needs data prepared with "
-            f"--tokenizer bytes, and {data_dir} holds {meta['tokenizer']['name']} tokens"
+            f"--data_mix={data_mix} writes random bytes into the windows: it needs data prepared "
+            f"with --tokenizer bytes, and {data_dir} holds {meta['tokenizer']['name']} tokens"
         )
     return TrainingData(train, val, meta["tokenizer"]["name"])
 

