@@ -46,7 +46,7 @@ BASE = 100.0
 STATIC_VARIANTS = tuple(v for v in VARIANTS if v not in DYNAMIC_VARIANTS)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -142,7 +142,7 @@ def fresh_tables(model: Transformer, length: int, seq_len=None):
     return rope.cos_sin_table(freqs, factor, torch.arange(length, dtype=torch.float64))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in float64
 
 
@@ -375,7 +375,7 @@ def test_cache_mask_shape_and_pattern():
     assert torch.equal(mask, expected)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Causality: future tokens never change past logits
 
 
@@ -397,7 +397,7 @@ def test_future_tokens_do_not_change_past_logits(variant, T, data):
     assert max_diff(a[:, cut:], b[:, cut:]) > 1e-3  # the changed positions do change
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. KV-cache decoding equals the full forward pass (dynamic variants: seq_len = the cache capacity)
 
 
@@ -502,7 +502,7 @@ def test_cache_dtype_and_shape_follow_the_model():
     assert make_model("default").new_cache(1, 4).v[1].dtype == torch.float64
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Dynamic variants: the output follows seq_len past L, plain RoPE up to L (LongRoPE: its short
 #    factors up to L, its long ones past it)
 
@@ -557,7 +557,7 @@ def test_dynamic_variant_at_length_sL_equals_its_static_variant_at_s(variant, st
     torch.testing.assert_close(dynamic, fixed, atol=1e-12, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. set_rope and the rotary tables
 
 
@@ -648,7 +648,7 @@ def test_tables_grow_on_demand_with_the_same_frequencies(variant):
     torch.testing.assert_close(long[:, :L], short, atol=1e-12, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Config validation
 
 
@@ -759,7 +759,7 @@ def test_to_dict_from_dict_round_trip(variant, n_kv, n_layer, factor, ffn, eps):
     )  # as a checkpoint or config file stores it
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Tied head, loss, training
 
 
@@ -853,7 +853,7 @@ def test_loss_at_init_is_about_ln_vocab_and_training_lowers_it():
     assert losses[-1] < 0.7 * losses[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. generate
 
 
@@ -1014,7 +1014,7 @@ def test_top_k_only_samples_among_the_k_best():
     assert len(set(first.flatten().tolist())) > 1  # and it does sample
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. flops_per_token and num_params
 
 
@@ -1052,7 +1052,7 @@ def test_training_after_decoding_a_dynamic_variant():
     assert all(p.grad is not None for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Previous-token embeddings (prev_tokens = K)
 
 
@@ -1089,7 +1089,7 @@ def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
             torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 10. Compiled decoding (generate.compiled_step: torch.compile, inductor on CPU) equals the full
 #     forward pass. Compiling is slow on CPU, so the module compiles two graphs once (one shape for
 #     every variant, and one with previous-token embeddings) and then forbids any recompilation: a
