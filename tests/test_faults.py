@@ -211,7 +211,8 @@ def events(out_dir: Path) -> dict[tuple[str, int], float]:
 
 
 def check_on_disk(out_dir: Path, last_step: int) -> int:
-    """Every checkpoint in out_dir loads; ckpt.pt never goes back in steps. Returns ckpt.pt's step (-1: none)."""
+    """Every checkpoint in out_dir loads; ckpt.pt never goes back in steps. Returns ckpt.pt's step
+    (-1: none)."""
     for path in sorted(out_dir.glob("ckpt_*.pt")):
         state = checkpoint.load(path)
         assert path.name == f"ckpt_{state['step']}.pt"
@@ -311,7 +312,8 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
 
 
 def test_stale_temp_file_is_ignored_by_load_and_save(launcher, data_dir, tmp_path):
-    """A temp file as a kill mid-write leaves it (a truncated torch zip) does not disturb loading or saving."""
+    """A temp file as a kill mid-write leaves it (a truncated torch zip) does not disturb loading or
+    saving."""
     out = tmp_path / "run"
     child = launcher.start(flags(data_dir, out, max_steps=4, stop_at_step=2), tmp_path / "a.txt")
     assert child.wait() == 0, child.output()

@@ -146,7 +146,8 @@ def divisor_lists(draw, pairs):
 
 
 def mostly(plausible):
-    """plausible three times in four, else hostile (st.one_of would weigh each of hostile's branches as one)."""
+    """plausible three times in four, else hostile (st.one_of would weigh each of hostile's branches
+    as one)."""
     return st.integers(0, 3).flatmap(lambda k: plausible if k else hostile)
 
 
@@ -227,7 +228,8 @@ def test_a_longrope_config_gives_finite_frequencies_or_value_error(case, seq_len
 
 
 def frequencies_or_value_error(kwargs, head_dim, seq_len):
-    """A RopeConfig from kwargs and its frequencies are finite and checked, or a ValueError is raised on the way."""
+    """A RopeConfig from kwargs and its frequencies are finite and checked, or a ValueError is
+    raised on the way."""
     try:
         cfg = rope.RopeConfig(**kwargs)
         result = rope.frequencies(head_dim, cfg, seq_len)
@@ -492,7 +494,8 @@ def train_flags(data_dir, out_dir, **overrides):
 
 
 def sample_main(capsys, *args) -> tuple[int, str, str]:
-    """sample.py's main in this process, as the script runs it (flags.cli): (exit code, stdout, stderr)."""
+    """sample.py's main in this process, as the script runs it (flags.cli): (exit code, stdout,
+    stderr)."""
     capsys.readouterr()
     code = flags.cli(sample.main, [str(a) for a in args])
     out, err = capsys.readouterr()

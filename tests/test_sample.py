@@ -79,7 +79,8 @@ def eot_ckpt(tmp_path_factory) -> Path:
 
 
 def on_cpu(args) -> list[str]:
-    """The arguments, with --device cpu unless they name a device: the asserts expect cpu even beside a GPU."""
+    """The arguments, with --device cpu unless they name a device: the asserts expect cpu even
+    beside a GPU."""
     args = [str(a) for a in args]
     return args if any(a.startswith("--device") for a in args) else args + ["--device", "cpu"]
 
@@ -418,7 +419,8 @@ def test_stream_decoder_prints_split_characters_whole(tok):
     )
     decoder = StreamDecoder(tok)
     pieces = [decoder.push([t]) for t in tokens] + [decoder.flush()]
-    # each of 日本語 is split over two or three tokens: nothing is printed until its last byte arrives
+    # each of 日本語 is split over two or three tokens: nothing is printed until its last byte
+    # arrives
     assert pieces == ["h", "é", "llo", " ", "", "日", "", "本", "", "語", " 🙂", ""]
     assert "".join(pieces) == text
 
