@@ -201,7 +201,10 @@ def test_by_parts_keeps_fast_pairs_and_interpolates_slow_pairs_exactly(setup):
     assert torch.all(interp <= f) and torch.all(f <= keep)
 
 
-DEGENERATE = "ramp_bounds clamps the ends to [0, |D| - 1] (as the official code and transformers do) and can cross them"
+DEGENERATE = (
+    "ramp_bounds clamps the ends to [0, |D| - 1] (as the official code and transformers do) "
+    "and can cross them"
+)
 
 
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
