@@ -1,4 +1,5 @@
-"""bench.py --preset=smoke (every case, tiny shapes, CPU) and model.py's chunked head + loss, which the T=32768 case needs."""
+"""bench.py --preset=smoke (every case, tiny shapes, CPU) and model.py's chunked head + loss, which
+the T=32768 case needs."""
 
 import importlib.util
 import itertools
@@ -23,7 +24,7 @@ import reproduce
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The chunked loss: same mean loss and gradients as the unchunked path
 
 
@@ -99,12 +100,13 @@ def test_chunked_loss_without_grad_and_all_ignored():
 
 
 def test_chunking_threshold_default():
-    """Unchunked at the benchmark's T=1024 x 16 and T=8192 x 2 (824M logits); chunked at T=32768 (1.65G)."""
+    """Unchunked at the benchmark's T=1024 x 16 and T=8192 x 2 (824M logits); chunked at T=32768
+    (1.65G)."""
     vocab = 50304
     assert 16 * 1024 * vocab <= model.Transformer.loss_chunk_threshold < 32768 * vocab
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bench.py --preset=smoke
 
 
@@ -217,7 +219,8 @@ def test_smoke_compiled_case_reports_the_compilation_and_matches_eager(smoke_rep
 
 
 def test_the_gpu_and_cpu_presets_take_the_main_jobs_shapes():
-    """The GPU case list is the one scripts/gpu_run.sh runs; the CPU one gives the README's ratios."""
+    """The GPU case list is the one scripts/gpu_run.sh runs; the CPU one gives the README's
+    ratios."""
     for preset, shape, names in (
         (
             "gpu",

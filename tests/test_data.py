@@ -1,4 +1,5 @@
-"""Tests for the data package: tokenizer, corpus preparation and loading. Small corpora, CPU, a few seconds."""
+"""Tests for the data package: tokenizer, corpus preparation and loading. Small corpora, CPU, a few
+seconds."""
 
 import importlib.util
 import json

@@ -26,7 +26,8 @@ VOCAB = 64
 
 
 def corpus(lengths, seed=0):
-    """Back-to-back documents of random tokens (with a separator after each, like EOT) and their (start, len)."""
+    """Back-to-back documents of random tokens (with a separator after each, like EOT) and their
+    (start, len)."""
     rng = np.random.default_rng(seed)
     docs, parts, pos = [], [], 0
     for n in lengths:
@@ -37,7 +38,8 @@ def corpus(lengths, seed=0):
 
 
 def last_rows(logits, last_n):
-    """The stand-in models take forward's last_n as Transformer does: logits of the last n positions only."""
+    """The stand-in models take forward's last_n as Transformer does: logits of the last n positions
+    only."""
     return logits if last_n is None else logits[:, -last_n:]
 
 

@@ -84,7 +84,9 @@ for line in sys.stdin:
             os.dup2(fd, 2)
             if request.get("nan_at_step") is not None:  # the fault: the loss turns NaN at that step
                 real, nan_step = train.train_step, request["nan_at_step"]
-                train.train_step = lambda r, step: real(r, step) * (float("nan") if step == nan_step else 1.0)
+                train.train_step = lambda r, step: real(r, step) * (
+                    float("nan") if step == nan_step else 1.0
+                )
             code = flags.cli(train.main, request["argv"], errors=train.ERRORS)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -211,7 +213,8 @@ def events(out_dir: Path) -> dict[tuple[str, int], float]:
 
 
 def check_on_disk(out_dir: Path, last_step: int) -> int:
-    """Every checkpoint in out_dir loads; ckpt.pt never goes back in steps. Returns ckpt.pt's step (-1: none)."""
+    """Every checkpoint in out_dir loads; ckpt.pt never goes back in steps. Returns ckpt.pt's step
+    (-1: none)."""
     for path in sorted(out_dir.glob("ckpt_*.pt")):
         state = checkpoint.load(path)
         assert path.name == f"ckpt_{state['step']}.pt"
@@ -284,7 +287,8 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
         last_step = check_on_disk(out, last_step)
 
     print(
-        f"survived {kills} SIGKILLs ({during_write} left a checkpoint half-written) in {attempts} runs; "
+        f"survived {kills} SIGKILLs ({during_write} left a checkpoint half-written) "
+        f"in {attempts} runs; "
         f"stale temp files: {len(temp_files(out))}"
     )
     assert kills >= MIN_KILLS
@@ -311,7 +315,8 @@ def test_sigkill_at_random_moments_loses_nothing(launcher, data_dir, tmp_path):
 
 
 def test_stale_temp_file_is_ignored_by_load_and_save(launcher, data_dir, tmp_path):
-    """A temp file as a kill mid-write leaves it (a truncated torch zip) does not disturb loading or saving."""
+    """A temp file as a kill mid-write leaves it (a truncated torch zip) does not disturb loading or
+    saving."""
     out = tmp_path / "run"
     child = launcher.start(flags(data_dir, out, max_steps=4, stop_at_step=2), tmp_path / "a.txt")
     assert child.wait() == 0, child.output()
@@ -408,7 +413,8 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_the_first_finishes_unharm
     )
     assert second.returncode == 75, second.stderr[-3000:]
     assert (
-        f"error: {out} is in use by another run (pid {first.pid}); wait for it, or choose another --out_dir"
+        f"error: {out} is in use by another run (pid {first.pid}); "
+        "wait for it, or choose another --out_dir"
         in second.stderr
         and "Traceback" not in second.stderr
     ), second.stderr
@@ -475,7 +481,8 @@ def test_reproduce_on_a_busy_runs_folder_exits_75_before_writing(tmp_path):
         )  # the timeout: a hang guard
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert (
-        f"error: {runs} is in use by another run (pid {os.getpid()}); wait for it, or choose another --runs"
+        f"error: {runs} is in use by another run (pid {os.getpid()}); "
+        "wait for it, or choose another --runs"
         in proc.stderr
         and "Traceback" not in proc.stderr
     ), proc.stderr

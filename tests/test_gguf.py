@@ -391,7 +391,8 @@ def test_smollm2_logits_match_transformers_over_1000_tokens_of_real_text(capsys)
     diff = (a - b).abs().max().item()
     with capsys.disabled():
         print(
-            f"\nSmolLM2-135M, 1,000 tokens: max |ours - transformers| {diff:.2e}, largest logit "
-            f"{b.abs().max():.1f}, top-1 agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.4f}"
+            f"\nSmolLM2-135M, 1,000 tokens: max |ours - transformers| {diff:.2e}, "
+            f"largest logit {b.abs().max():.1f}, "
+            f"top-1 agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.4f}"
         )
     assert diff < 1e-3 and torch.equal(a.argmax(-1), b.argmax(-1))

@@ -259,7 +259,10 @@ def blocking_python(tmp_path: Path, templates: Path) -> Path:
     stub.write_text(f"""#!/bin/sh
 if [ "$1" = reproduce.py ]; then
     while [ $# -gt 0 ]; do
-        [ "$1" = --runs ] && mkdir -p "$(dirname "$2")" && cp -r "{templates}/$(basename "$2")" "$2"; shift
+        if [ "$1" = --runs ]; then
+            mkdir -p "$(dirname "$2")" && cp -r "{templates}/$(basename "$2")" "$2"
+        fi
+        shift
     done
     exec sleep 600
 fi

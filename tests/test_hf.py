@@ -122,7 +122,7 @@ def load_hf(folder, attn: str = "eager"):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parity with LlamaForCausalLM
 
 
@@ -214,7 +214,7 @@ def test_config_json_per_variant(tmp_path):
     }
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Round trip
 
 
@@ -249,7 +249,8 @@ def test_export_import_is_identity(name, tmp_path):
 
 
 def test_hf_resave_keeps_the_round_trip(tmp_path):
-    """A folder loaded and saved again by transformers still imports to the same config and weights."""
+    """A folder loaded and saved again by transformers still imports to the same config and
+    weights."""
     model = case_model("dynamic")
     hf.export_hf(model, tmp_path / "a")
     load_hf(tmp_path / "a").save_pretrained(tmp_path / "b")
@@ -295,7 +296,8 @@ def test_edited_config_json_wins_over_the_record(tmp_path):
 
 
 def test_legacy_rope_scaling_config(tmp_path):
-    """transformers 4.x configs: rope_theta and rope_scaling at the top level, 'type' for the type."""
+    """transformers 4.x configs: rope_theta and rope_scaling at the top level, 'type' for the
+    type."""
     model = case_model("linear")
     hf.export_hf(model, tmp_path)
     config = strip_record(tmp_path)
@@ -358,7 +360,7 @@ def test_untied_head_equal_to_embedding_is_accepted(tmp_path):
     assert_same_weights(hf.import_hf(tmp_path), model)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Refusals
 
 
@@ -540,7 +542,7 @@ def test_import_refuses_missing_or_broken_files(tmp_path):
         hf.import_hf(tmp_path)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -629,7 +631,7 @@ def test_cli_errors(argv, match, tmp_path, capsys):
     assert err.startswith("error: ") and match in err
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # What hf.py's docstring says about transformers' dynamic variants during generation, and the
 # interleaved layout
 
@@ -643,7 +645,8 @@ CACHE_KEYWORD = (
 
 
 def hf_cached(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """LlamaForCausalLM's logits for ids continuing the sequence held in cache (a DynamicCache, extended in place)."""
+    """LlamaForCausalLM's logits for ids continuing the sequence held in cache (a DynamicCache,
+    extended in place)."""
     return model(ids, use_cache=True, **{CACHE_KEYWORD: cache}).logits
 
 
@@ -757,7 +760,8 @@ def test_phi3_style_longrope_config_imports_as_transformers_reads_it(tmp_path):
 def interleaved_rope(
     x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """Meta's rotation: channels (2j, 2j+1) as the complex number x_2j + i x_2j+1, times e^(i m theta_j)."""
+    """Meta's rotation: channels (2j, 2j+1) as the complex number x_2j + i x_2j+1,
+    times e^(i m theta_j)."""
     pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
     rotation = torch.polar(
         torch.ones(len(positions), len(inv_freq), dtype=torch.float64),
@@ -810,12 +814,13 @@ def test_export_refuses_previous_token_embeddings(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Llama-family folders beyond what export writes: an untied head, Qwen2's q/k/v biases
 
 
 def random_hf_model(kind: str, tmp_path: Path, **config):
-    """A transformers model of that kind with random weights (q/k scaled up, biases non-zero), saved."""
+    """A transformers model of that kind with random weights (q/k scaled up, biases non-zero),
+    saved."""
     torch.manual_seed(3)
     common = dict(
         vocab_size=128,

@@ -146,7 +146,8 @@ def divisor_lists(draw, pairs):
 
 
 def mostly(plausible):
-    """plausible three times in four, else hostile (st.one_of would weigh each of hostile's branches as one)."""
+    """plausible three times in four, else hostile (st.one_of would weigh each of hostile's branches
+    as one)."""
     return st.integers(0, 3).flatmap(lambda k: plausible if k else hostile)
 
 
@@ -167,7 +168,7 @@ def longrope_cases(draw, type_key, context_key, keys):
     return d, head_dim
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # rope.RopeConfig, rope.frequencies
 
 
@@ -227,7 +228,8 @@ def test_a_longrope_config_gives_finite_frequencies_or_value_error(case, seq_len
 
 
 def frequencies_or_value_error(kwargs, head_dim, seq_len):
-    """A RopeConfig from kwargs and its frequencies are finite and checked, or a ValueError is raised on the way."""
+    """A RopeConfig from kwargs and its frequencies are finite and checked, or a ValueError is
+    raised on the way."""
     try:
         cfg = rope.RopeConfig(**kwargs)
         result = rope.frequencies(head_dim, cfg, seq_len)
@@ -236,7 +238,7 @@ def frequencies_or_value_error(kwargs, head_dim, seq_len):
     check_frequencies(result)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # hf.from_hf, hf.hf_inv_freq (Hugging Face rope_parameters dicts, e.g. from a downloaded
 # config.json)
 
@@ -336,7 +338,7 @@ def test_longrope_hf_inv_freq_gives_finite_frequencies_or_value_error(
     check_frequencies(result)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # model.ModelConfig.from_dict (what a checkpoint's model_config goes through)
 
 
@@ -369,7 +371,7 @@ def test_model_config_from_dict_gives_a_config_or_value_error(d):
     assert isinstance(cfg, ModelConfig) and isinstance(cfg.rope, rope.RopeConfig)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # train.py's flags: real field names, values hostile for their type (tests/test_train.py fuzzes
 # random strings)
 
@@ -430,7 +432,7 @@ def test_train_flags_with_hostile_values_give_a_config_or_value_error(items):
         config.new_model_config(model_values)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Files: a tiny corpus and a tiny checkpoint
 
 
@@ -487,12 +489,13 @@ def train_flags(data_dir, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in settings_.items()]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # sample.py's flags
 
 
 def sample_main(capsys, *args) -> tuple[int, str, str]:
-    """sample.py's main in this process, as the script runs it (flags.cli): (exit code, stdout, stderr)."""
+    """sample.py's main in this process, as the script runs it (flags.cli): (exit code, stdout,
+    stderr)."""
     capsys.readouterr()
     code = flags.cli(sample.main, [str(a) for a in args])
     out, err = capsys.readouterr()
@@ -566,7 +569,7 @@ def test_sample_random_hostile_flags_never_give_a_traceback(ckpt, capsys, items)
         assert "error:" in err and "Traceback" not in err, (args, err)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reproduce.py: a value that only a later stage reads is refused before the first stage runs
 
 
@@ -618,7 +621,7 @@ def test_reproduce_checks_every_value_before_the_first_stage(case, data_dir, tmp
     ]  # no stage output, no runs folder, no data
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data edge cases train.py meets (tests/test_data.py covers data.loader itself)
 
 
@@ -648,7 +651,7 @@ def test_train_with_a_truncated_val_bin_exits_2(data_dir, tmp_path, capsys):
     assert code == 2 and err.startswith("error:") and "val.bin" in err and "corrupt" in err, err
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoint edge cases: checkpoint.load / model_from_state raise CheckpointError; train.py exits 2
 
 

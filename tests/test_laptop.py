@@ -83,7 +83,8 @@ def byte_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def laptop_runs(byte_data, tmp_path_factory) -> tuple[Path, Path]:
-    """The README's two training commands, 3 and 2 steps: pretraining, then the YaRN extension fine-tuned."""
+    """The README's two training commands, 3 and 2 steps: pretraining, then the YaRN extension
+    fine-tuned."""
     runs = tmp_path_factory.mktemp("runs")
     pre, ext = runs / "laptop", runs / "laptop_yarn4"
     small = [f"--data_dir={byte_data}", "--eval_batches=1", "--device=cpu"]
@@ -131,7 +132,8 @@ def test_the_laptop_configs_train_the_models_they_describe(laptop_runs):
 
 
 def test_the_laptop_config_defaults_are_the_readmes_folders():
-    """The README's commands name no folders: the configs' out_dir, init_from and data_dir chain them."""
+    """The README's commands name no folders: the configs' out_dir, init_from and data_dir chain
+    them."""
     pre, ext = settings(PRETRAIN), settings(EXTEND)
     assert (
         ext["init_from"] == pre["out_dir"]
@@ -147,7 +149,8 @@ def test_the_laptop_config_defaults_are_the_readmes_folders():
     "rope", [[], ["--rope.type=dynamic_yarn"]], ids=["fine-tuned", "dynamic-yarn"]
 )
 def test_sampling_at_the_long_context(laptop_runs, rope, capsys):
-    """The fine-tuned model at its context L' = s L, and the pretrained one under Dynamic YaRN past its L."""
+    """The fine-tuned model at its context L' = s L, and the pretrained one under Dynamic YaRN past
+    its L."""
     pre, ext = laptop_runs
     long = settings(EXTEND)["block_size"]
     prompt = len(

@@ -11,9 +11,10 @@ The groups:
   1 SDPA parity with a float64 reference (YaRN temperature included), every available backend
   2 causality                                  6 config validation
   3 KV-cache decoding = the full pass          7 tied head, loss, training steps
-  4 dynamic variants scale with seq_len    8 generate
+  4 dynamic variants scale with seq_len        8 generate
   5 set_rope and the fp32 rotary tables        9 flops_per_token and num_params
-                                              10 compiled decoding = the full pass (torch.compile, once per module)
+                                              10 compiled decoding = the full pass
+                                                 (torch.compile, once per module)
 """
 
 import json
@@ -46,7 +47,7 @@ BASE = 100.0
 STATIC_VARIANTS = tuple(v for v in VARIANTS if v not in DYNAMIC_VARIANTS)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -129,7 +130,8 @@ def sample_tokens(
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronization, which costs 10-30x on a busy 2-core box."""
+    """These tensors are tiny: intra-op threads only add synchronization, which costs 10-30x on a
+    busy 2-core box."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -137,13 +139,15 @@ def one_thread():
 
 
 def fresh_tables(model: Transformer, length: int, seq_len=None):
-    """The cos/sin tables of the model's variant for positions 0..length-1, from rope.py directly."""
+    """The cos/sin tables of the model's variant for positions 0..length-1, from rope.py
+    directly."""
     freqs, factor = rope.frequencies(model.config.head_dim, model.config.rope, seq_len)
     return rope.cos_sin_table(freqs, factor, torch.arange(length, dtype=torch.float64))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in float64
+# --------------------------------------------------------------------------------------------------
+# 1. SDPA parity: the attention module equals softmax(q k^T / sqrt(hd) / t + causal mask) v in
+#    float64
 
 
 def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -159,12 +163,14 @@ def rotate_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def yarn_inv_t(config: ModelConfig) -> float:
-    """1/t = (0.1 ln s + 1)^2, the paper's Eq. 22 squared (no attention_factor / mscale overrides here)."""
+    """1/t = (0.1 ln s + 1)^2, the paper's Eq. 22 squared (no attention_factor / mscale overrides
+    here)."""
     return (0.1 * math.log(config.rope.factor) + 1.0) ** 2
 
 
 def attention_weights(attn, config: ModelConfig):
-    """W_q, W_k, W_v, W_o of an Attention module in float64 on the CPU (W_q, W_k, W_v are stacked in wqkv)."""
+    """W_q, W_k, W_v, W_o of an Attention module in float64 on the CPU (W_q, W_k, W_v are stacked in
+    wqkv)."""
     sizes = [config.n_head * config.head_dim] + [config.kv_heads * config.head_dim] * 2
     wq, wk, wv = attn.wqkv.weight.detach().double().cpu().split(sizes)
     return wq, wk, wv, attn.wo.weight.detach().double().cpu()
@@ -224,7 +230,8 @@ def under_each_backend(fn) -> dict:
 
 
 def attention_outputs(model, x, tf32=False) -> dict:
-    """{backend: the first block's attention output for x (positions 0..T-1, l' = T)}, every available backend."""
+    """{backend: the first block's attention output for x (positions 0..T-1, l' = T)}, every
+    available backend."""
     attn, T = model.blocks[0].attn, x.shape[1]
 
     def run():
@@ -291,8 +298,9 @@ def test_attention_equals_float64_reference_with_yarn_temperature(device, dtype,
 
 @pytest.mark.parametrize("variant", ["default", "ntk_by_parts", "yarn"])
 def test_partial_rotary_attention_equals_reference(variant):
-    """|D| = head_dim / 2: channels 4..7 of each head pass through unrotated. yarn with attention_factor 1 (no
-    temperature) so that only the rotation and pass-through are under test here; see the next test."""
+    """|D| = head_dim / 2: channels 4..7 of each head pass through unrotated. yarn with
+    attention_factor 1 (no temperature) so that only the rotation and pass-through are under test
+    here; see the next test."""
     kw = dict(attention_factor=1.0) if variant == "yarn" else {}
     model = make_model(variant, n_kv_head=2, partial_rotary_factor=0.5, dtype=torch.float32, **kw)
     x = random_input(model)
@@ -349,7 +357,8 @@ def test_yarn_temperature_with_partial_rotary_scales_the_rotated_share():
 
 
 def test_attention_factor_of_yarn_is_the_papers_temperature():
-    """sqrt(1/t) = 0.1 ln s + 1 sits in the rotary tables, so q.k carries 1/t; plain RoPE's tables have norm 1."""
+    """sqrt(1/t) = 0.1 ln s + 1 sits in the rotary tables, so q.k carries 1/t; plain RoPE's tables
+    have norm 1."""
     for s in (2.0, 4.0, 16.0):
         model = make_model("yarn", factor=s)
         cos, sin = model.rotary(0, 40, 40)
@@ -366,7 +375,8 @@ def test_attention_factor_of_yarn_is_the_papers_temperature():
 
 
 def test_cache_mask_shape_and_pattern():
-    """Queries at positions 4, 5, 6 of a cache of 8 see the keys up to their own position, never the rest."""
+    """Queries at positions 4, 5, 6 of a cache of 8 see the keys up to their own position, never the
+    rest."""
     mask = make_model("default").new_cache(1, 8).mask(torch.tensor([4, 5, 6]))
     expected = torch.tensor(
         [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]],
@@ -375,7 +385,7 @@ def test_cache_mask_shape_and_pattern():
     assert torch.equal(mask, expected)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Causality: future tokens never change past logits
 
 
@@ -397,7 +407,7 @@ def test_future_tokens_do_not_change_past_logits(variant, T, data):
     assert max_diff(a[:, cut:], b[:, cut:]) > 1e-3  # the changed positions do change
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. KV-cache decoding equals the full forward pass (dynamic variants: seq_len = the cache capacity)
 
 
@@ -502,7 +512,7 @@ def test_cache_dtype_and_shape_follow_the_model():
     assert make_model("default").new_cache(1, 4).v[1].dtype == torch.float64
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Dynamic variants: the output follows seq_len past L, plain RoPE up to L (LongRoPE: its short
 #    factors up to L, its long ones past it)
 
@@ -549,7 +559,8 @@ def test_dynamic_variant_depends_on_seq_len_only_past_L(variant):
 
 @pytest.mark.parametrize("variant, static", [("dynamic", "ntk"), ("dynamic_yarn", "yarn")])
 def test_dynamic_variant_at_length_sL_equals_its_static_variant_at_s(variant, static):
-    """Dynamic NTK with alpha 1 at l' = 4L is NTK-aware with s = 4; dynamic YaRN at l' = 4L is YaRN with s = 4."""
+    """Dynamic NTK with alpha 1 at l' = 4L is NTK-aware with s = 4;
+    dynamic YaRN at l' = 4L is YaRN with s = 4."""
     idx = tokens(1, 30)
     with torch.no_grad():
         dynamic = make_model(variant)(idx, seq_len=4 * L)
@@ -557,7 +568,7 @@ def test_dynamic_variant_at_length_sL_equals_its_static_variant_at_s(variant, st
     torch.testing.assert_close(dynamic, fixed, atol=1e-12, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. set_rope and the rotary tables
 
 
@@ -648,7 +659,7 @@ def test_tables_grow_on_demand_with_the_same_frequencies(variant):
     torch.testing.assert_close(long[:, :L], short, atol=1e-12, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Config validation
 
 
@@ -759,7 +770,7 @@ def test_to_dict_from_dict_round_trip(variant, n_kv, n_layer, factor, ffn, eps):
     )  # as a checkpoint or config file stores it
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Tied head, loss, training
 
 
@@ -797,7 +808,8 @@ def test_loss_is_cross_entropy_of_the_logits_with_ignore_index():
 
 
 def test_loss_accepts_non_contiguous_targets():
-    """The natural next-token slice idx[:, 1:] is not contiguous (targets.view(-1) raised for it before e81d0b3)."""
+    """The natural next-token slice idx[:, 1:] is not contiguous (targets.view(-1) raised for it
+    before e81d0b3)."""
     model = make_model("default", sharp=False)
     idx = tokens(2, 12, seed=9)
     x, y = idx[:, :-1], idx[:, 1:]
@@ -853,12 +865,13 @@ def test_loss_at_init_is_about_ln_vocab_and_training_lowers_it():
     assert losses[-1] < 0.7 * losses[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. generate
 
 
 def greedy_reference(model, idx, n, rule="follow"):
-    """Argmax of a full forward pass without cache, re-run after each new token, with the l' the rule gives."""
+    """Argmax of a full forward pass without cache, re-run after each new token, with the l' the
+    rule gives."""
     seq = idx
     with torch.no_grad():
         for _ in range(n):
@@ -883,7 +896,8 @@ def test_greedy_generation_equals_uncached_argmax(variant, rule):
 
 
 def decoded_logits(model, idx, n, rule, compile=False):
-    """(tokens (B, n) greedily decoded with the cache, the logits each was chosen from, (B, n, V))."""
+    """(tokens (B, n) greedily decoded with the cache, the logits each was chosen from,
+    (B, n, V))."""
     logits = []
 
     def choose(step_logits):
@@ -1014,7 +1028,7 @@ def test_top_k_only_samples_among_the_k_best():
     assert len(set(first.flatten().tolist())) > 1  # and it does sample
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. flops_per_token and num_params
 
 
@@ -1044,7 +1058,8 @@ def test_num_params_counts_the_tied_weight_once_and_flops_formula(n_kv_head, ffn
 
 
 def test_training_after_decoding_a_dynamic_variant():
-    """Decoding runs under inference_mode; the RoPE tables it rebuilds must still serve a training step."""
+    """Decoding runs under inference_mode; the RoPE tables it rebuilds must still serve a training
+    step."""
     model = make_model("dynamic_yarn", dtype=torch.float32)
     list(sample_tokens(model, tokens(1, 10), 30, temperature=0))  # l' steps past L: tables rebuilt
     model.train()
@@ -1052,7 +1067,7 @@ def test_training_after_decoding_a_dynamic_variant():
     assert all(p.grad is not None for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Previous-token embeddings (prev_tokens = K)
 
 
@@ -1089,7 +1104,7 @@ def test_prev_tokens_cached_decoding_equals_the_full_forward(variant):
             torch.testing.assert_close(logits[:, i], full, atol=1e-9, rtol=0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 10. Compiled decoding (generate.compiled_step: torch.compile, inductor on CPU) equals the full
 #     forward pass. Compiling is slow on CPU, so the module compiles two graphs once (one shape for
 #     every variant, and one with previous-token embeddings) and then forbids any recompilation: a

@@ -273,7 +273,8 @@ def test_missing_gguf_names_the_install_command(tmp_path, monkeypatch, capsys):
 
 
 def test_reproduce_runs_the_smollm2_preset_from_the_command_line(rehearsal, tmp_path):
-    """The CPU preset's command on the tiny model (s = 2: contexts L, 2L), a corpus folder for both."""
+    """The CPU preset's command on the tiny model (s = 2: contexts L, 2L), a corpus folder for
+    both."""
     run, _ = rehearsal
     for _, folder, _ in run.corpora:  # 6 files in one folder
         for f in Path(folder).iterdir():

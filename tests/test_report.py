@@ -35,7 +35,8 @@ def test_interval_covers_the_mean_with_the_t_half_width():
 
 
 def run(doc_nll, recall=None):
-    """A run as eval.py writes it, at one context (T = 8): each document's NLL, each trial's recall."""
+    """A run as eval.py writes it, at one context (T = 8): each document's NLL, each trial's
+    recall."""
     trials = {"0.0": list(recall if recall is not None else [0.5] * 4)}
     return {
         "ppl": {"8": {"doc_nll": list(doc_nll)}},

@@ -4,8 +4,8 @@ Notation as in rope.py: |D| the rotary dim, d the pair index, theta_d = b^(-2d/|
 / theta_d, L the original context, s the scale, r_d = L / lambda_d the rotations pair d makes inside
 L.
 
-Hypothesis draws the variants, head dims 8..256 (with partial rotary), bases 100..1e6, scales 1..64, original
-contexts 64..16384, LongRoPE divisors 0.05..100 and positions up to 1,000,000. The groups:
+Hypothesis draws the variants, head dims 8..256 (with partial rotary), bases 100..1e6, scales 1..64,
+original contexts 64..16384, LongRoPE divisors 0.05..100 and positions up to 1,000,000. The groups:
   1 ramp            4 no unseen angles     7 Hugging Face parity
   2 identities      5 config validation    8 to_hf round trip
   3 relative pos.   6 channel layout       9 fp32 tables, float64 angles
@@ -32,7 +32,7 @@ DYNAMIC = rope.DYNAMIC_VARIANTS  # dynamic, dynamic_yarn, longrope: seq_len matt
 RESCALING = ("dynamic", "dynamic_yarn")  # the dynamic variants whose scale follows l'
 BY_PARTS = ("ntk_by_parts", "yarn", "dynamic_yarn")
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Strategies
 
 BASES = st.one_of(
@@ -75,7 +75,8 @@ def betas(draw):
 
 @st.composite
 def heads(draw, partial=True):
-    """(head_dim, partial_rotary_factor, |D|) with |D| = int(head_dim * partial) even, >= 4, head_dim <= 256."""
+    """(head_dim, partial_rotary_factor, |D|) with |D| = int(head_dim * partial) even, >= 4,
+    head_dim <= 256."""
     p = draw(st.sampled_from([1.0, 1.0, 0.5, 0.25])) if partial else 1.0
     half = draw(st.integers(2 if p < 1 else 4, int(128 * p)))  # |D| / 2
     head_dim = int(2 * half / p)
@@ -153,7 +154,7 @@ def random_vectors(seed, n, head_dim):
     return torch.randn(n, head_dim, dtype=torch.float64, generator=g)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The ramp (NTK-by-parts, YaRN) and the Llama-3 bands
 
 
@@ -200,7 +201,10 @@ def test_by_parts_keeps_fast_pairs_and_interpolates_slow_pairs_exactly(setup):
     assert torch.all(interp <= f) and torch.all(f <= keep)
 
 
-DEGENERATE = "ramp_bounds clamps the ends to [0, |D| - 1] (as the official code and transformers do) and can cross them"
+DEGENERATE = (
+    "ramp_bounds clamps the ends to [0, |D| - 1] (as the official code and transformers do) "
+    "and can cross them"
+)
 
 
 @pytest.mark.xfail(strict=True, reason=DEGENERATE)
@@ -294,7 +298,7 @@ def test_llama3_bands(setup):
     assert torch.all(interp[strict] < f[strict]) and torch.all(f[strict] < keep[strict])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Identities
 
 
@@ -401,7 +405,8 @@ def test_zero_width_ramp_guard_matches_transformers(truncate):
 @settings(max_examples=60, deadline=None)
 @given(setup=setups(types=("dynamic_yarn",), temperature=True), data=st.data())
 def test_dynamic_yarn_at_length_sL_is_static_yarn_at_s(setup, data):
-    """Dynamic YaRN at total length l' is static YaRN at s = l'/L; never below the fine-tuned factor."""
+    """Dynamic YaRN at total length l' is static YaRN at s = l'/L; never below the fine-tuned
+    factor."""
     head_dim, cfg, _ = setup
     L = cfg.original_context
     seq_len = data.draw(st.integers(L, 64 * L), label="seq_len")
@@ -470,7 +475,7 @@ def test_ntk_aware_interpolates_only_the_last_pair(head, base, s):
     assert torch.all(interp[1:-1] < f[1:-1]) and torch.all(f[1:-1] < keep[1:-1])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Relative position and norm
 
 
@@ -484,7 +489,8 @@ def test_ntk_aware_interpolates_only_the_last_pair(head, base, s):
     seed=0,
 )
 def test_logits_depend_only_on_relative_position(setup, m, n, delta, seed):
-    """<R(m) q, R(n) k> = <R(m + delta) q, R(n + delta) k> for every variant (fp32 rotation: rtol 1e-4 of a^2|q||k|)."""
+    """<R(m) q, R(n) k> = <R(m + delta) q, R(n + delta) k> for every variant
+    (fp32 rotation: rtol 1e-4 of a^2|q||k|)."""
     head_dim, cfg, seq_len = setup
     f, a = frequencies(head_dim, cfg, seq_len)
     cos, sin = cos_sin_table(f, a, torch.tensor([m, n, m + delta, n + delta]))
@@ -516,13 +522,14 @@ def test_rotation_scales_norm_by_attention_factor(setup, positions, seed):
     assert torch.equal(y[:, dim:], x[:, dim:])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. No unseen angles
 
 
 @st.composite
 def extension(draw):
-    """(head_dim, p, base, L, L') with at least one pair of wavelength >= L, and L' = s L an integer >= 2L."""
+    """(head_dim, p, base, L, L') with at least one pair of wavelength >= L,
+    and L' = s L an integer >= 2L."""
     head_dim, p, dim = draw(heads())
     base = draw(BASES)
     longest = 2 * math.pi * base ** ((dim - 2) / dim)  # lambda of the last pair
@@ -582,14 +589,15 @@ def test_no_unseen_angles(ext, beta, truncate):
     assert torch.all(last * ntk[clear] > L * theta[clear])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Config validation
 
 FINITE = dict(allow_nan=False, allow_infinity=False)
 
 
 def unit_divisors(kind, pairs):
-    """The short_factor / long_factor a longrope config needs to exist (divisors of 1); nothing for the others."""
+    """The short_factor / long_factor a longrope config needs to exist (divisors of 1); nothing for
+    the others."""
     return (
         dict(short_factor=(1.0,) * pairs, long_factor=(1.0,) * pairs) if kind == "longrope" else {}
     )
@@ -697,7 +705,7 @@ def test_llama3_band_order_rejected(low, less):
         )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Channel layout
 
 
@@ -734,7 +742,7 @@ def test_interleaved_layout_is_a_permutation_of_half_split(setup, positions, see
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Hugging Face parity
 
 
@@ -823,13 +831,16 @@ U32 = 2.0**-24  # fp32 unit roundoff
 def hf_tolerance(params, head_dim, mp, seq_len, ours):
     """Per-pair bound on |rope.py - transformers|. rope.py forms theta_d in float64 and rounds once;
     transformers works in fp32 throughout, so its errors are the bound:
-      b ** (2d/|D|) with b and the exponent rounded to fp32: (1 + (2d/|D|)(1 + ln b)) u relative, plus a few u
-      for pow, reciprocal and scaling (b the effective base: dynamic NTK's grows with seq_len);
-      yarn's ramp w = (d - low)/(high - low) and llama3's blend weight (L/lambda_d - low)/(high - low) in fp32:
-      an error dw moves the blend theta/s (1 - w) + theta w by theta (1 - 1/s) dw, which is large against the
-      value when s is large and the band narrow. Measured: a few u on most pairs, up to ~300 u on blend pairs;
+      b ** (2d/|D|) with b and the exponent rounded to fp32: (1 + (2d/|D|)(1 + ln b)) u relative,
+      plus a few u for pow, reciprocal and scaling (b the effective base: dynamic NTK's grows with
+      seq_len);
+      yarn's ramp w = (d - low)/(high - low) and llama3's blend weight
+      (L/lambda_d - low)/(high - low) in fp32: an error dw moves the blend theta/s (1 - w) + theta w
+      by theta (1 - 1/s) dw, which is large against the value when s is large and the band narrow.
+      Measured: a few u on most pairs, up to ~300 u on blend pairs;
       longrope's divisor, rounded to fp32 and multiplied in, adds two u (inside the few u above).
-    Doubled for slack; a wrong formula (a pair off in the ramp, another temperature, ...) is far outside."""
+    Doubled for slack; a wrong formula (a pair off in the ramp, another temperature, ...) is far
+    outside."""
     base = float(params.get("rope_theta", 10000.0))
     dim = 2 * ours.numel()
     x = torch.arange(0, dim, 2, dtype=torch.float64) / dim
@@ -898,7 +909,7 @@ def test_hugging_face_parity(rope_type):
     assert len(compared) >= 60  # 6 types: >= 360 configurations compared in all
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. to_hf round trip
 
 
@@ -936,7 +947,7 @@ def test_to_hf_refuses_variants_without_equivalent(setup):
         hf.to_hf(cfg, head_dim)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. Tables
 
 
@@ -976,17 +987,19 @@ def test_tables_are_fp32_with_float64_angles(setup, positions):
         assert (got.double() - want).abs().max() < 1e-6 * max(a, 1.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 10. LongRoPE: a divisor per pair, short_factor up to L and long_factor past it
 
 
 def divided(head_dim, cfg, divisors):
-    """theta_d / f_d from plain RoPE's fp32 theta_d, in float64 (within one fp32 rounding of rope.py's)."""
+    """theta_d / f_d from plain RoPE's fp32 theta_d, in float64 (within one fp32 rounding of
+    rope.py's)."""
     return plain(head_dim, cfg)[0].double() / torch.tensor(divisors, dtype=torch.float64)
 
 
 def assert_divided(freqs, expected):
-    """freqs (fp32) is expected (float64) up to the two fp32 roundings between them (theta_d's and the result's)."""
+    """freqs (fp32) is expected (float64) up to the two fp32 roundings between them (theta_d's and
+    the result's)."""
     torch.testing.assert_close(freqs.double(), expected, rtol=2.0**-23, atol=0.0)
 
 
@@ -1010,7 +1023,8 @@ def test_longrope_long_factors_apply_only_past_L(setup, data):
 
 
 def test_longrope_switches_at_L_exactly():
-    """Phi-3-mini-128k's shape (L = 4096, s = 32, |D| = 96): the short factors at l' = L, the long ones at L + 1."""
+    """Phi-3-mini-128k's shape (L = 4096, s = 32, |D| = 96): the short factors at l' = L, the long
+    ones at L + 1."""
     cfg = RopeConfig(
         type="longrope",
         factor=32.0,
@@ -1026,7 +1040,8 @@ def test_longrope_switches_at_L_exactly():
 @settings(max_examples=60, deadline=None)
 @given(setup=setups(types=("longrope",)), unit_attention=st.booleans(), data=st.data())
 def test_longrope_unit_factors_are_plain_rope(setup, unit_attention, data):
-    """Divisors of 1 on every pair, with attention_factor 1 (any s) or s = 1: plain RoPE bit for bit, at any l'."""
+    """Divisors of 1 on every pair, with attention_factor 1 (any s) or s = 1: plain RoPE bit for
+    bit, at any l'."""
     head_dim, cfg, _ = setup
     ones = (1.0,) * len(cfg.short_factor)
     cfg = cfg.replace(short_factor=ones, long_factor=ones)
@@ -1131,7 +1146,8 @@ def test_longrope_divisors_too_small_for_fp32_rejected():
 
 
 def test_longrope_attention_factor_needs_L_above_one():
-    """sqrt(1 + ln s / ln L) divides by ln L = 0 at L = 1: a ValueError, unless attention_factor is given."""
+    """sqrt(1 + ln s / ln L) divides by ln L = 0 at L = 1: a ValueError, unless attention_factor is
+    given."""
     cfg = RopeConfig(
         type="longrope", factor=4.0, original_context=1, **unit_divisors("longrope", 8)
     )

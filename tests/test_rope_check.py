@@ -27,7 +27,7 @@ def failing(rows) -> set[str]:
     return {bug_class for _, bug_class, ok, _ in rows if not ok}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The golden file
 
 
@@ -76,7 +76,8 @@ def test_golden_file_format():
 
 
 def test_golden_numbers_by_hand():
-    """A few answers from the formulas, independently of rope.py: the attention factors the bug reports quote."""
+    """A few answers from the formulas, independently of rope.py: the attention factors the bug
+    reports quote."""
     answer = {c["name"]: c for c in GOLDEN["cases"]}
     assert answer["yarn_attention_factor_given"]["attention_factor"] == 1.25
     assert answer["mscale_equal_s16"]["attention_factor"] == 1.0
@@ -115,7 +116,7 @@ def test_rope_py_passes_every_golden_case_and_invariant():
     assert not failing(rows), [r for r in rows if not r[2]]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Planted bugs: a copy of rope.py's Hugging Face function (or of its tables) with one mistake each
 
 
@@ -124,7 +125,8 @@ def without(p: dict, *keys) -> dict:
 
 
 def attention_factor_as_input(p, head_dim, mp, seq_len):
-    """A given attention_factor run through 0.1 ln s + 1 again, instead of used as the final multiplier."""
+    """A given attention_factor run through 0.1 ln s + 1 again, instead of used as the final
+    multiplier."""
     inv_freq, a = hf.hf_inv_freq(p, head_dim, mp, seq_len)
     return inv_freq, a * rope.yarn_mscale(p["factor"]) if "attention_factor" in p and p[
         "rope_type"
@@ -144,7 +146,8 @@ def L_from_max_position_embeddings(p, head_dim, mp, seq_len):  # noqa: N802
 
 
 def dynamic_scale_never_shrinks():
-    """A dynamic scale kept from the longest call so far (a base not restored, keys left at a stale scale)."""
+    """A dynamic scale kept from the longest call so far (a base not restored, keys left at a stale
+    scale)."""
     longest = [0]
 
     def impl(p, head_dim, mp, seq_len):
@@ -360,7 +363,7 @@ def test_missing_softmax_mscale_shows_as_its_factor():
     assert "0.6291" in detail
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -435,7 +438,8 @@ def test_cli_errors(args, match):
 
 
 def test_golden_json_reads_without_this_repository():
-    """Plain JSON: numbers, strings, lists, objects (no NaN or Infinity, which other languages' parsers reject)."""
+    """Plain JSON: numbers, strings, lists, objects (no NaN or Infinity, which other languages'
+    parsers reject)."""
     json.loads(
         rope_check.GOLDEN.read_text(),
         parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"),

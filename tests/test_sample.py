@@ -79,7 +79,8 @@ def eot_ckpt(tmp_path_factory) -> Path:
 
 
 def on_cpu(args) -> list[str]:
-    """The arguments, with --device cpu unless they name a device: the asserts expect cpu even beside a GPU."""
+    """The arguments, with --device cpu unless they name a device: the asserts expect cpu even
+    beside a GPU."""
     args = [str(a) for a in args]
     return args if any(a.startswith("--device") for a in args) else args + ["--device", "cpu"]
 
@@ -125,7 +126,7 @@ def reference_greedy(model, tokens, n, rule):
     return idx[0, len(tokens) :].tolist()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -304,7 +305,7 @@ def test_truncate_prompt_and_max_context(ckpt, capsys):
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generate_text and the context policy
 
 
@@ -405,7 +406,7 @@ def test_max_new_tokens_lowered_to_fit(tok):
     assert text == "<|endoftext|>" * (32 - 3) and "lowered from 100 to 29" in warnings[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Streaming decode
 
 
@@ -418,7 +419,8 @@ def test_stream_decoder_prints_split_characters_whole(tok):
     )
     decoder = StreamDecoder(tok)
     pieces = [decoder.push([t]) for t in tokens] + [decoder.flush()]
-    # each of 日本語 is split over two or three tokens: nothing is printed until its last byte arrives
+    # each of 日本語 is split over two or three tokens: nothing is printed until its last byte
+    # arrives
     assert pieces == ["h", "é", "llo", " ", "", "日", "", "本", "", "語", " 🙂", ""]
     assert "".join(pieces) == text
 
@@ -435,7 +437,7 @@ def test_stream_decoder_invalid_bytes_and_unknown_ids(tok):
     assert pieces[-1].endswith("\ufffd")  # the incomplete tail, shown only at the end
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # RoPE override
 
 
