@@ -162,6 +162,21 @@ def check_kept(saved: ModelConfig, given: dict, why: str) -> None:
             raise ValueError(f"--{name}={value} differs from the checkpoint's {have}; {why}")
 
 
+def kept_vocabulary(state: dict | None, data_tokenizer: str) -> str | dict:
+    """What a checkpoint trained from state keeps as its tokenizer: an imported model's vocabulary
+    (hf.py), so that eval and sampling decode with it, else the data's tokenizer's name. A
+    ValueError when the data was tokenized by another tokenizer."""
+    vocab = (state or {}).get("tokenizer")
+    if not isinstance(vocab, dict):
+        return data_tokenizer
+    if vocab.get("name") != data_tokenizer:
+        raise ValueError(
+            f"the checkpoint's vocabulary is {vocab.get('name')!r} but the data was "
+            f"tokenized by {data_tokenizer!r}: prepare it with --tokenizer CKPT"
+        )
+    return vocab
+
+
 def rope_summary(cfg: RopeConfig) -> str:
     """'yarn (factor=4.0, original_context=512)': the type and the fields that differ from the
     defaults."""

@@ -1,8 +1,7 @@
 """A LLaMA-style decoder: the token embedding tied to the output head; pre-norm blocks of RMSNorm ->
 causal self-attention (SDPA, optional grouped-query heads) and RMSNorm -> SwiGLU MLP; the RoPE
-tables and a KV cache (decoding is generate.py's). The RoPE variant is any of rope.py's, swapped on
-a built model without touching its weights (set_rope): so a model pretrained at context L is
-extended to L' = s L.
+tables and a KV cache (decoding is generate.py's). set_rope swaps the RoPE variant of a built model,
+weights untouched: a model pretrained at context L is extended to L' = s L.
 """
 
 import math
@@ -13,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import flags
 import rope
 from loss import chunked_cross_entropy
 from prev_tokens import PreviousTokens
@@ -50,24 +50,18 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     def __post_init__(self):
+        flags.check_types(self)  # ints, bools, a float and a RopeConfig, or a ValueError
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "block_size"):
-            value = getattr(self, name)
-            if type(value) is not int or not 1 <= value <= 2**31:
-                raise ValueError(f"model {name} must be a positive int (<= 2^31), got {value!r}")
+            if not 1 <= getattr(self, name) <= 2**31:
+                raise ValueError(f"--{name} must be in [1, 2^31], got {getattr(self, name)}")
         for name in ("n_kv_head", "ffn_hidden", "prev_tokens"):  # 0 = the default
-            value = getattr(self, name)
-            if type(value) is not int or not 0 <= value <= 2**31:
-                raise ValueError(f"model {name} must be an int in [0, 2^31], got {value!r}")
+            if not 0 <= getattr(self, name) <= 2**31:
+                raise ValueError(f"--{name} must be in [0, 2^31], got {getattr(self, name)}")
         d, h, kv = self.d_model, self.n_head, self.kv_heads
         if d % h or h % kv:
             raise ValueError(f"model n_head {h} must divide d_model {d}, and n_kv_head {kv} n_head")
-        for name in ("qkv_bias", "tie_embeddings"):
-            if type(getattr(self, name)) is not bool:
-                raise ValueError(f"model {name} must be true or false, got {getattr(self, name)!r}")
-        if not (isinstance(self.norm_eps, float) and 0 < self.norm_eps < 1):
-            raise ValueError(f"model norm_eps must be a float in (0, 1), got {self.norm_eps!r}")
-        if not isinstance(self.rope, RopeConfig):
-            raise ValueError(f"model rope must be a RopeConfig, got {type(self.rope).__name__}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"model norm_eps must be in (0, 1), got {self.norm_eps}")
         rope.rotary_dim(self.head_dim, self.rope)  # raises for an odd rotary dim
 
     @property
@@ -88,24 +82,19 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """The config to_dict wrote; a ValueError naming unknown keys."""
-        if not isinstance(d, dict) or not isinstance(d.get("rope", {}), dict):
-            raise ValueError(
-                f"model config must be a dict, its 'rope' a dict; got {type(d).__name__}"
-            )
-        for given, kind in ((d, cls), (d.get("rope", {}), RopeConfig)):
-            known = [f.name for f in fields(kind)]
-            if set(given) - set(known):
-                raise ValueError(
-                    f"unknown {kind.__name__} keys {sorted(set(given) - set(known))}; "
-                    f"known: {known}"
-                )
-        return cls(**{**d, "rope": RopeConfig(**d.get("rope", {}))})
+        rope_dict = d.get("rope", {}) if isinstance(d, dict) else None
+        for given, kind in ((d, cls), (rope_dict, RopeConfig)):
+            if not isinstance(given, dict):
+                raise ValueError(f"a {kind.__name__} must be a dict, got {type(given).__name__}")
+            if unknown := set(given) - {f.name for f in fields(kind)}:
+                raise ValueError(f"unknown {kind.__name__} keys {sorted(unknown)}")
+        return cls(**{**d, "rope": RopeConfig(**rope_dict)})
 
 
 # What a forward pass reads besides the weights: the RoPE tables and a KV cache
 class Rotary(nn.Module):
-    """A RoPE variant's cos/sin tables by position, fp32 non-persistent buffers, grown on demand
-    (a dynamic variant's rebuilt for each new l')."""
+    """A RoPE variant's fp32 cos/sin tables by position, grown on demand (a dynamic variant's
+    rebuilt for each new l')."""
 
     def __init__(self, head_dim: int, cfg: RopeConfig, n_positions: int):
         super().__init__()
@@ -182,12 +171,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start=0):
-        # F.linear, F.rms_norm, a bool for the bias, not module calls: decoding is Python-bound
+        # functional calls, not module calls: decoding is Python-bound
         B, T, _ = x.shape
         H, H_kv = self.n_head, self.n_kv_head
         qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias if self.qkv_bias else None)
-        qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)
-        # qkv (B, H + 2 H_kv, T, hd)
+        qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2 H_kv, T, hd)
         qk = rope.apply_rope(qkv[:, : H + H_kv], cos, sin)  # queries and keys rotated at once
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]  # H, H_kv, H_kv heads
         if cache is not None:
@@ -239,7 +227,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.prev_emb = None  # previous-token embeddings (prev_tokens.py)
+        self.prev_emb = None  # the hook of prev_tokens.py
         if config.prev_tokens:
             self.prev_emb = PreviousTokens(config.prev_tokens, config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))

@@ -5,12 +5,12 @@ L / lambda_d its rotations in L, l' = seq_len the current sequence length (the d
 it), t the temperature; b, s and L are RopeConfig's base, factor and original_context (L' = s L).
 A variant maps (dim, cfg, seq_len) to (inv_freq, attention_factor): fp32 frequencies theta'_d (pair
 d turns by m theta'_d at position m) and a factor folded into cos and sin (q.k gets its square,
-YaRN's 1/t). Pairs are half-split, (j, j + |D|/2), as in Hugging Face. Angles are formed in float64
-and kept in float32, never bf16 (whose positions collide above 256).
+YaRN's 1/t). Angles are formed in float64 and kept in float32, never bf16 (whose positions collide
+above 256).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -52,20 +52,20 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        for name in ("short_factor", "long_factor"):  # JSON gives lists; this config holds tuples
+        for name in ("short_factor", "long_factor"):  # JSON gives lists
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         validate(self)
 
     def replace(self, **changes) -> "RopeConfig":
-        return RopeConfig(**{**asdict(self), **changes})
+        return replace(self, **changes)
 
     @property
     def is_dynamic(self) -> bool:
         return self.type in DYNAMIC_VARIANTS
 
 
-# The variants: (dim, cfg, seq_len) -> (inv_freq fp32 [|D|/2], attention_factor)
+# The variants: (dim, cfg, seq_len) -> (inv_freq, attention_factor)
 def base_inv_freq(dim: int, base: float) -> torch.Tensor:
     """theta_d = b^(-2d/|D|), float64."""
     return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -277,16 +277,8 @@ def is_number(x) -> bool:
     return type(x) in (int, float) and (abs(x) < 2**1023 if type(x) is int else math.isfinite(x))
 
 
-OPTIONAL = ("attention_factor", "mscale", "mscale_all_dim")
-NUMBERS = (
-    "base",
-    "factor",
-    "partial_rotary_factor",
-    "beta_fast",
-    "beta_slow",
-    "low_freq_factor",
-    "high_freq_factor",
-) + OPTIONAL
+NUMBERS = tuple(f.name for f in fields(RopeConfig) if f.type in (float, float | None))
+OPTIONAL = tuple(f.name for f in fields(RopeConfig) if f.type == float | None)  # None allowed
 
 
 def validate(cfg: RopeConfig) -> None:
@@ -300,16 +292,11 @@ def validate(cfg: RopeConfig) -> None:
                 f"rope {name} must be a finite number{' or None' * optional}, got {value!r}"
             )
     L = cfg.original_context
-    if type(L) is not int or type(cfg.truncate) is not bool:
+    if type(L) is not int or not 0 <= L <= 2**40 or type(cfg.truncate) is not bool:
         raise ValueError(
-            f"rope original_context must be an int and truncate a bool, got {L!r} "
+            f"rope original_context must be an int in [0, 2^40] and truncate a bool, got {L!r} "
             f"and {cfg.truncate!r}"
         )
-    for name in ("short_factor", "long_factor"):
-        value = getattr(cfg, name)
-        positive = isinstance(value, tuple) and all(is_number(v) and v > 0 for v in value)
-        if value is not None and not positive:
-            raise ValueError(f"rope {name} must be a tuple of numbers > 0, got {value!r}")
     if cfg.base <= 1.0:
         raise ValueError(f"rope base must be > 1 (typically 10000), got {cfg.base}")
     if cfg.factor < 1.0:
@@ -323,25 +310,23 @@ def validate(cfg: RopeConfig) -> None:
             f"rope type {cfg.type!r} needs original_context > 0 (L, the block size "
             f"it was pretrained at), got {L}"
         )
-    if not 0 <= L <= 2**40:
-        raise ValueError(f"rope original_context must be in [0, 2^40], got {L}")
-    if cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn"):
-        if cfg.beta_slow <= 0:
-            raise ValueError(f"rope beta_slow (alpha) must be > 0 rotations, got {cfg.beta_slow}")
-        if cfg.beta_fast <= cfg.beta_slow:
-            raise ValueError(
-                f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow "
-                f"({cfg.beta_slow}); the defaults are 32 and 1"
-            )
-    if cfg.type == "llama3" and cfg.low_freq_factor <= 0:
-        raise ValueError(f"rope low_freq_factor must be > 0, got {cfg.low_freq_factor}")
-    if cfg.type == "llama3" and cfg.high_freq_factor <= cfg.low_freq_factor:
+    by_parts = cfg.type in ("ntk_by_parts", "yarn", "dynamic_yarn")
+    if by_parts and not 0 < cfg.beta_slow < cfg.beta_fast:  # alpha, beta: rotations in L
+        raise ValueError(
+            f"rope beta_fast ({cfg.beta_fast}) must be > beta_slow ({cfg.beta_slow}) > 0; "
+            "the defaults are 32 and 1"
+        )
+    if cfg.type == "llama3" and not 0 < cfg.low_freq_factor < cfg.high_freq_factor:
         raise ValueError(
             f"rope high_freq_factor ({cfg.high_freq_factor}) must be > "
-            f"low_freq_factor ({cfg.low_freq_factor})"
+            f"low_freq_factor ({cfg.low_freq_factor}) > 0"
         )
     if cfg.attention_factor is not None and cfg.attention_factor <= 0:
         raise ValueError(f"rope attention_factor must be > 0, got {cfg.attention_factor}")
     for name in ("short_factor", "long_factor"):
-        if cfg.type == "longrope" and not getattr(cfg, name):
+        value = getattr(cfg, name)
+        positive = isinstance(value, tuple) and all(is_number(v) and v > 0 for v in value)
+        if value is not None and not positive:
+            raise ValueError(f"rope {name} must be a tuple of numbers > 0, got {value!r}")
+        if cfg.type == "longrope" and not value:
             raise ValueError(f"rope type 'longrope' needs {name}, a divisor per frequency pair")

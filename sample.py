@@ -21,7 +21,7 @@ from data.tokenizer import StreamDecoder, get_tokenizer
 from generate import RULES, generate, sampler
 from system import dtype_name, pick_device, pick_dtype, read_text
 
-SEPARATOR = "---------------"  # between samples, as nanoGPT prints
+SEPARATOR = "---------------"  # between samples, as nanoGPT
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class SampleConfig:
     temperature      0 = greedy
     top_k            sample among the k likeliest tokens
     max_context      the longest prompt + new tokens; default the checkpoint's block_size
-    truncate_prompt  keep the prompt's last tokens where it does not fit (fit_context)
+    truncate_prompt  keep the prompt's last tokens where it does not fit
     rope_rule        follow or capacity: a dynamic variant's l' (generate.py)
     compile          compile the decoding step: repaid after thousands of tokens
     dtype            float32, bfloat16, or auto (bfloat16 on CUDA)
@@ -78,11 +78,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def fit_context(
-    n_prompt: int,
-    max_new_tokens: int,
-    context: int,
-    truncate_prompt: bool = False,
-    block_size: int | None = None,
+    n_prompt: int, max_new_tokens: int, context: int, truncate_prompt=False, block_size=None
 ) -> tuple[int, int, list[str]]:
     """(prompt tokens kept from its end, new tokens, warnings) for P prompt and N new tokens in a
     context C: N lowered to C - P if P < C < P + N; a ContextError if P >= C, unless
@@ -158,11 +154,11 @@ def main(argv) -> None:
         rope_text += f", overridden to {rope_summary(model.config.rope)}"
     model.to(dtype)  # the RoPE tables stay fp32
     tokenizer = get_tokenizer(state.get("tokenizer", "gpt2"))
-    context, block_size = args.max_context or model.config.block_size, model.config.block_size
+    block_size = model.config.block_size
     print(
         f"sample.py: checkpoint {args.ckpt}, step {state.get('step', '?')}, rope {rope_text}, "
-        f"context {context} (trained at {block_size}), device {device}, {dtype_name(dtype)}, "
-        f"tokenizer {tokenizer.name}",
+        f"context {args.max_context or block_size} (trained at {block_size}), device {device}, "
+        f"{dtype_name(dtype)}, tokenizer {tokenizer.name}",
         file=sys.stderr,
         flush=True,
     )

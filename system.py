@@ -368,7 +368,7 @@ class RunLog:
         self.path = self.out_dir / "metrics.jsonl"
 
     def start(self, config: dict):
-        """Write out_dir/config.json (the run, its model, where it came from: train.write_config's),
+        """Write out_dir/config.json (the run, its model, where it came from: train.start_log's),
         start metrics.jsonl afresh (a resume keeps what was logged before its checkpoint's step, as
         it logs the steps after again), and print the run's header line."""
         if not self.master:
@@ -391,7 +391,7 @@ class RunLog:
             f"{config['run']['max_steps']}, {r['params'] / 1e6:.1f}M parameters, block "
             f"{m['block_size']}, rope {rope['type']} (factor {rope['factor']}, L "
             f"{rope['original_context']}), {r['tokens_per_step']:,} tokens/step\n  "
-            f"{p['device']} x {r['world_size']}, {r['dtype']}, torch {p['torch']}, "
+            f"{p['device']} x {p['world_size']}, {r['dtype']}, torch {p['torch']}, "
             f"commit {commit}"
         )
 

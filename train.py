@@ -24,25 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import flags
-from checkpoint import check_kept, extended_config
+import system
 from config import RunConfig, new_model_config, parse_args, resumed_run_config
 from data.loader import TrainingData, load_training_data, stream_seed, window_starts, windows
 from model import ModelConfig, Transformer
-from system import (
-    Dist,
-    FolderInUse,
-    RunLog,
-    StopOnSignal,
-    Throughput,
-    all_reduce_sum,
-    dist_from_env,
-    duration,
-    dtype_name,
-    lock_folder,
-    pick_device,
-    pick_dtype,
-    provenance,
-)
+from system import Dist, FolderInUse, RunLog, StopOnSignal, Throughput
 
 
 class TrainingError(RuntimeError):
@@ -73,7 +59,7 @@ def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
             )
         state = state or checkpoint.load(path)
         config = ModelConfig.from_dict(state["model_config"])
-        check_kept(config, model, "a resumed run keeps its model: change it in a new --out_dir")
+        checkpoint.check_kept(config, model, "a resumed run keeps its model: use a new --out_dir")
         cfg = resumed_run_config(state, {**run, "out_dir": str(path.parent)})
         return Start("resume", cfg, config, state, state.get("extended_from"))
     cfg = RunConfig(**run)
@@ -86,7 +72,7 @@ def init_from(run: dict, model: dict, state: dict | None = None) -> Start:
         return Start("scratch", cfg, new_model_config(model), None, None)
     path = Path(init) / "ckpt.pt" if Path(init).is_dir() else Path(init)  # a checkpoint to extend
     state = state or checkpoint.load(path)
-    config = extended_config(ModelConfig.from_dict(state["model_config"]), model)
+    config = checkpoint.extended_config(ModelConfig.from_dict(state["model_config"]), model)
     return Start("extend", cfg, config, state, str(path))
 
 
@@ -122,7 +108,7 @@ class Run:
     trained: torch.nn.Module  # what a step calls: the model, or DDP(model)
     optimizer: torch.optim.Optimizer
     data: TrainingData
-    tokenizer: str | dict  # saved with the model: the data's name, or the vocabulary it began with
+    tokenizer: str | dict  # saved with the model (checkpoint.kept_vocabulary)
 
 
 def setup(start: Start, d: Dist) -> Run:
@@ -133,7 +119,9 @@ def setup(start: Start, d: Dist) -> Run:
             f"processes ({d.world}), so that the global batch stays the same"
         )
     data = load_training_data(cfg.data_dir, config.block_size, config.vocab_size, cfg.data_mix)
-    device = pick_device(cfg.device)
+    vocab = checkpoint.kept_vocabulary(state, data.tokenizer)
+    device = system.pick_device(cfg.device)
+    dtype = system.pick_dtype(cfg.dtype, device)
     on_cuda = device.startswith("cuda")
     if d.world > 1 and on_cuda:
         device = f"cuda:{d.local_rank}"  # one GPU per process
@@ -154,35 +142,31 @@ def setup(start: Start, d: Dist) -> Run:
     if d.world > 1:  # last, once everything is checked: join the other processes
         dist.init_process_group("nccl" if on_cuda else "gloo")
         trained = DDP(model, device_ids=[d.local_rank] if on_cuda else None)
-    return Run(
-        cfg,
-        d,
-        device,
-        pick_dtype(cfg.dtype, device),
-        model,
-        trained,
-        optimizer,
-        data,
-        kept_vocabulary(state, data),
-    )
-
-
-def kept_vocabulary(state: dict | None, data: TrainingData) -> str | dict:
-    """An imported model's vocabulary (hf.py) stays in every checkpoint after it: eval and sampling
-    decode with it. A ValueError when the data was tokenized by another tokenizer."""
-    vocab = (state or {}).get("tokenizer")
-    if not isinstance(vocab, dict):
-        return data.tokenizer
-    if vocab.get("name") != data.tokenizer:
-        raise ValueError(
-            f"the checkpoint's vocabulary is {vocab.get('name')!r} but the data was "
-            f"tokenized by {data.tokenizer!r}: prepare it with --tokenizer CKPT"
-        )
-    return vocab
+    return Run(cfg, d, device, dtype, model, trained, optimizer, data, vocab)
 
 
 def tokens_per_step(run: Run) -> int:
     return run.cfg.batch_size * run.cfg.grad_accum * run.model.config.block_size
+
+
+def start_log(r: Run, start: Start, record: dict) -> RunLog:
+    """The run's log, opened with out_dir/config.json: the settings and what they resolved to."""
+    resolved = {
+        "phase": start.phase,
+        "device": r.device,
+        "dtype": system.dtype_name(r.dtype),
+        "tokens_per_step": tokens_per_step(r),
+        "warmup_steps": r.cfg.warmup,
+        "min_lr": r.cfg.final_lr,
+        "start_step": int(start.state["step"]) if start.phase == "resume" else 0,
+        "extended_from": start.extended_from,
+        "tokenizer": r.data.tokenizer,
+        "params": r.model.num_params(),
+    }
+    log = RunLog(r.cfg.out_dir, master=r.dist.rank == 0)
+    config = {"run": asdict(r.cfg), "model": r.model.config.to_dict()}
+    log.start({**config, "provenance": record["provenance"], "resolved": resolved})
+    return log
 
 
 # === One training step, and an evaluation
@@ -215,7 +199,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return all_reduce_sum(total, d) / d.world
+    return system.all_reduce_sum(total, d) / d.world
 
 
 @torch.no_grad()
@@ -230,35 +214,27 @@ def evaluate(run: Run) -> float:
         with autocast(run):
             total += run.model(x, y).double()
     run.model.train()
-    return all_reduce_sum(total, run.dist).item() / len(starts)
+    return system.all_reduce_sum(total, run.dist).item() / len(starts)
 
 
 # === Checkpoints, written by process 0
 def save_checkpoint(run: Run, step: int, record: dict) -> None:
     """out_dir/ckpt.pt, with record's metrics, extended_from and provenance."""
     cfg = run.cfg
-    with_optimizer = step < cfg.max_steps or cfg.final_optimizer
-    checkpoint.save_numbered(
-        {
-            "model_config": run.model.config.to_dict(),
-            "model": run.model.state_dict(),
-            "tokenizer": run.tokenizer,
-            "step": step,
-            "run_config": asdict(cfg),
-            **({"optimizer": run.optimizer.state_dict()} if with_optimizer else {}),
-            "metrics": dict(record["metrics"]),
-            "extended_from": record["extended_from"],
-            "data_state": {
-                "order": "windows seeded by (seed, step, micro-batch)",
-                "seed": cfg.seed,
-                "step": step,
-            },
-            "provenance": record["provenance"],
-        },
-        Path(cfg.out_dir),
-        step,
-        cfg.keep_checkpoints,
-    )
+    state = {
+        "model_config": run.model.config.to_dict(),
+        "model": run.model.state_dict(),
+        "tokenizer": run.tokenizer,
+        "step": step,
+        "run_config": asdict(cfg),
+        "metrics": dict(record["metrics"]),
+        "extended_from": record["extended_from"],
+        "data_state": {"order": "windows seeded by (seed, step, micro-batch)", "seed": cfg.seed},
+        "provenance": record["provenance"],
+    }
+    if step < cfg.max_steps or cfg.final_optimizer:  # a finished run's optimizer: on request
+        state["optimizer"] = run.optimizer.state_dict()
+    checkpoint.save_numbered(state, Path(cfg.out_dir), step, cfg.keep_checkpoints)
 
 
 def check_finite(pending: list, metrics: dict, cfg: RunConfig, saved: int | None) -> None:
@@ -303,12 +279,8 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
             best = metrics["best_val_loss"]
             metrics["best_val_loss"] = val_loss if best is None else min(best, val_loss)
             log.print(f"step {step}/{cfg.max_steps} | val loss {val_loss:.4f}")
-            log.event(
-                event="eval",
-                step=step,
-                val_loss=val_loss,
-                elapsed_s=round(time.time() - t_start, 3),
-            )
+            elapsed = round(time.time() - t_start, 3)
+            log.event(event="eval", step=step, val_loss=val_loss, elapsed_s=elapsed)
             speed.mark(step)
         if stopped or last or (step % cfg.ckpt_interval == 0 and step > first):
             check_finite(pending, metrics, cfg, saved)  # no save after a non-finite loss
@@ -329,23 +301,24 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
             tokens_per_s, mfu = speed.rates(step + 1)
             loss, lr = metrics["last_train_loss"], lr_at(step, cfg)
             to_go = (cfg.max_steps - step - 1) * tokens / tokens_per_s  # start-up aside
-            eta = f" | eta {duration(to_go)}" if step > first else ""
+            eta = f" | eta {system.duration(to_go)}" if step > first else ""
             mfu_text, elapsed = "n/a" if mfu is None else f"{100 * mfu:.1f}%", time.time() - t_start
             log.print(
                 f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"{tokens_per_s:,.0f} tok/s | mfu {mfu_text} | {elapsed:.0f}s{eta}"
             )
             if step % cfg.log_interval == 0:  # not the early line: the curves keep their steps
-                log.event(
-                    event="train",
-                    step=step,
-                    train_loss=loss,
-                    lr=lr,
-                    tokens_per_s=tokens_per_s,
-                    mfu=mfu,
-                    elapsed_s=round(elapsed, 3),
-                )
+                rates = {"tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": round(elapsed, 3)}
+                log.event(event="train", step=step, train_loss=loss, lr=lr, **rates)
         step += 1
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if stopped is None:
+        log.print(
+            f"done: val loss {metrics['last_val_loss']:.4f} at step {step}; checkpoint {path}"
+        )
+    else:
+        resume = f"--init_from=resume --out_dir={cfg.out_dir}"
+        log.print(f"stopped ({stopped}) at step {step}; checkpoint {path}; continue with {resume}")
     tokens_per_s, mfu = speed.rates()
     return {
         "final_val_loss": metrics["last_val_loss"] if last else None,
@@ -357,7 +330,7 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
         "mfu": mfu,
         "elapsed_s": round(time.time() - t_start, 3),
         "out_dir": str(Path(cfg.out_dir)),
-        "checkpoint": str(Path(cfg.out_dir) / "ckpt.pt"),
+        "checkpoint": str(path),
         "phase": start.phase,
         "stopped": stopped,
     }
@@ -367,59 +340,22 @@ def loop(run: Run, start: Start, record: dict, log: RunLog, stopper: StopOnSigna
 def train(run: dict, model: dict, state: dict | None = None, argv=None) -> dict:
     """Hold out_dir, decide the start (init_from), set up, loop; the summary, or ValueError,
     FolderInUse, TrainingError, SystemExit(128 + signal)."""
-    d = dist_from_env()
+    d = system.dist_from_env()
     try:
-        with (
-            lock_folder(run.get("out_dir", RunConfig.out_dir), "--out_dir")
-            if d.rank == 0
-            else nullcontext()
-        ):
+        out_dir = run.get("out_dir", RunConfig.out_dir)
+        with system.lock_folder(out_dir, "--out_dir") if d.rank == 0 else nullcontext():
             start = init_from(run, model, state)
             r = setup(start, d)  # under torchrun: joins the other processes
-            resume = start.phase == "resume"
-            step = int(start.state["step"]) if resume else 0
             metrics = {"best_val_loss": None, "last_val_loss": None, "last_train_loss": None}
-            metrics.update(start.state.get("metrics", {}) if resume else {})
+            metrics.update(start.state.get("metrics", {}) if start.phase == "resume" else {})
             record = {
                 "metrics": metrics,
                 "extended_from": start.extended_from,
-                "provenance": {**provenance(r.device, argv), "world_size": d.world},
+                "provenance": {**system.provenance(r.device, argv), "world_size": d.world},
             }
-            resolved = {
-                "phase": start.phase,
-                "device": r.device,
-                "dtype": dtype_name(r.dtype),
-                "world_size": d.world,
-                "tokens_per_step": tokens_per_step(r),
-                "warmup_steps": r.cfg.warmup,
-                "min_lr": r.cfg.final_lr,
-                "start_step": step,
-                "extended_from": start.extended_from,
-                "tokenizer": r.data.tokenizer,
-                "params": r.model.num_params(),
-            }
-            log = RunLog(r.cfg.out_dir, master=d.rank == 0)
-            log.start(
-                {
-                    "run": asdict(r.cfg),
-                    "model": r.model.config.to_dict(),  # config.json
-                    "provenance": record["provenance"],
-                    "resolved": resolved,
-                }
-            )
+            log = start_log(r, start, record)
             with StopOnSignal() as stopper:
                 summary = loop(r, start, record, log, stopper)
-        if summary["stopped"] is None:
-            log.print(
-                f"done: val loss {summary['final_val_loss']:.4f} at step {summary['steps']}; "
-                f"checkpoint {summary['checkpoint']}"
-            )
-        else:
-            log.print(
-                f"stopped ({summary['stopped']}) at step {summary['steps']}; checkpoint "
-                f"{summary['checkpoint']}; continue with --init_from=resume "
-                f"--out_dir={r.cfg.out_dir}"
-            )
         if summary["stopped"] not in (None, "stop_at_step"):
             raise SystemExit(128 + signal.Signals[summary["stopped"]].value)
         return summary

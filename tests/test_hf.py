@@ -896,5 +896,5 @@ def test_the_new_model_options_leave_the_default_model_as_it_was():
     assert both.lm_head.weight is not both.tok_emb.weight
     assert torch.equal(both.blocks[0].attn.wqkv.bias, torch.zeros(3 * 32))
     assert both.num_params() == default.num_params() + 64 * 32 + 3 * 32
-    with pytest.raises(ValueError, match="true or false"):
+    with pytest.raises(ValueError, match="qkv_bias must be bool"):
         ModelConfig(qkv_bias="yes")

@@ -250,15 +250,14 @@ def test_checkpointed_blocks_train_exactly_as_stored_activations(
 def test_an_imported_vocabulary_stays_in_every_checkpoint_after_it():
     """A model imported with its own vocabulary (hf.py) keeps it through an extension, so evaluation
     and sampling can decode; data tokenized by another tokenizer is refused."""
-    from data.loader import TrainingData
+    from checkpoint import kept_vocabulary
 
     vocab = {"name": "smollm2", "tokens": ["a"], "special": []}
-    data = TrainingData(None, None, "smollm2")
-    assert train.kept_vocabulary({"tokenizer": vocab}, data) is vocab
-    assert train.kept_vocabulary({"tokenizer": "gpt2"}, data) == "smollm2"  # a name: the data's
-    assert train.kept_vocabulary(None, data) == "smollm2"
+    assert kept_vocabulary({"tokenizer": vocab}, "smollm2") is vocab
+    assert kept_vocabulary({"tokenizer": "gpt2"}, "smollm2") == "smollm2"  # a name: the data's
+    assert kept_vocabulary(None, "smollm2") == "smollm2"
     with pytest.raises(ValueError, match="tokenized by 'gpt2'"):
-        train.kept_vocabulary({"tokenizer": vocab}, TrainingData(None, None, "gpt2"))
+        kept_vocabulary({"tokenizer": vocab}, "gpt2")
 
 
 def test_the_time_to_go_is_printed_three_steps_in_whatever_the_log_interval(
@@ -335,7 +334,7 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((ddp / "config.json").read_text())["resolved"]["world_size"] == 2
+    assert json.loads((ddp / "config.json").read_text())["provenance"]["world_size"] == 2
     assert len((ddp / "metrics.jsonl").read_text().splitlines()) == 5 + 2  # process 0 alone logs
     assert [p.name for p in ddp.glob("ckpt*.pt")] == ["ckpt.pt"]  # keep_checkpoints=0
     one, two = events(single, "train"), events(ddp, "train")
@@ -481,7 +480,7 @@ def test_shipped_configs_parse(path):
         ),  # a new model is checked as a whole, up front
         (["--rope.type=spline"], "rope type 'spline' is unknown"),
         (["--d_model=100", "--n_head=3"], "must divide d_model"),
-        (["--vocab_size=0"], "vocab_size must be a positive int"),
+        (["--vocab_size=0"], "vocab_size must be in [1, 2^31]"),
     ],
 )
 def test_bad_flags_name_the_problem(argv, message):
